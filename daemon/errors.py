@@ -1,0 +1,32 @@
+"""One error type whose `code` means the same thing on the CLI, over MQTT and over HTTP."""
+
+from __future__ import annotations
+
+ERROR_CODES = (
+    "bad_request",
+    "unknown_method",
+    "too_large",
+    "busy",
+    "deadline_exceeded",
+    "cancelled",
+    "model_unavailable",
+    "internal",
+)
+
+
+class EdgeError(Exception):
+    """A failure the caller can act on; the message names the field and the fix."""
+
+    def __init__(self, code: str, message: str):
+        if code not in ERROR_CODES:
+            raise ValueError(f"unknown error code {code!r}")
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+    def to_dict(self) -> dict[str, str]:
+        return {"code": self.code, "message": self.message}
+
+
+class CommandError(Exception):
+    """Bad input to a command-line command: printed as one line naming the flag, exit status 2."""

