@@ -46,7 +46,7 @@ def _output_head(graph: onnx.GraphProto) -> onnx.NodeProto:
     producers = {o: n for n in graph.node for o in n.output}
     node = producers["logits"]
     while node.op_type != "MatMul":  # e.g. Phi's bias Add after the head MatMul
-        node = producers[node.input[0]]
+        node = next(producers[i] for i in node.input if i in producers)
     return node
 
 

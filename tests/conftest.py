@@ -1,0 +1,53 @@
+"""Shared fixtures: real models, built once per session with the real toolchain."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.tiny_models import make_tiny_model
+
+
+def build(source: str | Path, out: Path, scheme: str):
+    from models.build import BuildOptions, build_model
+    from models.quantize import QuantSpec
+
+    build_model(str(source), out, BuildOptions(QuantSpec(scheme), show_progress=False))
+    return out
+
+
+class TinySources(dict):
+    """Tiny HF model folders by architecture, made on first use."""
+
+    def __init__(self, root: Path):
+        super().__init__()
+        self.root = root
+
+    def __missing__(self, arch: str) -> Path:
+        self[arch] = make_tiny_model(arch, self.root / arch)
+        return self[arch]
+
+
+@pytest.fixture(scope="session")
+def tiny_sources(tmp_path_factory) -> TinySources:
+    return TinySources(tmp_path_factory.mktemp("tiny-sources"))
+
+
+@pytest.fixture(scope="session")
+def smollm2_int4(tmp_path_factory) -> Path:
+    return build("smollm2", tmp_path_factory.mktemp("smollm2") / "int4", "int4")
+
+
+@pytest.fixture(scope="session")
+def smollm2_int8(tmp_path_factory) -> Path:
+    return build("smollm2", tmp_path_factory.mktemp("smollm2") / "int8", "int8")
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_int4):
+    """The int4 build, loaded once, with a generator."""
+    from daemon.generate import Generator
+    from daemon.model import LoadedModel
+
+    return Generator(LoadedModel.load(smollm2_int4, threads=2))

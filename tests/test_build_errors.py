@@ -1,0 +1,93 @@
+"""`model build` refuses bad sources and impossible builds clearly, and never leaves a half-written folder."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from models.build import BuildOptions, build_model
+from models.errors import BuildError
+from models.quantize import QuantSpec
+from models.sources import builtin_gguf
+
+OPTIONS = BuildOptions(QuantSpec("int4"), show_progress=False)
+
+
+def leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+
+
+def test_unsupported_architecture_is_named(tmp_path):
+    from transformers import BertConfig, BertModel
+
+    BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=64)).save_pretrained(tmp_path / "bert")
+    with pytest.raises(BuildError, match="architecture 'bert'.*supported: .*llama.*phi"):
+        build_model(str(tmp_path / "bert"), tmp_path / "out", OPTIONS)
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
+def test_truncated_gguf_is_refused_before_loading(tmp_path):
+    data = builtin_gguf().read_bytes()
+    truncated = tmp_path / "smol.gguf"
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(BuildError, match="truncated"):
+        build_model(str(truncated), tmp_path / "out", OPTIONS)
+    (tmp_path / "notgguf.gguf").write_bytes(b"PK\x03\x04 not a gguf")
+    with pytest.raises(BuildError, match="not a GGUF file"):
+        build_model(str(tmp_path / "notgguf.gguf"), tmp_path / "out", OPTIONS)
+
+
+def test_missing_source_and_existing_output(tmp_path):
+    with pytest.raises(BuildError, match="does not exist"):
+        build_model(str(tmp_path / "nothing-here"), tmp_path / "out", OPTIONS)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(BuildError, match="no config.json"):
+        build_model(str(tmp_path / "empty"), tmp_path / "out", OPTIONS)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    with pytest.raises(BuildError, match="--force"):
+        build_model("smollm2", tmp_path / "out", OPTIONS)
+    assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("needs root to mount a small tmpfs")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def test_too_little_disk_is_refused_before_starting(small_disk, tiny_sources):
+    with pytest.raises(BuildError, match=r"--out: .* MB free; .*needs about \d+ MB"):
+        build_model(str(tiny_sources["llama"]), small_disk / "model", OPTIONS)
+    assert list(small_disk.iterdir()) == []
+
+
+def test_a_rebuild_replaces_the_folder_whole(tiny_sources, tmp_path):
+    out = tmp_path / "m"
+    build_model(str(tiny_sources["qwen2"]), out, BuildOptions(QuantSpec("int8"), show_progress=False))
+    first = (out / "manifest.json").read_text()
+    assert '"scheme": "int8"' in first
+    build_model(str(tiny_sources["qwen2"]), out, BuildOptions(QuantSpec("int4"), force=True, show_progress=False))
+    assert '"scheme": "int4"' in (out / "manifest.json").read_text()
+    assert leftovers(tmp_path) == []
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "daemon.cli", *args], capture_output=True, text=True)
+
+
+def test_cli_build_errors_name_the_flag(tmp_path):
+    r = run_cli("model", "build", "smollm2", "--out", str(tmp_path / "x"), "--block-size", "24")
+    assert r.returncode == 2 and "--block-size" in r.stderr
+    r = run_cli("model", "build", str(tmp_path / "missing"), "--out", str(tmp_path / "x"))
+    assert r.returncode == 2 and r.stderr.startswith("error: SOURCE:")

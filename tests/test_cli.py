@@ -1,0 +1,55 @@
+"""The command line, as a user runs it, on the real SmolLM2 int4 build."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+
+def edgellm(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "daemon.cli", *args], capture_output=True, text=True,
+                          input=stdin, timeout=300)
+
+
+def test_generate_streams_an_answer(smollm2_int4):
+    r = edgellm("generate", "--model", str(smollm2_int4), "--temperature", "0", "--max-tokens", "40",
+                "--verbose", "What is the capital of France?")
+    assert r.returncode == 0, r.stderr
+    assert "Paris" in r.stdout
+    assert "decode" in r.stderr and "tok/s" in r.stderr
+
+
+def test_generate_with_a_json_schema_file(smollm2_int4, tmp_path):
+    schema = {"type": "object", "properties": {"total": {"type": "number"},
+                                               "currency": {"enum": ["EUR", "USD"]}},
+              "required": ["total", "currency"], "additionalProperties": False}
+    (tmp_path / "s.json").write_text(json.dumps(schema))
+    r = edgellm("generate", "--model", str(smollm2_int4), "--temperature", "0", "--json",
+                "--json-schema", str(tmp_path / "s.json"), "Extract: total due 99.50 EUR")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["json"]["currency"] in ("EUR", "USD") and isinstance(out["json"]["total"], (int, float))
+    assert out["finish_reason"] == "stop" and out["usage"]["completion_tokens"] > 0
+
+
+def test_chat_keeps_history(smollm2_int4):
+    r = edgellm("chat", "--model", str(smollm2_int4), "--temperature", "0", "--max-tokens", "30",
+                stdin="My name is Alice.\nWhat is my name?\n/exit\n")
+    assert r.returncode == 0, r.stderr
+    assert "Alice" in r.stdout
+
+
+def test_bad_flags_name_the_flag_and_exit_2(smollm2_int4, tmp_path):
+    model = str(smollm2_int4)
+    r = edgellm("generate", "--model", model, "--temperature", "9", "hi")
+    assert r.returncode == 2 and "--temperature" in r.stderr and "less than or equal to 5" in r.stderr
+    r = edgellm("generate", "--model", model, "--top-p", "0", "hi")
+    assert r.returncode == 2 and "--top-p" in r.stderr
+    r = edgellm("generate", "--model", model, "")
+    assert r.returncode == 2 and "prompt: is empty" in r.stderr
+    (tmp_path / "bad.json").write_text("{nope")
+    r = edgellm("generate", "--model", model, "--json-schema", str(tmp_path / "bad.json"), "hi")
+    assert r.returncode == 2 and "--json-schema" in r.stderr
+    r = edgellm("generate", "--model", str(tmp_path), "hi")
+    assert r.returncode == 1 and "manifest.json is missing" in r.stderr
