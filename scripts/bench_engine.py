@@ -1,0 +1,143 @@
+"""Engine benchmark: edgellm int4/int8 against llama.cpp and onnxruntime-genai, measured in one run.
+
+SmolLM2-135M-Instruct, 2 threads, a ~200-token prompt, 128 greedy new tokens, medians of --rounds.
+Every engine runs in a fresh process (bench_workers.py) so its peak RSS is its own. Timings on shared
+machines are noisy: read the ratios, which compare engines measured minutes apart on the same machine.
+
+    .venv/bin/python scripts/bench_engine.py [--install-anchors] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKERS = ROOT / "scripts" / "bench_workers.py"
+ANCHOR_PY = {"llamacpp": ROOT / ".cache/anchors/bin/python", "genai": ROOT / ".cache/genai/bin/python"}
+PROMPT_WORDS = 160  # ~200 SmolLM2 tokens of the repo's evaluation text
+console = Console(stderr=True)
+
+
+def worker(python: Path, *args: str) -> dict:
+    out = subprocess.run([str(python), str(WORKERS), *args], capture_output=True, text=True, cwd=ROOT)
+    if out.returncode != 0:
+        raise RuntimeError(f"{' '.join(args[:1])} failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def anchor_ready(name: str, module: str) -> bool:
+    py = ANCHOR_PY[name]
+    return py.exists() and subprocess.run([str(py), "-c", f"import {module}"], capture_output=True).returncode == 0
+
+
+def ensure_edgellm_build(work: Path, scheme: str) -> Path:
+    out = work / f"smollm2-{scheme}"
+    if not (out / "manifest.json").exists():
+        console.print(f"building edgellm {scheme} model into {out}")
+        subprocess.run([str(ROOT / ".venv/bin/edgellm"), "model", "build", "smollm2", "--out", str(out),
+                        "--quant", scheme, "--force"], check=True)
+    return out
+
+
+def save_hf_folder(work: Path) -> Path:
+    """The dequantized GGUF as a plain HF folder (transformers 5 refuses to save GGUF-loaded models)."""
+    out = work / "smollm2-hf"
+    if not (out / "config.json").exists():
+        from models.export import load_source
+        from models.sources import resolve_source
+
+        hf = load_source(resolve_source("smollm2"))
+        hf.model.save_pretrained(out)
+        hf.tokenizer.save_pretrained(out)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--work", type=Path, default=ROOT / ".cache/bench")
+    p.add_argument("--install-anchors", action="store_true", help="build llama-cpp-python (~18 min) and "
+                   "onnxruntime-genai into .cache/ first")
+    args = p.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    if args.install_anchors:
+        subprocess.run([str(ROOT / "scripts/install_bench_anchors.sh")], check=True)
+
+    sys.path.insert(0, str(ROOT))
+    from models.sources import builtin_gguf
+
+    gguf = builtin_gguf()
+    words = (ROOT / "models/data/eval_en.txt").read_text().split()
+    prompt_file = args.work / "prompt.txt"
+    prompt_file.write_text(" ".join(words[:PROMPT_WORDS]))
+    common = ["--prompt-file", str(prompt_file), "--threads", str(args.threads),
+              "--new-tokens", str(args.new_tokens), "--rounds", str(args.rounds)]
+
+    results: dict[str, dict] = {}
+    for scheme in ("int4", "int8"):
+        model = ensure_edgellm_build(args.work, scheme)
+        results[f"edgellm {scheme}"] = worker(ROOT / ".venv/bin/python", "edgellm", "--model", str(model), *common)
+        results[f"edgellm {scheme}"]["disk_mb"] = round(sum(
+            f.stat().st_size for f in model.iterdir() if f.is_file()) / 1e6, 1)
+
+    if anchor_ready("llamacpp", "llama_cpp"):
+        results["llama.cpp Q4_1"] = worker(ANCHOR_PY["llamacpp"], "llamacpp", "--model", str(gguf), *common)
+        results["llama.cpp Q4_1"]["disk_mb"] = round(gguf.stat().st_size / 1e6, 1)
+    else:
+        console.print("[yellow]llama.cpp anchor skipped: llama-cpp-python is not installed in .cache/anchors "
+                      "(run with --install-anchors; it compiles for ~18 minutes)")
+    if anchor_ready("genai", "onnxruntime_genai"):
+        genai_dir = args.work / "genai-int4"
+        if not (genai_dir / "genai_config.json").exists():
+            worker(ANCHOR_PY["genai"], "genai-build", "--hf", str(save_hf_folder(args.work)), "--out", str(genai_dir))
+        results["onnxruntime-genai int4"] = worker(ANCHOR_PY["genai"], "genai", "--model", str(genai_dir), *common)
+        results["onnxruntime-genai int4"]["disk_mb"] = round(sum(
+            f.stat().st_size for f in genai_dir.iterdir() if f.is_file()) / 1e6, 1)
+    else:
+        console.print("[yellow]onnxruntime-genai anchor skipped: not installed in .cache/genai "
+                      "(run with --install-anchors)")
+
+    table = Table(title=f"SmolLM2-135M, {args.threads} threads, {args.new_tokens} greedy tokens, "
+                        f"median of {args.rounds}")
+    for col in ("engine", "prompt tok", "TTFT ms", "prefill tok/s", "decode tok/s", "peak RSS MB", "disk MB"):
+        table.add_column(col, justify="right" if col != "engine" else "left")
+    for name, r in results.items():
+        table.add_row(name, str(r["prompt_tokens"]), f"{r['ttft_ms']:.0f}", f"{r['prefill_tps']:.0f}",
+                      f"{r['decode_tps']:.1f}", f"{r['peak_rss_mb']:.0f}", f"{r['disk_mb']:.0f}")
+    Console().print(table)
+
+    e4 = results["edgellm int4"]
+    llama = results.get("llama.cpp Q4_1")
+    genai = results.get("onnxruntime-genai int4")
+
+    def ratio(a, b, key):
+        return round(a[key] / b[key], 3) if a and b else None
+
+    summary = {
+        "edgellm_int4_decode_tps": e4["decode_tps"], "edgellm_int4_prefill_tps": e4["prefill_tps"],
+        "edgellm_int4_ttft_ms": e4["ttft_ms"],
+        "edgellm_int8_decode_tps": results["edgellm int8"]["decode_tps"],
+        "edgellm_int8_prefill_tps": results["edgellm int8"]["prefill_tps"],
+        "llamacpp_decode_tps": llama and llama["decode_tps"], "llamacpp_prefill_tps": llama and llama["prefill_tps"],
+        "genai_decode_tps": genai and genai["decode_tps"], "genai_prefill_tps": genai and genai["prefill_tps"],
+        "decode_ratio_vs_llamacpp": ratio(e4, llama, "decode_tps"),
+        "prefill_ratio_vs_llamacpp": ratio(e4, llama, "prefill_tps"),
+        "decode_ratio_vs_genai": ratio(e4, genai, "decode_tps"),
+        "peak_rss_mb": e4["peak_rss_mb"], "edgellm_int8_peak_rss_mb": results["edgellm int8"]["peak_rss_mb"],
+    }
+    for name, r in results.items():
+        console.print(f"{name}: {json.dumps(r)}")
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,143 @@
+"""One engine, one fresh process, one JSON line: the measuring end of bench_engine.py.
+
+Each engine runs in its own process (and, for the anchors, its own venv) so that peak RSS is its own.
+Usage: python bench_workers.py {edgellm,llamacpp,genai} --model PATH --prompt-file F [--new-tokens 128]
+       python bench_workers.py genai-build --hf DIR --out DIR    (make the onnxruntime-genai int4 anchor)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import time
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def summarize(rounds: list[dict], prompt_tokens: int, load_s: float) -> dict:
+    med = {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
+    return {"prompt_tokens": prompt_tokens, "load_s": round(load_s, 2), "peak_rss_mb": round(peak_rss_mb(), 1),
+            **{k: round(v, 2) for k, v in med.items()}}
+
+
+def one_round(prefill, step, prompt_tokens: int, new_tokens: int) -> dict:
+    """`prefill()` returns the first new token; `step(token)` returns the next one."""
+    start = time.perf_counter()
+    token = prefill()
+    first = time.perf_counter()
+    for _ in range(new_tokens - 1):
+        token = step(token)
+    end = time.perf_counter()
+    return {"ttft_ms": (first - start) * 1000, "prefill_tps": prompt_tokens / (first - start),
+            "decode_tps": (new_tokens - 1) / (end - first)}
+
+
+def run_edgellm(args) -> dict:
+    import numpy as np
+
+    from daemon.model import LoadedModel
+
+    t = time.perf_counter()
+    model = LoadedModel.load(args.model, threads=args.threads)
+    load_s = time.perf_counter() - t
+    ids = model.encode(open(args.prompt_file).read())
+    rounds = []
+    for _ in range(args.rounds):
+        cache = model.decoder.new_cache()
+        rounds.append(one_round(lambda c=cache: int(np.argmax(model.decoder.forward(ids, c)[-1])),
+                                lambda tok, c=cache: int(np.argmax(model.decoder.forward([tok], c)[-1])),
+                                len(ids), args.new_tokens))
+    return summarize(rounds, len(ids), load_s)
+
+
+def run_llamacpp(args) -> dict:
+    import numpy as np
+    from llama_cpp import Llama
+
+    t = time.perf_counter()
+    llm = Llama(model_path=args.model, n_threads=args.threads, n_threads_batch=args.threads, n_ctx=1024,
+                n_batch=512, verbose=False)
+    load_s = time.perf_counter() - t
+    ids = llm.tokenize(open(args.prompt_file).read().encode(), add_bos=False)
+
+    def last_logits():  # Llama.scores is only filled with logits_all=True: read the context directly
+        return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))
+
+    def prefill():
+        llm.reset()
+        llm.eval(ids)
+        return int(np.argmax(last_logits()))
+
+    def step(token):
+        llm.eval([token])
+        return int(np.argmax(last_logits()))
+
+    rounds = [one_round(prefill, step, len(ids), args.new_tokens) for _ in range(args.rounds)]
+    return summarize(rounds, len(ids), load_s)
+
+
+def run_genai(args) -> dict:
+    import onnxruntime_genai as og
+
+    t = time.perf_counter()
+    config = og.Config(args.model)
+    config.clear_providers()
+    model = og.Model(config)
+    load_s = time.perf_counter() - t
+    # The same ids as the other engines: genai's own tokenizer splits this tokenizer.json differently.
+    from tokenizers import Tokenizer
+
+    ids = Tokenizer.from_file(f"{args.model}/tokenizer.json").encode(open(args.prompt_file).read()).ids
+    rounds = []
+    for _ in range(args.rounds):
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(ids) + args.new_tokens + 8, do_sample=False)
+        gen = og.Generator(model, params)
+
+        def prefill(gen=gen):
+            gen.append_tokens(ids)
+            gen.generate_next_token()
+            return int(gen.get_next_tokens()[0])
+
+        def step(_token, gen=gen):
+            gen.generate_next_token()
+            return int(gen.get_next_tokens()[0])
+
+        rounds.append(one_round(prefill, step, len(ids), args.new_tokens))
+        del gen
+    return summarize(rounds, len(ids), load_s)
+
+
+def build_genai(args) -> dict:
+    """int4 by onnxruntime-genai's own builder, from the same (dequantized GGUF) weights saved as a HF folder."""
+    import subprocess
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as cache:
+        subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", args.hf, "-o", args.out,
+                        "-p", "int4", "-e", "cpu", "-c", cache], check=True, capture_output=True)
+    return {"built": args.out}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("engine", choices=["edgellm", "llamacpp", "genai", "genai-build"])
+    p.add_argument("--model")
+    p.add_argument("--prompt-file")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--hf", help="a Hugging Face model folder")
+    p.add_argument("--out")
+    args = p.parse_args()
+    run = {"edgellm": run_edgellm, "llamacpp": run_llamacpp, "genai": run_genai, "genai-build": build_genai}
+    print(json.dumps(run[args.engine](args)))
+
+
+if __name__ == "__main__":
+    main()
