@@ -6,7 +6,7 @@ import hashlib
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from daemon.errors import EdgeError
 
@@ -26,6 +26,7 @@ class FileEntry(_Strict):
 class Quantization(_Strict):
     scheme: Literal["fp32", "int8", "int4"]
     method: str = Field(description="how the weights were quantized, e.g. 'MatMulNBits RTN'")
+    per_channel: bool | None = None
     bits: int | None = None
     block_size: int | None = None
     symmetric: bool | None = None
@@ -58,19 +59,42 @@ class Quality(_Strict):
     source_perplexity: float | None = Field(default=None, description="of the source model, in PyTorch fp32")
 
 
+class Embedding(_Strict):
+    dimension: int = Field(gt=0)
+    pooling: Literal["mean", "cls"] = "mean"
+    normalize: bool = True
+    max_length: int = Field(gt=0)
+    pad_token_id: int = 0
+
+
+class EmbeddingQuality(_Strict):
+    sentences: int
+    cosine_mean: float = Field(description="cosine to the source model in PyTorch fp32")
+    cosine_min: float
+
+
 class ModelManifest(_Strict):
     format: Literal["edgellm-model/1"] = FORMAT
     name: str
     version: str = "1"
+    task: Literal["text-generation", "embedding"] = "text-generation"
     architecture: str = Field(description="transformers architecture, e.g. LlamaForCausalLM")
     model_type: str
     quantization: Quantization
     source: Source
     license: str | None = None
-    generation: Generation
-    quality: Quality | None = None
+    generation: Generation | None = None
+    embedding: Embedding | None = None
+    quality: Quality | EmbeddingQuality | None = None
     files: dict[str, FileEntry]
     built_with: dict[str, str] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _task_section(self) -> ModelManifest:
+        section = "generation" if self.task == "text-generation" else "embedding"
+        if getattr(self, section) is None:
+            raise ValueError(f"a {self.task} manifest needs a '{section}' section")
+        return self
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -85,7 +109,7 @@ def describe_files(folder: Path, names: list[str]) -> dict[str, FileEntry]:
     return {n: FileEntry(size=(folder / n).stat().st_size, sha256=sha256_file(folder / n)) for n in sorted(names)}
 
 
-def load_manifest(folder: Path, verify_hashes: bool = False) -> ModelManifest:
+def load_manifest(folder: Path, verify_hashes: bool = False, task: str | None = None) -> ModelManifest:
     """Read and check a model folder's manifest; sizes always, digests on request (they cost a full read)."""
     path = Path(folder) / MANIFEST_NAME
     if not path.is_file():
@@ -104,4 +128,6 @@ def load_manifest(folder: Path, verify_hashes: bool = False) -> ModelManifest:
                             f"{entry.size}: the folder is incomplete or damaged, rebuild or re-download it")
         if verify_hashes and sha256_file(f) != entry.sha256:
             raise EdgeError("model_unavailable", f"{folder}: {name} does not match its sha256 in the manifest")
+    if task and manifest.task != task:
+        raise EdgeError("model_unavailable", f"{folder} holds a {manifest.task} model; a {task} model is needed here")
     return manifest

@@ -27,7 +27,7 @@ class LoadedModel:
     @classmethod
     def load(cls, folder: str | Path, threads: int = 0, verify_hashes: bool = False) -> LoadedModel:
         folder = Path(folder)
-        manifest = load_manifest(folder, verify_hashes=verify_hashes)
+        manifest = load_manifest(folder, verify_hashes=verify_hashes, task="text-generation")
         try:
             decoder = OnnxDecoder(folder / MODEL_FILE, threads=threads)
             tokenizer = Tokenizer.from_file(str(folder / TOKENIZER_FILE))

@@ -6,16 +6,12 @@ The folder appears at --out only when complete: everything is staged beside it a
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass
-from importlib.metadata import PackageNotFoundError, version
 from importlib.resources import files
 from pathlib import Path
 
 from daemon.manifest import (
-    MANIFEST_NAME,
     Generation,
     ModelManifest,
     Quality,
@@ -24,10 +20,10 @@ from daemon.manifest import (
 )
 from daemon.manifest import Source as SourceRecord
 from daemon.model import MODEL_FILE, TOKENIZER_FILE
-from models.errors import BuildError
 from models.progress import Steps
 from models.quantize import ACCURACY_LEVEL_INT8, QuantSpec
 from models.sources import resolve_source
+from models.staging import check_output, package_versions, staged_folder, write_manifest
 
 EXTERNAL_DATA = "model.onnx.data"
 CHAT_TEMPLATE = "chat_template.jinja"
@@ -48,26 +44,19 @@ class BuildOptions:
 
 
 def build_model(source_ref: str, out: Path, options: BuildOptions) -> ModelManifest:
-    out = Path(out)
-    if out.exists() and not options.force:
-        raise BuildError(f"--out: {out} already exists; pass --force to replace it")
     from models.preflight import check_resources
 
+    out = Path(out)
+    check_output(out, options.force)
     source = resolve_source(source_ref, options.revision)
-    out.parent.mkdir(parents=True, exist_ok=True)
     check_resources(source, out)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
-    try:
-        with Steps(["Checking the architecture", "Loading the weights", "Exporting to ONNX", "Quantizing",
-                    "Measuring perplexity"], enabled=options.show_progress) as steps:
-            manifest = _build(source, work, options, steps)
-        _publish(work / "model", out)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    return manifest
+    with staged_folder(out) as (staged, scratch), Steps(
+            ["Checking the architecture", "Loading the weights", "Exporting to ONNX", "Quantizing",
+             "Measuring perplexity"], enabled=options.show_progress) as steps:
+        return _build(source, staged, scratch, options, steps)
 
 
-def _build(source, work: Path, options: BuildOptions, steps: Steps) -> ModelManifest:
+def _build(source, staged: Path, scratch: Path, options: BuildOptions, steps: Steps) -> ModelManifest:
     import onnx
 
     from models.export import check_architecture, export_onnx, load_source, source_perplexity
@@ -79,15 +68,13 @@ def _build(source, work: Path, options: BuildOptions, steps: Steps) -> ModelMani
     steps.next()
     hf = load_source(source)
     steps.next()
-    exported = export_onnx(hf, work)
+    exported = export_onnx(hf, scratch)
     steps.next()
     graph = onnx.load(exported)
     check_decoder_io(graph, hf.model_type)
     untie_output_head(graph)
     add_logit_positions(graph)
     graph = quantize(graph, options.quant)
-    staged = work / "model"
-    staged.mkdir()
     onnx.save(graph, staged / MODEL_FILE, save_as_external_data=True, location=EXTERNAL_DATA,
               size_threshold=1024)
     del graph
@@ -103,7 +90,7 @@ def _build(source, work: Path, options: BuildOptions, steps: Steps) -> ModelMani
     ids = Tokenizer.from_file(str(staged / TOKENIZER_FILE)).encode(text).ids[: hf.context_length]
     source_ppl = source_perplexity(hf, ids)
     manifest = _manifest(source, hf, options, staged, template_written=(staged / CHAT_TEMPLATE).exists())
-    _write_manifest(staged, manifest)
+    write_manifest(staged, manifest)
     from daemon.model import LoadedModel
     from daemon.perplexity import perplexity
 
@@ -111,7 +98,7 @@ def _build(source, work: Path, options: BuildOptions, steps: Steps) -> ModelMani
     manifest.quality = Quality(eval_text=EVAL_TEXT, eval_text_sha256=hashlib.sha256(text.encode()).hexdigest(),
                                eval_tokens=n_tokens, perplexity=round(built_ppl, 4),
                                source_perplexity=round(source_ppl, 4))
-    _write_manifest(staged, manifest)
+    write_manifest(staged, manifest)
     return manifest
 
 
@@ -137,37 +124,5 @@ def _manifest(source, hf, options: BuildOptions, staged: Path, template_written:
                               pad_token_id=tokenizer.pad_token_id, context_length=hf.context_length,
                               chat_template=CHAT_TEMPLATE if template_written else None),
         files=describe_files(staged, names),
-        built_with={p: _version(p) for p in ("edgellm", "torch", "transformers", "optimum-onnx", "onnxruntime")},
+        built_with=package_versions("torch", "transformers", "optimum-onnx", "onnxruntime"),
     )
-
-
-def _version(package: str) -> str:
-    try:
-        return version(package)
-    except PackageNotFoundError:
-        return "unknown"
-
-
-def _write_manifest(folder: Path, manifest: ModelManifest) -> None:
-    (folder / MANIFEST_NAME).write_text(manifest.model_dump_json(indent=2) + "\n")
-
-
-def _fsync_tree(folder: Path) -> None:
-    for path in [*folder.iterdir(), folder]:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _publish(staged: Path, out: Path) -> None:
-    """Make `staged` appear at `out` in one rename; an existing folder is swapped out only after that."""
-    _fsync_tree(staged)
-    if out.exists():
-        retired = staged.parent / "replaced"
-        os.rename(out, retired)
-        os.rename(staged, out)
-    else:
-        os.rename(staged, out)
-    _fsync_tree(out.parent)

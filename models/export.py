@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 from models.errors import BuildError
-from models.sources import Source
+from models.sources import Source, readme_license
 
 TASK = "text-generation-with-past"
 
@@ -68,17 +67,25 @@ def _license(source: Source) -> str | None:
 
         field = GGUFReader(source.folder / source.gguf_file).fields.get("general.license")
         return str(field.contents()) if field is not None else None
-    readme = source.folder / "README.md" if source.folder else None
-    if readme and readme.is_file():
-        match = re.search(r"^license:\s*(\S+)", readme.read_text(errors="replace"), re.MULTILINE)
-        return match.group(1) if match else None
-    return None
+    return readme_license(source.folder) if source.folder else None
+
+
+def quiet_libraries() -> None:
+    """transformers' and optimum's warnings and tqdm bars fight the build's own progress bar."""
+    import logging
+
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    logging.getLogger("optimum").setLevel(logging.ERROR)
 
 
 def load_source(source: Source) -> HFModel:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    quiet_libraries()
     kwargs = _load_kwargs(source)
     tokenizer = AutoTokenizer.from_pretrained(source.load_path, **kwargs)
     if not tokenizer.is_fast:

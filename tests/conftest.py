@@ -51,3 +51,14 @@ def smollm2(smollm2_int4):
     from daemon.model import LoadedModel
 
     return Generator(LoadedModel.load(smollm2_int4, threads=2))
+
+
+@pytest.fixture(scope="session")
+def minilm_int8(tmp_path_factory) -> Path:
+    from models.build import BuildOptions
+    from models.embedding_build import build_embedding
+    from models.quantize import QuantSpec
+
+    out = tmp_path_factory.mktemp("minilm") / "int8"
+    build_embedding("minilm", out, BuildOptions(QuantSpec("int8"), show_progress=False))
+    return out

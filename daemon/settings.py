@@ -1,0 +1,143 @@
+"""Daemon configuration from a TOML file, EDGELLM_* environment variables (nested with __) and CLI flags.
+
+Precedence: flags > environment > file > defaults. Secrets can come from files, including systemd
+credentials in $CREDENTIALS_DIRECTORY (LoadCredential=mqtt-password:...).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+
+from daemon.errors import CommandError
+
+DEFAULT_CONFIG = Path("/etc/edgellm/edgellm.toml")
+ENV_PREFIX = "EDGELLM_"
+NAME_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TLSSettings(_Section):
+    enabled: bool = False
+    ca_file: Path | None = Field(None, description="CA bundle that signed the broker's certificate")
+    cert_file: Path | None = Field(None, description="client certificate, for mutual TLS")
+    key_file: Path | None = Field(None, description="client key; or the credential 'mqtt-tls-key'")
+    insecure: bool = Field(False, description="skip the broker hostname check (labs only)")
+
+
+class MQTTSettings(_Section):
+    host: str = "localhost"
+    port: int = Field(1883, ge=1, le=65535)
+    username: str | None = None
+    password: SecretStr | None = None
+    password_file: Path | None = Field(None, description="file holding the password; or the credential 'mqtt-password'")
+    keepalive: int = Field(30, ge=5, le=3600)
+    session_expiry: int = Field(3600, ge=0, description="seconds the broker keeps queued requests while we are away")
+    reconnect_min_delay: float = Field(0.5, gt=0)
+    reconnect_max_delay: float = Field(30.0, gt=0)
+    tls: TLSSettings = TLSSettings()
+
+
+class ModelSettings(_Section):
+    path: Path | None = Field(None, description="the model folder to serve")
+    threads: int = Field(0, ge=0, description="onnxruntime intra-op threads (0: all cores)")
+
+
+class EmbeddingSettings(_Section):
+    path: Path | None = Field(None, description="an embedding model folder, for the embed method")
+    threads: int = Field(1, ge=0)
+
+
+class LimitSettings(_Section):
+    queue_size: int = Field(16, ge=1, le=10_000, description="requests waiting beyond this get 'busy'")
+    max_payload_bytes: int = Field(1 << 20, ge=1024)
+    max_tokens: int = Field(2048, ge=1, description="ceiling on any request's max_tokens")
+    grace_seconds: float = Field(10.0, ge=0, description="on SIGTERM, time in-flight requests get to finish")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid",
+                                      protected_namespaces=())
+
+    device_id: str = Field(default_factory=lambda: socket.gethostname().split(".")[0], pattern=NAME_PATTERN)
+    groups: list[str] = Field(default_factory=list, description="groups whose load-balanced requests we take")
+    topic_root: str = "edgellm/v1"
+    telemetry_interval: float = Field(30.0, gt=0)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    mqtt: MQTTSettings = MQTTSettings()
+    model: ModelSettings = ModelSettings()
+    embedding: EmbeddingSettings = EmbeddingSettings()
+    limits: LimitSettings = LimitSettings()
+
+    @field_validator("groups")
+    @classmethod
+    def _group_names(cls, groups: list[str]) -> list[str]:
+        import re
+
+        bad = [g for g in groups if not re.match(NAME_PATTERN, g)]
+        if bad:
+            raise ValueError(f"group names may use letters, digits, '_', '.', '-': {bad}")
+        return groups
+
+    @field_validator("topic_root")
+    @classmethod
+    def _topic_root(cls, root: str) -> str:
+        if not root or any(c in root for c in "+#\0") or root.startswith(("/", "$")) or root.endswith("/"):
+            raise ValueError("must be a plain topic prefix like 'edgellm/v1' (no wildcards, no leading '$' or '/')")
+        return root
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
+                                   file_secret_settings) -> tuple[PydanticBaseSettingsSource, ...]:
+        return init_settings, env_settings, TomlConfigSettingsSource(settings_cls), file_secret_settings
+
+    def mqtt_password(self) -> str | None:
+        if self.mqtt.password is not None:
+            return self.mqtt.password.get_secret_value()
+        path = self.mqtt.password_file or credential("mqtt-password")
+        return path.read_text().rstrip("\r\n") if path else None
+
+    def tls_key_file(self) -> Path | None:
+        return self.mqtt.tls.key_file or credential("mqtt-tls-key")
+
+
+def credential(name: str) -> Path | None:
+    folder = os.environ.get("CREDENTIALS_DIRECTORY")
+    path = Path(folder) / name if folder else None
+    return path if path and path.is_file() else None
+
+
+def _flag_hint(loc: tuple) -> str:
+    dotted = ".".join(str(p) for p in loc)
+    env = ENV_PREFIX + "__".join(str(p).upper() for p in loc)
+    return f"{dotted} (config key {dotted}, or {env})"
+
+
+def load_settings(config_file: Path | None = None, overrides: dict[str, Any] | None = None) -> Settings:
+    """Settings from the file (default /etc/edgellm/edgellm.toml if it exists), env and `overrides`."""
+    path = Path(config_file) if config_file else DEFAULT_CONFIG
+    if config_file and not path.is_file():
+        raise CommandError(f"--config: {path} does not exist")
+    if path.is_file():
+        try:
+            tomllib.loads(path.read_text())
+        except (tomllib.TOMLDecodeError, OSError) as e:
+            raise CommandError(f"--config: {path} is not valid TOML: {e}") from None
+
+    class FromFile(Settings):
+        model_config = SettingsConfigDict(toml_file=path if path.is_file() else None)
+
+    try:
+        return FromFile(**(overrides or {}))
+    except ValidationError as e:
+        problems = "; ".join(f"{_flag_hint(err['loc'])}: {err['msg']}" for err in e.errors())
+        raise CommandError(f"invalid configuration: {problems}") from None

@@ -1,0 +1,62 @@
+"""Output folders that appear whole or not at all: built beside the target, renamed into place at the end."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+from daemon.manifest import MANIFEST_NAME, ModelManifest
+from models.errors import BuildError
+
+
+def check_output(out: Path, force: bool) -> None:
+    if out.exists() and not force:
+        raise BuildError(f"--out: {out} already exists; pass --force to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+
+@contextmanager
+def staged_folder(out: Path) -> Iterator[tuple[Path, Path]]:
+    """Yield (staged, scratch) beside `out`. On success `staged` replaces `out` in one rename; either way
+    both vanish, and an existing `out` is swapped out only once the new folder is complete."""
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
+    try:
+        staged, scratch = work / "model", work / "scratch"
+        staged.mkdir()
+        scratch.mkdir()
+        yield staged, scratch
+        fsync_tree(staged)
+        if out.exists():
+            os.rename(out, work / "replaced")
+        os.rename(staged, out)
+        fsync_tree(out.parent)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def fsync_tree(folder: Path) -> None:
+    for path in [*folder.iterdir(), folder]:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def write_manifest(folder: Path, manifest: ModelManifest) -> None:
+    (folder / MANIFEST_NAME).write_text(manifest.model_dump_json(indent=2) + "\n")
+
+
+def package_versions(*packages: str) -> dict[str, str]:
+    found = {}
+    for p in ("edgellm", *packages):
+        try:
+            found[p] = version(p)
+        except PackageNotFoundError:
+            found[p] = "unknown"
+    return found
