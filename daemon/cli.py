@@ -134,6 +134,63 @@ def cmd_chat(args: argparse.Namespace) -> None:
         history.append(ChatMessage(role="assistant", content=result.text))
 
 
+def _settings(args: argparse.Namespace):
+    from daemon.settings import load_settings
+
+    overrides: dict = {}
+    if getattr(args, "device_id", None):
+        overrides["device_id"] = args.device_id
+    if getattr(args, "groups", None):
+        overrides["groups"] = args.groups
+    if getattr(args, "log_level", None):
+        overrides["log_level"] = args.log_level
+    mqtt = {k: v for k, v in (("host", args.mqtt_host), ("port", args.mqtt_port)) if v is not None}
+    if mqtt:
+        overrides["mqtt"] = mqtt
+    if getattr(args, "model", None):
+        overrides["model"] = {"path": args.model}
+    return load_settings(args.config, overrides)
+
+
+def _add_settings_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, help="TOML file (default /etc/edgellm/edgellm.toml if present)")
+    p.add_argument("--mqtt-host")
+    p.add_argument("--mqtt-port", type=int)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from daemon.serve import serve
+
+    settings = _settings(args)
+    return serve(settings, reload_settings=lambda: _settings(args))
+
+
+def cmd_request(args: argparse.Namespace) -> int:
+    from daemon.client import RpcClient, rpc_topic
+
+    try:
+        payload = json.loads(args.payload)
+    except json.JSONDecodeError as e:
+        raise CommandError(f"JSON: the request payload is not JSON: {e}") from None
+    if not isinstance(payload, dict):
+        raise CommandError("JSON: the request payload must be a JSON object, e.g. '{\"prompt\": \"Hello\"}'")
+    if args.stream:
+        payload["stream"] = True
+    settings = _settings(args)
+    topic = rpc_topic(settings, args.method, args.device, args.group)
+
+    def show(delta: dict) -> None:
+        sys.stdout.write(delta.get("text", ""))
+        sys.stdout.flush()
+
+    with RpcClient(settings) as client:
+        reply = client.call(topic, payload, timeout=args.timeout, on_delta=show)
+    if args.stream:
+        sys.stdout.write("\n")
+    print(json.dumps(reply, ensure_ascii=False))
+    return 0 if reply.get("ok") else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edgellm", description="On-device LLM daemon and model toolchain.")
     parser.add_argument("--version", action="version", version=f"edgellm {__version__}")
@@ -153,6 +210,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", help="a system message")
     p.set_defaults(func=cmd_chat)
 
+    p = commands.add_parser("serve", help="run the daemon: answer requests over MQTT")
+    _add_settings_args(p)
+    p.add_argument("--model", type=Path, help="the model folder (model.path)")
+    p.add_argument("--device-id")
+    p.add_argument("--group", dest="groups", action="append", help="take load-balanced requests of this group")
+    p.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.set_defaults(func=cmd_serve)
+
+    p = commands.add_parser("request", help="send one request to a device or group over MQTT, print the reply")
+    _add_settings_args(p)
+    p.add_argument("method", help="generate, chat, embed, status, cancel, ...")
+    p.add_argument("payload", nargs="?", default="{}", help="the JSON request, e.g. '{\"prompt\": \"Hello\"}'")
+    target = p.add_mutually_exclusive_group()
+    target.add_argument("--device", help="device id (default: this device's device_id)")
+    target.add_argument("--group", help="send to a group: one member answers")
+    p.add_argument("--stream", action="store_true", help="print text deltas as they arrive")
+    p.add_argument("--timeout", type=float, default=120.0)
+    p.set_defaults(func=cmd_request)
+
     for ep in entry_points(group="edgellm.commands"):
         register: Callable[[argparse._SubParsersAction], None] = ep.load()
         register(commands)
@@ -162,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        status = args.func(args)
     except CommandError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -171,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2 if e.code == "bad_request" else 1
     except KeyboardInterrupt:
         return 130
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":

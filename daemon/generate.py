@@ -7,7 +7,7 @@ streamed and non-streamed text cannot differ.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -78,7 +78,9 @@ class Generator:
     def generate(self, ids: list[int], params: GenerationParams) -> Result:
         return next(e for e in self.stream(ids, params) if isinstance(e, Result))
 
-    def stream(self, ids: list[int], params: GenerationParams) -> Iterator[Delta | Result]:
+    def stream(self, ids: list[int], params: GenerationParams,
+               interrupt: Callable[[], None] | None = None) -> Iterator[Delta | Result]:
+        """`interrupt` runs before every forward pass and may raise EdgeError (cancelled, deadline_exceeded)."""
         model = self.model
         context = model.context_length
         if not ids:
@@ -100,6 +102,8 @@ class Generator:
         start = time.perf_counter()
         feed, passes, first_at = ids, 0, None
         while len(generated) < budget:
+            if interrupt is not None:
+                interrupt()
             logits = model.decoder.forward(feed, cache)[-1].copy()
             passes += 1
             if constraint is not None:

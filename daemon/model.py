@@ -8,9 +8,9 @@ from pathlib import Path
 from tokenizers import Tokenizer
 
 from daemon.chat import ChatMessage, ChatTemplate
+from daemon.decoder import OnnxDecoder
 from daemon.errors import EdgeError
 from daemon.manifest import ModelManifest, load_manifest
-from daemon.runtime import OnnxDecoder
 
 MODEL_FILE = "model.onnx"
 TOKENIZER_FILE = "tokenizer.json"

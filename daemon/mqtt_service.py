@@ -1,0 +1,233 @@
+"""The MQTT v5 face of the daemon: topics, request/response, presence, telemetry (docs/mqtt-api.md).
+
+paho runs the network thread; requests go to the Worker, status and cancel are answered on the spot.
+QoS 1 messages are acknowledged by hand: a request that arrives while we shut down stays unacknowledged,
+so the broker hands it to us again in our persistent session after the restart.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import ssl
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from daemon import __version__
+from daemon.errors import EdgeError
+from daemon.settings import Settings
+from daemon.stats import Stats
+from daemon.wire import CancelRequest, StatusRequest, error_reply, parse_request, peek_envelope
+from daemon.worker import Job, Worker
+
+log = logging.getLogger("edgellm.mqtt")
+
+
+class Topics:
+    def __init__(self, root: str, device: str, groups: list[str]):
+        self.root, self.device, self.groups = root, device, groups
+        self.rpc = f"{root}/{device}/rpc/+"
+        self.group_rpc = [f"$share/{g}/{root}/groups/{g}/rpc/+" for g in groups]
+        self.status = f"{root}/{device}/status"
+        self.telemetry = f"{root}/{device}/telemetry"
+
+    @staticmethod
+    def method(topic: str) -> str:
+        return topic.rsplit("/", 1)[-1]
+
+
+def set_nodelay(sock: socket.socket) -> None:
+    """paho never sets TCP_NODELAY: without it a QoS 1 round trip costs 40-90 ms of Nagle + delayed ACK."""
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except (OSError, AttributeError):
+        pass
+
+
+def make_client(settings: Settings, client_id: str, manual_ack: bool = False) -> mqtt.Client:
+    """A v5 client with credentials, TLS, TCP_NODELAY and reconnect backoff from the settings."""
+    m = settings.mqtt
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=MQTTProtocolVersion.MQTTv5,
+                         manual_ack=manual_ack)
+    if m.username:
+        client.username_pw_set(m.username, settings.mqtt_password())
+    if m.tls.enabled:
+        client.tls_set(ca_certs=str(m.tls.ca_file) if m.tls.ca_file else None,
+                       certfile=str(m.tls.cert_file) if m.tls.cert_file else None,
+                       keyfile=str(settings.tls_key_file()) if settings.tls_key_file() else None,
+                       cert_reqs=ssl.CERT_REQUIRED)
+        client.tls_insecure_set(m.tls.insecure)
+    client.reconnect_delay_set(min_delay=max(1, round(m.reconnect_min_delay)), max_delay=round(m.reconnect_max_delay))
+    client.on_socket_open = lambda _c, _u, sock: set_nodelay(sock)
+    client.max_queued_messages_set(0)  # QoS 1 replies made while the broker is away wait for the reconnect
+    return client
+
+
+class MqttReply:
+    """Replies to one request: its Response Topic (or payload reply_to) with its Correlation Data echoed."""
+
+    def __init__(self, client: mqtt.Client, topic: str, correlation: bytes | None):
+        self._client, self._topic = client, topic
+        self._props = Properties(PacketTypes.PUBLISH)
+        self._props.ContentType = "application/json"
+        if correlation is not None:
+            self._props.CorrelationData = correlation
+
+    def _send(self, message: dict[str, Any]) -> None:
+        payload = json.dumps(message, ensure_ascii=False, separators=(",", ":")).encode()
+        self._client.publish(self._topic, payload, qos=1, properties=self._props)
+
+    delta = _send
+    final = _send
+
+
+class MqttService:
+    def __init__(self, settings: Settings, worker: Worker, stats: Stats, status_extra: Callable[[], dict]):
+        self.settings = settings
+        self.worker = worker
+        self.stats = stats
+        self.status_extra = status_extra
+        self.topics = Topics(settings.topic_root, settings.device_id, settings.groups)
+        self.connected = threading.Event()
+        self.ever_connected = threading.Event()
+        self._accepting = True
+        self.client = make_client(settings, f"edgellm-{settings.device_id}", manual_ack=True)
+        self.client.will_set(self.topics.status, self._presence("lost"), qos=1, retain=True)
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_message = self._on_message
+
+    # -- lifecycle -------------------------------------------------------------------------------------
+    def start(self) -> None:
+        m = self.settings.mqtt
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = m.session_expiry
+        self.client.connect_async(m.host, m.port, keepalive=m.keepalive, clean_start=False, properties=props)
+        self.client.loop_start()
+
+    def stop_intake(self) -> None:
+        """Stop taking requests: group requests go to other members; ours wait in the broker session."""
+        self._accepting = False
+        if self.topics.group_rpc and self.connected.is_set():
+            self.client.unsubscribe(self.topics.group_rpc)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Publish 'offline' (retained), wait for it and the last replies, then disconnect cleanly."""
+        info = self.client.publish(self.topics.status, self._presence("offline"), qos=1, retain=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and (not info.is_published() or self._unacked()):
+            time.sleep(0.02)
+        props = Properties(PacketTypes.DISCONNECT)
+        props.SessionExpiryInterval = self.settings.mqtt.session_expiry
+        self.client.disconnect(properties=props)
+        self.client.loop_stop()
+
+    def _unacked(self) -> int:
+        return len(self.client._out_messages)  # paho keeps QoS 1 messages here until their PUBACK
+
+    # -- presence and telemetry ------------------------------------------------------------------------
+    def _presence(self, state: str) -> bytes:
+        body = {"state": state, "device": self.settings.device_id, "version": __version__, "ts": time.time()}
+        if state == "online":
+            body.update(self.status_extra())
+            body["groups"] = self.settings.groups
+            body["uptime_s"] = self.stats.snapshot()["uptime_s"]
+        return json.dumps(body).encode()
+
+    def publish_status(self) -> None:
+        self.client.publish(self.topics.status, self._presence("online"), qos=1, retain=True)
+
+    def publish_telemetry(self) -> None:
+        body = {"device": self.settings.device_id, "ts": time.time(), "queue_depth": self.worker.depth,
+                **self.stats.snapshot()}
+        self.client.publish(self.topics.telemetry, json.dumps(body).encode(), qos=0)
+
+    # -- paho callbacks (network thread) ---------------------------------------------------------------
+    def _on_connect(self, client, _userdata, flags, reason_code, _props) -> None:
+        if reason_code.is_failure:
+            log.error("broker refused the connection: %s", reason_code)
+            return
+        log.info("connected to %s:%s (session present: %s)", self.settings.mqtt.host, self.settings.mqtt.port,
+                 flags.session_present)
+        subs = [(self.topics.rpc, SubscribeOptions(qos=1))]
+        if self._accepting:
+            subs += [(t, SubscribeOptions(qos=1)) for t in self.topics.group_rpc]
+        client.subscribe(subs)
+        self.publish_status()
+        self.connected.set()
+        self.ever_connected.set()
+
+    def _on_disconnect(self, _client, _userdata, _flags, reason_code, _props) -> None:
+        self.connected.clear()
+        if reason_code.is_failure or reason_code.value != 0:
+            log.warning("lost the broker (%s); reconnecting with backoff", reason_code)
+
+    def _on_message(self, client, _userdata, msg: mqtt.MQTTMessage) -> None:
+        if not self._accepting:
+            return  # left unacknowledged: the broker redelivers it to our next session
+        try:
+            self._handle(msg)
+        except Exception:  # never let one message take the network thread down
+            log.exception("unexpected error handling a message on %s", msg.topic)
+        finally:
+            if msg.qos > 0:
+                client.ack(msg.mid, msg.qos)
+
+    def _handle(self, msg: mqtt.MQTTMessage) -> None:
+        props = msg.properties
+        response_topic = getattr(props, "ResponseTopic", None)
+        correlation = getattr(props, "CorrelationData", None)
+        expiry = getattr(props, "MessageExpiryInterval", None)
+        payload = msg.payload
+        too_large = len(payload) > self.settings.limits.max_payload_bytes
+        envelope = {} if too_large else peek_envelope(payload)
+        reply_topic = response_topic or envelope.get("reply_to")
+        if not reply_topic or any(c in reply_topic for c in "+#"):
+            self.stats.lost()
+            log.warning("request on %s has no usable Response Topic or reply_to: it cannot be answered", msg.topic)
+            return
+        reply = MqttReply(self.client, reply_topic, correlation)
+        method = Topics.method(msg.topic)
+        try:
+            if too_large:
+                raise EdgeError("too_large", f"payload is {len(payload)} bytes; the limit is "
+                                f"{self.settings.limits.max_payload_bytes}")
+            request = parse_request(method, payload)
+        except EdgeError as e:
+            self.stats.error(e.code)
+            reply.final(error_reply(envelope.get("id"), e))
+            return
+        request_id = request.id or uuid.uuid4().hex[:16]
+        if isinstance(request, StatusRequest):
+            self.stats.request(method)
+            reply.final({"type": "result", "ok": True, "id": request_id, **self.status()})
+            return
+        if isinstance(request, CancelRequest):
+            self.stats.request(method)
+            found = self.worker.cancel(request.request_id)
+            reply.final({"type": "result", "ok": True, "id": request_id, "cancelled": found})
+            return
+        now = time.monotonic()
+        deadlines = [now + s for s in (expiry, request.deadline_ms and request.deadline_ms / 1000) if s]
+        job = Job(method, request, request_id, reply, deadline=min(deadlines) if deadlines else None)
+        try:
+            self.worker.submit(job)
+        except EdgeError as e:
+            self.stats.request(method)
+            self.stats.error(e.code)
+            job.finish(error_reply(request_id, e))
+
+    def status(self) -> dict[str, Any]:
+        return {"state": "online" if self._accepting else "stopping", "device": self.settings.device_id,
+                "version": __version__, "queue_depth": self.worker.depth, **self.status_extra(),
+                **self.stats.snapshot()}

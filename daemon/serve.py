@@ -1,0 +1,120 @@
+"""`edgellm serve`: load the model, connect, serve until SIGTERM; SIGHUP reloads what is safe to reload."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from daemon.engine import Engine, load_served
+from daemon.errors import CommandError, EdgeError
+from daemon.mqtt_service import MqttService
+from daemon.sdnotify import Watchdog, notify
+from daemon.settings import Settings
+from daemon.stats import Stats
+from daemon.worker import Worker
+
+log = logging.getLogger("edgellm.serve")
+
+
+class Daemon:
+    def __init__(self, settings: Settings, reload_settings: Callable[[], Settings]):
+        self.settings = settings
+        self.reload_settings = reload_settings
+        self.stop_requested = threading.Event()
+        self.reload_requested = threading.Event()
+        notify(f"STATUS=loading {settings.model.path}")
+        try:
+            self.engine = Engine(load_served(settings.model.path, settings.model.threads, settings.embedding.path,
+                                             settings.embedding.threads))
+        except EdgeError as e:
+            raise CommandError(e.message) from None
+        self.stats = Stats()
+        self.watchdog = Watchdog()
+        self.worker = Worker(self.engine, self.stats, settings.limits.queue_size, settings.limits.max_tokens,
+                             heartbeat=self.watchdog.ping)
+        self.mqtt = MqttService(settings, self.worker, self.stats, self.model_status)
+
+    def model_status(self) -> dict:
+        served = self.engine.served
+        status = {"model": served.model_info}
+        if served.embedder is not None:
+            status["embedding_model"] = {"name": served.embedder.name, "version": served.embedder.manifest.version}
+        return status
+
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, lambda *_: self.stop_requested.set())
+        signal.signal(signal.SIGINT, lambda *_: self.stop_requested.set())
+        signal.signal(signal.SIGHUP, lambda *_: self.reload_requested.set())
+        self.worker.start()
+        self.mqtt.start()
+        notify(f"STATUS=connecting to {self.settings.mqtt.host}:{self.settings.mqtt.port}")
+        ready = False
+        next_telemetry = time.monotonic() + self.settings.telemetry_interval
+        while not self.stop_requested.wait(0.2):
+            if not ready and self.mqtt.ever_connected.is_set():
+                ready = True
+                notify(f"READY=1\nSTATUS=serving {self.model_status()['model']['name']}")
+                log.info("serving %s as %s", self.model_status()["model"]["name"], self.settings.device_id)
+            if self.reload_requested.is_set():
+                self.reload_requested.clear()
+                self.reload()
+            if time.monotonic() >= next_telemetry:
+                next_telemetry = time.monotonic() + self.settings.telemetry_interval
+                if self.mqtt.connected.is_set():
+                    self.mqtt.publish_telemetry()
+        return self.shutdown()
+
+    def shutdown(self) -> int:
+        notify("STOPPING=1\nSTATUS=finishing in-flight requests")
+        log.info("stopping: %d request(s) in flight, %.0f s grace", self.worker.depth,
+                 self.settings.limits.grace_seconds)
+        self.mqtt.stop_intake()
+        self.worker.drain(self.settings.limits.grace_seconds)
+        self.mqtt.stop()
+        log.info("stopped")
+        return 0
+
+    def reload(self) -> None:
+        """Apply the new configuration where that is safe; MQTT connection settings need a restart."""
+        notify("RELOADING=1")
+        try:
+            new = self.reload_settings()
+        except CommandError as e:
+            log.error("reload refused, keeping the running configuration: %s", e)
+            notify("READY=1")
+            return
+        old = self.settings
+        if (new.model, new.embedding) != (old.model, old.embedding):
+            try:
+                self.engine.swap(load_served(new.model.path, new.model.threads, new.embedding.path,
+                                             new.embedding.threads))
+                log.info("now serving %s", self.model_status()["model"]["name"])
+            except EdgeError as e:
+                log.error("reload: cannot load the new model, keeping the old one: %s", e.message)
+                new = new.model_copy(update={"model": old.model, "embedding": old.embedding})
+        if (new.mqtt, new.device_id, new.groups, new.topic_root) != (old.mqtt, old.device_id, old.groups,
+                                                                     old.topic_root):
+            log.warning("reload: MQTT, device and group settings take effect at the next restart")
+            new = new.model_copy(update={"mqtt": old.mqtt, "device_id": old.device_id, "groups": old.groups,
+                                         "topic_root": old.topic_root})
+        self.worker.resize(new.limits.queue_size)
+        self.worker.max_tokens = new.limits.max_tokens
+        logging.getLogger().setLevel(new.log_level)
+        self.settings = self.mqtt.settings = new
+        self.mqtt.publish_status()
+        notify(f"READY=1\nSTATUS=serving {self.model_status()['model']['name']}")
+
+
+def serve(settings: Settings, reload_settings: Callable[[], Settings]) -> int:
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if settings.model.path is None:
+        raise CommandError("model.path is not set: pass --model, set EDGELLM_MODEL__PATH, or [model] path in the "
+                           "config file")
+    if not Path(settings.model.path).is_dir():
+        raise CommandError(f"model.path: {settings.model.path} is not a folder; build one with "
+                           "`edgellm model build`")
+    return Daemon(settings, reload_settings).run()

@@ -1,0 +1,71 @@
+"""Counters for telemetry and status, updated from the MQTT and worker threads."""
+
+from __future__ import annotations
+
+import resource
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+
+class Stats:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.started = time.time()
+        self.requests: Counter[str] = Counter()
+        self.errors: Counter[str] = Counter()
+        self.tokens = 0
+        self.unanswerable = 0
+        self.decode_tps = 0.0
+
+    def request(self, method: str) -> None:
+        with self._lock:
+            self.requests[method] += 1
+
+    def error(self, code: str) -> None:
+        with self._lock:
+            self.errors[code] += 1
+
+    def lost(self) -> None:
+        with self._lock:
+            self.unanswerable += 1
+
+    def generated(self, tokens: int, decode_tps: float) -> None:
+        with self._lock:
+            self.tokens += tokens
+            if decode_tps:
+                self.decode_tps = decode_tps if not self.decode_tps else 0.8 * self.decode_tps + 0.2 * decode_tps
+
+    def snapshot(self) -> dict:
+        with self._lock:
+            return {
+                "uptime_s": round(time.time() - self.started, 1),
+                "requests": dict(self.requests), "requests_total": sum(self.requests.values()),
+                "errors": dict(self.errors), "errors_total": sum(self.errors.values()),
+                "unanswerable": self.unanswerable, "tokens": self.tokens,
+                "decode_tps": round(self.decode_tps, 2),
+                "rss_mb": round(current_rss_mb(), 1),
+                "cpu_temp_c": cpu_temperature(),
+            }
+
+
+def current_rss_mb() -> float:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def cpu_temperature() -> float | None:
+    """The hottest thermal zone in °C, where the board exposes one (Raspberry Pi, most x86 boards)."""
+    temps = []
+    for zone in Path("/sys/class/thermal").glob("thermal_zone*/temp"):
+        try:
+            temps.append(int(zone.read_text()) / 1000)
+        except (OSError, ValueError):
+            continue
+    return max(temps) if temps else None

@@ -1,0 +1,186 @@
+"""The request queue and the thread that runs requests on the engine, one at a time, each to exactly one
+final reply. Transport-neutral: MQTT (and later HTTP) hand it Jobs with a sink for their replies."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+from daemon.engine import Engine
+from daemon.errors import EdgeError
+from daemon.generate import Delta, Result
+from daemon.params import GenerationParams
+from daemon.stats import Stats
+from daemon.wire import ChatRequest, EmbedRequest, Envelope, GenerateRequest, error_reply
+
+log = logging.getLogger("edgellm.worker")
+PARAM_FIELDS = set(GenerationParams.model_fields)
+
+
+class ReplySink(Protocol):
+    def delta(self, message: dict[str, Any]) -> None: ...
+    def final(self, message: dict[str, Any]) -> None: ...
+
+
+@dataclass
+class Job:
+    method: str
+    request: Envelope
+    request_id: str
+    sink: ReplySink
+    deadline: float | None = None  # time.monotonic()
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    cancel_reason: str = "cancelled by request"
+    _done: bool = False
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def check(self) -> None:
+        if self.cancelled.is_set():
+            raise EdgeError("cancelled", self.cancel_reason)
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            raise EdgeError("deadline_exceeded", "the request's deadline passed before it could be answered")
+
+    def finish(self, message: dict[str, Any]) -> bool:
+        """Send the final reply, once; later calls do nothing."""
+        with self._lock:
+            if self._done:
+                return False
+            self._done = True
+        self.sink.final(message)
+        return True
+
+
+class Worker:
+    def __init__(self, engine: Engine, stats: Stats, queue_size: int, max_tokens: int,
+                 heartbeat: Callable[[], None] = lambda: None):
+        self.engine = engine
+        self.stats = stats
+        self.max_tokens = max_tokens
+        self.heartbeat = heartbeat
+        self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=queue_size)
+        self._jobs: dict[str, Job] = {}
+        self._lock = threading.Lock()
+        self._idle = threading.Event()
+        self._idle.set()
+        self._thread = threading.Thread(target=self._run, name="edgellm-worker", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    @property
+    def depth(self) -> int:
+        with self._lock:
+            return len(self._jobs)
+
+    def resize(self, queue_size: int) -> None:
+        self._queue.maxsize = queue_size
+
+    def submit(self, job: Job) -> None:
+        with self._lock:
+            if job.request_id in self._jobs:
+                raise EdgeError("bad_request", f"id: a request with id '{job.request_id}' is already queued or running")
+            try:
+                self._queue.put_nowait(job)
+            except queue.Full:
+                raise EdgeError("busy", f"{self._queue.maxsize} requests are already waiting; retry later") from None
+            self._jobs[job.request_id] = job
+            self._idle.clear()
+
+    def cancel(self, request_id: str, reason: str = "cancelled by request") -> bool:
+        with self._lock:
+            job = self._jobs.get(request_id)
+        if job is None:
+            return False
+        job.cancel_reason = reason
+        job.cancelled.set()
+        return True
+
+    def drain(self, grace: float) -> None:
+        """Let queued and running requests finish for `grace` seconds, cancel the rest, stop the thread."""
+        self._idle.wait(grace)
+        with self._lock:
+            pending = list(self._jobs)
+        for request_id in pending:
+            self.cancel(request_id, "the daemon is shutting down")
+        self._idle.wait(30)
+        self._queue.put(None)
+        self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        while True:
+            try:
+                job = self._queue.get(timeout=1.0)
+            except queue.Empty:
+                self.heartbeat()
+                continue
+            if job is None:
+                return
+            self.heartbeat()
+            self._execute(job)
+            with self._lock:
+                self._jobs.pop(job.request_id, None)
+                if not self._jobs:
+                    self._idle.set()
+
+    def _execute(self, job: Job) -> None:
+        self.stats.request(job.method)
+        try:
+            job.check()
+            body = self._handle(job)
+            job.finish({"type": "result", "ok": True, "id": job.request_id, **body})
+        except EdgeError as e:
+            self.stats.error(e.code)
+            job.finish(error_reply(job.request_id, e))
+        except Exception as e:  # the daemon never dies of a request
+            log.exception("request %s (%s) failed", job.request_id, job.method)
+            self.stats.error("internal")
+            job.finish(error_reply(job.request_id, EdgeError("internal", f"{type(e).__name__}: {e}")))
+
+    def _handle(self, job: Job) -> dict[str, Any]:
+        served = self.engine.served
+        request = job.request
+        if isinstance(request, EmbedRequest):
+            if served.embedder is None:
+                raise EdgeError("model_unavailable", "no embedding model is configured on this device (embedding.path)")
+            vectors = served.embedder.embed(request.texts())
+            return {"embeddings": vectors.tolist(), "dimension": int(vectors.shape[1]),
+                    "model": {"name": served.embedder.name, "version": served.embedder.manifest.version}}
+        assert isinstance(request, GenerateRequest | ChatRequest)
+        params = GenerationParams(**request.model_dump(include=PARAM_FIELDS))
+        if "max_tokens" not in request.model_fields_set:
+            params.max_tokens = min(params.max_tokens, self.max_tokens)
+        elif params.max_tokens > self.max_tokens:
+            raise EdgeError("bad_request", f"max_tokens: at most {self.max_tokens} on this device")
+        generator = served.generator
+        if isinstance(request, ChatRequest):
+            ids = generator.prompt_ids(messages=request.messages)
+        else:
+            ids = generator.prompt_ids(request.prompt, raw=request.raw)
+
+        def interrupt() -> None:
+            self.heartbeat()
+            job.check()
+
+        result: Result | None = None
+        seq = 0
+        for event in generator.stream(ids, params, interrupt=interrupt):
+            if isinstance(event, Delta):
+                if request.stream:
+                    job.sink.delta({"type": "delta", "id": job.request_id, "seq": seq, "text": event.text})
+                    seq += 1
+            else:
+                result = event
+        self.stats.generated(result.usage.completion_tokens, result.timings.decode_tps)
+        body: dict[str, Any] = {"finish_reason": result.finish_reason, "usage": asdict(result.usage),
+                                "timings": {k: round(v, 2) for k, v in asdict(result.timings).items()},
+                                "model": served.model_info}
+        if params.json_schema is not None:
+            body["json"] = result.json
+        else:
+            body["text"] = result.text
+        return body

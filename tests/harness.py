@@ -1,0 +1,131 @@
+"""Real processes for the MQTT tests: a mosquitto broker on a free loopback port, edgellm daemons, clients."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+
+from daemon.client import RpcClient
+from daemon.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on {port}")
+
+
+class Broker:
+    """mosquitto with our own config. `user root` keeps it from dropping to a user that cannot read tmp files."""
+
+    def __init__(self, folder: Path, extra: str = "", port: int | None = None, anonymous: bool = True):
+        self.folder = folder
+        self.port = port or free_port()
+        self.conf = folder / "mosquitto.conf"
+        self.conf.write_text(
+            f"user root\nlistener {self.port} 127.0.0.1\nallow_anonymous {'true' if anonymous else 'false'}\n"
+            f"set_tcp_nodelay true\npersistence true\npersistence_location {folder}/\nautosave_interval 1\n"
+            f"max_queued_messages 100000\n{extra}")
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> Broker:
+        self.proc = subprocess.Popen(["mosquitto", "-c", str(self.conf)], stdout=subprocess.DEVNULL,
+                                     stderr=open(self.folder / "mosquitto.log", "a"))
+        wait_for_port(self.port)
+        return self
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
+def settings(port: int, **extra) -> Settings:
+    return Settings(mqtt={"host": "127.0.0.1", "port": port, **extra.pop("mqtt", {})}, **extra)
+
+
+class DaemonProcess:
+    """`edgellm serve` in a subprocess, configured through EDGELLM_* variables only."""
+
+    def __init__(self, folder: Path, port: int, model: Path, device: str = "dev1", env: dict | None = None):
+        self.folder, self.port, self.device = folder, port, device
+        self.env = {**os.environ, "EDGELLM_MQTT__PORT": str(port), "EDGELLM_MQTT__HOST": "127.0.0.1",
+                    "EDGELLM_MODEL__PATH": str(model), "EDGELLM_DEVICE_ID": device,
+                    "EDGELLM_MODEL__THREADS": "2", "EDGELLM_TELEMETRY_INTERVAL": "1", **(env or {})}
+        self.log = folder / f"{device}.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, wait: bool = True) -> DaemonProcess:
+        self.proc = subprocess.Popen([sys.executable, "-m", "daemon.cli", "serve"], env=self.env, cwd=ROOT,
+                                     stdout=subprocess.DEVNULL, stderr=open(self.log, "a"))
+        if wait:
+            self.wait_online()
+        return self
+
+    def wait_online(self, timeout: float = 60.0) -> dict:
+        status = wait_status(self.port, self.device, "online", timeout)
+        assert self.proc.poll() is None, self.log.read_text()
+        return status
+
+    def signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def stop(self) -> int | None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        return self.proc.returncode if self.proc else None
+
+
+def wait_status(port: int, device: str, state: str, timeout: float = 30.0, root: str = "edgellm/v1") -> dict:
+    """Wait until the retained presence message of `device` says `state`."""
+    found: dict = {}
+    event = threading.Event()
+
+    def on_message(_c, _u, msg):
+        body = json.loads(msg.payload)
+        if body.get("state") == state:
+            found.update(body)
+            event.set()
+
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=MQTTProtocolVersion.MQTTv5)
+    client.on_connect = lambda c, *_: c.subscribe(f"{root}/{device}/status", qos=1)
+    client.on_message = on_message
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    try:
+        if not event.wait(timeout):
+            raise TimeoutError(f"{device} never reported state {state!r}")
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    return found
+
+
+def rpc(port: int, **kwargs) -> RpcClient:
+    return RpcClient(settings(port), **kwargs)
