@@ -168,9 +168,9 @@ def test_cancel_stops_a_running_request(client):
 
 
 methods = st.sampled_from(["generate", "chat", "embed", "status", "cancel", "nope", ""])
-json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
-                           lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
-                                                                                         max_size=4), max_leaves=10)
+scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20)
+json_values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4)
+                           | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=10)
 request_like = st.fixed_dictionaries({}, optional={
     "prompt": json_values | st.text(max_size=40), "messages": json_values, "max_tokens": json_values,
     "temperature": json_values, "stop": json_values, "json_schema": json_values, "input": json_values,
