@@ -40,14 +40,15 @@ def wait_for_port(port: int, timeout: float = 10.0) -> None:
 class Broker:
     """mosquitto with our own config. `user root` keeps it from dropping to a user that cannot read tmp files."""
 
-    def __init__(self, folder: Path, extra: str = "", port: int | None = None, anonymous: bool = True):
+    def __init__(self, folder: Path, conf: str | None = None, port: int | None = None):
+        """`conf`, if given, is a whole mosquitto.conf with {port} and {folder} placeholders."""
         self.folder = folder
         self.port = port or free_port()
         self.conf = folder / "mosquitto.conf"
-        self.conf.write_text(
-            f"user root\nlistener {self.port} 127.0.0.1\nallow_anonymous {'true' if anonymous else 'false'}\n"
-            f"set_tcp_nodelay true\npersistence true\npersistence_location {folder}/\nautosave_interval 1\n"
-            f"max_queued_messages 100000\n{extra}")
+        conf = conf or ("listener {port} 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\n"
+                        "max_queued_messages 100000\n")
+        self.conf.write_text(f"user root\npersistence true\npersistence_location {folder}/\nautosave_interval 1\n"
+                             + conf.format(port=self.port, folder=folder))
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> Broker:

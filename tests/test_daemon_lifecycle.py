@@ -1,0 +1,187 @@
+"""The daemon's life: configuration errors, broker outages, signals, the Last Will, systemd notifications."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from tests.conftest import build
+from tests.harness import ROOT, Broker, DaemonProcess, rpc, wait_status
+
+TOPIC = "edgellm/v1/dev1/rpc/"
+LONG = {"prompt": "Write a long story about a lighthouse keeper.", "max_tokens": 200, "temperature": 0,
+        "stream": True}
+
+
+@pytest.fixture
+def broker(tmp_path):
+    b = Broker(tmp_path).start()
+    yield b
+    b.stop()
+
+
+@pytest.fixture
+def daemon_factory(tmp_path, smollm2_int4):
+    started: list[DaemonProcess] = []
+
+    def make(port: int, **env) -> DaemonProcess:
+        d = DaemonProcess(tmp_path, port, smollm2_int4, env={k.upper(): str(v) for k, v in env.items()})
+        started.append(d)
+        return d
+
+    yield make
+    for d in started:
+        if d.proc and d.proc.poll() is None:
+            d.proc.kill()
+
+
+def serve_with_env(**env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "daemon.cli", "serve"], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, **env}, timeout=60)
+
+
+def test_invalid_configuration_exits_naming_the_field(tmp_path, smollm2_int4):
+    r = serve_with_env(EDGELLM_MQTT__PORT="abc", EDGELLM_MODEL__PATH=str(smollm2_int4))
+    assert r.returncode == 2 and "mqtt.port" in r.stderr and "EDGELLM_MQTT__PORT" in r.stderr
+    r = serve_with_env(EDGELLM_MQTT__PORT="1884")
+    assert r.returncode == 2 and "model.path is not set" in r.stderr
+    (tmp_path / "bad.toml").write_text("[mqtt]\nport = 1884\ncolour = 'blue'\n")
+    r = subprocess.run([sys.executable, "-m", "daemon.cli", "serve", "--config", str(tmp_path / "bad.toml")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "mqtt.colour" in r.stderr
+
+
+def test_broker_down_at_start_then_up(tmp_path, daemon_factory):
+    broker = Broker(tmp_path)
+    d = daemon_factory(broker.port).start(wait=False)
+    time.sleep(2)
+    assert d.proc.poll() is None
+    broker.start()
+    try:
+        d.wait_online(60)
+        with rpc(broker.port) as c:
+            assert c.call(TOPIC + "status", {})["ok"]
+        assert d.stop() == 0
+    finally:
+        broker.stop()
+
+
+def test_broker_restart_mid_request_still_delivers_the_reply(broker, daemon_factory):
+    daemon_factory(broker.port).start()
+    first = threading.Event()
+    with rpc(broker.port, session_expiry=300, client_id="survivor") as c:
+        done, messages = c.send(TOPIC + "generate", {**LONG, "id": "through-outage"}, on_delta=lambda d: first.set())
+        assert first.wait(30)
+        broker.stop()
+        time.sleep(1.0)
+        broker.start()
+        assert done.wait(90), "no final reply after the broker came back"
+    assert messages[0]["ok"] and messages[0]["id"] == "through-outage"
+    assert messages[0]["usage"]["completion_tokens"] > 50
+    wait_status(broker.port, "dev1", "online", 30)
+
+
+def test_requests_sent_while_the_daemon_restarts_are_served(broker, daemon_factory):
+    d = daemon_factory(broker.port).start()
+    assert d.stop() == 0
+    with rpc(broker.port) as c:
+        done, messages = c.send(TOPIC + "status", {"id": "while-down"})
+        time.sleep(0.5)
+        assert not done.is_set()
+        daemon_factory(broker.port).start()
+        assert done.wait(60)
+    assert messages[0]["ok"] and messages[0]["id"] == "while-down"
+
+
+def test_sigterm_finishes_in_flight_requests_then_goes_offline(broker, daemon_factory):
+    d = daemon_factory(broker.port).start()
+    first = threading.Event()
+    with rpc(broker.port) as c:
+        done, messages = c.send(TOPIC + "generate", {**LONG, "id": "finish-me"}, on_delta=lambda _d: first.set())
+        assert first.wait(30)
+        d.signal(signal.SIGTERM)
+        assert done.wait(60)
+    assert messages[0]["ok"] and messages[0]["usage"]["completion_tokens"] > 50
+    assert d.proc.wait(30) == 0
+    assert wait_status(broker.port, "dev1", "offline", 10)["device"] == "dev1"
+
+
+def test_sigterm_past_the_grace_period_cancels_with_a_reply(broker, daemon_factory):
+    d = daemon_factory(broker.port, edgellm_limits__grace_seconds=0.3).start()
+    first = threading.Event()
+    with rpc(broker.port) as c:
+        done, messages = c.send(TOPIC + "generate", {**LONG, "max_tokens": 1000, "id": "cut"},
+                                on_delta=lambda _d: first.set())
+        assert first.wait(30)
+        d.signal(signal.SIGTERM)
+        assert done.wait(30)
+    assert messages[0]["error"]["code"] == "cancelled" and "shutting down" in messages[0]["error"]["message"]
+    assert d.proc.wait(30) == 0
+
+
+def test_kill_9_leaves_the_last_will(broker, daemon_factory):
+    d = daemon_factory(broker.port).start()
+    d.proc.kill()
+    d.proc.wait(10)
+    assert wait_status(broker.port, "dev1", "lost", 20)["device"] == "dev1"
+
+
+def test_sighup_reloads_the_model_between_requests(broker, daemon_factory, tiny_sources, tmp_path):
+    tiny = build(tiny_sources["llama"], tmp_path / "tiny", "int8")
+    config = tmp_path / "edgellm.toml"
+    d = daemon_factory(broker.port)
+    config.write_text(f"[model]\npath = '{d.env['EDGELLM_MODEL__PATH']}'\n[limits]\nqueue_size = 3\n")
+    del d.env["EDGELLM_MODEL__PATH"]
+    d.proc = subprocess.Popen([sys.executable, "-m", "daemon.cli", "serve", "--config", str(config)], env=d.env,
+                              cwd=ROOT, stderr=open(d.log, "a"))
+    d.wait_online()
+    with rpc(broker.port) as c:
+        assert c.call(TOPIC + "status", {})["model"]["name"] == "SmolLM2-135M-Instruct-int4"
+        config.write_text("[model\nbroken")
+        d.signal(signal.SIGHUP)
+        time.sleep(1)
+        assert c.call(TOPIC + "status", {})["model"]["name"] == "SmolLM2-135M-Instruct-int4"
+        config.write_text(f"[model]\npath = '{tiny}'\n")
+        d.signal(signal.SIGHUP)
+        deadline = time.monotonic() + 30
+        while c.call(TOPIC + "status", {})["model"]["name"] != "llama-int8" and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert c.call(TOPIC + "status", {})["model"]["name"] == "llama-int8"
+        assert c.call(TOPIC + "generate", {"prompt": "The invoice", "max_tokens": 3, "raw": True})["ok"]
+    assert "not valid TOML" in d.log.read_text()
+    assert d.stop() == 0
+
+
+def test_systemd_notify_ready_watchdog_and_stopping(broker, daemon_factory, tmp_path):
+    path = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(path))
+    sock.settimeout(1.0)
+    d = daemon_factory(broker.port, notify_socket=path, watchdog_usec=400_000).start()
+    messages: list[str] = []
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try:
+            messages.append(sock.recv(4096).decode())
+        except TimeoutError:
+            pass
+    joined = "\n".join(messages)
+    assert "READY=1" in joined and "STATUS=serving SmolLM2-135M-Instruct-int4" in joined
+    assert joined.count("WATCHDOG=1") >= 3  # pinged from the worker loop, every half WatchdogSec
+    d.signal(signal.SIGTERM)
+    d.proc.wait(30)
+    rest = []
+    try:
+        while True:
+            rest.append(sock.recv(4096).decode())
+    except TimeoutError:
+        pass
+    assert any("STOPPING=1" in m for m in rest)
+    sock.close()
