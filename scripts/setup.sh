@@ -24,10 +24,17 @@ case "$profile" in
   *) echo "usage: scripts/setup.sh [device|host|dev]" >&2; exit 2 ;;
 esac
 
-if [ "$profile" = dev ] && ! command -v mosquitto >/dev/null; then
-  export DEBIAN_FRONTEND=noninteractive
-  sudo_=""; [ "$(id -u)" = 0 ] || sudo_="sudo"
-  $sudo_ apt-get update -qq
-  $sudo_ apt-get install -y -qq mosquitto mosquitto-clients >/dev/null
+# The tests run a real broker (and its clients), check the systemd unit, and make TLS certificates.
+if [ "$profile" = dev ]; then
+  missing=""
+  for tool in mosquitto:mosquitto mosquitto_rr:mosquitto-clients systemd-analyze:systemd openssl:openssl; do
+    command -v "${tool%%:*}" >/dev/null || missing="$missing ${tool##*:}"
+  done
+  if [ -n "$missing" ]; then
+    export DEBIAN_FRONTEND=noninteractive
+    sudo_=""; [ "$(id -u)" = 0 ] || sudo_="sudo"
+    $sudo_ apt-get update -qq
+    $sudo_ apt-get install -y -qq $missing >/dev/null
+  fi
 fi
 echo "setup ($profile) done: .venv/bin/edgellm"
