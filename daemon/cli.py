@@ -236,7 +236,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse cannot take `request generate --stream '{...}'` (a positional after an option): accept it.
+    if extra and getattr(args, "command", None) == "request" and args.payload == "{}" and len(extra) == 1:
+        args.payload = extra[0]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         status = args.func(args)
     except CommandError as e:

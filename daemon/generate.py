@@ -78,9 +78,11 @@ class Generator:
     def generate(self, ids: list[int], params: GenerationParams) -> Result:
         return next(e for e in self.stream(ids, params) if isinstance(e, Result))
 
-    def stream(self, ids: list[int], params: GenerationParams,
-               interrupt: Callable[[], None] | None = None) -> Iterator[Delta | Result]:
-        """`interrupt` runs before every forward pass and may raise EdgeError (cancelled, deadline_exceeded)."""
+    def stream(self, ids: list[int], params: GenerationParams, interrupt: Callable[[], None] | None = None,
+               started: float | None = None) -> Iterator[Delta | Result]:
+        """`interrupt` runs before every forward pass and may raise EdgeError (cancelled, deadline_exceeded).
+        `started` (a perf_counter time) is when the request's own work began, e.g. before its prompt was
+        templated and tokenized; time to first token and total time count from it."""
         model = self.model
         context = model.context_length
         if not ids:
@@ -99,7 +101,7 @@ class Generator:
         generated: list[int] = []
         parts: list[str] = []
         finish = "length"
-        start = time.perf_counter()
+        start = started or time.perf_counter()
         feed, passes, first_at = ids, 0, None
         while len(generated) < budget:
             if interrupt is not None:

@@ -157,6 +157,7 @@ class Worker:
         elif params.max_tokens > self.max_tokens:
             raise EdgeError("bad_request", f"max_tokens: at most {self.max_tokens} on this device")
         generator = served.generator
+        started = time.perf_counter()
         if isinstance(request, ChatRequest):
             ids = generator.prompt_ids(messages=request.messages)
         else:
@@ -168,7 +169,7 @@ class Worker:
 
         result: Result | None = None
         seq = 0
-        for event in generator.stream(ids, params, interrupt=interrupt):
+        for event in generator.stream(ids, params, interrupt=interrupt, started=started):
             if isinstance(event, Delta):
                 if request.stream:
                     job.sink.delta({"type": "delta", "id": job.request_id, "seq": seq, "text": event.text})

@@ -203,3 +203,21 @@ def test_fuzzed_payloads_each_get_exactly_one_reply(fuzz_client, method, payload
 def test_the_fuzzed_daemon_still_serves(fuzz_client):
     r = fuzz_client.call("edgellm/v1/fuzz/rpc/status", {})
     assert r["ok"] and r["requests_total"] + r["errors_total"] >= 100
+
+
+def test_edgellm_request_cli_streams_and_prints_the_result(broker, daemon):
+    import sys
+
+    from tests.harness import ROOT
+
+    r = subprocess.run([sys.executable, "-m", "daemon.cli", "request", "generate", "--stream", "--device", "dev1",
+                        '{"prompt": "What is the capital of France?", "max_tokens": 20, "temperature": 0}',
+                        "--mqtt-host", "127.0.0.1", "--mqtt-port", str(broker.port), "--timeout", "60"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=90)
+    assert r.returncode == 0, r.stderr
+    *text, last = r.stdout.strip().splitlines()
+    assert "Paris" in "\n".join(text) and json.loads(last)["ok"]
+    r = subprocess.run([sys.executable, "-m", "daemon.cli", "request", "generate", "{}", "--device", "dev1",
+                        "--mqtt-port", str(broker.port), "--mqtt-host", "127.0.0.1"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=90)
+    assert r.returncode == 1 and json.loads(r.stdout)["error"]["code"] == "bad_request"
