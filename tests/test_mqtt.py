@@ -221,3 +221,20 @@ def test_edgellm_request_cli_streams_and_prints_the_result(broker, daemon):
                         "--mqtt-port", str(broker.port), "--mqtt-host", "127.0.0.1"],
                        cwd=ROOT, capture_output=True, text=True, timeout=90)
     assert r.returncode == 1 and json.loads(r.stdout)["error"]["code"] == "bad_request"
+
+
+def test_telemetry_is_published_periodically(broker, daemon, client):
+    client.call(TOPIC + "status", {})
+    got = threading.Event()
+    seen: list[dict] = []
+    c = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    c.on_connect = lambda cl, *_: cl.subscribe("edgellm/v1/dev1/telemetry", qos=0)
+    c.on_message = lambda _c, _u, m: (seen.append(json.loads(m.payload)), got.set())
+    c.connect("127.0.0.1", broker.port)
+    c.loop_start()
+    assert got.wait(10)  # EDGELLM_TELEMETRY_INTERVAL=1 in the harness
+    c.loop_stop()
+    c.disconnect()
+    t = seen[0]
+    assert t["device"] == "dev1" and t["queue_depth"] >= 0 and t["rss_mb"] > 50
+    assert t["requests"]["status"] >= 1 and "errors_total" in t and "decode_tps" in t
