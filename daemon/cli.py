@@ -191,6 +191,90 @@ def cmd_request(args: argparse.Namespace) -> int:
     return 0 if reply.get("ok") else 1
 
 
+def _key_values(pairs: list[str] | None, flag: str) -> dict:
+    out = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise CommandError(f"{flag}: expected KEY=VALUE, got {pair!r}")
+        try:
+            out[key] = json.loads(value) if value[:1] in "0123456789-tf[{\"" else value
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def _open_store(args: argparse.Namespace):
+    from daemon.embedder import Embedder
+    from daemon.store import RetrievalStore
+
+    settings = _settings(args)
+    path = args.store or settings.store.path
+    if path is None:
+        raise CommandError("--store: give the store file (or set store.path)")
+    model = args.embedding_model or settings.embedding.path
+    if model is None:
+        raise CommandError("--embedding-model: give an embedding model folder (edgellm model build minilm "
+                           "--task embedding --out DIR), or set embedding.path")
+    return RetrievalStore(path, Embedder(model, threads=args.threads)), settings
+
+
+def cmd_ingest(args: argparse.Namespace) -> None:
+    from rich.progress import Progress
+
+    from daemon.documents import find_files, read_pages
+    from daemon.store import DocumentInput
+
+    store, _ = _open_store(args)
+    metadata = _key_values(args.meta, "--meta")
+    docs = [DocumentInput(str(f), read_pages(f), args.collection, metadata) for f in find_files(args.paths)]
+    with Progress(transient=True, disable=not sys.stderr.isatty()) as bar:
+        task = bar.add_task("Embedding chunks", total=None)
+        report = store.ingest(docs, progress=lambda done, total: bar.update(task, completed=done, total=total))
+    print(f"ingested {report.documents} document(s), {report.chunks} chunk(s); {report.unchanged} unchanged; "
+          f"store now holds {store.count()['documents']} documents, {store.count()['chunks']} chunks")
+
+
+def cmd_search(args: argparse.Namespace) -> None:
+    store, _ = _open_store(args)
+    hits = store.search(args.query, args.k, args.collection, _key_values(args.filter, "--filter"), args.mode)
+    if args.json:
+        print(json.dumps([h.to_dict() for h in hits], ensure_ascii=False))
+        return
+    for h in hits:
+        sim = f"{h.similarity:.2f}" if h.similarity is not None else "-"
+        print(f"{h.score:.4f}  cos {sim}  {h.source}:{h.page} [{h.start}:{h.end}]\n    "
+              + " ".join(h.text.split())[:240])
+
+
+def cmd_ask(args: argparse.Namespace) -> None:
+    from daemon.generate import Generator
+    from daemon.model import LoadedModel
+    from daemon.rag import ask
+
+    store, settings = _open_store(args)
+    model = args.model or settings.model.path
+    if model is None:
+        raise CommandError("--model: give the generation model folder (or set model.path)")
+    params = params_from_args(args)
+    answer = ask(Generator(LoadedModel.load(model, threads=args.threads)), store, args.question, params, args.k,
+                 args.collection, _key_values(args.filter, "--filter"), settings.store.min_similarity)
+    if args.json:
+        print(json.dumps({"answer": answer.answer, "citations": answer.citations}, ensure_ascii=False))
+        return
+    print(answer.answer.strip())
+    for c in answer.citations:
+        print(f"[{c['n']}] {c['source']}, page {c['page']}, chars {c['start']}-{c['end']} (score {c['score']:.4f})")
+
+
+def _add_store_args(p: argparse.ArgumentParser) -> None:
+    _add_settings_args(p)
+    p.add_argument("--store", type=Path, help="the retrieval store file (store.path)")
+    p.add_argument("--embedding-model", type=Path, help="embedding model folder (embedding.path)")
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--collection", help="limit to, or ingest into, this collection")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edgellm", description="On-device LLM daemon and model toolchain.")
     parser.add_argument("--version", action="version", version=f"edgellm {__version__}")
@@ -217,6 +301,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group", dest="groups", action="append", help="take load-balanced requests of this group")
     p.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p.set_defaults(func=cmd_serve)
+
+    p = commands.add_parser("ingest", help="add files or folders (txt, md, html, pdf) to a retrieval store")
+    _add_store_args(p)
+    p.add_argument("paths", nargs="+", type=Path)
+    p.add_argument("--meta", action="append", help="KEY=VALUE metadata for these documents (repeatable)")
+    p.set_defaults(func=cmd_ingest, collection="default")
+
+    p = commands.add_parser("search", help="hybrid (vector + keyword) search of a retrieval store")
+    _add_store_args(p)
+    p.add_argument("query")
+    p.add_argument("--k", type=int, default=5)
+    p.add_argument("--filter", action="append", help="KEY=VALUE metadata filter (repeatable)")
+    p.add_argument("--mode", choices=["auto", "float", "bit"], default="auto")
+    p.add_argument("--json", action="store_true", help="one JSON list of hits, each with its source path")
+    p.set_defaults(func=cmd_search)
+
+    p = commands.add_parser("ask", help="answer a question from a retrieval store, with citations")
+    _add_store_args(p)
+    _add_param_args(p)
+    p.add_argument("question")
+    p.add_argument("--model", type=Path, help="the generation model folder (model.path)")
+    p.add_argument("--k", type=int, default=4)
+    p.add_argument("--filter", action="append", help="KEY=VALUE metadata filter (repeatable)")
+    p.add_argument("--json", action="store_true", help="one JSON object: answer and citations with source paths")
+    p.set_defaults(func=cmd_ask)
 
     p = commands.add_parser("request", help="send one request to a device or group over MQTT, print the reply")
     _add_settings_args(p)

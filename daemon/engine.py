@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from pathlib import Path
 
 from daemon.embedder import Embedder
 from daemon.errors import EdgeError
 from daemon.generate import Generator
 from daemon.model import LoadedModel
+from daemon.settings import Settings
+from daemon.store import RetrievalStore
 
 
 @dataclass(frozen=True)
@@ -18,6 +19,7 @@ class Served:
 
     generator: Generator
     embedder: Embedder | None
+    store: RetrievalStore | None = None
 
     @property
     def model_info(self) -> dict[str, str]:
@@ -30,11 +32,6 @@ class Engine:
         self._served = served
         self._lock = threading.Lock()
 
-    @classmethod
-    def load(cls, model_path: Path, threads: int = 0, embedding_path: Path | None = None,
-             embedding_threads: int = 1) -> Engine:
-        return cls(load_served(model_path, threads, embedding_path, embedding_threads))
-
     @property
     def served(self) -> Served:
         with self._lock:
@@ -46,11 +43,17 @@ class Engine:
         return old
 
 
-def load_served(model_path: Path, threads: int = 0, embedding_path: Path | None = None,
-                embedding_threads: int = 1) -> Served:
-    if model_path is None:
+def load_served(settings: Settings) -> Served:
+    """The models and store the settings name; the store needs the embedding model that built it."""
+    if settings.model.path is None:
         raise EdgeError("model_unavailable", "model.path is not set: set EDGELLM_MODEL__PATH, [model] path in the "
                         "config file, or --model")
-    generator = Generator(LoadedModel.load(model_path, threads=threads))
-    embedder = Embedder(embedding_path, threads=embedding_threads) if embedding_path else None
-    return Served(generator, embedder)
+    generator = Generator(LoadedModel.load(settings.model.path, threads=settings.model.threads))
+    e = settings.embedding
+    embedder = Embedder(e.path, threads=e.threads) if e.path else None
+    store = None
+    if settings.store.path:
+        if embedder is None:
+            raise EdgeError("model_unavailable", "store.path needs embedding.path: the store's vectors come from it")
+        store = RetrievalStore(settings.store.path, embedder)
+    return Served(generator, embedder, store)

@@ -28,14 +28,13 @@ class Daemon:
         self.reload_requested = threading.Event()
         notify(f"STATUS=loading {settings.model.path}")
         try:
-            self.engine = Engine(load_served(settings.model.path, settings.model.threads, settings.embedding.path,
-                                             settings.embedding.threads))
+            self.engine = Engine(load_served(settings))
         except EdgeError as e:
             raise CommandError(e.message) from None
         self.stats = Stats()
         self.watchdog = Watchdog()
         self.worker = Worker(self.engine, self.stats, settings.limits.queue_size, settings.limits.max_tokens,
-                             heartbeat=self.watchdog.ping)
+                             heartbeat=self.watchdog.ping, store_settings=settings.store)
         self.mqtt = MqttService(settings, self.worker, self.stats, self.model_status)
 
     def model_status(self) -> dict:
@@ -88,14 +87,13 @@ class Daemon:
             notify("READY=1")
             return
         old = self.settings
-        if (new.model, new.embedding) != (old.model, old.embedding):
+        if (new.model, new.embedding, new.store.path) != (old.model, old.embedding, old.store.path):
             try:
-                self.engine.swap(load_served(new.model.path, new.model.threads, new.embedding.path,
-                                             new.embedding.threads))
+                self.engine.swap(load_served(new))
                 log.info("now serving %s", self.model_status()["model"]["name"])
             except EdgeError as e:
                 log.error("reload: cannot load the new model, keeping the old one: %s", e.message)
-                new = new.model_copy(update={"model": old.model, "embedding": old.embedding})
+                new = new.model_copy(update={"model": old.model, "embedding": old.embedding, "store": old.store})
         if (new.mqtt, new.device_id, new.groups, new.topic_root) != (old.mqtt, old.device_id, old.groups,
                                                                      old.topic_root):
             log.warning("reload: MQTT, device and group settings take effect at the next restart")
@@ -103,6 +101,7 @@ class Daemon:
                                          "topic_root": old.topic_root})
         self.worker.resize(new.limits.queue_size)
         self.worker.max_tokens = new.limits.max_tokens
+        self.worker.store_settings = new.store
         logging.getLogger().setLevel(new.log_level)
         self.settings = self.mqtt.settings = new
         self.mqtt.publish_status()

@@ -57,6 +57,13 @@ class EmbeddingSettings(_Section):
     threads: int = Field(1, ge=0)
 
 
+class StoreSettings(_Section):
+    path: Path | None = Field(None, description="the retrieval store (SQLite file), for ingest/search/ask")
+    ingest_dirs: list[Path] = Field(default_factory=list,
+                                    description="folders whose files MQTT ingest may read; nothing else is readable")
+    min_similarity: float = Field(0.25, ge=-1, le=1, description="ask answers 'not found' below this cosine")
+
+
 class LimitSettings(_Section):
     queue_size: int = Field(16, ge=1, le=10_000, description="requests waiting beyond this get 'busy'")
     max_payload_bytes: int = Field(1 << 20, ge=1024)
@@ -76,6 +83,7 @@ class Settings(BaseSettings):
     mqtt: MQTTSettings = MQTTSettings()
     model: ModelSettings = ModelSettings()
     embedding: EmbeddingSettings = EmbeddingSettings()
+    store: StoreSettings = StoreSettings()
     limits: LimitSettings = LimitSettings()
 
     @field_validator("groups")

@@ -49,13 +49,47 @@ class StatusRequest(Envelope):
     pass
 
 
+Scalar = str | int | float | bool
+COLLECTION = Field("default", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+
+
+class IngestRequest(Envelope):
+    text: str | None = Field(None, max_length=10_000_000, description="inline text; needs `source`")
+    source: str | None = Field(None, min_length=1, max_length=1024, description="the name citations will show")
+    path: str | None = Field(None, min_length=1, max_length=4096,
+                             description="a file or folder under one of store.ingest_dirs")
+    collection: str = COLLECTION
+    metadata: dict[str, Scalar] = Field(default_factory=dict, max_length=64)
+
+
+class SearchRequest(Envelope):
+    query: str = Field(min_length=1, max_length=10_000)
+    k: int = Field(5, ge=1, le=50)
+    collection: str | None = Field(None, min_length=1, max_length=64)
+    filter: dict[str, Scalar] = Field(default_factory=dict, max_length=16)
+    mode: str = Field("auto", pattern="^(auto|float|bit)$")
+
+
+class AskRequest(Envelope, GenerationParams):
+    question: str = Field(min_length=1, max_length=10_000)
+    k: int = Field(4, ge=1, le=20)
+    collection: str | None = Field(None, min_length=1, max_length=64)
+    filter: dict[str, Scalar] = Field(default_factory=dict, max_length=16)
+
+
+class DeleteRequest(Envelope):
+    source: str = Field(min_length=1, max_length=4096)
+    collection: str = COLLECTION
+
+
 class CancelRequest(Envelope):
     request_id: str = Field(min_length=1, max_length=ID_MAX, description="the id of the request to cancel")
 
 
 METHODS: dict[str, type[Envelope]] = {
     "generate": GenerateRequest, "chat": ChatRequest, "embed": EmbedRequest,
-    "status": StatusRequest, "cancel": CancelRequest,
+    "status": StatusRequest, "cancel": CancelRequest, "ingest": IngestRequest, "search": SearchRequest,
+    "ask": AskRequest, "delete": DeleteRequest,
 }
 
 

@@ -15,8 +15,19 @@ from daemon.engine import Engine
 from daemon.errors import EdgeError
 from daemon.generate import Delta, Result
 from daemon.params import GenerationParams
+from daemon.settings import StoreSettings
 from daemon.stats import Stats
-from daemon.wire import ChatRequest, EmbedRequest, Envelope, GenerateRequest, error_reply
+from daemon.wire import (
+    AskRequest,
+    ChatRequest,
+    DeleteRequest,
+    EmbedRequest,
+    Envelope,
+    GenerateRequest,
+    IngestRequest,
+    SearchRequest,
+    error_reply,
+)
 
 log = logging.getLogger("edgellm.worker")
 PARAM_FIELDS = set(GenerationParams.model_fields)
@@ -57,8 +68,9 @@ class Job:
 
 class Worker:
     def __init__(self, engine: Engine, stats: Stats, queue_size: int, max_tokens: int,
-                 heartbeat: Callable[[], None] = lambda: None):
+                 heartbeat: Callable[[], None] = lambda: None, store_settings: StoreSettings | None = None):
         self.engine = engine
+        self.store_settings = store_settings or StoreSettings()
         self.stats = stats
         self.max_tokens = max_tokens
         self.heartbeat = heartbeat
@@ -141,21 +153,66 @@ class Worker:
             self.stats.error("internal")
             job.finish(error_reply(job.request_id, EdgeError("internal", f"{type(e).__name__}: {e}")))
 
+    def _params(self, request: Envelope) -> GenerationParams:
+        params = GenerationParams(**request.model_dump(include=PARAM_FIELDS))
+        if "max_tokens" not in request.model_fields_set:
+            params.max_tokens = min(params.max_tokens, self.max_tokens)
+        elif params.max_tokens > self.max_tokens:
+            raise EdgeError("bad_request", f"max_tokens: at most {self.max_tokens} on this device")
+        return params
+
     def _handle(self, job: Job) -> dict[str, Any]:
         served = self.engine.served
         request = job.request
+        if isinstance(request, GenerateRequest | ChatRequest):
+            return self._generate(job, served)
         if isinstance(request, EmbedRequest):
             if served.embedder is None:
                 raise EdgeError("model_unavailable", "no embedding model is configured on this device (embedding.path)")
             vectors = served.embedder.embed(request.texts())
             return {"embeddings": vectors.tolist(), "dimension": int(vectors.shape[1]),
                     "model": {"name": served.embedder.name, "version": served.embedder.manifest.version}}
-        assert isinstance(request, GenerateRequest | ChatRequest)
-        params = GenerationParams(**request.model_dump(include=PARAM_FIELDS))
-        if "max_tokens" not in request.model_fields_set:
-            params.max_tokens = min(params.max_tokens, self.max_tokens)
-        elif params.max_tokens > self.max_tokens:
-            raise EdgeError("bad_request", f"max_tokens: at most {self.max_tokens} on this device")
+        if served.store is None:
+            raise EdgeError("model_unavailable", "no retrieval store is configured on this device (store.path)")
+        if isinstance(request, IngestRequest):
+            return asdict(served.store.ingest(self._documents(request)))
+        if isinstance(request, SearchRequest):
+            hits = served.store.search(request.query, request.k, request.collection, request.filter, request.mode)
+            return {"hits": [h.to_dict() for h in hits]}
+        if isinstance(request, AskRequest):
+            from daemon.rag import ask
+
+            answer = ask(served.generator, served.store, request.question, self._params(request), request.k,
+                         request.collection, request.filter, self.store_settings.min_similarity)
+            return {**asdict(answer), "model": served.model_info}
+        if isinstance(request, DeleteRequest):
+            return {"deleted_chunks": served.store.delete(request.source, request.collection)}
+        raise EdgeError("unknown_method", f"method '{job.method}' is not handled by the worker")
+
+    def _documents(self, request: IngestRequest) -> list:
+        """Inline text, or files under an allowed folder; anything else is refused before it is read."""
+        from pathlib import Path
+
+        from daemon.documents import find_files, read_pages
+        from daemon.store import DocumentInput
+
+        if (request.text is None) == (request.path is None):
+            raise EdgeError("bad_request", "give either text (with source) or path")
+        if request.text is not None:
+            if not request.source:
+                raise EdgeError("bad_request", "source: required with text; it is what citations will show")
+            return [DocumentInput(request.source, [request.text], request.collection, request.metadata)]
+        path = Path(request.path).resolve()
+        allowed = [d.resolve() for d in self.store_settings.ingest_dirs]
+        if not any(path == d or path.is_relative_to(d) for d in allowed):
+            raise EdgeError("bad_request", f"path: {request.path} is outside the folders this device may ingest "
+                            "(store.ingest_dirs)")
+        return [DocumentInput(str(f), read_pages(f), request.collection, request.metadata)
+                for f in find_files([path])]
+
+    def _generate(self, job: Job, served) -> dict[str, Any]:
+        request = job.request
+        params = self._params(request)
         generator = served.generator
         started = time.perf_counter()
         if isinstance(request, ChatRequest):

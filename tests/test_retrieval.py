@@ -1,0 +1,114 @@
+"""The retrieval store on real sqlite-vec and FTS5, with the real MiniLM embedder."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from daemon.chunking import chunk_text
+from daemon.embedder import Embedder
+from daemon.errors import EdgeError
+from daemon.store import DocumentInput, RetrievalStore
+from tests.data.corpus import DOCUMENTS, QUESTIONS
+from tests.harness import ROOT
+
+
+@pytest.fixture(scope="module")
+def embedder(minilm_int8):
+    return Embedder(minilm_int8)
+
+
+@pytest.fixture
+def store(tmp_path, embedder):
+    s = RetrievalStore(tmp_path / "store.db", embedder)
+    lang = {"en": "en", "fr": "fr", "es": "es"}
+    s.ingest([DocumentInput(name, [text], collection="policies", metadata={"lang": lang[name[:2]]})
+              for name, text in DOCUMENTS.items()])
+    s.ingest([DocumentInput("eval.txt", [(ROOT / "models/data/eval_en.txt").read_text()], collection="other")])
+    yield s
+    s.close()
+
+
+def test_recall_at_5_on_english_french_and_spanish_questions(store):
+    found = [target in [h.source for h in store.search(q, k=5)] for q, target in QUESTIONS]
+    recall = sum(found) / len(found)
+    assert recall >= 0.9, [q for (q, _), ok in zip(QUESTIONS, found, strict=True) if not ok]
+
+
+def test_bit_search_with_float_rerank_finds_the_same_top_hit(store):
+    for q, _target in QUESTIONS[:8]:
+        assert store.search(q, k=5, mode="bit")[0].source == store.search(q, k=5, mode="float")[0].source
+
+
+def test_collection_and_metadata_filters(store):
+    hits = store.search("invoices payment", k=10, collection="policies", filters={"lang": "es"})
+    assert hits and all(h.source.startswith("es/") and h.collection == "policies" for h in hits)
+    assert all(h.collection == "other" for h in store.search("invoices", k=5, collection="other"))
+    with pytest.raises(EdgeError, match="filter"):
+        store.search("x", filters={"la'ng": "es"})
+
+
+def test_hits_point_back_into_the_source(store):
+    hit = store.search("How long is the pump under warranty?", k=1)[0]
+    assert DOCUMENTS[hit.source][hit.start:hit.end] == hit.text and hit.page == 1
+    assert "24 months" in hit.text and hit.similarity > 0.3
+
+
+def test_reingest_replaces_and_delete_removes(store):
+    before = store.count()
+    report = store.ingest([DocumentInput("en/pump.md", [DOCUMENTS["en/pump.md"]], collection="policies",
+                                         metadata={"lang": "en"})])
+    assert (report.documents, report.unchanged) == (0, 1) and store.count() == before
+    store.ingest([DocumentInput("en/pump.md", ["# Warranty\n\nThe pump warranty is now 36 months."],
+                                collection="policies")])
+    hits = store.search("pump warranty months", k=3, collection="policies")
+    assert any("36 months" in h.text for h in hits) and not any("24 months" in h.text for h in hits)
+    assert store.count()["documents"] == before["documents"]
+    assert store.delete("en/pump.md", "policies") >= 1
+    assert all(h.source != "en/pump.md" for h in store.search("pump warranty", k=10))
+    assert store.count()["documents"] == before["documents"] - 1
+
+
+def test_a_store_refuses_another_embedding_model(tmp_path, store, minilm_int8):
+    from models.build import BuildOptions
+    from models.embedding_build import build_embedding
+    from models.quantize import QuantSpec
+
+    other = build_embedding("minilm", tmp_path / "fp32", BuildOptions(QuantSpec("fp32"), show_progress=False))
+    with pytest.raises(EdgeError, match="built with embedding model all-MiniLM-L6-v2-int8"):
+        RetrievalStore(store.path, Embedder(tmp_path / "fp32"))
+    assert other.name == "all-MiniLM-L6-v2-fp32"
+    with pytest.raises(EdgeError, match="dimension 10"):
+        store._check_vectors(np.zeros((1, 10), dtype=np.float32))
+
+
+def test_chunks_respect_headings_size_and_overlap(embedder):
+    text = ("# One\n\n" + " ".join(f"Sentence {i} about invoices and payment terms." for i in range(60))
+            + "\n\n# Two\n\nA short section.")
+    count = lambda t: len(embedder.tokenizer.encode(t, add_special_tokens=False).ids)  # noqa: E731
+    chunks = chunk_text(text, count, max_tokens=64, overlap=16)
+    assert all(c.tokens <= 64 for c in chunks) and len(chunks) > 4
+    assert text[chunks[-1].start:].startswith("# Two")  # a heading starts a chunk
+    assert any(a.end > b.start for a, b in zip(chunks, chunks[1:], strict=False))  # overlap
+    assert text[chunks[0].start:chunks[0].end].startswith("# One")
+
+
+def test_a_crash_mid_ingest_leaves_the_store_as_it_was(tmp_path, embedder, minilm_int8):
+    db = tmp_path / "crash.db"
+    s = RetrievalStore(db, embedder)
+    s.ingest([DocumentInput("keep.md", ["# Keep\n\nThis document was stored before the crash."])])
+    s.close()
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "crash_ingest.py"), str(db), str(minilm_int8)],
+                          cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr  # it died inside the write transaction
+    s = RetrievalStore(db, embedder)
+    assert s.count() == {"documents": 1, "chunks": 1}
+    assert s.search("stored before the crash", k=1)[0].source == "keep.md"
+    s.ingest([DocumentInput("after.md", ["Written after the crash."])])  # and it still takes writes
+    assert s.count()["documents"] == 2
