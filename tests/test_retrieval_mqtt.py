@@ -1,0 +1,95 @@
+"""ingest, search, ask and delete over MQTT, and the retrieval CLI's machine-readable output."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.data.corpus import DOCUMENTS
+from tests.harness import ROOT, Broker, DaemonProcess, rpc
+
+TOPIC = "edgellm/v1/rag1/rpc/"
+
+
+@pytest.fixture(scope="module")
+def docs(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("allowed")
+    for name, text in DOCUMENTS.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(text)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory, smollm2_int4, minilm_int8, docs):
+    folder = tmp_path_factory.mktemp("rag-daemon")
+    broker = Broker(folder).start()
+    d = DaemonProcess(folder, broker.port, smollm2_int4, device="rag1", env={
+        "EDGELLM_EMBEDDING__PATH": str(minilm_int8), "EDGELLM_STORE__PATH": str(folder / "store.db"),
+        "EDGELLM_STORE__INGEST_DIRS": json.dumps([str(docs)])}).start()
+    with rpc(broker.port) as c:
+        yield c
+    assert d.stop() == 0
+    broker.stop()
+
+
+def test_ingest_a_folder_then_ask_with_citations(client, docs):
+    r = client.call(TOPIC + "ingest", {"path": str(docs), "collection": "policies", "metadata": {"site": "hq"}})
+    assert r["ok"] and r["documents"] == len(DOCUMENTS), r
+    r = client.call(TOPIC + "ask", {"question": "How long is the pump under warranty?", "temperature": 0,
+                                    "max_tokens": 60, "collection": "policies"})
+    assert r["ok"], r
+    assert r["citations"] and r["citations"][0]["source"] == str(docs / "en/pump.md")
+    first = r["citations"][0]
+    assert "24 months" in first["text"] and first["page"] == 1 and first["end"] > first["start"]
+    assert r["answer"].strip()
+
+
+def test_ask_without_relevant_passages_says_so(client):
+    r = client.call(TOPIC + "ask", {"question": "What is the boiling point of mercury in kelvin?",
+                                    "collection": "policies"})
+    assert r["ok"] and r["citations"] == [] and "could not find" in r["answer"]
+
+
+def test_inline_ingest_search_filter_and_delete(client):
+    r = client.call(TOPIC + "ingest", {"text": "The parking garage closes at 22:00 on weekdays.",
+                                       "source": "memo-7", "collection": "memos", "metadata": {"year": 2026}})
+    assert r["ok"] and r["chunks"] == 1
+    r = client.call(TOPIC + "search", {"query": "when does the parking close", "collection": "memos",
+                                       "filter": {"year": 2026}})
+    assert r["ok"] and r["hits"][0]["source"] == "memo-7" and r["hits"][0]["metadata"] == {"year": 2026}
+    assert client.call(TOPIC + "search", {"query": "parking", "collection": "memos",
+                                          "filter": {"year": 2025}})["hits"] == []
+    assert client.call(TOPIC + "delete", {"source": "memo-7", "collection": "memos"})["deleted_chunks"] == 1
+    assert client.call(TOPIC + "search", {"query": "parking", "collection": "memos"})["hits"] == []
+
+
+def test_paths_outside_the_allowed_folders_are_refused(client, tmp_path):
+    (tmp_path / "secret.txt").write_text("the root password")
+    for path in (str(tmp_path / "secret.txt"), "/etc/passwd", str(ROOT / ".." / ".." / "etc")):
+        r = client.call(TOPIC + "ingest", {"path": path})
+        assert r["error"]["code"] == "bad_request" and "store.ingest_dirs" in r["error"]["message"]
+    r = client.call(TOPIC + "ingest", {"text": "no source"})
+    assert r["error"]["code"] == "bad_request" and "source" in r["error"]["message"]
+
+
+def test_cli_search_and_ask_json_carry_source_paths(tmp_path, minilm_int8, smollm2_int4, docs):
+    def edgellm(*args):
+        return subprocess.run([sys.executable, "-m", "daemon.cli", *args, "--store", str(tmp_path / "s.db"),
+                               "--embedding-model", str(minilm_int8)], cwd=ROOT, capture_output=True, text=True,
+                              timeout=300)
+
+    r = edgellm("ingest", str(docs / "fr"), str(docs / "es"))
+    assert r.returncode == 0 and "ingested 12 document(s)" in r.stdout, r.stderr
+    r = edgellm("search", "Quand le bail prend-il fin ?", "--json", "--k", "3")
+    hits = json.loads(r.stdout)
+    assert hits[0]["source"] == str(docs / "fr/bail.md") and len(hits) == 3
+    r = edgellm("ask", "¿Cuánto cuesta el alquiler del almacén?", "--json", "--model", str(smollm2_int4),
+                "--temperature", "0", "--max-tokens", "40")
+    out = json.loads(r.stdout)
+    assert out["citations"][0]["source"] == str(docs / "es/alquiler.md")
+    r = edgellm("search", "x", "--filter", "novalue")
+    assert r.returncode == 2 and "--filter" in r.stderr
