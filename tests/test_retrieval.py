@@ -112,3 +112,49 @@ def test_a_crash_mid_ingest_leaves_the_store_as_it_was(tmp_path, embedder, minil
     assert s.search("stored before the crash", k=1)[0].source == "keep.md"
     s.ingest([DocumentInput("after.md", ["Written after the crash."])])  # and it still takes writes
     assert s.count()["documents"] == 2
+
+
+def minimal_pdf(pages: list[str]) -> bytes:
+    """A valid PDF with one line of Helvetica text per page, written by hand (no PDF writer needed)."""
+    objects = ["<< /Type /Catalog /Pages 2 0 R >>", None, "<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>"]
+    kids = []
+    for text in pages:
+        stream = f"BT /F1 12 Tf 72 720 Td ({text}) Tj ET"
+        objects.append(f"<< /Length {len(stream)} >>\nstream\n{stream}\nendstream")
+        objects.append(f"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents {len(objects)} 0 R "
+                       "/Resources << /Font << /F1 3 0 R >> >> >>")
+        kids.append(f"{len(objects)} 0 R")
+    objects[1] = f"<< /Type /Pages /Kids [{' '.join(kids)}] /Count {len(kids)} >>"
+    out, offsets = b"%PDF-1.4\n", []
+    for i, body in enumerate(objects, 1):
+        offsets.append(len(out))
+        out += f"{i} 0 obj\n{body}\nendobj\n".encode()
+    xref = len(out)
+    out += f"xref\n0 {len(objects) + 1}\n0000000000 65535 f \n".encode()
+    out += "".join(f"{o:010d} 00000 n \n" for o in offsets).encode()
+    out += f"trailer\n<< /Size {len(objects) + 1} /Root 1 0 R >>\nstartxref\n{xref}\n%%EOF\n".encode()
+    return out
+
+
+def test_pdf_pages_html_headings_and_unreadable_files(tmp_path, embedder):
+    from daemon.documents import find_files, read_pages
+
+    (tmp_path / "contract.pdf").write_bytes(minimal_pdf(["Parties and scope of the contract.",
+                                                         "Termination requires ninety days notice."]))
+    (tmp_path / "policy.html").write_text("<html><head><style>p {color: red}</style></head><body>"
+                                          "<h1>Refunds</h1><p>Refunds are paid within 14 days.</p></body></html>")
+    (tmp_path / "image.png").write_bytes(b"\x89PNG")
+    files = find_files([tmp_path])
+    assert [f.name for f in files] == ["contract.pdf", "policy.html"]
+    pages = read_pages(tmp_path / "contract.pdf")
+    assert len(pages) == 2 and "ninety days" in pages[1]
+    assert read_pages(tmp_path / "policy.html") == ["# Refunds\n\nRefunds are paid within 14 days."]
+    store = RetrievalStore(tmp_path / "s.db", embedder)
+    store.ingest([DocumentInput(str(f), read_pages(f)) for f in files])
+    hit = store.search("How much notice to terminate?", k=1)[0]
+    assert hit.source.endswith("contract.pdf") and hit.page == 2
+    with pytest.raises(EdgeError, match="cannot read .png"):
+        read_pages(tmp_path / "image.png")
+    (tmp_path / "broken.pdf").write_bytes(b"%PDF-1.4 garbage")
+    with pytest.raises(EdgeError, match="not a readable PDF"):
+        read_pages(tmp_path / "broken.pdf")

@@ -1,0 +1,147 @@
+"""Retrieval benchmark: search latency at 10k and 100k chunks, ingest chunks/s, embeddings/s at batch 1 and 32.
+
+The large stores hold synthetic unit vectors and synthetic text drawn from a Zipf vocabulary of 20k words
+(written straight into the tables, as an ingest would, without paying for 100k embeddings); the query path
+is the real one: the query is embedded with MiniLM, then vector KNN (float scan, or binary + float rerank
+of the top 50) and BM25, fused by RRF.
+
+    .venv/bin/python scripts/bench_rag.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from daemon.embedder import Embedder  # noqa: E402
+from daemon.store import DocumentInput, RetrievalStore  # noqa: E402
+
+DOMAIN = ("invoice contract payment supplier customer delivery warranty lease rent notice clinic patient record "
+          "archive liability pump cleaning service tax receipt bank account interest deadline order price").split()
+# A Zipf-distributed vocabulary like real text: a few very common words, a long tail of rare ones.
+WORDS = DOMAIN + [f"term{i}" for i in range(20_000)]
+ZIPF = 1.0 / np.arange(1, len(WORDS) + 1) ** 1.07
+ZIPF /= ZIPF.sum()
+
+
+def sample_words(rng: np.random.Generator, k: int) -> str:
+    return " ".join(WORDS[i] for i in rng.choice(len(WORDS), size=k, p=ZIPF))
+
+
+TOPICS = 2_000
+
+
+def clustered_vectors(rng: np.random.Generator, centers: np.ndarray, n: int, noise: float = 0.9) -> np.ndarray:
+    """Unit vectors around topic centers, like embeddings of a real corpus (uniform random ones are not:
+    in 384 dimensions all their distances are alike, and no nearest neighbour means anything)."""
+    v = centers[rng.integers(0, len(centers), n)] + noise * rng.standard_normal((n, centers.shape[1])) / np.sqrt(
+        centers.shape[1])
+    return (v / np.linalg.norm(v, axis=1, keepdims=True)).astype(np.float32)
+
+
+def topic_centers(dim: int, seed: int = 7) -> np.ndarray:
+    c = np.random.default_rng(seed).standard_normal((TOPICS, dim))
+    return c / np.linalg.norm(c, axis=1, keepdims=True)
+
+
+def fill_synthetic(store: RetrievalStore, n: int, seed: int = 0) -> None:
+    rng = np.random.default_rng(seed)
+    dim = store.embedder.dimension
+    centers = topic_centers(dim)
+    conn = store.conn
+    with conn:
+        for start in range(0, n, 1000):
+            doc_id = conn.execute("INSERT INTO documents(collection, source, sha256, metadata, pages) "
+                                  "VALUES ('default', ?, '', '{}', 1) RETURNING id", (f"synthetic-{start}",)
+                                  ).fetchone()[0]
+            vectors = clustered_vectors(rng, centers, min(1000, n - start))
+            for i, v in enumerate(vectors):
+                text = sample_words(rng, 40)
+                cid = conn.execute("INSERT INTO chunks(document_id, seq, page, start, end, text) "
+                                   "VALUES (?, ?, 1, 0, ?, ?) RETURNING id", (doc_id, i, len(text), text)).fetchone()[0]
+                conn.execute("INSERT INTO chunks_fts(rowid, text) VALUES (?, ?)", (cid, text))
+                conn.execute("INSERT INTO chunks_vec(chunk_id, collection, embedding) VALUES (?, 'default', ?)",
+                             (cid, v.tobytes()))
+                conn.execute("INSERT INTO chunks_bits(chunk_id, collection, embedding) "
+                             "VALUES (?, 'default', vec_quantize_binary(vec_f32(?)))", (cid, v.tobytes()))
+
+
+def latencies(store: RetrievalStore, mode: str, queries: list[str]) -> list[float]:
+    out = []
+    for q in queries:
+        t = time.perf_counter()
+        store.search(q, k=5, mode=mode)
+        out.append((time.perf_counter() - t) * 1000)
+    return out
+
+
+def p(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return round(values[min(len(values) - 1, int(round(q * (len(values) - 1))))], 2)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, default=ROOT / ".cache/bench/minilm-int8")
+    ap.add_argument("--queries", type=int, default=60)
+    args = ap.parse_args()
+    if not (args.model / "manifest.json").exists():
+        subprocess.run([str(ROOT / ".venv/bin/edgellm"), "model", "build", "minilm", "--task", "embedding",
+                        "--out", str(args.model), "--force"], check=True)
+    embedder = Embedder(args.model, threads=1)
+    rng = np.random.default_rng(1)
+    queries = [sample_words(rng, 6) for _ in range(args.queries)]
+    summary: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in (10_000, 100_000):
+            store = RetrievalStore(Path(tmp) / f"s{n}.db", embedder)
+            t = time.perf_counter()
+            fill_synthetic(store, n)
+            print(f"{n} synthetic chunks written in {time.perf_counter() - t:.1f} s", file=sys.stderr)
+            latencies(store, "float", queries[:5])  # warm the page cache
+            for mode in ("float", "bit"):
+                lat = latencies(store, mode, queries)
+                summary[f"search_{mode}_p50_ms_{n // 1000}k"] = p(lat, 0.5)
+                summary[f"search_{mode}_p95_ms_{n // 1000}k"] = p(lat, 0.95)
+            overlap = []
+            probe = clustered_vectors(np.random.default_rng(99), topic_centers(embedder.dimension), len(queries))
+            for v in probe:  # vector-only: how much of the exact top 5 the binary search + rerank keeps
+                exact = {c for c, _ in store._vector_search(v, 5, None, None, "float")}
+                approx = {c for c, _ in store._vector_search(v, 5, None, None, "bit")}
+                overlap.append(len(exact & approx) / 5)
+            summary[f"bit_recall_at_5_{n // 1000}k"] = round(sum(overlap) / len(overlap), 3)
+            lat = latencies(store, "auto", queries)
+            summary[f"search_p50_ms_{n // 1000}k"] = p(lat, 0.5)
+            summary[f"search_p95_ms_{n // 1000}k"] = p(lat, 0.95)
+            store.close()
+
+        store = RetrievalStore(Path(tmp) / "ingest.db", embedder)
+        text = (ROOT / "models/data/eval_en.txt").read_text()
+        docs = [DocumentInput(f"doc-{i}.txt", [f"Document {i}.\n\n{text}"]) for i in range(40)]
+        t = time.perf_counter()
+        report = store.ingest(docs)
+        summary["ingest_chunks_per_s"] = round(report.chunks / (time.perf_counter() - t), 1)
+        summary["ingest_chunks"] = report.chunks
+
+    sentences = [s.strip() for s in text.replace("\n", " ").split(".") if len(s.strip()) > 20][:32]
+    for batch in (1, 32):
+        embedder.embed(sentences, batch_size=batch)
+        t = time.perf_counter()
+        for _ in range(5):
+            embedder.embed(sentences, batch_size=batch)
+        summary[f"embed_per_s_batch{batch}"] = round(5 * len(sentences) / (time.perf_counter() - t), 1)
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
