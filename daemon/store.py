@@ -224,15 +224,21 @@ class RetrievalStore:
             f"SELECT c.id FROM chunks c JOIN documents d ON d.id = c.document_id WHERE {' AND '.join(where)}", args)]
         return json.dumps(ids)
 
+    @staticmethod
+    def _scope(where: list[str], args: list, collection: str | None, ids: str | None, collection_column: str,
+               id_column: str) -> None:
+        """Add the collection and metadata-filter (chunk ids) conditions to a query being built."""
+        if collection:
+            where.append(f"{collection_column} = ?")
+            args.append(collection)
+        if ids is not None:
+            where.append(f"{id_column} IN (SELECT value FROM json_each(?))")
+            args.append(ids)
+
     def _vector_search(self, query: np.ndarray, n: int, collection: str | None, ids: str | None,
                        mode: str) -> list[tuple[int, float]]:
         where, args = ["embedding MATCH ?", "k = ?"], [query.tobytes(), n]
-        if collection:
-            where.append("collection = ?")
-            args.append(collection)
-        if ids is not None:
-            where.append("chunk_id IN (SELECT value FROM json_each(?))")
-            args.append(ids)
+        self._scope(where, args, collection, ids, "collection", "chunk_id")
         if mode == "auto":
             mode = "bit" if self.count()["chunks"] > BIT_SEARCH_ABOVE else "float"
         if mode == "float":
@@ -267,12 +273,7 @@ class RetrievalStore:
         if not terms:
             return []
         where, args = ["chunks_fts MATCH ?"], [" OR ".join(f'"{t}"' for t in terms)]
-        if collection:
-            where.append("d.collection = ?")
-            args.append(collection)
-        if ids is not None:
-            where.append("f.rowid IN (SELECT value FROM json_each(?))")
-            args.append(ids)
+        self._scope(where, args, collection, ids, "d.collection", "f.rowid")
         sql = (f"SELECT f.rowid FROM chunks_fts f JOIN chunks c ON c.id = f.rowid JOIN documents d "
                f"ON d.id = c.document_id WHERE {' AND '.join(where)} ORDER BY bm25(chunks_fts) LIMIT ?")
         return [r[0] for r in self.conn.execute(sql, [*args, n])]
