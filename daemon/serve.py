@@ -36,6 +36,13 @@ class Daemon:
         self.worker = Worker(self.engine, self.stats, settings.limits.queue_size, settings.limits.max_tokens,
                              heartbeat=self.watchdog.ping, store_settings=settings.store)
         self.mqtt = MqttService(settings, self.worker, self.stats, self.model_status)
+        self.http = None
+        if settings.http.enabled:
+            from daemon.http_api import HttpServer, create_app
+            from daemon.metrics import Metrics
+
+            metrics = Metrics(self.stats, lambda: self.worker.depth, lambda: self.engine.served.model_info)
+            self.http = HttpServer(create_app(settings, self.worker, self.engine, metrics), settings)
 
     def model_status(self) -> dict:
         served = self.engine.served
@@ -50,6 +57,9 @@ class Daemon:
         signal.signal(signal.SIGHUP, lambda *_: self.reload_requested.set())
         self.worker.start()
         self.mqtt.start()
+        if self.http is not None:
+            self.http.start()
+            log.info("OpenAI-compatible API on http://%s:%d/v1", self.settings.http.host, self.settings.http.port)
         notify(f"STATUS=connecting to {self.settings.mqtt.host}:{self.settings.mqtt.port}")
         ready = False
         next_telemetry = time.monotonic() + self.settings.telemetry_interval
@@ -72,7 +82,11 @@ class Daemon:
         log.info("stopping: %d request(s) in flight, %.0f s grace", self.worker.depth,
                  self.settings.limits.grace_seconds)
         self.mqtt.stop_intake()
+        if self.http is not None:
+            self.http.stop_intake()
         self.worker.drain(self.settings.limits.grace_seconds)
+        if self.http is not None:
+            self.http.join()
         self.mqtt.stop()
         log.info("stopped")
         return 0
@@ -94,11 +108,11 @@ class Daemon:
             except EdgeError as e:
                 log.error("reload: cannot load the new model, keeping the old one: %s", e.message)
                 new = new.model_copy(update={"model": old.model, "embedding": old.embedding, "store": old.store})
-        if (new.mqtt, new.device_id, new.groups, new.topic_root) != (old.mqtt, old.device_id, old.groups,
-                                                                     old.topic_root):
-            log.warning("reload: MQTT, device and group settings take effect at the next restart")
+        if (new.mqtt, new.device_id, new.groups, new.topic_root, new.http) != (
+                old.mqtt, old.device_id, old.groups, old.topic_root, old.http):
+            log.warning("reload: MQTT, HTTP, device and group settings take effect at the next restart")
             new = new.model_copy(update={"mqtt": old.mqtt, "device_id": old.device_id, "groups": old.groups,
-                                         "topic_root": old.topic_root})
+                                         "topic_root": old.topic_root, "http": old.http})
         self.worker.resize(new.limits.queue_size)
         self.worker.max_tokens = new.limits.max_tokens
         self.worker.store_settings = new.store

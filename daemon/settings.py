@@ -12,7 +12,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 from daemon.errors import CommandError
@@ -64,6 +64,30 @@ class StoreSettings(_Section):
     min_similarity: float = Field(0.25, ge=-1, le=1, description="ask answers 'not found' below this cosine")
 
 
+class HttpSettings(_Section):
+    enabled: bool = False
+    host: str = Field("127.0.0.1", description="loopback by default; any other address needs an API key")
+    port: int = Field(8080, ge=1, le=65535)
+    api_key: SecretStr | None = None
+    api_key_file: Path | None = Field(None, description="file holding the key; or the credential 'http-api-key'")
+
+    def key(self) -> str | None:
+        if self.api_key is not None:
+            return self.api_key.get_secret_value()
+        path = self.api_key_file or credential("http-api-key")
+        return path.read_text().strip() if path else None
+
+    def is_loopback(self) -> bool:
+        import ipaddress
+
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+
 class LimitSettings(_Section):
     queue_size: int = Field(16, ge=1, le=10_000, description="requests waiting beyond this get 'busy'")
     max_payload_bytes: int = Field(1 << 20, ge=1024)
@@ -84,6 +108,7 @@ class Settings(BaseSettings):
     model: ModelSettings = ModelSettings()
     embedding: EmbeddingSettings = EmbeddingSettings()
     store: StoreSettings = StoreSettings()
+    http: HttpSettings = HttpSettings()
     limits: LimitSettings = LimitSettings()
 
     @field_validator("groups")
@@ -102,6 +127,13 @@ class Settings(BaseSettings):
         if not root or any(c in root for c in "+#\0") or root.startswith(("/", "$")) or root.endswith("/"):
             raise ValueError("must be a plain topic prefix like 'edgellm/v1' (no wildcards, no leading '$' or '/')")
         return root
+
+    @model_validator(mode="after")
+    def _http_key_off_loopback(self) -> Settings:
+        if self.http.enabled and not self.http.is_loopback() and not self.http.key():
+            raise ValueError(f"http.api_key: required when http.host ({self.http.host}) is not a loopback address; "
+                             "set http.api_key or http.api_key_file")
+        return self
 
     @classmethod
     def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
@@ -147,5 +179,6 @@ def load_settings(config_file: Path | None = None, overrides: dict[str, Any] | N
     try:
         return FromFile(**(overrides or {}))
     except ValidationError as e:
-        problems = "; ".join(f"{_flag_hint(err['loc'])}: {err['msg']}" for err in e.errors())
+        problems = "; ".join(f"{_flag_hint(err['loc'])}: {err['msg']}" if err["loc"]
+                             else err["msg"].removeprefix("Value error, ") for err in e.errors())
         raise CommandError(f"invalid configuration: {problems}") from None

@@ -9,6 +9,26 @@ from collections import Counter
 from pathlib import Path
 
 
+class Histogram:
+    """Cumulative-bucket histogram, as Prometheus reads it."""
+
+    def __init__(self, bounds: tuple[float, ...]):
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.sum += value
+        self.counts[next((i for i, b in enumerate(self.bounds) if value <= b), len(self.bounds))] += 1
+
+    def buckets(self) -> list[tuple[str, int]]:
+        total, out = 0, []
+        for bound, count in zip([*map(str, self.bounds), "+Inf"], self.counts, strict=True):
+            total += count
+            out.append((bound, total))
+        return out
+
+
 class Stats:
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -18,6 +38,8 @@ class Stats:
         self.tokens = 0
         self.unanswerable = 0
         self.decode_tps = 0.0
+        self.ttft_ms = Histogram((10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000))
+        self.decode_tps_hist = Histogram((5, 10, 20, 30, 50, 75, 100, 150, 200, 400))
 
     def request(self, method: str) -> None:
         with self._lock:
@@ -31,9 +53,13 @@ class Stats:
         with self._lock:
             self.unanswerable += 1
 
-    def generated(self, tokens: int, decode_tps: float) -> None:
+    def generated(self, tokens: int, decode_tps: float, ttft_ms: float | None = None) -> None:
         with self._lock:
             self.tokens += tokens
+            if ttft_ms is not None:
+                self.ttft_ms.observe(ttft_ms)
+            if decode_tps:
+                self.decode_tps_hist.observe(decode_tps)
             if decode_tps:
                 self.decode_tps = decode_tps if not self.decode_tps else 0.8 * self.decode_tps + 0.2 * decode_tps
 

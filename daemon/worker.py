@@ -233,7 +233,7 @@ class Worker:
                     seq += 1
             else:
                 result = event
-        self.stats.generated(result.usage.completion_tokens, result.timings.decode_tps)
+        self.stats.generated(result.usage.completion_tokens, result.timings.decode_tps, result.timings.ttft_ms)
         body: dict[str, Any] = {"finish_reason": result.finish_reason, "usage": asdict(result.usage),
                                 "timings": {k: round(v, 2) for k, v in asdict(result.timings).items()},
                                 "model": served.model_info}

@@ -1,0 +1,353 @@
+"""An OpenAI-compatible HTTP API inside the daemon: the same worker queue, engine and limits as MQTT.
+
+Off by default, on 127.0.0.1 by default; any other address needs an API key (Settings enforces it).
+Errors use OpenAI's shape and status codes, so the openai SDK and LangChain report them as they would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hmac
+import json
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any, Literal
+
+import numpy as np
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from daemon.chat import ChatMessage
+from daemon.engine import Engine
+from daemon.errors import EdgeError
+from daemon.metrics import Metrics
+from daemon.settings import Settings
+from daemon.wire import ChatRequest, EmbedRequest, GenerateRequest, describe_validation
+from daemon.worker import Job, Worker
+
+STATUS = {"bad_request": 400, "unknown_method": 404, "too_large": 413, "busy": 429, "deadline_exceeded": 504,
+          "cancelled": 503, "model_unavailable": 503, "internal": 500}
+
+
+def openai_error(status: int, message: str, code: str, param: str | None = None) -> JSONResponse:
+    kind = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
+            413: "invalid_request_error", 429: "rate_limit_exceeded"}.get(status, "server_error")
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status)
+
+
+# -- request shapes: OpenAI's, with the fields we do not use ignored and the ones we cannot honour refused --
+class _OpenAI(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class MessageIn(_OpenAI):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[dict[str, Any]] | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(p.get("text", "") for p in self.content if p.get("type") == "text")
+        return self.content or ""
+
+
+class _Sampling(_OpenAI):
+    model: str = "default"
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    n: int = 1
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+
+    def params(self) -> dict[str, Any]:
+        if self.n != 1:
+            raise EdgeError("bad_request", "n: only 1 completion per request is supported")
+        out = {"max_tokens": self.max_completion_tokens or self.max_tokens, "temperature": self.temperature,
+               "top_p": self.top_p, "seed": self.seed,
+               "stop": [self.stop] if isinstance(self.stop, str) else self.stop, "stream": self.stream}
+        return {k: v for k, v in out.items() if v is not None}
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[MessageIn]
+    response_format: dict[str, Any] | None = None
+    tools: list[Any] | None = None
+
+    def to_wire(self) -> ChatRequest:
+        if self.tools:
+            raise EdgeError("bad_request", "tools: function calling is not supported; use response_format")
+        extra: dict[str, Any] = {}
+        fmt = self.response_format or {}
+        if fmt.get("type") == "json_schema":
+            schema = (fmt.get("json_schema") or {}).get("schema")
+            if not isinstance(schema, dict):
+                raise EdgeError("bad_request", "response_format.json_schema.schema: give a JSON Schema object")
+            extra["json_schema"] = schema
+        elif fmt.get("type") == "json_object":
+            extra["json_schema"] = {"type": "object"}
+        messages = [ChatMessage(role="system" if m.role == "developer" else m.role, content=m.text())
+                    for m in self.messages]
+        return ChatRequest(messages=messages, **self.params(), **extra)
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str]
+
+    def to_wire(self) -> GenerateRequest:
+        prompts = [self.prompt] if isinstance(self.prompt, str) else self.prompt
+        if len(prompts) != 1:
+            raise EdgeError("bad_request", "prompt: give exactly one prompt")
+        return GenerateRequest(prompt=prompts[0], raw=True, **self.params())
+
+
+class EmbeddingRequest(_OpenAI):
+    model: str = "default"
+    input: str | list[str]
+    encoding_format: Literal["float", "base64"] = "float"
+
+
+class QueueSink:
+    """Delivers a Job's replies, made on the worker thread, to the request's event loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.queue: asyncio.Queue[dict] = asyncio.Queue()
+
+    def delta(self, message: dict) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, message)
+
+    final = delta
+
+
+def create_app(settings: Settings, worker: Worker, engine: Engine, metrics: Metrics) -> FastAPI:
+    app = FastAPI(title="edgellm", docs_url=None, redoc_url=None, openapi_url=None)
+    key = settings.http.key()
+
+    def model_name() -> str:
+        return engine.served.model_info["name"]
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next: Callable):
+        if key and request.url.path.startswith(("/v1/", "/metrics")):
+            given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+            if not hmac.compare_digest(given.encode(), key.encode()):
+                return openai_error(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'",
+                                    "invalid_api_key")
+        size = int(request.headers.get("content-length") or 0)
+        if size > settings.limits.max_payload_bytes:
+            return openai_error(413, f"request body is {size} bytes; the limit is {settings.limits.max_payload_bytes}",
+                                "too_large")
+        return await call_next(request)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        param = ".".join(str(p) for p in first["loc"][1:]) or None
+        return openai_error(400, f"{param or 'body'}: {first['msg']}", "invalid_request", param)
+
+    @app.exception_handler(EdgeError)
+    async def edge_error(_request, exc: EdgeError):
+        return openai_error(STATUS[exc.code], exc.message, exc.code)
+
+    def check_model(name: str) -> JSONResponse | None:
+        if name in ("default", model_name()):
+            return None
+        return openai_error(404, f"model '{name}' is not served here; GET /v1/models lists '{model_name()}' "
+                            "(or say 'default')", "model_not_found", "model")
+
+    async def submit(method: str, wire) -> tuple[Job, QueueSink]:
+        sink = QueueSink(asyncio.get_running_loop())
+        job = Job(method, wire, uuid.uuid4().hex[:16], sink)
+        worker.submit(job)  # EdgeError('busy') becomes 429
+        return job, sink
+
+    async def final_of(job: Job, sink: QueueSink, request: Request) -> dict:
+        """Wait for the final reply, cancelling the job if the client hangs up first."""
+        while True:
+            try:
+                message = await asyncio.wait_for(sink.queue.get(), timeout=1.0)
+            except TimeoutError:
+                if await request.is_disconnected():
+                    worker.cancel(job.request_id, "the HTTP client went away")
+                continue
+            if message.get("type") != "delta":
+                if not message.get("ok"):
+                    raise EdgeError(message["error"]["code"], message["error"]["message"])
+                return message
+
+    def content_of(result: dict) -> str:
+        return json.dumps(result["json"], ensure_ascii=False) if "json" in result else result["text"]
+
+    def usage_of(result: dict) -> dict:
+        u = result["usage"]
+        return {"prompt_tokens": u["prompt_tokens"], "completion_tokens": u["completion_tokens"],
+                "total_tokens": u["prompt_tokens"] + u["completion_tokens"]}
+
+    async def parse(model: type[BaseModel], request: Request):
+        try:
+            return model.model_validate(json.loads(await request.body()))
+        except json.JSONDecodeError as e:
+            raise EdgeError("bad_request", f"body is not JSON: {e.msg}") from None
+        except ValidationError as e:
+            raise EdgeError("bad_request", describe_validation(e)) from None
+
+    def wire_of(body: ChatCompletionRequest | CompletionRequest):
+        try:
+            return body.to_wire()
+        except ValidationError as e:
+            raise EdgeError("bad_request", describe_validation(e)) from None
+
+    async def stream_events(job: Job, sink: QueueSink, request: Request, chunk: Callable[[dict], dict],
+                            include_usage: bool) -> AsyncIterator[bytes]:
+        while True:
+            try:
+                message = await asyncio.wait_for(sink.queue.get(), timeout=1.0)
+            except TimeoutError:
+                if await request.is_disconnected():
+                    worker.cancel(job.request_id, "the HTTP client went away")
+                    return
+                continue
+            if message.get("type") == "delta":
+                yield b"data: " + json.dumps(chunk({"text": message["text"]})).encode() + b"\n\n"
+                continue
+            if not message.get("ok"):
+                error = {"error": {"message": message["error"]["message"], "type": "server_error",
+                                   "code": message["error"]["code"]}}
+                yield b"data: " + json.dumps(error).encode() + b"\n\n"
+            else:
+                if "json" in message:  # constrained output is streamed whole at the end, already validated
+                    yield b"data: " + json.dumps(chunk({"text": content_of(message)})).encode() + b"\n\n"
+                yield b"data: " + json.dumps(chunk({"finish_reason": message["finish_reason"]})).encode() + b"\n\n"
+                if include_usage:
+                    yield b"data: " + json.dumps(chunk({"usage": usage_of(message)})).encode() + b"\n\n"
+            yield b"data: [DONE]\n\n"
+            return
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        body = await parse(ChatCompletionRequest, request)
+        if (refused := check_model(body.model)) is not None:
+            return refused
+        wire = wire_of(body)
+        if wire.json_schema is not None:
+            wire.stream = False  # deltas of constrained output are not validated yet: send it whole
+        job, sink = await submit("chat", wire)
+        completion_id, created = f"chatcmpl-{job.request_id}", int(time.time())
+        if body.stream:
+            first = [True]
+
+            def chunk(part: dict) -> dict:
+                delta = {"content": part["text"]} if "text" in part else {}
+                if first[0] and delta:
+                    delta, first[0] = {"role": "assistant", **delta}, False
+                out = {"id": completion_id, "object": "chat.completion.chunk", "created": created,
+                       "model": model_name(), "choices": [] if "usage" in part else
+                       [{"index": 0, "delta": delta, "finish_reason": part.get("finish_reason")}]}
+                if "usage" in part:
+                    out["usage"] = part["usage"]
+                return out
+
+            include_usage = bool((body.stream_options or {}).get("include_usage"))
+            return StreamingResponse(stream_events(job, sink, request, chunk, include_usage),
+                                     media_type="text/event-stream")
+        result = await final_of(job, sink, request)
+        return {"id": completion_id, "object": "chat.completion", "created": created, "model": model_name(),
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": content_of(result)},
+                             "finish_reason": result["finish_reason"], "logprobs": None}],
+                "usage": usage_of(result)}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        body = await parse(CompletionRequest, request)
+        if (refused := check_model(body.model)) is not None:
+            return refused
+        job, sink = await submit("generate", wire_of(body))
+        completion_id, created = f"cmpl-{job.request_id}", int(time.time())
+        if body.stream:
+            def chunk(part: dict) -> dict:
+                return {"id": completion_id, "object": "text_completion", "created": created, "model": model_name(),
+                        "choices": [{"index": 0, "text": part.get("text", ""), "logprobs": None,
+                                     "finish_reason": part.get("finish_reason")}], **(
+                            {"usage": part["usage"]} if "usage" in part else {})}
+
+            include_usage = bool((body.stream_options or {}).get("include_usage"))
+            return StreamingResponse(stream_events(job, sink, request, chunk, include_usage),
+                                     media_type="text/event-stream")
+        result = await final_of(job, sink, request)
+        return {"id": completion_id, "object": "text_completion", "created": created, "model": model_name(),
+                "choices": [{"index": 0, "text": result["text"], "logprobs": None,
+                             "finish_reason": result["finish_reason"]}], "usage": usage_of(result)}
+
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request):
+        body = await parse(EmbeddingRequest, request)
+        served = engine.served
+        if served.embedder is None:
+            raise EdgeError("model_unavailable", "no embedding model is configured on this device (embedding.path)")
+        if body.model not in ("default", served.embedder.name):
+            return openai_error(404, f"model '{body.model}' is not served here; embeddings come from "
+                                f"'{served.embedder.name}' (or say 'default')", "model_not_found", "model")
+        job, sink = await submit("embed", EmbedRequest(input=body.input))
+        result = await final_of(job, sink, request)
+        data = []
+        for i, vector in enumerate(result["embeddings"]):
+            value = (base64.b64encode(np.asarray(vector, dtype=np.float32).tobytes()).decode()
+                     if body.encoding_format == "base64" else vector)
+            data.append({"object": "embedding", "index": i, "embedding": value})
+        return {"object": "list", "data": data, "model": served.embedder.name,
+                "usage": {"prompt_tokens": 0, "total_tokens": 0}}
+
+    @app.get("/v1/models")
+    async def models():
+        served = engine.served
+        names = [model_name()] + ([served.embedder.name] if served.embedder else [])
+        return {"object": "list", "data": [{"id": n, "object": "model", "created": 0, "owned_by": "edgellm"}
+                                           for n in names]}
+
+    @app.get("/health")
+    async def health():
+        try:
+            return {"status": "ok", "model": engine.served.model_info, "queue_depth": worker.depth}
+        except Exception as e:  # no model: the engine cannot answer
+            return openai_error(503, f"no model is loaded: {e}", "model_unavailable")
+
+    @app.get("/metrics")
+    async def metrics_text():
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.api_route("/{path:path}", methods=["GET", "POST", "PUT", "DELETE"])
+    async def not_found(path: str):
+        return openai_error(404, f"/{path} does not exist; see /v1/models, /v1/chat/completions, "
+                            "/v1/completions, /v1/embeddings, /health, /metrics", "not_found")
+
+    return app
+
+
+class HttpServer:
+    """uvicorn in a thread of the daemon process (no second copy of the model)."""
+
+    def __init__(self, app: FastAPI, settings: Settings):
+        config = uvicorn.Config(app, host=settings.http.host, port=settings.http.port, log_level="warning",
+                                lifespan="off", timeout_graceful_shutdown=max(1, int(settings.limits.grace_seconds)))
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, name="edgellm-http", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop_intake(self) -> None:
+        self.server.should_exit = True
+
+    def join(self, timeout: float = 30) -> None:
+        self.thread.join(timeout)
+
+

@@ -1,0 +1,151 @@
+"""The OpenAI-compatible API of the running daemon, driven by the official openai SDK and LangChain."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import subprocess
+import sys
+
+import httpx
+import openai
+import pytest
+from pydantic import BaseModel, Field
+
+from tests.harness import ROOT, Broker, DaemonProcess, free_port, wait_for_port
+
+KEY = "sk-edge-test"
+
+
+@pytest.fixture(scope="module")
+def api(tmp_path_factory, smollm2_int4, minilm_int8):
+    folder = tmp_path_factory.mktemp("http")
+    broker = Broker(folder).start()
+    port = free_port()
+    d = DaemonProcess(folder, broker.port, smollm2_int4, device="http1", env={
+        "EDGELLM_HTTP__ENABLED": "true", "EDGELLM_HTTP__PORT": str(port), "EDGELLM_HTTP__HOST": "0.0.0.0",
+        "EDGELLM_HTTP__API_KEY": KEY, "EDGELLM_EMBEDDING__PATH": str(minilm_int8),
+        "EDGELLM_LIMITS__QUEUE_SIZE": "8"}).start()
+    wait_for_port(port)
+    yield f"http://127.0.0.1:{port}"
+    assert d.stop() == 0
+    broker.stop()
+
+
+@pytest.fixture
+def client(api):
+    return openai.OpenAI(base_url=f"{api}/v1", api_key=KEY, max_retries=0)
+
+
+def test_models_and_chat_completion(client):
+    models = client.models.list()
+    name = models.data[0].id
+    assert name == "SmolLM2-135M-Instruct-int4"
+    for model in (name, "default"):
+        r = client.chat.completions.create(model=model, temperature=0, max_tokens=24,
+                                           messages=[{"role": "user", "content": "What is the capital of France?"}])
+        assert "Paris" in r.choices[0].message.content and r.choices[0].finish_reason in ("stop", "length")
+        assert r.usage.completion_tokens > 0 and r.usage.total_tokens > r.usage.completion_tokens
+
+
+def test_streaming_chat_joins_to_the_full_answer(client):
+    kwargs = dict(model="default", temperature=0, max_tokens=30,
+                  messages=[{"role": "user", "content": "Name three colours."}])
+    full = client.chat.completions.create(**kwargs).choices[0].message.content
+    parts, usage = [], None
+    for chunk in client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs):
+        if chunk.choices and chunk.choices[0].delta.content:
+            parts.append(chunk.choices[0].delta.content)
+        usage = chunk.usage or usage
+    assert "".join(parts) == full and len(parts) > 3 and usage.completion_tokens > 0
+
+
+def test_json_schema_response_format_fails_closed(client):
+    schema = {"type": "object", "properties": {"total": {"type": "number"}, "currency": {"enum": ["EUR", "USD"]}},
+              "required": ["total", "currency"], "additionalProperties": False}
+    r = client.chat.completions.create(model="default", temperature=0, messages=[
+        {"role": "user", "content": "Invoice total: 99.50 EUR. Give the fields as JSON."}],
+        response_format={"type": "json_schema", "json_schema": {"name": "invoice", "schema": schema}})
+    value = json.loads(r.choices[0].message.content)
+    assert value["currency"] in ("EUR", "USD") and isinstance(value["total"], (int, float))
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model="default", messages=[{"role": "user", "content": "x"}],
+                                       response_format={"type": "json_schema", "json_schema": {
+                                           "name": "bad", "schema": {"type": "objekt"}}})
+    assert "json_schema" in str(err.value)
+
+
+def test_completions_and_embeddings(client):
+    r = client.completions.create(model="default", prompt="The capital of France is", max_tokens=5, temperature=0)
+    assert r.choices[0].text.strip() and r.usage.prompt_tokens > 0
+    e = client.embeddings.create(model="default", input=["an invoice", "a contract"])  # the SDK asks for base64
+    assert len(e.data) == 2 and len(e.data[0].embedding) == 384
+    assert abs(sum(x * x for x in e.data[0].embedding) - 1) < 1e-3
+
+
+def test_errors_have_openai_shape_and_status(client, api):
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="default", messages=[{"role": "user", "content": "hi"}],
+                                       temperature=9)
+    big = httpx.post(f"{api}/v1/chat/completions", headers={"authorization": f"Bearer {KEY}"},
+                     content=b"{" + b" " * (2 << 20) + b"}")
+    assert big.status_code == 413 and big.json()["error"]["code"] == "too_large"
+
+
+def test_no_key_on_a_non_loopback_bind_is_401(api):
+    r = httpx.post(f"{api}/v1/chat/completions", json={"model": "default", "messages": []})
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    wrong = openai.OpenAI(base_url=f"{api}/v1", api_key="sk-wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        wrong.models.list()
+    assert httpx.get(f"{api}/health").json()["status"] == "ok"
+
+
+def test_a_non_loopback_bind_without_a_key_is_refused(smollm2_int4):
+    r = subprocess.run([sys.executable, "-m", "daemon.cli", "serve", "--model", str(smollm2_int4)], cwd=ROOT,
+                       env={"PATH": "/usr/bin:/bin", "EDGELLM_HTTP__ENABLED": "true", "EDGELLM_HTTP__HOST": "0.0.0.0"},
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "http.api_key: required" in r.stderr
+
+
+def test_metrics_in_prometheus_format(client, api):
+    client.chat.completions.create(model="default", max_tokens=3, messages=[{"role": "user", "content": "hi"}])
+    text = httpx.get(f"{api}/metrics", headers={"authorization": f"Bearer {KEY}"}).text
+    for name in ("edgellm_requests_total{method=\"chat\"}", "edgellm_queue_depth", "edgellm_tokens_total",
+                 "edgellm_time_to_first_token_ms_bucket", "edgellm_decode_tokens_per_second_count",
+                 "edgellm_model_info{name=\"SmolLM2-135M-Instruct-int4\"", "edgellm_update_info"):
+        assert name in text, name
+
+
+def test_fifty_concurrent_requests_are_each_answered_or_told_busy(api):
+    def one(i: int) -> int:
+        r = httpx.post(f"{api}/v1/chat/completions", headers={"authorization": f"Bearer {KEY}"}, timeout=300,
+                       json={"model": "default", "max_tokens": 4, "messages": [{"role": "user", "content": f"#{i}"}]})
+        assert r.status_code in (200, 429), r.text
+        if r.status_code == 429:
+            assert r.json()["error"]["code"] == "busy"
+        return r.status_code
+
+    with concurrent.futures.ThreadPoolExecutor(50) as pool:
+        codes = list(pool.map(one, range(50)))
+    assert codes.count(200) >= 8 and codes.count(429) >= 1
+
+
+class Invoice(BaseModel):
+    vendor: str = Field(max_length=40)
+    total: float
+    currency: str = Field(pattern="^(EUR|USD|GBP)$")
+
+
+def test_langchain_chat_openai_invoke_stream_and_structured_output(api):
+    from langchain_openai import ChatOpenAI
+
+    llm = ChatOpenAI(base_url=f"{api}/v1", api_key=KEY, model="default", temperature=0, max_tokens=40,
+                     max_retries=0)
+    assert "Paris" in llm.invoke("What is the capital of France?").content
+    assert "".join(c.content for c in llm.stream("Count to three.")).strip()
+    structured = llm.with_structured_output(Invoice)
+    invoice = structured.invoke("Invoice from ACME Ltd, total due 120.00 GBP. Extract vendor, total, currency.")
+    assert isinstance(invoice, Invoice) and invoice.currency in ("EUR", "USD", "GBP")
