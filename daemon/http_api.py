@@ -170,8 +170,8 @@ def create_app(settings: Settings, worker: Worker, engine: Engine, metrics: Metr
         worker.submit(job)  # EdgeError('busy') becomes 429
         return job, sink
 
-    async def final_of(job: Job, sink: QueueSink, request: Request) -> dict:
-        """Wait for the final reply, cancelling the job if the client hangs up first."""
+    async def replies(job: Job, sink: QueueSink, request: Request) -> AsyncIterator[dict]:
+        """The job's messages in order, up to its final one; a client that hangs up cancels the job."""
         while True:
             try:
                 message = await asyncio.wait_for(sink.queue.get(), timeout=1.0)
@@ -179,10 +179,17 @@ def create_app(settings: Settings, worker: Worker, engine: Engine, metrics: Metr
                 if await request.is_disconnected():
                     worker.cancel(job.request_id, "the HTTP client went away")
                 continue
+            yield message
+            if message.get("type") != "delta":
+                return
+
+    async def final_of(job: Job, sink: QueueSink, request: Request) -> dict:
+        async for message in replies(job, sink, request):
             if message.get("type") != "delta":
                 if not message.get("ok"):
                     raise EdgeError(message["error"]["code"], message["error"]["message"])
                 return message
+        raise EdgeError("internal", "the request ended without a final reply")
 
     def content_of(result: dict) -> str:
         return json.dumps(result["json"], ensure_ascii=False) if "json" in result else result["text"]
@@ -206,31 +213,24 @@ def create_app(settings: Settings, worker: Worker, engine: Engine, metrics: Metr
         except ValidationError as e:
             raise EdgeError("bad_request", describe_validation(e)) from None
 
+    def sse(obj: dict | str) -> bytes:
+        return b"data: " + (obj if isinstance(obj, str) else json.dumps(obj)).encode() + b"\n\n"
+
     async def stream_events(job: Job, sink: QueueSink, request: Request, chunk: Callable[[dict], dict],
                             include_usage: bool) -> AsyncIterator[bytes]:
-        while True:
-            try:
-                message = await asyncio.wait_for(sink.queue.get(), timeout=1.0)
-            except TimeoutError:
-                if await request.is_disconnected():
-                    worker.cancel(job.request_id, "the HTTP client went away")
-                    return
-                continue
+        async for message in replies(job, sink, request):
             if message.get("type") == "delta":
-                yield b"data: " + json.dumps(chunk({"text": message["text"]})).encode() + b"\n\n"
-                continue
-            if not message.get("ok"):
-                error = {"error": {"message": message["error"]["message"], "type": "server_error",
-                                   "code": message["error"]["code"]}}
-                yield b"data: " + json.dumps(error).encode() + b"\n\n"
+                yield sse(chunk({"text": message["text"]}))
+            elif not message.get("ok"):
+                yield sse({"error": {"message": message["error"]["message"], "type": "server_error",
+                                     "code": message["error"]["code"]}})
             else:
                 if "json" in message:  # constrained output is streamed whole at the end, already validated
-                    yield b"data: " + json.dumps(chunk({"text": content_of(message)})).encode() + b"\n\n"
-                yield b"data: " + json.dumps(chunk({"finish_reason": message["finish_reason"]})).encode() + b"\n\n"
+                    yield sse(chunk({"text": content_of(message)}))
+                yield sse(chunk({"finish_reason": message["finish_reason"]}))
                 if include_usage:
-                    yield b"data: " + json.dumps(chunk({"usage": usage_of(message)})).encode() + b"\n\n"
-            yield b"data: [DONE]\n\n"
-            return
+                    yield sse(chunk({"usage": usage_of(message)}))
+        yield sse("[DONE]")
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
