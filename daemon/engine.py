@@ -9,6 +9,7 @@ from daemon.embedder import Embedder
 from daemon.errors import EdgeError
 from daemon.generate import Generator
 from daemon.model import LoadedModel
+from daemon.prefix_cache import PrefixCache
 from daemon.settings import Settings
 from daemon.store import RetrievalStore
 
@@ -48,7 +49,9 @@ def load_served(settings: Settings) -> Served:
     if settings.model.path is None:
         raise EdgeError("model_unavailable", "model.path is not set: set EDGELLM_MODEL__PATH, [model] path in the "
                         "config file, or --model")
-    generator = Generator(LoadedModel.load(settings.model.path, threads=settings.model.threads))
+    m = settings.model
+    prefix_cache = PrefixCache(m.prefix_cache_mb << 20) if m.prefix_cache_mb else None
+    generator = Generator(LoadedModel.load(m.path, threads=m.threads), prefix_cache)
     e = settings.embedding
     embedder = Embedder(e.path, threads=e.threads) if e.path else None
     store = None

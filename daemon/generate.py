@@ -17,6 +17,7 @@ from daemon.detokenize import IncrementalDecoder
 from daemon.errors import EdgeError
 from daemon.model import LoadedModel
 from daemon.params import GenerationParams
+from daemon.prefix_cache import PrefixCache
 from daemon.sampling import Sampler
 from daemon.stops import StopFilter
 
@@ -25,6 +26,7 @@ from daemon.stops import StopFilter
 class Usage:
     prompt_tokens: int
     completion_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
 
 
 @dataclass
@@ -53,8 +55,9 @@ class Result:
 class Generator:
     """Generation on one loaded model. Holds per-model caches (the grammar tokenizer), never per-request state."""
 
-    def __init__(self, model: LoadedModel):
+    def __init__(self, model: LoadedModel, prefix_cache: PrefixCache | None = None):
         self.model = model
+        self.prefix_cache = prefix_cache
         self._lltok = None
 
     def prompt_ids(self, prompt: str | None = None, messages: list[ChatMessage] | None = None,
@@ -97,12 +100,19 @@ class Generator:
         stops = StopFilter(params.stop)
         eos = model.eos_token_ids
         usage, timings = Usage(prompt_tokens=len(ids)), Timings()
+        start = started or time.perf_counter()
         cache = model.decoder.new_cache()
+        feed = ids
+        hit = self.prefix_cache.lookup(ids) if self.prefix_cache is not None else None
+        if hit is not None:  # compute only what follows the cached prefix
+            usage.cached_tokens, cache.arrays = hit
+            cache.length = usage.cached_tokens
+            cache.tokens = list(ids[:usage.cached_tokens])
+            feed = ids[usage.cached_tokens:]
         generated: list[int] = []
         parts: list[str] = []
         finish = "length"
-        start = started or time.perf_counter()
-        feed, passes, first_at = ids, 0, None
+        passes, first_at = 0, None
         while len(generated) < budget:
             if interrupt is not None:
                 interrupt()
@@ -112,6 +122,8 @@ class Generator:
                 constraint.mask(logits)
             token = sampler(logits, ids + generated if params.repetition_penalty != 1.0 else ())
             if first_at is None:
+                if self.prefix_cache is not None:
+                    self.prefix_cache.store(ids, cache.arrays)
                 first_at = time.perf_counter()
                 timings.ttft_ms = (first_at - start) * 1000
                 timings.prefill_tps = len(ids) / max(first_at - start, 1e-9)

@@ -197,7 +197,8 @@ def create_app(settings: Settings, worker: Worker, engine: Engine, metrics: Metr
     def usage_of(result: dict) -> dict:
         u = result["usage"]
         return {"prompt_tokens": u["prompt_tokens"], "completion_tokens": u["completion_tokens"],
-                "total_tokens": u["prompt_tokens"] + u["completion_tokens"]}
+                "total_tokens": u["prompt_tokens"] + u["completion_tokens"],
+                "prompt_tokens_details": {"cached_tokens": u.get("cached_tokens", 0)}}
 
     async def parse(model: type[BaseModel], request: Request):
         try:

@@ -50,6 +50,7 @@ class MQTTSettings(_Section):
 class ModelSettings(_Section):
     path: Path | None = Field(None, description="the model folder to serve")
     threads: int = Field(0, ge=0, description="onnxruntime intra-op threads (0: all cores)")
+    prefix_cache_mb: int = Field(256, ge=0, description="memory for reusing prompt prefixes (0 turns it off)")
 
 
 class EmbeddingSettings(_Section):

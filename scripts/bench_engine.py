@@ -89,6 +89,11 @@ def main() -> None:
         results[f"edgellm {scheme}"]["disk_mb"] = round(sum(
             f.stat().st_size for f in model.iterdir() if f.is_file()) / 1e6, 1)
 
+    eval_file = ROOT / "models/data/eval_en.txt"
+    prefix = worker(ROOT / ".venv/bin/python", "edgellm-prefix", "--model", str(args.work / "smollm2-int4"),
+                    "--prompt-file", str(eval_file), "--threads", str(args.threads), "--rounds", str(args.rounds))
+    console.print(f"prefix reuse: {json.dumps(prefix)}")
+
     if anchor_ready("llamacpp", "llama_cpp"):
         results["llama.cpp Q4_1"] = worker(ANCHOR_PY["llamacpp"], "llamacpp", "--model", str(gguf), *common)
         results["llama.cpp Q4_1"]["disk_mb"] = round(gguf.stat().st_size / 1e6, 1)
@@ -133,6 +138,7 @@ def main() -> None:
         "prefill_ratio_vs_llamacpp": ratio(e4, llama, "prefill_tps"),
         "decode_ratio_vs_genai": ratio(e4, genai, "decode_tps"),
         "peak_rss_mb": e4["peak_rss_mb"], "edgellm_int8_peak_rss_mb": results["edgellm int8"]["peak_rss_mb"],
+        "prefix_ttft_ratio": prefix["prefix_ttft_ratio"], "prefix_cached_tokens": prefix["cached_tokens"],
     }
     for name, r in results.items():
         console.print(f"{name}: {json.dumps(r)}")

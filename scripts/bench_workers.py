@@ -54,6 +54,34 @@ def run_edgellm(args) -> dict:
     return summarize(rounds, len(ids), load_s)
 
 
+def run_edgellm_prefix(args) -> dict:
+    """Time to first token for a request whose first ~500 tokens were seen before, against a cold one."""
+    from daemon.chat import ChatMessage
+    from daemon.generate import Generator
+    from daemon.model import LoadedModel
+    from daemon.params import GenerationParams
+    from daemon.prefix_cache import PrefixCache
+
+    model = LoadedModel.load(args.model, threads=args.threads)
+    context = open(args.prompt_file).read()
+    cold_gen, warm_gen = Generator(model), Generator(model, PrefixCache(256 << 20))
+    params = GenerationParams(temperature=0, max_tokens=1)
+    cold, warm = [], []
+    for i in range(args.rounds + 1):
+        system = ChatMessage(role="system", content=f"Answer from this text.\n\n{context}")
+        first = [system, ChatMessage(role="user", content=f"Question {i}: what is an invoice?")]
+        second = [system, ChatMessage(role="user", content=f"Question {i}: who keeps records?")]
+        cold_gen.generate(cold_gen.prompt_ids(messages=first), params)  # warm-up of the session, not the cache
+        cold.append(cold_gen.generate(cold_gen.prompt_ids(messages=second), params).timings.ttft_ms)
+        warm_gen.generate(warm_gen.prompt_ids(messages=first), params)
+        r = warm_gen.generate(warm_gen.prompt_ids(messages=second), params)
+        warm.append(r.timings.ttft_ms)
+    cold_ms, warm_ms = statistics.median(cold[1:]), statistics.median(warm[1:])
+    return {"prompt_tokens": len(cold_gen.prompt_ids(messages=second)), "cached_tokens": r.usage.cached_tokens,
+            "cold_ttft_ms": round(cold_ms, 1), "warm_ttft_ms": round(warm_ms, 1),
+            "prefix_ttft_ratio": round(warm_ms / cold_ms, 3)}
+
+
 def run_llamacpp(args) -> dict:
     import numpy as np
     from llama_cpp import Llama
@@ -126,7 +154,7 @@ def build_genai(args) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("engine", choices=["edgellm", "llamacpp", "genai", "genai-build"])
+    p.add_argument("engine", choices=["edgellm", "edgellm-prefix", "llamacpp", "genai", "genai-build"])
     p.add_argument("--model")
     p.add_argument("--prompt-file")
     p.add_argument("--threads", type=int, default=2)
@@ -135,7 +163,8 @@ def main() -> None:
     p.add_argument("--hf", help="a Hugging Face model folder")
     p.add_argument("--out")
     args = p.parse_args()
-    run = {"edgellm": run_edgellm, "llamacpp": run_llamacpp, "genai": run_genai, "genai-build": build_genai}
+    run = {"edgellm": run_edgellm, "edgellm-prefix": run_edgellm_prefix, "llamacpp": run_llamacpp,
+           "genai": run_genai, "genai-build": build_genai}
     print(json.dumps(run[args.engine](args)))
 
 

@@ -1,0 +1,53 @@
+"""Keys and values of recently seen prompts, so a request sharing a long prefix with an earlier one (a system
+prompt, retrieved passages) skips recomputing it. Bounded in bytes; least recently used entries go first."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import numpy as np
+
+
+class PrefixCache:
+    def __init__(self, max_bytes: int, min_tokens: int = 32):
+        self.max_bytes = max_bytes
+        self.min_tokens = min_tokens
+        self._entries: OrderedDict[tuple[int, ...], list[np.ndarray]] = OrderedDict()
+        self.bytes = 0
+
+    @staticmethod
+    def _size(arrays: list[np.ndarray]) -> int:
+        return sum(a.nbytes for a in arrays)
+
+    def lookup(self, ids: list[int]) -> tuple[int, list[np.ndarray]] | None:
+        """The longest cached prefix of `ids` (leaving at least one token to compute), as fresh arrays."""
+        best, best_key = 0, None
+        query = np.asarray(ids)
+        for key in self._entries:
+            n = min(len(key), len(ids) - 1)
+            if n <= best:
+                continue
+            differs = np.flatnonzero(np.asarray(key[:n]) != query[:n])
+            common = int(differs[0]) if len(differs) else n
+            if common > best:
+                best, best_key = common, key
+        if best_key is None or best < self.min_tokens:
+            return None
+        self._entries.move_to_end(best_key)
+        arrays = [np.ascontiguousarray(a[:, :, :best, :]) for a in self._entries[best_key]]
+        return best, arrays
+
+    def store(self, ids: list[int], arrays: list[np.ndarray]) -> None:
+        """Keep the prompt's keys and values (arrays the decoder will not write to again)."""
+        key = tuple(ids)
+        size = self._size(arrays)
+        if len(ids) < self.min_tokens or size > self.max_bytes or key in self._entries:
+            return
+        self._entries[key] = arrays
+        self.bytes += size
+        while self.bytes > self.max_bytes:
+            _, old = self._entries.popitem(last=False)
+            self.bytes -= self._size(old)
+
+    def __len__(self) -> int:
+        return len(self._entries)
