@@ -142,7 +142,8 @@ def create_app(settings: Settings, worker: Worker, engine: Engine, metrics: Metr
             if not hmac.compare_digest(given.encode(), key.encode()):
                 return openai_error(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'",
                                     "invalid_api_key")
-        size = int(request.headers.get("content-length") or 0)
+        declared = request.headers.get("content-length") or "0"
+        size = int(declared) if declared.isdigit() else 0
         if size > settings.limits.max_payload_bytes:
             return openai_error(413, f"request body is {size} bytes; the limit is {settings.limits.max_payload_bytes}",
                                 "too_large")
