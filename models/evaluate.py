@@ -1,0 +1,123 @@
+"""`edgellm eval`: field-level accuracy of invoice extraction, per language and per field, with JSON validity
+and latency, for one or more built models; a JSON report and a PNG plot that compares them."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+import unicodedata
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+
+from models.invoices import FIELDS, INSTRUCTION
+
+
+def normalise(field: str, value: Any) -> Any:
+    """Exact match after normalisation: case, accents and spacing for text; cents for amounts."""
+    if value is None:
+        return None
+    if field in ("total", "vat"):
+        try:
+            return round(float(value), 2)
+        except (TypeError, ValueError):
+            return None
+    text = unicodedata.normalize("NFKC", str(value)).casefold()
+    return " ".join(text.split())
+
+
+def score(examples: list[dict], predictions: list[dict | None], schema: dict) -> dict:
+    """examples: {"gold", "lang"}; predictions: the parsed JSON, or None where the output was not valid JSON."""
+    per_field = {f: [] for f in FIELDS}
+    per_lang: dict[str, dict[str, list]] = {}
+    valid = []
+    for ex, pred in zip(examples, predictions, strict=True):
+        ok = pred is not None
+        if ok:
+            try:
+                jsonschema.validate(pred, schema)
+            except jsonschema.ValidationError:
+                ok = False
+        valid.append(ok)
+        lang = per_lang.setdefault(ex.get("lang", "unknown"), {"fields": [], "valid": []})
+        lang["valid"].append(ok)
+        for f in FIELDS:
+            hit = ok and normalise(f, pred.get(f)) == normalise(f, ex["gold"][f])
+            per_field[f].append(hit)
+            lang["fields"].append(hit)
+    everything = [h for hits in per_field.values() for h in hits]
+    return {
+        "n": len(examples),
+        "field_accuracy": _mean(everything),
+        "json_valid_rate": _mean(valid),
+        "per_field": {f: _mean(h) for f, h in per_field.items()},
+        "per_language": {lang: {"n": len(v["valid"]), "field_accuracy": _mean(v["fields"]),
+                                "json_valid_rate": _mean(v["valid"])} for lang, v in sorted(per_lang.items())},
+    }
+
+
+def _mean(values: list[bool]) -> float:
+    return round(sum(values) / len(values), 4) if values else 0.0
+
+
+def load_examples(path: Path) -> list[dict]:
+    examples = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        if not isinstance(row.get("text"), str) or not isinstance(row.get("gold"), dict):
+            raise ValueError(f"{path}:{n}: each line needs 'text' (a string) and 'gold' (an object)")
+        examples.append(row)
+    return examples
+
+
+def evaluate_model(model_dir: Path, examples: list[dict], schema: dict, threads: int = 0,
+                   max_tokens: int = 200) -> dict:
+    """Run the model on every example through the real engine, constrained to the schema."""
+    from daemon.errors import EdgeError
+    from daemon.generate import Generator
+    from daemon.model import LoadedModel
+    from daemon.params import GenerationParams
+
+    generator = Generator(LoadedModel.load(model_dir, threads=threads))
+    params = GenerationParams(temperature=0, max_tokens=max_tokens, json_schema=schema)
+    predictions, latencies = [], []
+    for ex in examples:
+        ids = generator.prompt_ids(f"{INSTRUCTION}\n\n{ex['text']}")
+        start = time.perf_counter()
+        try:
+            predictions.append(generator.generate(ids, params).json)
+        except EdgeError:  # could not complete valid JSON within max_tokens: counted as invalid
+            predictions.append(None)
+        latencies.append((time.perf_counter() - start) * 1000)
+    report = score(examples, predictions, schema)
+    report["model"] = generator.model.manifest.name
+    report["latency_ms_p50"] = round(statistics.median(latencies), 1) if latencies else None
+    return report
+
+
+def plot(reports: list[dict], path: Path) -> None:
+    """Field accuracy per language for each model, side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    langs = sorted({lang for r in reports for lang in r["per_language"]})
+    groups = ["all", *langs]
+    width = 0.8 / max(1, len(reports))
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for i, r in enumerate(reports):
+        values = [r["field_accuracy"], *[r["per_language"].get(lang, {}).get("field_accuracy", 0) for lang in langs]]
+        ax.bar([g + i * width for g in range(len(groups))], values, width, label=r["model"])
+    ax.set_xticks([g + width * (len(reports) - 1) / 2 for g in range(len(groups))], groups)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("field accuracy")
+    ax.set_title("Invoice extraction, constrained JSON")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

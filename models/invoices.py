@@ -1,0 +1,138 @@
+"""Synthetic invoices in English, Spanish and French, each with the gold JSON it was rendered from.
+
+Seeded and reproducible: the same seed gives the same invoices, byte for byte.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from datetime import date, timedelta
+from pathlib import Path
+
+LANGUAGES = ("en", "es", "fr")
+FIELDS = ("vendor", "invoice_number", "date", "total", "currency", "vat")
+INSTRUCTION = "Extract the invoice fields as JSON."
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "vendor": {"type": "string", "maxLength": 60},
+        "invoice_number": {"type": "string", "maxLength": 30},
+        "date": {"type": "string", "format": "date", "pattern": r"^\d{4}-\d{2}-\d{2}$"},
+        "total": {"type": "number"},
+        "currency": {"type": "string", "enum": ["EUR", "USD", "GBP"]},
+        "vat": {"type": "number"},
+    },
+    "required": list(FIELDS),
+    "additionalProperties": False,
+}
+
+VENDORS = {
+    "en": ["Acme Tools Ltd", "Northwind Traders Inc", "Oak & Pine Carpentry", "Highland Wool Ltd",
+           "Lakeside Printing Co", "Sparkle Cleaning LLC", "Pacific Seafood Co", "Brightline Electrical"],
+    "es": ["Ferretería López S.L.", "Transportes García S.A.", "Clínica Dental Sonrisa", "Librería Cervantes",
+           "Hotel Mar Azul", "Talleres Martínez S.L.", "Panadería La Espiga", "Construcciones Ruiz S.A."],
+    "fr": ["Boulangerie Martin SARL", "Dupont Électricité", "Garage Lefèvre", "Cabinet Moreau Avocats",
+           "Imprimerie Rousseau", "Plomberie Girard", "Transports Bernard SA", "Atelier Petit & Fils"],
+}
+ITEMS = {
+    "en": ["Consulting hours", "Spare parts", "Cleaning service", "Printing", "Delivery", "Maintenance visit"],
+    "es": ["Horas de consultoría", "Piezas de repuesto", "Servicio de limpieza", "Impresión", "Transporte",
+           "Visita de mantenimiento"],
+    "fr": ["Heures de conseil", "Pièces détachées", "Service de nettoyage", "Impression", "Livraison",
+           "Visite d'entretien"],
+}
+MONTHS = {
+    "en": ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
+           "November", "December"],
+    "es": ["enero", "febrero", "marzo", "abril", "mayo", "junio", "julio", "agosto", "septiembre", "octubre",
+           "noviembre", "diciembre"],
+    "fr": ["janvier", "février", "mars", "avril", "mai", "juin", "juillet", "août", "septembre", "octobre",
+           "novembre", "décembre"],
+}
+LABELS = {
+    "en": {"title": "INVOICE", "number": "Invoice No.", "date": "Date", "item": "Description", "qty": "Qty",
+           "subtotal": "Subtotal", "vat": "VAT", "total": "Total due", "from": "From"},
+    "es": {"title": "FACTURA", "number": "Nº de factura", "date": "Fecha", "item": "Concepto", "qty": "Cant.",
+           "subtotal": "Base imponible", "vat": "IVA", "total": "Total a pagar", "from": "Emisor"},
+    "fr": {"title": "FACTURE", "number": "Facture n°", "date": "Date", "item": "Désignation", "qty": "Qté",
+           "subtotal": "Total HT", "vat": "TVA", "total": "Total TTC", "from": "Émetteur"},
+}
+VAT_RATES = {"en": (0.20, 0.0), "es": (0.21, 0.10), "fr": (0.20, 0.055)}
+SYMBOL = {"EUR": "€", "USD": "$", "GBP": "£"}
+
+
+def format_amount(value: float, currency: str, lang: str, style: int) -> str:
+    """Local separators: 1,234.56 in English; 1.234,56 in Spanish; 1 234,56 in French."""
+    whole, cents = f"{value:,.2f}".split(".")
+    if lang == "es":
+        whole = whole.replace(",", ".")
+    elif lang == "fr":
+        whole = whole.replace(",", "\u202f" if style else " ")
+    number = f"{whole}.{cents}" if lang == "en" else f"{whole},{cents}"
+    if lang == "en" and currency in ("USD", "GBP") and style == 0:
+        return f"{SYMBOL[currency]}{number}"
+    return f"{number} {SYMBOL[currency] if style else currency}"
+
+
+def format_date(d: date, lang: str, style: int) -> str:
+    """Dates as people write them: 03/12/2026 (US), 12 de marzo de 2026, 3 mars 2026, 12/03/2026."""
+    if style == 0:
+        return d.strftime("%m/%d/%Y") if lang == "en" else d.strftime("%d/%m/%Y")
+    month = MONTHS[lang][d.month - 1]
+    return {"en": f"{d.day} {month} {d.year}", "es": f"{d.day} de {month} de {d.year}",
+            "fr": f"{'1er' if d.day == 1 else d.day} {month} {d.year}"}[lang]
+
+
+@dataclass
+class Invoice:
+    lang: str
+    text: str
+    gold: dict
+
+    def to_json(self) -> str:
+        return json.dumps({"lang": self.lang, "text": self.text, "gold": self.gold}, ensure_ascii=False)
+
+
+def make_invoice(rng: random.Random, lang: str) -> Invoice:
+    L = LABELS[lang]
+    vendor = rng.choice(VENDORS[lang])
+    prefix = {"en": "INV", "es": "F", "fr": "FA"}[lang]
+    number = f"{prefix}-{rng.randint(2024, 2026)}-{rng.randint(1, 9999):04d}"
+    day = date(2025, 1, 1) + timedelta(days=rng.randint(0, 700))
+    currency = "EUR" if lang != "en" else rng.choice(["USD", "GBP", "EUR"])
+    items = [(rng.choice(ITEMS[lang]), rng.randint(1, 12), round(rng.uniform(5, 900), 2))
+             for _ in range(rng.randint(1, 4))]
+    subtotal = round(sum(q * p for _, q, p in items), 2)
+    rate = rng.choice(VAT_RATES[lang])
+    vat = round(subtotal * rate, 2)
+    total = round(subtotal + vat, 2)
+    style = rng.randint(0, 1)
+
+    def money(v: float) -> str:
+        return format_amount(v, currency, lang, style)
+
+    lines = [f"{name} | {q} | {money(p)}" for name, q, p in items]
+    header = [f"{L['title']}", f"{L['from']}: {vendor}", f"{L['number']} {number}",
+              f"{L['date']}: {format_date(day, lang, rng.randint(0, 1))}"]
+    if rng.random() < 0.5:
+        header = [f"{vendor}", f"{L['title']} {number}", header[3]]
+    percent = f"{rate * 100:g}" if lang == "en" else f"{rate * 100:g}".replace(".", ",")
+    totals = [f"{L['subtotal']}: {money(subtotal)}", f"{L['vat']} {percent}%: {money(vat)}",
+              f"{L['total']}: {money(total)}"]
+    price = {"en": "Price", "es": "Precio", "fr": "Prix"}[lang]
+    text = "\n".join([*header, "", f"{L['item']} | {L['qty']} | {price}", *lines, "", *totals])
+    gold = {"vendor": vendor, "invoice_number": number, "date": day.isoformat(), "total": total,
+            "currency": currency, "vat": vat}
+    return Invoice(lang, text, gold)
+
+
+def generate(n: int, seed: int, languages: tuple[str, ...] = LANGUAGES) -> list[Invoice]:
+    rng = random.Random(seed)
+    return [make_invoice(rng, languages[i % len(languages)]) for i in range(n)]
+
+
+def write_jsonl(invoices: list[Invoice], path: Path) -> None:
+    path.write_text("".join(inv.to_json() + "\n" for inv in invoices))
