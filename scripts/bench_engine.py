@@ -59,12 +59,46 @@ def save_hf_folder(work: Path) -> Path:
     return out
 
 
+def weight_bytes_per_token(model: Path) -> int:
+    """Bytes of weights a decode step reads: every initializer but the embedding table (one row is read)."""
+    import onnx
+
+    graph = onnx.load(model / "model.onnx", load_external_data=False).graph
+    total = 0
+    for init in graph.initializer:
+        length = next((int(e.value) for e in init.external_data if e.key == "length"), len(init.raw_data))
+        if "embed_tokens.weight" in init.name and "transposed" not in init.name:
+            continue
+        total += length
+    return total
+
+
+def plot_concurrency(rates: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ns = sorted(int(n) for n in rates)
+    ax.plot(ns, [rates[str(n)] for n in ns], marker="o", label="edgellm int4 (one worker, no batching yet)")
+    ax.set_xlabel("concurrent streams")
+    ax.set_ylabel("aggregate tok/s")
+    ax.set_xticks(ns)
+    ax.set_ylim(0, None)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--work", type=Path, default=ROOT / ".cache/bench")
+    p.add_argument("--plot", type=Path, default=ROOT / "docs/concurrency.png")
     p.add_argument("--install-anchors", action="store_true", help="build llama-cpp-python (~18 min) and "
                    "onnxruntime-genai into .cache/ first")
     args = p.parse_args()
@@ -90,12 +124,18 @@ def main() -> None:
             f.stat().st_size for f in model.iterdir() if f.is_file()) / 1e6, 1)
 
     eval_file = ROOT / "models/data/eval_en.txt"
+    bandwidth = worker(ROOT / ".venv/bin/python", "bandwidth")["copy_gb_per_s"]
+    concurrency = worker(ROOT / ".venv/bin/python", "concurrency", "--model", str(args.work / "smollm2-int4"),
+                         "--threads", str(args.threads), "--new-tokens", "64")
+    plot_concurrency(concurrency["aggregate_tps"], args.plot)
+    console.print(f"concurrency: {json.dumps(concurrency)}; memory copy {bandwidth} GB/s")
     prefix = worker(ROOT / ".venv/bin/python", "edgellm-prefix", "--model", str(args.work / "smollm2-int4"),
                     "--prompt-file", str(eval_file), "--threads", str(args.threads), "--rounds", str(args.rounds))
     console.print(f"prefix reuse: {json.dumps(prefix)}")
 
     if anchor_ready("llamacpp", "llama_cpp"):
-        results["llama.cpp Q4_1"] = worker(ANCHOR_PY["llamacpp"], "llamacpp", "--model", str(gguf), *common)
+        results["llama.cpp Q4_1"] = worker(ANCHOR_PY["llamacpp"], "llamacpp", "--model", str(gguf), *common,
+                                           "--ppl-file", str(eval_file))
         results["llama.cpp Q4_1"]["disk_mb"] = round(gguf.stat().st_size / 1e6, 1)
     else:
         console.print("[yellow]llama.cpp anchor skipped: llama-cpp-python is not installed in .cache/anchors "
@@ -124,6 +164,10 @@ def main() -> None:
     llama = results.get("llama.cpp Q4_1")
     genai = results.get("onnxruntime-genai int4")
 
+    manifest = json.loads((args.work / "smollm2-int4" / "manifest.json").read_text())
+    ppl4 = manifest["quality"]["perplexity"]
+    per_token = weight_bytes_per_token(args.work / "smollm2-int4")
+
     def ratio(a, b, key):
         return round(a[key] / b[key], 3) if a and b else None
 
@@ -139,6 +183,12 @@ def main() -> None:
         "decode_ratio_vs_genai": ratio(e4, genai, "decode_tps"),
         "peak_rss_mb": e4["peak_rss_mb"], "edgellm_int8_peak_rss_mb": results["edgellm int8"]["peak_rss_mb"],
         "prefix_ttft_ratio": prefix["prefix_ttft_ratio"], "prefix_cached_tokens": prefix["cached_tokens"],
+        "concurrency4_speedup": concurrency["concurrency4_speedup"],
+        "edgellm_int4_ppl": ppl4, "llamacpp_ppl": llama and llama.get("ppl"),
+        "ppl_ratio_vs_llamacpp": round(ppl4 / llama["ppl"], 3) if llama and llama.get("ppl") else None,
+        "memory_copy_gb_s": bandwidth, "weight_mb_per_token": round(per_token / 1e6, 1),
+        "bandwidth_limit_tps": round(bandwidth * 1e9 / per_token, 1),
+        "decode_share_of_bandwidth_limit": round(e4["decode_tps"] / (bandwidth * 1e9 / per_token), 3),
     }
     for name, r in results.items():
         console.print(f"{name}: {json.dumps(r)}")

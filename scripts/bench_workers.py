@@ -105,7 +105,82 @@ def run_llamacpp(args) -> dict:
         return int(np.argmax(last_logits()))
 
     rounds = [one_round(prefill, step, len(ids), args.new_tokens) for _ in range(args.rounds)]
-    return summarize(rounds, len(ids), load_s)
+    out = summarize(rounds, len(ids), load_s)
+    if args.ppl_file:
+        out["ppl"], out["ppl_tokens"] = llamacpp_perplexity(args)
+    return out
+
+
+def llamacpp_perplexity(args) -> tuple[float, int]:
+    """Perplexity of the GGUF in llama.cpp on the same text the manifests use (all logits needed)."""
+    import numpy as np
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=args.model, n_threads=args.threads, n_ctx=2048, n_batch=2048, logits_all=True,
+                verbose=False)
+    ids = llm.tokenize(open(args.ppl_file).read().encode(), add_bos=False)
+    llm.eval(ids)
+    logits = np.asarray(llm.scores[: len(ids)], dtype=np.float64)[:-1]
+    peak = logits.max(axis=1, keepdims=True)
+    log_norm = np.log(np.exp(logits - peak).sum(axis=1)) + peak[:, 0]
+    nll = log_norm - logits[np.arange(len(ids) - 1), ids[1:]]
+    return round(float(np.exp(nll.mean())), 4), len(ids)
+
+
+def run_bandwidth(args) -> dict:
+    """Memory copy bandwidth: the ceiling on how fast weights can be read, whatever the engine."""
+    import numpy as np
+
+    src = np.ones(64 << 20, dtype=np.float64)  # 512 MB
+    dst = np.empty_like(src)
+    best = 0.0
+    for _ in range(5):
+        t = time.perf_counter()
+        np.copyto(dst, src)
+        best = max(best, 2 * src.nbytes / (time.perf_counter() - t))  # read + write
+    return {"copy_gb_per_s": round(best / 1e9, 2)}
+
+
+def run_concurrency(args) -> dict:
+    """Aggregate tok/s of N concurrent streams through the daemon's worker queue, against one stream."""
+    import threading
+
+    from daemon.engine import Engine, load_served
+    from daemon.settings import Settings
+    from daemon.stats import Stats
+    from daemon.wire import GenerateRequest
+    from daemon.worker import Job, Worker
+
+    worker = Worker(Engine(load_served(Settings(model={"path": args.model, "threads": args.threads,
+                                                       "prefix_cache_mb": 0}))), Stats(), 64, 4096)
+    worker.start()
+
+    class Sink:
+        def __init__(self):
+            self.done, self.message = threading.Event(), None
+
+        def delta(self, m):
+            pass
+
+        def final(self, m):
+            self.message = m
+            self.done.set()
+
+    def aggregate(n: int) -> float:
+        sinks = [Sink() for _ in range(n)]
+        start = time.perf_counter()
+        for i, sink in enumerate(sinks):
+            worker.submit(Job("generate", GenerateRequest(prompt=f"Story {i}: a lighthouse keeper", raw=True,
+                                                          max_tokens=args.new_tokens, temperature=0),
+                              f"c{n}-{i}-{time.time()}", sink))
+        for sink in sinks:
+            sink.done.wait()
+        tokens = sum(s.message["usage"]["completion_tokens"] for s in sinks)
+        return tokens / (time.perf_counter() - start)
+
+    aggregate(1)  # warm up
+    rates = {n: round(aggregate(n), 2) for n in (1, 2, 4, 8)}
+    return {"aggregate_tps": rates, "concurrency4_speedup": round(rates[4] / rates[1], 3)}
 
 
 def run_genai(args) -> dict:
@@ -154,7 +229,9 @@ def build_genai(args) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("engine", choices=["edgellm", "edgellm-prefix", "llamacpp", "genai", "genai-build"])
+    p.add_argument("engine", choices=["edgellm", "edgellm-prefix", "llamacpp", "genai", "genai-build",
+                                      "bandwidth", "concurrency"])
+    p.add_argument("--ppl-file", help="llamacpp: also measure perplexity on this text")
     p.add_argument("--model")
     p.add_argument("--prompt-file")
     p.add_argument("--threads", type=int, default=2)
@@ -164,7 +241,8 @@ def main() -> None:
     p.add_argument("--out")
     args = p.parse_args()
     run = {"edgellm": run_edgellm, "edgellm-prefix": run_edgellm_prefix, "llamacpp": run_llamacpp,
-           "genai": run_genai, "genai-build": build_genai}
+           "genai": run_genai, "genai-build": build_genai, "bandwidth": run_bandwidth,
+           "concurrency": run_concurrency}
     print(json.dumps(run[args.engine](args)))
 
 
