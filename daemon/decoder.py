@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +19,6 @@ class KVCache:
 
     arrays: list[np.ndarray]
     length: int = 0
-    tokens: list[int] = field(default_factory=list)
 
 
 class OnnxDecoder:
@@ -62,6 +61,5 @@ class OnnxDecoder:
         outputs = self.session.run(["logits", *self.present_names], feeds)
         cache.arrays = outputs[1:]
         cache.length = total
-        cache.tokens.extend(ids)
         logits = outputs[0][0]
         return logits if all_logits else logits[-1:]

@@ -107,7 +107,6 @@ class Generator:
         if hit is not None:  # compute only what follows the cached prefix
             usage.cached_tokens, cache.arrays = hit
             cache.length = usage.cached_tokens
-            cache.tokens = list(ids[:usage.cached_tokens])
             feed = ids[usage.cached_tokens:]
         generated: list[int] = []
         parts: list[str] = []
