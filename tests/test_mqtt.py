@@ -146,12 +146,15 @@ def test_a_full_queue_answers_busy_immediately(client):
 
 
 def test_deadlines_expire_requests_instead_of_running_them(client):
-    long_done, long_msgs = client.send(TOPIC + "generate", {**LONG, "id": "slow"})
+    # A raw counting prompt rarely meets end-of-sequence: 300 tokens keep the worker busy for seconds.
+    blocker = {"prompt": "1, 2, 3, 4, 5, 6, 7,", "raw": True, "max_tokens": 300, "temperature": 0, "id": "slow"}
+    long_done, long_msgs = client.send(TOPIC + "generate", blocker)
+    r2_done, r2 = client.send(TOPIC + "generate", {"prompt": "late too", "id": "late2"}, expiry_s=1)
     time.sleep(0.3)
     r = client.call(TOPIC + "generate", {"prompt": "late", "deadline_ms": 100, "id": "late"})
     assert r["error"]["code"] == "deadline_exceeded" and r["id"] == "late"
-    r2_done, r2 = client.send(TOPIC + "generate", {"prompt": "late too", "id": "late2"}, expiry_s=1)
     assert long_done.wait(60) and long_msgs[0]["ok"]
+    assert long_msgs[0]["usage"]["completion_tokens"] > 100, long_msgs[0]  # it did outlast both deadlines
     assert r2_done.wait(30)  # Message Expiry Interval: expired in our queue, or dropped by the broker unanswered
     assert r2[0]["error"]["code"] == "deadline_exceeded"
 
