@@ -54,20 +54,14 @@ def check_architecture(source: Source) -> str:
     return config.model_type
 
 
-def _gguf_eos(source: Source) -> int | None:
+def _gguf_header(source: Source) -> dict:
+    """The two header fields the build needs, from one parse of the GGUF."""
     from gguf import GGUFReader
 
-    field = GGUFReader(source.folder / source.gguf_file).fields.get("tokenizer.ggml.eos_token_id")
-    return int(field.contents()) if field is not None else None
-
-
-def _license(source: Source) -> str | None:
-    if source.kind == "gguf":
-        from gguf import GGUFReader
-
-        field = GGUFReader(source.folder / source.gguf_file).fields.get("general.license")
-        return str(field.contents()) if field is not None else None
-    return readme_license(source.folder) if source.folder else None
+    fields = GGUFReader(source.folder / source.gguf_file).fields
+    eos, license_ = fields.get("tokenizer.ggml.eos_token_id"), fields.get("general.license")
+    return {"eos": int(eos.contents()) if eos is not None else None,
+            "license": str(license_.contents()) if license_ is not None else None}
 
 
 def quiet_libraries() -> None:
@@ -96,9 +90,11 @@ def load_source(source: Source) -> HFModel:
     config = model.config
     eos = config.eos_token_id
     eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
+    license_ = readme_license(source.folder) if source.folder else None
     if source.kind == "gguf":
         # transformers' GGUF tokenizer gets eos_token=<|im_start|> for SmolLM2; the GGUF header is right.
-        gguf_eos = _gguf_eos(source)
+        header = _gguf_header(source)
+        license_, gguf_eos = header["license"], header["eos"]
         if gguf_eos is not None:
             eos_ids = [gguf_eos]
             tokenizer.eos_token = tokenizer.convert_ids_to_tokens(gguf_eos)
@@ -116,7 +112,7 @@ def load_source(source: Source) -> HFModel:
     context = next((getattr(config, k) for k in ("max_position_embeddings", "n_positions", "max_sequence_length")
                     if getattr(config, k, None)), 2048)
     architecture = (config.architectures or [type(model).__name__])[0]
-    return HFModel(model, tokenizer, config.model_type, architecture, eos_ids, int(context), _license(source))
+    return HFModel(model, tokenizer, config.model_type, architecture, eos_ids, int(context), license_)
 
 
 def export_onnx(hf: HFModel, work: Path) -> Path:
