@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 from daemon.embedder import Embedder
 from daemon.errors import EdgeError
@@ -43,15 +44,24 @@ class Engine:
             old, self._served = self._served, served
         return old
 
+    def swap_generator(self, generator: Generator) -> None:
+        """A new generation model, same embedder and store; requests already running keep the old one."""
+        with self._lock:
+            self._served = replace(self._served, generator=generator)
+
+
+def load_generator(settings: Settings, folder: Path) -> Generator:
+    m = settings.model
+    prefix_cache = PrefixCache(m.prefix_cache_mb << 20) if m.prefix_cache_mb else None
+    return Generator(LoadedModel.load(folder, threads=m.threads), prefix_cache)
+
 
 def load_served(settings: Settings) -> Served:
     """The models and store the settings name; the store needs the embedding model that built it."""
     if settings.model.path is None:
         raise EdgeError("model_unavailable", "model.path is not set: set EDGELLM_MODEL__PATH, [model] path in the "
                         "config file, or --model")
-    m = settings.model
-    prefix_cache = PrefixCache(m.prefix_cache_mb << 20) if m.prefix_cache_mb else None
-    generator = Generator(LoadedModel.load(m.path, threads=m.threads), prefix_cache)
+    generator = load_generator(settings, settings.model.path)
     e = settings.embedding
     embedder = Embedder(e.path, threads=e.threads) if e.path else None
     store = None

@@ -15,6 +15,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -40,6 +41,9 @@ class Topics:
         self.group_rpc = [f"$share/{g}/{root}/groups/{g}/rpc/+" for g in groups]
         self.status = f"{root}/{device}/status"
         self.telemetry = f"{root}/{device}/telemetry"
+        self.update = f"{root}/{device}/update"
+        # desired-state topic -> scope: 'device' for our own, else the group's name
+        self.desired = {f"{root}/{device}/desired": "device", **{f"{root}/groups/{g}/desired": g for g in groups}}
 
     @staticmethod
     def method(topic: str) -> str:
@@ -91,12 +95,20 @@ class MqttReply:
     final = _send
 
 
+@dataclass
+class UpdateHooks:
+    on_desired: Callable[[str, bytes], None]  # (scope, retained payload)
+    report: Callable[[], dict]  # the current update report, re-published retained on every connect
+
+
 class MqttService:
-    def __init__(self, settings: Settings, worker: Worker, stats: Stats, status_extra: Callable[[], dict]):
+    def __init__(self, settings: Settings, worker: Worker, stats: Stats, status_extra: Callable[[], dict],
+                 updates: UpdateHooks | None = None):
         self.settings = settings
         self.worker = worker
         self.stats = stats
         self.status_extra = status_extra
+        self.updates = updates
         self.topics = Topics(settings.topic_root, settings.device_id, settings.groups)
         self.connected = threading.Event()
         self.ever_connected = threading.Event()
@@ -147,6 +159,9 @@ class MqttService:
     def publish_status(self) -> None:
         self.client.publish(self.topics.status, self._presence("online"), qos=1, retain=True)
 
+    def publish_update(self, report: dict) -> None:
+        self.client.publish(self.topics.update, json.dumps(report).encode(), qos=1, retain=True)
+
     def publish_telemetry(self) -> None:
         body = {"device": self.settings.device_id, "ts": time.time(), "queue_depth": self.worker.depth,
                 **self.stats.snapshot()}
@@ -162,8 +177,12 @@ class MqttService:
         subs = [(self.topics.rpc, SubscribeOptions(qos=1))]
         if self._accepting:
             subs += [(t, SubscribeOptions(qos=1)) for t in self.topics.group_rpc]
+        if self.updates is not None:
+            subs += [(t, SubscribeOptions(qos=1)) for t in self.topics.desired]
         client.subscribe(subs)
         self.publish_status()
+        if self.updates is not None and self.updates.report():
+            self.publish_update(self.updates.report())
         self.connected.set()
         self.ever_connected.set()
 
@@ -176,7 +195,11 @@ class MqttService:
         if not self._accepting:
             return  # left unacknowledged: the broker redelivers it to our next session
         try:
-            self._handle(msg)
+            if msg.topic in self.topics.desired:
+                if self.updates is not None:
+                    self.updates.on_desired(self.topics.desired[msg.topic], msg.payload)
+            else:
+                self._handle(msg)
         except Exception:  # never let one message take the network thread down
             log.exception("unexpected error handling a message on %s", msg.topic)
         finally:

@@ -9,12 +9,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from daemon.engine import Engine, load_served
+from daemon.engine import Engine, load_generator, load_served
 from daemon.errors import CommandError, EdgeError
-from daemon.mqtt_service import MqttService
+from daemon.mqtt_service import MqttService, UpdateHooks
 from daemon.sdnotify import Watchdog, notify
 from daemon.settings import Settings
 from daemon.stats import Stats
+from daemon.updater import Hooks, UpdateAgent
 from daemon.worker import Worker
 
 log = logging.getLogger("edgellm.serve")
@@ -26,16 +27,20 @@ class Daemon:
         self.reload_settings = reload_settings
         self.stop_requested = threading.Event()
         self.reload_requested = threading.Event()
-        notify(f"STATUS=loading {settings.model.path}")
+        self.stats = Stats()
+        self.mqtt: MqttService | None = None
+        self.updater = self._update_agent(settings) if settings.update.enabled else None
+        served_path = self.updater.recover() if self.updater else None
+        notify(f"STATUS=loading {served_path or settings.model.path}")
         try:
-            self.engine = Engine(load_served(settings))
+            self.engine = Engine(load_served(self._serving(served_path)))
         except EdgeError as e:
             raise CommandError(e.message) from None
-        self.stats = Stats()
         self.watchdog = Watchdog()
         self.worker = Worker(self.engine, self.stats, settings.limits.queue_size, settings.limits.max_tokens,
                              heartbeat=self.watchdog.ping, store_settings=settings.store)
-        self.mqtt = MqttService(settings, self.worker, self.stats, self.model_status)
+        hooks = UpdateHooks(self.updater.on_desired, lambda: self.updater.report) if self.updater else None
+        self.mqtt = MqttService(settings, self.worker, self.stats, self.model_status, hooks)
         self.http = None
         if settings.http.enabled:
             from daemon.http_api import HttpServer, create_app
@@ -44,9 +49,50 @@ class Daemon:
             metrics = Metrics(self.stats, lambda: self.worker.depth, lambda: self.engine.served.model_info)
             self.http = HttpServer(create_app(settings, self.worker, self.engine, metrics), settings)
 
+    def _serving(self, folder: Path | None, settings: Settings | None = None) -> Settings:
+        """The settings with model.path pointing at the folder the update agent activated, if any."""
+        settings = settings or self.settings
+        if folder is None:
+            return settings
+        return settings.model_copy(update={"model": settings.model.model_copy(update={"path": folder})})
+
+    def _update_agent(self, settings: Settings) -> UpdateAgent:
+        hooks = Hooks(publish=self._publish_update, activate=self.switch_model,
+                      health_problem=self.health_problem,
+                      internal_errors=lambda: self.stats.snapshot()["errors"].get("internal", 0))
+        try:
+            return UpdateAgent(settings, hooks)
+        except (OSError, ValueError) as e:
+            raise CommandError(f"update.public_keys: cannot read an Ed25519 public key: {e}") from None
+
+    def _publish_update(self, report: dict) -> None:
+        if self.mqtt is not None:  # before the connection, the report goes out on connect
+            self.mqtt.publish_update(report)
+
+    def switch_model(self, folder: Path | None) -> None:
+        """Serve another model folder; requests already running finish on the one they started with."""
+        folder = folder or self.settings.model.path
+        self.engine.swap_generator(load_generator(self.settings, folder))
+        log.info("now serving %s from %s", self.model_status()["model"]["name"], folder)
+        self.mqtt.publish_status()
+
+    def health_problem(self) -> str | None:
+        """The new model answers its first golden prompt as the host recorded it (on a generator without the
+        shared prefix cache, so the check never races the worker)."""
+        from daemon.generate import Generator
+        from daemon.smoke import golden_problem
+
+        bundle = self.updater.slots.bundle(self.updater.slots.state().active)
+        if bundle is None or not bundle.smoke.golden:
+            return None
+        return golden_problem(Generator(self.engine.served.generator.model), bundle.smoke.golden[0], 1)
+
     def model_status(self) -> dict:
         served = self.engine.served
         status = {"model": served.model_info}
+        if self.updater is not None:
+            status["bundle"] = self.updater.active_bundle()
+            status["update_state"] = self.updater.report.get("state")
         if served.embedder is not None:
             status["embedding_model"] = {"name": served.embedder.name, "version": served.embedder.manifest.version}
         return status
@@ -57,6 +103,8 @@ class Daemon:
         signal.signal(signal.SIGHUP, lambda *_: self.reload_requested.set())
         self.worker.start()
         self.mqtt.start()
+        if self.updater is not None:
+            self.updater.start()
         if self.http is not None:
             self.http.start()
             log.info("OpenAI-compatible API on http://%s:%d/v1", self.settings.http.host, self.settings.http.port)
@@ -82,6 +130,8 @@ class Daemon:
         log.info("stopping: %d request(s) in flight, %.0f s grace", self.worker.depth,
                  self.settings.limits.grace_seconds)
         self.mqtt.stop_intake()
+        if self.updater is not None:
+            self.updater.shutdown()
         if self.http is not None:
             self.http.stop_intake()
         self.worker.drain(self.settings.limits.grace_seconds)
@@ -103,7 +153,8 @@ class Daemon:
         old = self.settings
         if (new.model, new.embedding, new.store.path) != (old.model, old.embedding, old.store.path):
             try:
-                self.engine.swap(load_served(new))
+                active = self.updater.slots.path(self.updater.slots.state().active) if self.updater else None
+                self.engine.swap(load_served(self._serving(active, new)))
                 log.info("now serving %s", self.model_status()["model"]["name"])
             except EdgeError as e:
                 log.error("reload: cannot load the new model, keeping the old one: %s", e.message)

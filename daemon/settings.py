@@ -96,6 +96,20 @@ class LimitSettings(_Section):
     grace_seconds: float = Field(10.0, ge=0, description="on SIGTERM, time in-flight requests get to finish")
 
 
+class UpdateSettings(_Section):
+    enabled: bool = Field(False, description="follow the desired state published for our groups and device")
+    state_dir: Path = Field(Path("/var/lib/edgellm/updates"), description="model slots and downloads")
+    public_keys: list[Path] = Field(default_factory=list, description="Ed25519 public keys (PEM) bundles must be "
+                                    "signed with; from `edgellm keygen`")
+    max_bytes_per_second: int | None = Field(None, gt=0, description="download bandwidth cap")
+    retries: int = Field(5, ge=0, description="attempts per file beyond the first")
+    retry_backoff: float = Field(1.0, gt=0, description="seconds before the first retry; doubles per attempt")
+    timeout: float = Field(30.0, gt=0, description="seconds a download may stall")
+    smoke_timeout: float = Field(600.0, gt=0, description="seconds the new model's smoke test may take")
+    grace_seconds: float = Field(30.0, ge=0, description="after a switch, a crash or health failure within this "
+                                 "window rolls back")
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid",
                                       protected_namespaces=())
@@ -111,6 +125,7 @@ class Settings(BaseSettings):
     store: StoreSettings = StoreSettings()
     http: HttpSettings = HttpSettings()
     limits: LimitSettings = LimitSettings()
+    update: UpdateSettings = UpdateSettings()
 
     @field_validator("groups")
     @classmethod
@@ -134,6 +149,17 @@ class Settings(BaseSettings):
         if self.http.enabled and not self.http.is_loopback() and not self.http.key():
             raise ValueError(f"http.api_key: required when http.host ({self.http.host}) is not a loopback address; "
                              "set http.api_key or http.api_key_file")
+        return self
+
+    @model_validator(mode="after")
+    def _update_keys(self) -> Settings:
+        if self.update.enabled:
+            if not self.update.public_keys:
+                raise ValueError("update.public_keys: updates are enabled but no public key is trusted; add the "
+                                 "PEM file `edgellm keygen` wrote beside the signing key (KEY.pub)")
+            missing = [str(p) for p in self.update.public_keys if not Path(p).is_file()]
+            if missing:
+                raise ValueError(f"update.public_keys: {', '.join(missing)} does not exist")
         return self
 
     @classmethod

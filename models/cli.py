@@ -76,6 +76,126 @@ def cmd_eval(args: argparse.Namespace) -> None:
               f"{r['json_valid_rate']:.1%}; median latency {r['latency_ms_p50']} ms on {r['n']} invoices")
 
 
+def cmd_lora_train(args: argparse.Namespace) -> None:
+    from models.lora import LoraOptions, train_lora
+
+    if args.rank < 1 or args.alpha <= 0 or args.epochs <= 0 or args.learning_rate <= 0:
+        raise CommandError("--rank, --alpha, --epochs and --learning-rate must be positive")
+    modules = args.target_modules.split(",") if args.target_modules else None
+    options = LoraOptions(rank=args.rank, alpha=args.alpha, epochs=args.epochs, learning_rate=args.learning_rate,
+                          batch_size=args.batch_size, target_modules=modules, seed=args.seed)
+    r = train_lora(args.base, args.data, args.out, options)
+    print(f"trained a LoRA (r={args.rank}, {', '.join(r.target_modules)}) on {r.examples} examples: {r.steps} "
+          f"steps in {r.seconds:.0f} s, loss {r.first_loss:.3f} -> {r.last_loss:.3f}; adapter at {args.out}")
+
+
+def cmd_lora_merge(args: argparse.Namespace) -> None:
+    from models.lora import merge_lora
+
+    merge_lora(args.base, args.adapter, args.out, args.force)
+    print(f"merged {args.adapter} into {args.base} at {args.out}; build it with "
+          f"`edgellm model build {args.out} --out DIR`")
+
+
+def cmd_keygen(args: argparse.Namespace) -> None:
+    from models.bundles import keygen
+
+    kid = keygen(args.out, args.force)
+    print(f"wrote the Ed25519 signing key {args.out} (keep it secret) and {args.out}.pub (key id {kid}); "
+          f"devices trust it through update.public_keys")
+
+
+def cmd_bundle_build(args: argparse.Namespace) -> None:
+    from models.bundles import BundleOptions, build_bundle
+
+    options = BundleOptions(name=args.name, version=args.version, parent=args.parent, golden=args.golden,
+                            evaluation=args.eval_report)
+    m = build_bundle(args.model_dir, args.store, args.key, options)
+    chunks = m.unique_chunks()
+    print(f"bundle {m.name} {m.version} (parent {m.parent or 'none'}): {m.total_bytes / 1e6:.1f} MB in "
+          f"{len(chunks)} chunks, {len(m.smoke.golden)} golden prompts, signed, in {args.store}")
+
+
+def mqtt_settings(args: argparse.Namespace):
+    from daemon.settings import load_settings
+
+    overrides: dict = {"mqtt": {}}
+    if args.mqtt_host:
+        overrides["mqtt"]["host"] = args.mqtt_host
+    if args.mqtt_port:
+        overrides["mqtt"]["port"] = args.mqtt_port
+    if args.topic_root:
+        overrides["topic_root"] = args.topic_root
+    return load_settings(args.config, overrides)
+
+
+def cmd_bundle_publish(args: argparse.Namespace) -> None:
+    from models.bundles import desired_state
+    from models.fleet import publish_desired
+
+    if (args.group is None) == (args.device is None):
+        raise CommandError("give --group G (every device in it) or --device D (one device's override)")
+    if not 0 <= args.percent <= 100:
+        raise CommandError("--percent: between 0 and 100")
+    settings = mqtt_settings(args)
+    scope = f"groups/{args.group}" if args.group else args.device
+    topic = f"{settings.topic_root}/{scope}/desired"
+    if args.clear:
+        publish_desired(settings, topic, None)
+        print(f"cleared the desired state on {topic}")
+        return
+    url = args.url or Path(args.store).resolve().as_uri()
+    desired = desired_state(args.store, url, args.name, args.version, args.percent)
+    publish_desired(settings, topic, desired)
+    print(f"published {desired.name} {desired.version} to {scope} ({desired.percent:g}%) from {url}, "
+          f"retained on {topic}")
+
+
+def cmd_bundle_serve(args: argparse.Namespace) -> None:
+    from models.fleet import serve_store
+
+    if not Path(args.store).is_dir():
+        raise CommandError(f"--store: {args.store} is not a folder")
+    print(f"serving {args.store} on http://{args.host}:{args.port}/ (Ctrl-C stops)")
+    serve_store(args.store, args.host, args.port)
+
+
+def cmd_fleet_status(args: argparse.Namespace) -> None:
+    import time
+
+    from rich.console import Console
+    from rich.live import Live
+
+    from models.fleet import FleetWatch, render
+
+    watch = FleetWatch(mqtt_settings(args)).start()
+    try:
+        if args.once:
+            time.sleep(args.wait)
+            if args.json:
+                import json
+
+                print(json.dumps(watch.rows()))
+            else:
+                Console().print(render(watch.rows()))
+            return
+        with Live(render(watch.rows()), refresh_per_second=2) as live:
+            while True:
+                time.sleep(0.5)
+                live.update(render(watch.rows()))
+    except KeyboardInterrupt:
+        pass
+    finally:
+        watch.stop()
+
+
+def _add_mqtt_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, help="an edgellm TOML config for the broker connection")
+    p.add_argument("--mqtt-host")
+    p.add_argument("--mqtt-port", type=int)
+    p.add_argument("--topic-root")
+
+
 def register(commands: argparse._SubParsersAction) -> None:
     model = commands.add_parser("model", help="build and inspect models (host side)")
     sub = model.add_subparsers(dest="model_command", required=True, metavar="ACTION")
@@ -111,3 +231,71 @@ def register(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--max-tokens", type=int, default=200)
     p.set_defaults(func=cmd_eval)
+    _register_fleet(commands)
+
+
+def _register_fleet(commands: argparse._SubParsersAction) -> None:
+    lora = commands.add_parser("lora", help="fine-tune with LoRA and merge the adapter (host side)")
+    sub = lora.add_subparsers(dest="lora_command", required=True, metavar="ACTION")
+    p = sub.add_parser("train", help="train a LoRA adapter with peft on the CPU")
+    p.add_argument("--base", required=True, help="a model folder, .gguf file, hub id or 'smollm2'")
+    p.add_argument("--data", required=True, type=Path, help="JSONL of {prompt, completion} (or invoices)")
+    p.add_argument("--out", required=True, type=Path, help="the adapter folder to create")
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--alpha", type=int, default=16)
+    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--learning-rate", type=float, default=1e-3)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--target-modules", help="comma-separated layer names (default: per architecture)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_lora_train)
+    p = sub.add_parser("merge", help="fold an adapter into its base (merge_and_unload) as a plain HF folder")
+    p.add_argument("--base", required=True)
+    p.add_argument("--adapter", required=True, type=Path)
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--force", action="store_true")
+    p.set_defaults(func=cmd_lora_merge)
+
+    p = commands.add_parser("keygen", help="make an Ed25519 key pair for signing bundles")
+    p.add_argument("--out", type=Path, default=Path("edgellm-signing.key"), help="private key file (.pub beside)")
+    p.add_argument("--force", action="store_true")
+    p.set_defaults(func=cmd_keygen)
+
+    bundle = commands.add_parser("bundle", help="signed, chunked model bundles for fleet updates (host side)")
+    sub = bundle.add_subparsers(dest="bundle_command", required=True, metavar="ACTION")
+    p = sub.add_parser("build", help="chunk, describe and sign a model folder into a store")
+    p.add_argument("model_dir", type=Path)
+    p.add_argument("--store", required=True, type=Path, help="the store folder (static files)")
+    p.add_argument("--key", required=True, type=Path, help="the Ed25519 private key from `edgellm keygen`")
+    p.add_argument("--name", help="bundle name (default: the model's name)")
+    p.add_argument("--version", help="default: one more than the newest numbered version in the store")
+    p.add_argument("--parent", help="the version this replaces (default: the newest in the store)")
+    p.add_argument("--golden", type=Path, help="JSONL golden prompts {prompt, expected | json_schema, max_tokens}; "
+                   "default: two prompts whose answers are recorded from this model")
+    p.add_argument("--eval-report", type=Path, help="an `edgellm eval` report to record in the lineage")
+    p.set_defaults(func=cmd_bundle_build)
+    p = sub.add_parser("publish", help="publish the desired state (retained) to a group or one device")
+    p.add_argument("--store", required=True, type=Path)
+    p.add_argument("--url", help="the store's URL as devices reach it (default: file:// of --store)")
+    p.add_argument("--group")
+    p.add_argument("--device", help="override the desired state of one device")
+    p.add_argument("--percent", type=float, default=100.0, help="staged rollout: this share of the group")
+    p.add_argument("--name", help="bundle name (default: the store's latest)")
+    p.add_argument("--version", help="bundle version (default: the latest of --name)")
+    p.add_argument("--clear", action="store_true", help="remove the desired state instead")
+    _add_mqtt_args(p)
+    p.set_defaults(func=cmd_bundle_publish)
+    p = sub.add_parser("serve", help="serve a store over HTTP with Range support (demos, labs)")
+    p.add_argument("--store", required=True, type=Path)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8070)
+    p.set_defaults(func=cmd_bundle_serve)
+
+    fleet = commands.add_parser("fleet", help="watch the fleet (host side)")
+    sub = fleet.add_subparsers(dest="fleet_command", required=True, metavar="ACTION")
+    p = sub.add_parser("status", help="a live table: device, state, model version, update state, last seen")
+    p.add_argument("--once", action="store_true", help="print one table after --wait seconds and exit")
+    p.add_argument("--wait", type=float, default=2.0)
+    p.add_argument("--json", action="store_true", help="with --once: print the rows as JSON")
+    _add_mqtt_args(p)
+    p.set_defaults(func=cmd_fleet_status)

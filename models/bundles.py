@@ -1,0 +1,265 @@
+"""Host side of fleet updates: Ed25519 keys, chunked signed bundles in a static store, publishing desired state.
+
+Chunking: an ONNX model's external data file is cut where each tensor starts (small neighbours grouped,
+big tensors split), so a LoRA merge that rewrites only q/v projections changes only their chunks. Every other
+file is cut every CHUNK_MAX bytes.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import tempfile
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from daemon.bundle import (
+    BUNDLE_FILE,
+    SIGNATURE_FILE,
+    BundleFile,
+    BundleManifest,
+    Chunk,
+    DesiredState,
+    GoldenPrompt,
+    Lineage,
+    Signature,
+    SmokeTest,
+    bundle_path,
+    chunk_path,
+    key_id,
+    public_raw,
+)
+from daemon.manifest import MANIFEST_NAME, load_manifest
+from models.errors import BuildError
+
+CHUNK_MAX = 4 << 20
+CHUNK_MIN = 4 << 10  # tensors smaller than this (norms, biases) share a chunk with their neighbours
+SMOKE_FILE = "smoke_eval.txt"
+SMOKE_TOKENS = 256
+DEFAULT_GOLDEN = ["The capital of France is", "List three colours:"]
+
+
+# -- keys -------------------------------------------------------------------------------------------
+def keygen(private_path: Path, force: bool = False) -> str:
+    """Write an Ed25519 private key (PEM, mode 0600) and KEY.pub beside it; returns the key id."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
+
+    private_path = Path(private_path)
+    public_path = private_path.with_name(private_path.name + ".pub")
+    if not force and (private_path.exists() or public_path.exists()):
+        raise BuildError(f"--out: {private_path} or its .pub exists; pass --force to replace the key pair "
+                         "(devices trusting the old public key will refuse bundles signed by the new one)")
+    key = Ed25519PrivateKey.generate()
+    private_path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()))
+    public_path.write_bytes(key.public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo))
+    return key_id(public_raw(key.public_key()))
+
+
+def load_private_key(path: Path):
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    try:
+        key = load_pem_private_key(Path(path).read_bytes(), password=None)
+    except (OSError, ValueError) as e:
+        raise BuildError(f"--key: cannot read an Ed25519 private key from {path}: {e}") from None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise BuildError(f"--key: {path} is not an Ed25519 key; make one with `edgellm keygen`")
+    return key
+
+
+def sign(manifest_bytes: bytes, key) -> bytes:
+    sig = Signature(key_id=key_id(public_raw(key.public_key())),
+                    signature=base64.b64encode(key.sign(manifest_bytes)).decode())
+    return sig.model_dump_json().encode()
+
+
+# -- chunking ---------------------------------------------------------------------------------------
+def tensor_starts(folder: Path) -> dict[str, set[int]]:
+    """Offsets where a tensor begins, per external data file of every ONNX model in the folder."""
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    starts: dict[str, set[int]] = {}
+    for model_path in folder.glob("*.onnx"):
+        graph = onnx.load(str(model_path), load_external_data=False).graph
+        for tensor in graph.initializer:
+            if uses_external_data(tensor):
+                info = ExternalDataInfo(tensor)
+                starts.setdefault(info.location, set()).add(int(info.offset or 0))
+    return starts
+
+
+def cut_points(size: int, starts: set[int]) -> list[int]:
+    """Chunk boundaries: at tensor starts, grouping small tensors, splitting big ones every CHUNK_MAX."""
+    points = [0]
+    for start in sorted(s for s in starts | {size} if 0 < s <= size):
+        while start - points[-1] > CHUNK_MAX:
+            points.append(points[-1] + CHUNK_MAX)
+        if start - points[-1] >= CHUNK_MIN or start == size:
+            points.append(start)
+    return points if points[-1] == size else [*points, size]
+
+
+def chunk_file(path: Path, starts: set[int], store: Path) -> BundleFile:
+    """Write the file's chunks into the store (each once, by content) and describe the file."""
+    size = path.stat().st_size
+    whole = hashlib.sha256()
+    chunks = []
+    with open(path, "rb") as f:
+        points = cut_points(size, starts) if size else [0]
+        for begin, end in zip(points, points[1:], strict=False):
+            data = f.read(end - begin)
+            whole.update(data)
+            digest = hashlib.sha256(data).hexdigest()
+            write_once(store / chunk_path(digest), data)
+            chunks.append(Chunk(sha256=digest, size=len(data)))
+    return BundleFile(path=path.name, size=size, sha256=whole.hexdigest(), chunks=chunks)
+
+
+def write_once(path: Path, data: bytes) -> None:
+    """Content-addressed files never change: write one only if it is missing."""
+    if not path.exists():
+        write_atomic(path, data)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Readers (web servers, devices) see the old file or the whole new one, never a part."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".incoming-")
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
+# -- building ---------------------------------------------------------------------------------------
+@dataclass
+class BundleOptions:
+    name: str | None = None
+    version: str | None = None
+    parent: str | None = None
+    golden: Path | None = None
+    evaluation: Path | None = None
+    ppl_tolerance: float = 0.02
+
+
+def build_bundle(model_dir: Path, store: Path, key_path: Path, options: BundleOptions) -> BundleManifest:
+    model_dir, store = Path(model_dir), Path(store)
+    model = load_manifest(model_dir, verify_hashes=True)
+    key = load_private_key(key_path)
+    name = options.name or model.name
+    version = options.version or _next_version(store, name)
+    if (store / bundle_path(name, version)).exists():
+        raise BuildError(f"--version: bundle {name} {version} is already in {store}; bundles never change, "
+                         "choose a new version")
+    parent = options.parent or _latest_version(store, name)
+    smoke, smoke_text = _smoke_test(model_dir, options)
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / SMOKE_FILE).write_text(smoke_text)
+        starts = tensor_starts(model_dir)
+        files = [chunk_file(model_dir / n, starts.get(n, set()), store) for n in [*model.files, MANIFEST_NAME]]
+        files.append(chunk_file(Path(tmp) / SMOKE_FILE, set(), store))
+    manifest = BundleManifest(name=name, version=version, parent=parent, files=files, smoke=smoke,
+                              lineage=_lineage(model_dir, model, options))
+    body = manifest.model_dump_json(indent=2).encode() + b"\n"
+    folder = store / bundle_path(name, version, "")
+    folder.mkdir(parents=True, exist_ok=True)
+    write_atomic(folder / SIGNATURE_FILE, sign(body, key))
+    write_atomic(folder / BUNDLE_FILE, body)  # last: a bundle.json without its signature never appears
+    write_atomic(store / "latest.json", json.dumps({"name": name, "version": version}).encode() + b"\n")
+    return manifest
+
+
+def _versions(store: Path, name: str) -> list[str]:
+    folder = store / "bundles" / name
+    found = [p.name for p in folder.iterdir() if (p / BUNDLE_FILE).is_file()] if folder.is_dir() else []
+    return sorted(found, key=lambda v: (0, int(v), "") if v.isdigit() else (1, 0, v))
+
+
+def _latest_version(store: Path, name: str) -> str | None:
+    versions = _versions(store, name)
+    return versions[-1] if versions else None
+
+
+def _next_version(store: Path, name: str) -> str:
+    numbers = [int(v) for v in _versions(store, name) if v.isdigit()]
+    return str(max(numbers, default=0) + 1)
+
+
+def _smoke_test(model_dir: Path, options: BundleOptions) -> tuple[SmokeTest, str]:
+    """Golden prompts (expected outputs filled in from this model where none are given) and a perplexity
+    bound, both measured here with the device's own engine so the device can be held to them."""
+    from daemon.generate import Generator
+    from daemon.model import LoadedModel
+    from daemon.params import GenerationParams
+    from daemon.perplexity import perplexity
+    from models.build import eval_text
+
+    golden = _read_golden(options.golden) if options.golden else [GoldenPrompt(prompt=p) for p in DEFAULT_GOLDEN]
+    generator = Generator(LoadedModel.load(model_dir))
+    for g in golden:
+        if g.expected is None and g.json_schema is None:
+            params = GenerationParams(max_tokens=g.max_tokens, temperature=0)
+            result = generator.generate(generator.prompt_ids(g.prompt, raw=g.raw), params)
+            g.expected = result.text
+    ids = generator.model.encode(eval_text())[:SMOKE_TOKENS]
+    text = generator.model.tokenizer.decode(ids, skip_special_tokens=True)
+    ppl, _ = perplexity(generator.model, text)
+    return SmokeTest(golden=golden, eval_file=SMOKE_FILE,
+                     max_perplexity=round(ppl * (1 + options.ppl_tolerance), 4)), text
+
+
+def _read_golden(path: Path) -> list[GoldenPrompt]:
+    from pydantic import ValidationError
+
+    golden = []
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                golden.append(GoldenPrompt.model_validate_json(line))
+            except ValidationError as e:
+                raise BuildError(f"--golden: line {n} of {path}: {e}") from None
+    return golden
+
+
+def _lineage(model_dir: Path, model, options: BundleOptions) -> Lineage:
+    from models.lora import LINEAGE_FILE
+
+    trained: dict = {}
+    if (model_dir / LINEAGE_FILE).is_file():
+        trained = json.loads((model_dir / LINEAGE_FILE).read_text())
+    evaluation = json.loads(Path(options.evaluation).read_text()) if options.evaluation else None
+    if evaluation is None and model.quality is not None:
+        evaluation = {"perplexity": model.quality.model_dump()}
+    training = trained.get("training") or {}
+    return Lineage(base_model=trained.get("base") or model.source.ref, source_sha256=model.source.sha256,
+                   adapter=trained.get("adapter"), training_data_sha256=training.get("data_sha256"),
+                   training=training or None, evaluation=evaluation, license=model.license or trained.get("license"))
+
+
+# -- publishing -------------------------------------------------------------------------------------
+def desired_state(store: Path, store_url: str, name: str | None, version: str | None, percent: float) -> DesiredState:
+    store = Path(store)
+    if name is None or version is None:
+        latest_path = store / "latest.json"
+        if not latest_path.is_file():
+            raise BuildError(f"--store: {store} holds no bundle yet; build one with `edgellm bundle build`")
+        latest = json.loads(latest_path.read_text())
+        name, version = name or latest["name"], version or (latest["version"] if name in (None, latest["name"])
+                                                             else _latest_version(store, name))
+    if not (store / bundle_path(name, version)).is_file():
+        raise BuildError(f"--version: {store} has no bundle {name} {version}")
+    return DesiredState(id=uuid.uuid4().hex[:16], store_url=store_url.rstrip("/"), name=name, version=version,
+                        percent=percent)
+
+
+def read_bundle(store: Path, name: str, version: str) -> BundleManifest:
+    return BundleManifest.model_validate_json((Path(store) / bundle_path(name, version)).read_bytes())

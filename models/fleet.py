@@ -1,0 +1,130 @@
+"""The host's MQTT side of fleet updates: publish a desired state, watch the fleet, serve a store over HTTP."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from daemon.bundle import DesiredState
+from daemon.settings import Settings
+
+
+def publish_desired(settings: Settings, topic: str, desired: DesiredState | None, timeout: float = 10.0) -> None:
+    """Publish (or, with None, clear) a retained desired state and wait for the broker's acknowledgement."""
+    from daemon.errors import CommandError
+    from daemon.mqtt_service import make_client
+
+    client = make_client(settings, f"edgellm-publish-{int(time.time() * 1000) % 10**8}")
+    try:
+        client.connect(settings.mqtt.host, settings.mqtt.port)
+    except OSError as e:
+        raise CommandError(f"--mqtt-host/--mqtt-port: cannot reach the broker at {settings.mqtt.host}:"
+                           f"{settings.mqtt.port}: {e}") from None
+    client.loop_start()
+    try:
+        payload = desired.model_dump_json().encode() if desired else b""
+        info = client.publish(topic, payload, qos=1, retain=True)
+        info.wait_for_publish(timeout)
+        if not info.is_published():
+            raise CommandError(f"the broker at {settings.mqtt.host}:{settings.mqtt.port} did not acknowledge the "
+                               f"desired state within {timeout:g} s")
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+@dataclass
+class DeviceRow:
+    presence: dict = field(default_factory=dict)
+    update: dict = field(default_factory=dict)
+    last_seen: float = 0.0
+
+
+class FleetWatch:
+    """Retained status and update reports of every device under the topic root, kept current."""
+
+    def __init__(self, settings: Settings):
+        from daemon.mqtt_service import make_client
+
+        self.root = settings.topic_root
+        self.settings = settings
+        self.devices: dict[str, DeviceRow] = {}
+        self.lock = threading.Lock()
+        self.client = make_client(settings, f"edgellm-fleet-{int(time.time() * 1000) % 10**8}")
+        self.client.on_connect = lambda c, *_: c.subscribe([(f"{self.root}/+/status", 1),
+                                                            (f"{self.root}/+/update", 1)])
+        self.client.on_message = self._on_message
+
+    def start(self) -> FleetWatch:
+        from daemon.errors import CommandError
+
+        try:
+            self.client.connect(self.settings.mqtt.host, self.settings.mqtt.port)
+        except OSError as e:
+            raise CommandError(f"--mqtt-host/--mqtt-port: cannot reach the broker: {e}") from None
+        self.client.loop_start()
+        return self
+
+    def stop(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    def _on_message(self, _c, _u, msg) -> None:
+        device, kind = msg.topic[len(self.root) + 1:].rsplit("/", 1)
+        if device == "groups" or not msg.payload:
+            return
+        try:
+            body = json.loads(msg.payload)
+        except json.JSONDecodeError:
+            return
+        with self.lock:
+            row = self.devices.setdefault(device, DeviceRow())
+            setattr(row, "presence" if kind == "status" else "update", body)
+            row.last_seen = max(row.last_seen, float(body.get("ts") or 0))
+
+    def rows(self) -> list[dict]:
+        with self.lock:
+            return [describe(name, row) for name, row in sorted(self.devices.items())]
+
+
+def describe(name: str, row: DeviceRow) -> dict:
+    p, u = row.presence, row.update
+    bundle = p.get("bundle") or {}
+    model = p.get("model") or {}
+    update = u.get("state") or "-"
+    if u.get("state") == "DOWNLOADING" and u.get("bytes_total"):
+        update += f" {100 * u.get('bytes_done', 0) / u['bytes_total']:.0f}%"
+    if u.get("reason") and u.get("state") in ("FAILED", "ROLLED_BACK"):
+        update += f": {u['reason']}"
+    return {"device": name, "state": p.get("state", "?"), "model": model.get("name", "-"),
+            "version": bundle.get("version") or model.get("version", "-"),
+            "target": f"{u['name']} {u['version']}" if u.get("name") else "-", "update": update,
+            "last_seen": row.last_seen}
+
+
+def render(rows: list[dict]):
+    from rich.table import Table
+
+    table = Table(title=f"edgellm fleet ({len(rows)} devices)")
+    for column in ("device", "state", "model", "version", "target", "update", "last seen"):
+        table.add_column(column)
+    now = time.time()
+    for r in rows:
+        seen = f"{now - r['last_seen']:.0f} s ago" if r["last_seen"] else "-"
+        table.add_row(r["device"], r["state"], r["model"], r["version"], r["target"], r["update"], seen)
+    return table
+
+
+def serve_store(store: Path, host: str, port: int) -> None:
+    """The store as static files over HTTP, with Range support (Starlette's FileResponse), for demos and labs.
+    Production fleets put the same folder behind nginx, a CDN or S3."""
+    import uvicorn
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+    from starlette.staticfiles import StaticFiles
+
+    app = Starlette(routes=[Mount("/", StaticFiles(directory=str(store)))])
+    uvicorn.run(app, host=host, port=port, log_level="warning")

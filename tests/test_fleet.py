@@ -1,0 +1,325 @@
+"""Fleet updates end to end, with real processes on loopback: `edgellm bundle serve` (HTTP with Range), a
+mosquitto broker, and device daemons with their own state directories. The update is a real LoRA merge of a
+tiny Llama, built to int4, chunked and signed with Ed25519."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+
+from daemon.bundle import DesiredState, chunk_path, in_rollout
+from tests.conftest import build
+from tests.harness import ROOT, Broker, DaemonProcess, free_port, rpc, wait_for_port
+
+
+# -- the host side: models, keys, bundles, the store server ----------------------------------------
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory, tiny_sources):
+    """v1 (the tiny Llama, int4), v2 (v1 plus a merged q/v LoRA, int4) and stores to serve them from."""
+    from models.bundles import BundleOptions, build_bundle, keygen
+    from models.lora import LoraOptions, merge_lora, train_lora
+
+    root = tmp_path_factory.mktemp("fleet")
+    data = root / "train.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Say {w}.", "completion": w}) + "\n"
+                            for w in ["invoice", "factura", "facture", "contract"] * 4))
+    train_lora(str(tiny_sources["llama"]), data, root / "adapter",
+               LoraOptions(epochs=4, batch_size=4, learning_rate=0.05, show_progress=False))
+    merge_lora(str(tiny_sources["llama"]), root / "adapter", root / "merged")
+    v1 = build(tiny_sources["llama"], root / "v1", "int4")
+    v2 = build(root / "merged", root / "v2", "int4")
+    keygen(root / "signing.key")
+    keygen(root / "rogue.key")
+    stores = root / "stores"
+    main, other, tamper = stores / "main", stores / "other", stores / "tamper"
+    key = root / "signing.key"
+    build_bundle(v1, main, key, BundleOptions(name="tiny", version="1"))
+    build_bundle(v2, main, key, BundleOptions(name="tiny", version="2"))
+    wrong = root / "golden-wrong.jsonl"
+    wrong.write_text(json.dumps({"prompt": "Say invoice.", "expected": "a reply this model never gives"}) + "\n")
+    build_bundle(v2, other, key, BundleOptions(name="bad-golden", version="1", golden=wrong))
+    build_bundle(v2, other, root / "rogue.key", BundleOptions(name="rogue", version="1"))
+    build_bundle(v2, tamper, key, BundleOptions(name="tampered", version="1"))  # its own store: chunks are shared
+    tampered = json.loads((tamper / "bundles/tampered/1/bundle.json").read_text())
+    biggest = max((c for f in tampered["files"] for c in f["chunks"]), key=lambda c: c["size"])
+    target = tamper / chunk_path(biggest["sha256"])
+    raw = bytearray(target.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    target.write_bytes(bytes(raw))
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "daemon.cli", "bundle", "serve", "--store", str(stores),
+                               "--port", str(port)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for_port(port)
+    yield {"root": root, "v1": v1, "v2": v2, "url": f"http://127.0.0.1:{port}", "main": main, "other": other,
+           "tamper": tamper, "public": root / "signing.key.pub"}
+    server.terminate()
+    server.wait(10)
+
+
+@pytest.fixture
+def broker(tmp_path):
+    b = Broker(tmp_path).start()
+    yield b
+    b.stop()
+
+
+def device(tmp_path: Path, broker: Broker, fleet: dict, name: str, **update) -> DaemonProcess:
+    """A daemon whose factory model is v1 (not from a bundle), following group 'lab'."""
+    env = {"EDGELLM_GROUPS": '["lab"]', "EDGELLM_UPDATE__ENABLED": "true",
+           "EDGELLM_UPDATE__STATE_DIR": str(tmp_path / f"state-{name}"),
+           "EDGELLM_UPDATE__PUBLIC_KEYS": json.dumps([str(fleet["public"])]),
+           "EDGELLM_UPDATE__GRACE_SECONDS": "1", "EDGELLM_UPDATE__RETRIES": "2",
+           "EDGELLM_UPDATE__RETRY_BACKOFF": "0.1", "EDGELLM_MODEL__THREADS": "1"}
+    env.update({f"EDGELLM_UPDATE__{k.upper()}": str(v) for k, v in update.items()})
+    return DaemonProcess(tmp_path, broker.port, fleet["v1"], device=name, env=env)
+
+
+def publish(fleet: dict, broker: Broker, name: str, version: str, scope: str = "groups/lab",
+            percent: float = 100, store: str = "main") -> str:
+    """Through the real CLI, as an operator would."""
+    args = [sys.executable, "-m", "daemon.cli", "bundle", "publish", "--store", str(fleet[store]),
+            "--url", f"{fleet['url']}/{store}", "--name", name, "--version", version, "--percent", str(percent),
+            "--mqtt-host", "127.0.0.1", "--mqtt-port", str(broker.port)]
+    args += ["--group", scope.split("/", 1)[1]] if scope.startswith("groups/") else ["--device", scope]
+    out = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    topic = f"edgellm/v1/{scope}/desired"
+    return DesiredState.model_validate_json(retained(broker.port, topic)).id
+
+
+def retained(port: int, topic: str, timeout: float = 10) -> bytes:
+    got: list[bytes] = []
+    event = threading.Event()
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=MQTTProtocolVersion.MQTTv5)
+    client.on_connect = lambda c, *_: c.subscribe(topic, qos=1)
+    client.on_message = lambda _c, _u, msg: (got.append(msg.payload), event.set())
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    try:
+        assert event.wait(timeout), f"nothing retained on {topic}"
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    return got[-1]
+
+
+class UpdateWatch:
+    """Follows `{root}/+/update` and keeps every report, so tests can wait on any device's state."""
+
+    def __init__(self, port: int):
+        self.reports: dict[str, list[dict]] = {}
+        self.cond = threading.Condition()
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=MQTTProtocolVersion.MQTTv5)
+        self.client.on_connect = lambda c, *_: c.subscribe("edgellm/v1/+/update", qos=1)
+        self.client.on_message = self._on_message
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+
+    def _on_message(self, _c, _u, msg) -> None:
+        with self.cond:
+            self.reports.setdefault(msg.topic.split("/")[2], []).append(json.loads(msg.payload))
+            self.cond.notify_all()
+
+    def wait(self, device: str, desired_id: str, states: tuple[str, ...], timeout: float = 120) -> dict:
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while True:
+                for r in self.reports.get(device, []):
+                    if r.get("desired_id") == desired_id and r.get("state") in states:
+                        return r
+                left = deadline - time.monotonic()
+                assert left > 0, f"{device} never reached {states} for {desired_id}: {self.reports.get(device)}"
+                self.cond.wait(left)
+
+    def states(self, device: str, desired_id: str) -> list[str]:
+        with self.cond:
+            return [r["state"] for r in self.reports.get(device, []) if r.get("desired_id") == desired_id]
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+@pytest.fixture
+def watch(broker):
+    w = UpdateWatch(broker.port)
+    yield w
+    w.close()
+
+
+def chunks_of(store: Path, name: str, version: str) -> dict[str, int]:
+    manifest = json.loads((store / f"bundles/{name}/{version}/bundle.json").read_text())
+    return {c["sha256"]: c["size"] for f in manifest["files"] for c in f["chunks"]}
+
+
+def serving(broker: Broker, name: str) -> dict:
+    with rpc(broker.port) as client:
+        return client.call(f"edgellm/v1/{name}/rpc/status", {}, timeout=30)
+
+
+def answer(broker: Broker, name: str) -> dict:
+    with rpc(broker.port) as client:
+        request = {"prompt": "Say invoice.", "max_tokens": 4, "temperature": 0}
+        return client.call(f"edgellm/v1/{name}/rpc/generate", request, timeout=60)
+
+
+# -- tests ----------------------------------------------------------------------------------------
+def test_group_update_staged_rollout_and_delta(tmp_path, broker, fleet, watch):
+    names = ["gw-a", "gw-b", "gw-c"]
+    devices = [device(tmp_path, broker, fleet, n).start() for n in names]
+    try:
+        first = publish(fleet, broker, "tiny", "1")
+        full = {n: watch.wait(n, first, ("SUCCEEDED",)) for n in names}
+        states = watch.states("gw-a", first)
+        assert [s for s in ["QUEUED", "DOWNLOADING", "VERIFYING", "TESTING", "ACTIVATING", "SUCCEEDED"]
+                if s in states] == ["QUEUED", "DOWNLOADING", "VERIFYING", "TESTING", "ACTIVATING", "SUCCEEDED"]
+        assert all(serving(broker, n)["bundle"] == {"name": "tiny", "version": "1"} for n in names)
+
+        # a staged rollout: 50% reaches exactly the devices whose stable bucket is below 50
+        chosen = [n for n in names if in_rollout(n, 50)]
+        assert 0 < len(chosen) < len(names), "pick device names that split at 50%"
+        staged = publish(fleet, broker, "tiny", "2", percent=50)
+        for n in chosen:
+            watch.wait(n, staged, ("SUCCEEDED",))
+        time.sleep(2)
+        for n in set(names) - set(chosen):
+            assert watch.states(n, staged) == [], f"{n} is outside the 50% rollout but acted on it"
+            assert serving(broker, n)["bundle"]["version"] == "1"
+
+        # the rest follow at 100%, fetching only the chunks the LoRA merge changed
+        everyone = publish(fleet, broker, "tiny", "2")
+        delta = {n: watch.wait(n, everyone if n not in chosen else staged, ("SUCCEEDED",)) for n in names}
+        for n in names:
+            assert serving(broker, n)["bundle"] == {"name": "tiny", "version": "2"}
+            assert answer(broker, n)["ok"]
+        late = next(n for n in names if n not in chosen)
+        ratio = delta[late]["bytes_transferred"] / full[late]["bytes_transferred"]
+        print(f"\nLoRA update: {delta[late]['bytes_transferred']} of {full[late]['full_bytes']} bytes "
+              f"(full download {full[late]['bytes_transferred']}): delta ratio {ratio:.3f}")
+        assert full[late]["bytes_transferred"] >= full[late]["full_bytes"]  # the factory model was no bundle
+        old, new = (chunks_of(fleet["main"], "tiny", v) for v in ("1", "2"))
+        changed = sum(size for sha, size in new.items() if sha not in old)
+        signed = sum(len((fleet["main"] / f"bundles/tiny/2/{f}").read_bytes()) for f in ("bundle.json",
+                                                                                          "bundle.json.sig"))
+        assert 0 < changed < sum(new.values())
+        assert delta[late]["bytes_transferred"] == changed + signed  # exactly the chunks it did not hold
+    finally:
+        for d in devices:
+            d.stop()
+
+
+def test_tampered_unknown_key_and_failing_model_leave_the_active_model(tmp_path, broker, fleet, watch):
+    d = device(tmp_path, broker, fleet, "gw-solo").start()
+    try:
+        before = serving(broker, "gw-solo")["model"]
+        tampered = publish(fleet, broker, "tampered", "1", scope="gw-solo", store="tamper")
+        report = watch.wait("gw-solo", tampered, ("FAILED", "ROLLED_BACK", "SUCCEEDED"))
+        assert report["state"] == "FAILED" and "sha256" in report["reason"], report
+
+        rogue = publish(fleet, broker, "rogue", "1", scope="gw-solo", store="other")
+        report = watch.wait("gw-solo", rogue, ("FAILED", "ROLLED_BACK", "SUCCEEDED"))
+        assert report["state"] == "FAILED" and "trusted keys" in report["reason"], report
+        assert "DOWNLOADING" not in watch.states("gw-solo", rogue) or report.get("bytes_done", 0) == 0
+
+        bad = publish(fleet, broker, "bad-golden", "1", scope="gw-solo", store="other")
+        report = watch.wait("gw-solo", bad, ("FAILED", "ROLLED_BACK", "SUCCEEDED"))
+        assert report["state"] == "ROLLED_BACK" and "golden prompt 1" in report["reason"], report
+
+        status = serving(broker, "gw-solo")
+        assert status["model"] == before and status["bundle"] is None
+        assert answer(broker, "gw-solo")["ok"]
+        assert sorted(p.name for p in (tmp_path / "state-gw-solo" / "slots").iterdir()) == []
+    finally:
+        d.stop()
+
+
+def test_kill_during_download_resumes_with_range(tmp_path, broker, fleet, watch):
+    d = device(tmp_path, broker, fleet, "gw-slow", max_bytes_per_second=40_000).start()
+    desired = publish(fleet, broker, "tiny", "2")
+    deadline = time.monotonic() + 60
+    while not any(r.get("bytes_done", 0) > 60_000 for r in watch.reports.get("gw-slow", [])
+                  if r.get("state") == "DOWNLOADING"):
+        assert time.monotonic() < deadline, watch.reports.get("gw-slow")
+        time.sleep(0.1)
+    d.proc.send_signal(signal.SIGKILL)
+    d.proc.wait(10)
+    total = sum(chunks_of(fleet["main"], "tiny", "2").values())
+    on_disk = sum(p.stat().st_size for p in (tmp_path / "state-gw-slow" / "downloads").iterdir())
+    assert on_disk > 0
+    restarted = device(tmp_path, broker, fleet, "gw-slow")
+    restarted.start()
+    try:
+        report = watch.wait("gw-slow", desired, ("SUCCEEDED", "FAILED", "ROLLED_BACK"))
+        assert report["state"] == "SUCCEEDED", report
+        resumed = [r for r in watch.reports["gw-slow"] if r.get("state") == "DOWNLOADING"][-1]
+        assert resumed["bytes_transferred"] <= total - on_disk + 20_000  # only what was missing (+ manifest)
+        assert serving(broker, "gw-slow")["bundle"]["version"] == "2"
+    finally:
+        restarted.stop()
+
+
+def test_kill_during_grace_period_rolls_back_to_a_complete_model(tmp_path, broker, fleet, watch):
+    d = device(tmp_path, broker, fleet, "gw-crash").start()
+    first = publish(fleet, broker, "tiny", "1", scope="gw-crash")
+    watch.wait("gw-crash", first, ("SUCCEEDED",))
+    d.stop()
+    d = device(tmp_path, broker, fleet, "gw-crash", grace_seconds=60).start()
+    second = publish(fleet, broker, "tiny", "2", scope="gw-crash")
+    watch.wait("gw-crash", second, ("ACTIVATING",))
+    time.sleep(1.5)  # switched, inside the grace period
+    d.proc.send_signal(signal.SIGKILL)
+    d.proc.wait(10)
+    d = device(tmp_path, broker, fleet, "gw-crash").start()
+    try:
+        report = watch.wait("gw-crash", second, ("ROLLED_BACK", "SUCCEEDED", "FAILED"))
+        assert report["state"] == "ROLLED_BACK" and "restarted" in report["reason"], report
+        assert serving(broker, "gw-crash")["bundle"] == {"name": "tiny", "version": "1"}
+        assert answer(broker, "gw-crash")["ok"]
+    finally:
+        d.stop()
+
+
+def test_fetcher_resumes_a_partial_chunk_with_a_range_request(tmp_path, fleet):
+    from daemon.fetch import Fetcher, FetchOptions
+
+    manifest = json.loads((fleet["main"] / "bundles/tiny/1/bundle.json").read_text())
+    chunk = max((c for f in manifest["files"] for c in f["chunks"]), key=lambda c: c["size"])
+    source = (fleet["main"] / chunk_path(chunk["sha256"])).read_bytes()
+    dest = tmp_path / chunk["sha256"]
+    Path(str(dest) + ".part").write_bytes(source[: len(source) // 2])
+    fetcher = Fetcher(f"{fleet['url']}/main", FetchOptions(retries=0), threading.Event())
+    fetcher.get_chunk(chunk_path(chunk["sha256"]), dest, chunk["sha256"], chunk["size"])
+    assert dest.read_bytes() == source
+    assert fetcher.transferred == len(source) - len(source) // 2
+
+
+def test_cli_refuses_bad_fleet_input(tmp_path, fleet):
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "daemon.cli", *args], cwd=ROOT, capture_output=True,
+                              text=True, timeout=120)
+
+    out = run("bundle", "build", str(fleet["v1"]), "--store", str(tmp_path / "s"), "--key", str(fleet["public"]))
+    assert out.returncode == 2 and "--key" in out.stderr
+    out = run("bundle", "build", str(fleet["v1"]), "--store", str(fleet["main"]), "--key",
+              str(fleet["root"] / "signing.key"), "--name", "tiny", "--version", "1")
+    assert out.returncode == 2 and "already" in out.stderr
+    out = run("bundle", "publish", "--store", str(tmp_path), "--group", "lab", "--mqtt-port", "1")
+    assert out.returncode == 2 and "no bundle" in out.stderr
+    shutil.copy(fleet["public"], tmp_path / "k.pub")
+    out = run("keygen", "--out", str(tmp_path / "k"))
+    assert out.returncode == 2 and "--force" in out.stderr
+    from daemon.errors import CommandError
+    from daemon.settings import load_settings
+
+    with pytest.raises(CommandError, match="update.public_keys"):
+        load_settings(None, {"update": {"enabled": True}})
