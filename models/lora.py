@@ -141,9 +141,10 @@ def train_lora(base_ref: str, data: Path, out: Path, options: LoraOptions) -> Tr
     order: list[int] = []
     losses = []
     started = time.perf_counter()
-    with Steps([f"Training {steps} steps"], enabled=options.show_progress) as progress:
-        progress.next()
+    names = [f"LoRA step {i + 1}/{steps}" for i in range(steps)]
+    with Steps(names, enabled=options.show_progress) as progress:
         for _ in range(steps):
+            progress.next()
             if len(order) < options.batch_size:
                 order += rng.sample(range(len(encoded)), len(encoded))
             batch, order = [encoded[i] for i in order[:options.batch_size]], order[options.batch_size:]

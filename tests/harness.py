@@ -130,3 +130,56 @@ def wait_status(port: int, device: str, state: str, timeout: float = 30.0, root:
 
 def rpc(port: int, **kwargs) -> RpcClient:
     return RpcClient(settings(port), **kwargs)
+
+
+def retained(port: int, topic: str, timeout: float = 10) -> bytes:
+    got: list[bytes] = []
+    event = threading.Event()
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=MQTTProtocolVersion.MQTTv5)
+    client.on_connect = lambda c, *_: c.subscribe(topic, qos=1)
+    client.on_message = lambda _c, _u, msg: (got.append(msg.payload), event.set())
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    try:
+        assert event.wait(timeout), f"nothing retained on {topic}"
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    return got[-1]
+
+
+class UpdateWatch:
+    """Follows `{root}/+/update` and keeps every report, so tests can wait on any device's state."""
+
+    def __init__(self, port: int):
+        self.reports: dict[str, list[dict]] = {}
+        self.cond = threading.Condition()
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=MQTTProtocolVersion.MQTTv5)
+        self.client.on_connect = lambda c, *_: c.subscribe("edgellm/v1/+/update", qos=1)
+        self.client.on_message = self._on_message
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+
+    def _on_message(self, _c, _u, msg) -> None:
+        with self.cond:
+            self.reports.setdefault(msg.topic.split("/")[2], []).append(json.loads(msg.payload))
+            self.cond.notify_all()
+
+    def wait(self, device: str, desired_id: str, states: tuple[str, ...], timeout: float = 120) -> dict:
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while True:
+                for r in self.reports.get(device, []):
+                    if r.get("desired_id") == desired_id and r.get("state") in states:
+                        return r
+                left = deadline - time.monotonic()
+                assert left > 0, f"{device} never reached {states} for {desired_id}: {self.reports.get(device)}"
+                self.cond.wait(left)
+
+    def states(self, device: str, desired_id: str) -> list[str]:
+        with self.cond:
+            return [r["state"] for r in self.reports.get(device, []) if r.get("desired_id") == desired_id]
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()

@@ -13,13 +13,11 @@ import threading
 import time
 from pathlib import Path
 
-import paho.mqtt.client as mqtt
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from daemon.bundle import DesiredState, chunk_path, in_rollout
 from tests.conftest import build
-from tests.harness import ROOT, Broker, DaemonProcess, free_port, rpc, wait_for_port
+from tests.harness import ROOT, Broker, DaemonProcess, UpdateWatch, free_port, retained, rpc, wait_for_port
 
 
 # -- the host side: models, keys, bundles, the store server ----------------------------------------
@@ -97,59 +95,6 @@ def publish(fleet: dict, broker: Broker, name: str, version: str, scope: str = "
     return DesiredState.model_validate_json(retained(broker.port, topic)).id
 
 
-def retained(port: int, topic: str, timeout: float = 10) -> bytes:
-    got: list[bytes] = []
-    event = threading.Event()
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=MQTTProtocolVersion.MQTTv5)
-    client.on_connect = lambda c, *_: c.subscribe(topic, qos=1)
-    client.on_message = lambda _c, _u, msg: (got.append(msg.payload), event.set())
-    client.connect("127.0.0.1", port)
-    client.loop_start()
-    try:
-        assert event.wait(timeout), f"nothing retained on {topic}"
-    finally:
-        client.disconnect()
-        client.loop_stop()
-    return got[-1]
-
-
-class UpdateWatch:
-    """Follows `{root}/+/update` and keeps every report, so tests can wait on any device's state."""
-
-    def __init__(self, port: int):
-        self.reports: dict[str, list[dict]] = {}
-        self.cond = threading.Condition()
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=MQTTProtocolVersion.MQTTv5)
-        self.client.on_connect = lambda c, *_: c.subscribe("edgellm/v1/+/update", qos=1)
-        self.client.on_message = self._on_message
-        self.client.connect("127.0.0.1", port)
-        self.client.loop_start()
-
-    def _on_message(self, _c, _u, msg) -> None:
-        with self.cond:
-            self.reports.setdefault(msg.topic.split("/")[2], []).append(json.loads(msg.payload))
-            self.cond.notify_all()
-
-    def wait(self, device: str, desired_id: str, states: tuple[str, ...], timeout: float = 120) -> dict:
-        deadline = time.monotonic() + timeout
-        with self.cond:
-            while True:
-                for r in self.reports.get(device, []):
-                    if r.get("desired_id") == desired_id and r.get("state") in states:
-                        return r
-                left = deadline - time.monotonic()
-                assert left > 0, f"{device} never reached {states} for {desired_id}: {self.reports.get(device)}"
-                self.cond.wait(left)
-
-    def states(self, device: str, desired_id: str) -> list[str]:
-        with self.cond:
-            return [r["state"] for r in self.reports.get(device, []) if r.get("desired_id") == desired_id]
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
-
-
 @pytest.fixture
 def watch(broker):
     w = UpdateWatch(broker.port)
@@ -196,13 +141,25 @@ def test_group_update_staged_rollout_and_delta(tmp_path, broker, fleet, watch):
             assert watch.states(n, staged) == [], f"{n} is outside the 50% rollout but acted on it"
             assert serving(broker, n)["bundle"]["version"] == "1"
 
-        # the rest follow at 100%, fetching only the chunks the LoRA merge changed
+        # the rest follow at 100%, fetching only the chunks the LoRA merge changed, while requests keep coming
+        late = next(n for n in names if n not in chosen)
+        replies: list[dict] = []
+        stop = threading.Event()
+
+        def load() -> None:
+            while not stop.is_set():
+                replies.append(answer(broker, late))
+
+        loader = threading.Thread(target=load)
+        loader.start()
         everyone = publish(fleet, broker, "tiny", "2")
         delta = {n: watch.wait(n, everyone if n not in chosen else staged, ("SUCCEEDED",)) for n in names}
+        stop.set()
+        loader.join(60)
+        assert replies and all(r["ok"] for r in replies), [r for r in replies if not r["ok"]]
         for n in names:
             assert serving(broker, n)["bundle"] == {"name": "tiny", "version": "2"}
             assert answer(broker, n)["ok"]
-        late = next(n for n in names if n not in chosen)
         ratio = delta[late]["bytes_transferred"] / full[late]["bytes_transferred"]
         print(f"\nLoRA update: {delta[late]['bytes_transferred']} of {full[late]['full_bytes']} bytes "
               f"(full download {full[late]['bytes_transferred']}): delta ratio {ratio:.3f}")
@@ -213,6 +170,14 @@ def test_group_update_staged_rollout_and_delta(tmp_path, broker, fleet, watch):
                                                                                           "bundle.json.sig"))
         assert 0 < changed < sum(new.values())
         assert delta[late]["bytes_transferred"] == changed + signed  # exactly the chunks it did not hold
+
+        out = subprocess.run([sys.executable, "-m", "daemon.cli", "fleet", "status", "--once", "--wait", "1",
+                              "--json", "--mqtt-host", "127.0.0.1", "--mqtt-port", str(broker.port)],
+                             cwd=ROOT, capture_output=True, text=True, timeout=60)
+        rows = {r["device"]: r for r in json.loads(out.stdout)}
+        assert sorted(rows) == names
+        assert all(r["state"] == "online" and r["version"] == "2" and r["update"] == "SUCCEEDED"
+                   for r in rows.values()), rows
     finally:
         for d in devices:
             d.stop()
