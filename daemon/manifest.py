@@ -32,6 +32,7 @@ class Quantization(_Strict):
     symmetric: bool | None = None
     accuracy_level: int | None = None
     output_head_bits: int | None = None
+    eight_bit_layers: list[str] | None = Field(None, description="MatMuls kept at 8 bits in a 4-bit build")
 
 
 class Source(_Strict):
@@ -88,6 +89,7 @@ class ModelManifest(_Strict):
     quality: Quality | EmbeddingQuality | None = None
     files: dict[str, FileEntry]
     built_with: dict[str, str] = Field(default_factory=dict)
+    lineage: dict | None = Field(None, description="how the source was made: base, adapter, training data")
 
     @model_validator(mode="after")
     def _task_section(self) -> ModelManifest:

@@ -134,8 +134,11 @@ class RetrievalStore:
                             f"{self.embedder.dimension}-d vectors of {self.embedder.name}")
 
     def ingest(self, docs: list[DocumentInput], max_tokens: int = 200, overlap: int = 32,
-               progress: Callable[[int, int], None] | None = None) -> IngestReport:
-        """Chunk, embed, then write everything in one transaction. `progress(done, total)` counts chunks."""
+               progress: Callable[[int, int], None] | None = None,
+               embed_all: Callable[[list[str]], np.ndarray] | None = None) -> IngestReport:
+        """Chunk, embed, then write everything in one transaction. `progress(done, total)` counts chunks.
+        `embed_all` replaces the local embedder for the chunk texts (e.g. a Dask cluster, `edgellm batch embed`);
+        its vectors must come from the same model, which the store checks by dimension."""
         report = IngestReport()
         tokenizer = self.embedder.tokenizer
 
@@ -155,7 +158,9 @@ class RetrievalStore:
             planned.append((doc, digest, spans))
         texts = [doc.pages[page - 1][s.start:s.end] for doc, _, spans in planned for page, s in spans]
         vectors = np.zeros((0, self.embedder.dimension), dtype=np.float32)
-        if texts:
+        if texts and embed_all is not None:
+            vectors = np.asarray(embed_all(texts), dtype=np.float32)
+        elif texts:
             parts = []
             for i in range(0, len(texts), 64):
                 parts.append(self.embedder.embed(texts[i:i + 64]))

@@ -6,6 +6,7 @@ The folder appears at --out only when complete: everything is staged beside it a
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 from dataclasses import dataclass
 from importlib.resources import files
@@ -109,7 +110,7 @@ def _manifest(source, hf, options: BuildOptions, staged: Path, template_written:
         quantization = Quantization(
             scheme=spec.scheme, method="onnxruntime MatMulNBits, round to nearest", bits=spec.bits,
             block_size=spec.block_size, symmetric=spec.symmetric, accuracy_level=ACCURACY_LEVEL_INT8,
-            output_head_bits=max(spec.bits, spec.head_bits),
+            output_head_bits=max(spec.bits, spec.head_bits), eight_bit_layers=list(spec.eight_bit) or None,
         )
     tokenizer = hf.tokenizer
     names = [MODEL_FILE, EXTERNAL_DATA, TOKENIZER_FILE] + ([CHAT_TEMPLATE] if template_written else [])
@@ -125,4 +126,13 @@ def _manifest(source, hf, options: BuildOptions, staged: Path, template_written:
                               chat_template=CHAT_TEMPLATE if template_written else None),
         files=describe_files(staged, names),
         built_with=package_versions("torch", "transformers", "optimum-onnx", "onnxruntime"),
+        lineage=_source_lineage(source),
     )
+
+
+def _source_lineage(source) -> dict | None:
+    """`lora merge` leaves the base, adapter and training-data digests beside the merged weights."""
+    from models.lora import LINEAGE_FILE
+
+    path = source.folder / LINEAGE_FILE if source.kind == "hf_folder" and source.folder else None
+    return json.loads(path.read_text()) if path and path.is_file() else None

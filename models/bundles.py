@@ -168,7 +168,7 @@ def build_bundle(model_dir: Path, store: Path, key_path: Path, options: BundleOp
         files = [chunk_file(model_dir / n, starts.get(n, set()), store) for n in [*model.files, MANIFEST_NAME]]
         files.append(chunk_file(Path(tmp) / SMOKE_FILE, set(), store))
     manifest = BundleManifest(name=name, version=version, parent=parent, files=files, smoke=smoke,
-                              lineage=_lineage(model_dir, model, options))
+                              lineage=_lineage(model, options))
     body = manifest.model_dump_json(indent=2).encode() + b"\n"
     folder = store / bundle_path(name, version, "")
     folder.mkdir(parents=True, exist_ok=True)
@@ -230,12 +230,8 @@ def _read_golden(path: Path) -> list[GoldenPrompt]:
     return golden
 
 
-def _lineage(model_dir: Path, model, options: BundleOptions) -> Lineage:
-    from models.lora import LINEAGE_FILE
-
-    trained: dict = {}
-    if (model_dir / LINEAGE_FILE).is_file():
-        trained = json.loads((model_dir / LINEAGE_FILE).read_text())
+def _lineage(model, options: BundleOptions) -> Lineage:
+    trained = model.lineage or {}
     evaluation = json.loads(Path(options.evaluation).read_text()) if options.evaluation else None
     if evaluation is None and model.quality is not None:
         evaluation = {"perplexity": model.quality.model_dump()}

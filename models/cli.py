@@ -21,8 +21,9 @@ def cmd_model_build(args: argparse.Namespace) -> None:
     except ImportError as e:
         raise CommandError(f"model build needs the host extra ({e.name} is missing): "
                            "run scripts/setup.sh host, or pip install 'edgellm[host]'") from None
-    options = BuildOptions(QuantSpec(args.quant, block_size=args.block_size, symmetric=not args.asymmetric),
-                           name=args.name, revision=args.revision, force=args.force)
+    eight_bit = tuple(p for p in (args.eight_bit or "").split(",") if p)
+    options = BuildOptions(QuantSpec(args.quant, block_size=args.block_size, symmetric=not args.asymmetric,
+                                     eight_bit=eight_bit), name=args.name, revision=args.revision, force=args.force)
     if args.task == "embedding":
         from models.embedding_build import build_embedding
 
@@ -189,6 +190,39 @@ def cmd_fleet_status(args: argparse.Namespace) -> None:
         watch.stop()
 
 
+def cmd_batch(args: argparse.Namespace) -> None:
+    import json
+    import time
+
+    from models.batch import batch_eval, batch_ingest, batch_paraphrase, cluster
+    from models.evaluate import load_examples
+
+    if args.workers < 1:
+        raise CommandError("--workers: at least 1")
+    started = time.perf_counter()
+    with cluster(args.scheduler, args.workers) as client:
+        if args.batch_command == "eval":
+            from models.invoices import SCHEMA
+
+            schema = json.loads(args.schema.read_text()) if args.schema else SCHEMA
+            report = batch_eval(client, args.model, load_examples(args.data), schema, args.max_tokens)
+            report["seconds"] = round(time.perf_counter() - started, 1)
+            if args.report:
+                args.report.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+            print(f"{report['model']}: field accuracy {report['field_accuracy']:.1%}, valid JSON "
+                  f"{report['json_valid_rate']:.1%} on {report['n']} invoices, {report['workers']} workers, "
+                  f"{report['seconds']} s")
+        elif args.batch_command == "embed":
+            r = batch_ingest(client, args.model, args.store, args.paths, args.collection)
+            print(f"ingested {r.documents} documents ({r.chunks} chunks, {r.unchanged} unchanged) into {args.store} "
+                  f"in {time.perf_counter() - started:.1f} s")
+        else:
+            kept, written = batch_paraphrase(client, args.model, load_examples(args.data), args.variants, args.seed)
+            args.out.write_text("".join(json.dumps(v, ensure_ascii=False) + "\n" for v in kept))
+            print(f"wrote {len(kept)} variants to {args.out} ({written - len(kept)} of {written} dropped: they "
+                  f"lost or changed a gold value)")
+
+
 def _add_mqtt_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, help="an edgellm TOML config for the broker connection")
     p.add_argument("--mqtt-host")
@@ -207,6 +241,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--quant", choices=QUANT_SCHEMES, help="default: int4 (text generation), int8 (embedding)")
     p.add_argument("--block-size", type=int, default=32, help="MatMulNBits block size (default 32)")
     p.add_argument("--asymmetric", action="store_true", help="quantize with zero points")
+    p.add_argument("--eight-bit", metavar="NAMES", help="with int4: keep MatMuls whose name contains one of these "
+                   "comma-separated parts at 8 bits (e.g. q_proj,v_proj, the layers a LoRA adapted)")
     p.add_argument("--name", help="model name for the manifest (default: from the source)")
     p.add_argument("--revision", help="hub revision (branch, tag or commit) to pin")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
@@ -231,7 +267,37 @@ def register(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--max-tokens", type=int, default=200)
     p.set_defaults(func=cmd_eval)
+    _register_batch(commands)
     _register_fleet(commands)
+
+
+def _register_batch(commands: argparse._SubParsersAction) -> None:
+    batch = commands.add_parser("batch", help="batch jobs on Dask: evaluation, embedding, synthetic variants")
+    sub = batch.add_subparsers(dest="batch_command", required=True, metavar="JOB")
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--model", required=True, type=Path, help="model folder (each worker loads it once)")
+        p.add_argument("--workers", type=int, default=2, help="LocalCluster worker processes (default 2)")
+        p.add_argument("--scheduler", help="address of an existing Dask scheduler, e.g. tcp://10.0.0.5:8786")
+        p.set_defaults(func=cmd_batch)
+
+    p = sub.add_parser("eval", help="`edgellm eval` spread over the cluster")
+    common(p)
+    p.add_argument("--data", required=True, type=Path)
+    p.add_argument("--schema", type=Path)
+    p.add_argument("--report", type=Path)
+    p.add_argument("--max-tokens", type=int, default=200)
+    p = sub.add_parser("embed", help="embed files into a retrieval store on the cluster (an embedding model)")
+    common(p)
+    p.add_argument("paths", nargs="+", type=Path)
+    p.add_argument("--store", required=True, type=Path)
+    p.add_argument("--collection", default="default")
+    p = sub.add_parser("paraphrase", help="invoice variants written by the model, kept if every value survives")
+    common(p)
+    p.add_argument("--data", required=True, type=Path)
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--variants", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
 
 
 def _register_fleet(commands: argparse._SubParsersAction) -> None:

@@ -136,3 +136,16 @@ def generate(n: int, seed: int, languages: tuple[str, ...] = LANGUAGES) -> list[
 
 def write_jsonl(invoices: list[Invoice], path: Path) -> None:
     path.write_text("".join(inv.to_json() + "\n" for inv in invoices))
+
+
+def values_present(text: str, gold: dict, lang: str) -> bool:
+    """Whether every gold value can still be read from `text` in one of its local renderings: the check that
+    keeps a model-written variant only if it did not drop or alter a value."""
+    if gold["vendor"] not in text or gold["invoice_number"] not in text:
+        return False
+    day = date.fromisoformat(gold["date"])
+    if not any(format_date(day, lang, style) in text for style in (0, 1)):
+        return False
+    amounts = [gold["total"], gold["vat"]]
+    return all(any(format_amount(v, gold["currency"], lang, style).split(" ")[0].lstrip("$£") in text
+                   for style in (0, 1)) for v in amounts)

@@ -22,6 +22,7 @@ class QuantSpec:
     block_size: int = 32
     symmetric: bool = True
     head_bits: int = 8  # the output head reads every token's hidden state; 8 bits keep it near-lossless
+    eight_bit: tuple[str, ...] = ()  # MatMuls whose node name contains one of these stay at 8 bits (e.g. q_proj)
 
     @property
     def bits(self) -> int | None:
@@ -57,7 +58,8 @@ def quantize(model: onnx.ModelProto, spec: QuantSpec) -> onnx.ModelProto:
     head = output_head_name(model)
     matmuls = [n.name for n in model.graph.node if n.op_type == "MatMul"]
     gathers = [n.name for n in model.graph.node if n.op_type == "Gather"]
-    model = _run(model, max(spec.bits, spec.head_bits), spec, ("MatMul",), [m for m in matmuls if m != head])
+    wide = {head, *(m for m in matmuls if spec.bits < 8 and any(p in m for p in spec.eight_bit))}
+    model = _run(model, max(spec.bits, spec.head_bits), spec, ("MatMul",), [m for m in matmuls if m not in wide])
     if spec.embedding_bits:
         embedding = [n.name for n in model.graph.node if n.op_type == "Gather" and "embed_tokens" in n.name]
         model = _run(model, spec.embedding_bits, spec, ("Gather",), [g for g in gathers if g not in embedding])

@@ -254,6 +254,17 @@ def test_kill_during_grace_period_rolls_back_to_a_complete_model(tmp_path, broke
         d.stop()
 
 
+def test_bundle_manifest_records_lineage(fleet):
+    import hashlib
+
+    lineage = json.loads((fleet["main"] / "bundles/tiny/2/bundle.json").read_text())["lineage"]
+    data = (fleet["root"] / "train.jsonl").read_bytes()
+    assert lineage["training_data_sha256"] == hashlib.sha256(data).hexdigest()
+    assert lineage["adapter"]["sha256"] and lineage["training"]["target_modules"] == ["q_proj", "v_proj"]
+    assert lineage["evaluation"]["perplexity"]["perplexity"] > 0
+    assert json.loads((fleet["main"] / "bundles/tiny/1/bundle.json").read_text())["lineage"]["adapter"] is None
+
+
 def test_fetcher_resumes_a_partial_chunk_with_a_range_request(tmp_path, fleet):
     from daemon.fetch import Fetcher, FetchOptions
 

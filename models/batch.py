@@ -1,0 +1,152 @@
+"""Host batch jobs on Dask, for when one machine is not enough: evaluation, embedding a corpus into a
+retrieval store, and model-written invoice variants.
+
+A LocalCluster of processes is the default; `scheduler` connects to an existing cluster instead (its workers
+need edgellm installed). Each worker loads the model once, through a worker plugin, and keeps it for every
+task; tasks carry only their batch.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from distributed import Client, LocalCluster, WorkerPlugin, get_worker
+
+PLUGIN = "edgellm-model"
+PARAPHRASE_PROMPT = ("Rewrite this invoice with a different layout and wording, in the same language. Keep the "
+                     "vendor, invoice number, date, amounts and currency exactly as they are.\n\n{text}")
+
+
+class ModelOnWorker(WorkerPlugin):
+    """Loads a model folder when a worker starts (or joins); tasks find it with `worker_model()`."""
+
+    name = PLUGIN
+
+    def __init__(self, folder: str, kind: str, threads: int = 1):
+        self.folder, self.kind, self.threads = folder, kind, threads
+        self.model = None
+
+    def setup(self, worker) -> None:
+        if self.kind == "embedding":
+            from daemon.embedder import Embedder
+
+            self.model = Embedder(self.folder, threads=self.threads)
+        else:
+            from daemon.generate import Generator
+            from daemon.model import LoadedModel
+
+            self.model = Generator(LoadedModel.load(self.folder, threads=self.threads))
+
+
+def worker_model():
+    return get_worker().plugins[PLUGIN].model
+
+
+@contextmanager
+def cluster(scheduler: str | None, workers: int, threads: int = 1) -> Iterator[Client]:
+    """A client on `scheduler`, or on a LocalCluster of `workers` processes with `threads` threads each."""
+    if scheduler:
+        with Client(scheduler) as client:
+            yield client
+        return
+    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
+                      silence_logs=40) as local, Client(local) as client:
+        yield client
+
+
+def _batches(items: list, size: int) -> list[list]:
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+# -- tasks (run on workers) ---------------------------------------------------------------------------
+def _extract(examples: list[dict], schema: dict, max_tokens: int) -> list[tuple[dict | None, float]]:
+    from daemon.errors import EdgeError
+    from daemon.params import GenerationParams
+    from models.invoices import INSTRUCTION
+
+    generator = worker_model()
+    params = GenerationParams(temperature=0, max_tokens=max_tokens, json_schema=schema)
+    out = []
+    for ex in examples:
+        start = time.perf_counter()
+        try:
+            prediction = generator.generate(generator.prompt_ids(f"{INSTRUCTION}\n\n{ex['text']}"), params).json
+        except EdgeError:
+            prediction = None
+        out.append((prediction, (time.perf_counter() - start) * 1000))
+    return out
+
+
+def _embed(texts: list[str]):
+    return worker_model().embed(texts)
+
+
+def _paraphrase(examples: list[dict], variants: int, seed: int, max_tokens: int) -> list[dict]:
+    from daemon.params import GenerationParams
+
+    generator = worker_model()
+    out = []
+    for i, ex in enumerate(examples):
+        for v in range(variants):
+            params = GenerationParams(temperature=0.8, top_p=0.95, max_tokens=max_tokens, seed=seed + 1000 * i + v)
+            text = generator.generate(generator.prompt_ids(PARAPHRASE_PROMPT.format(text=ex["text"])), params).text
+            out.append({**ex, "text": text.strip(), "origin": "paraphrase"})
+    return out
+
+
+# -- jobs (run on the client) -------------------------------------------------------------------------
+def batch_eval(client: Client, model_dir: Path, examples: list[dict], schema: dict, max_tokens: int = 200,
+               batch_size: int = 4, threads: int = 1) -> dict:
+    from models.evaluate import score
+
+    client.register_plugin(ModelOnWorker(str(model_dir), "generation", threads))
+    futures = client.map(_extract, _batches(examples, batch_size), schema=schema, max_tokens=max_tokens, pure=False)
+    results = [r for batch in client.gather(futures) for r in batch]
+    report = score(examples, [p for p, _ in results], schema)
+    from daemon.manifest import load_manifest
+
+    report["model"] = load_manifest(model_dir).name
+    report["latency_ms_p50"] = round(statistics.median(ms for _, ms in results), 1) if results else None
+    report["workers"] = len(client.scheduler_info()["workers"])
+    return report
+
+
+def batch_embed(client: Client, model_dir: Path, texts: list[str], batch_size: int = 32, threads: int = 1):
+    import numpy as np
+
+    client.register_plugin(ModelOnWorker(str(model_dir), "embedding", threads))
+    futures = client.map(_embed, _batches(texts, batch_size), pure=False)
+    parts = client.gather(futures)
+    return np.concatenate(parts) if parts else np.zeros((0, 0), dtype=np.float32)
+
+
+def batch_ingest(client: Client, model_dir: Path, store_path: Path, paths: list[Path], collection: str,
+                 threads: int = 1):
+    """Chunk here, embed on the cluster, write here in one transaction (SQLite has one writer)."""
+    from daemon.documents import find_files, read_pages
+    from daemon.embedder import Embedder
+    from daemon.store import DocumentInput, RetrievalStore
+
+    store = RetrievalStore(store_path, Embedder(model_dir, threads=1))
+    try:
+        docs = [DocumentInput(str(f), read_pages(f), collection, {}) for f in find_files(paths)]
+        return store.ingest(docs, embed_all=lambda texts: batch_embed(client, model_dir, texts, threads=threads))
+    finally:
+        store.close()
+
+
+def batch_paraphrase(client: Client, model_dir: Path, examples: list[dict], variants: int = 1, seed: int = 0,
+                     max_tokens: int = 300, threads: int = 1) -> tuple[list[dict], int]:
+    """Model-written variants, kept only where every gold value still reads back from the new text."""
+    from models.invoices import values_present
+
+    client.register_plugin(ModelOnWorker(str(model_dir), "generation", threads))
+    futures = client.map(_paraphrase, _batches(examples, 2), variants=variants, seed=seed, max_tokens=max_tokens,
+                         pure=False)
+    written = [v for batch in client.gather(futures) for v in batch]
+    kept = [v for v in written if values_present(v["text"], v["gold"], v.get("lang", "en"))]
+    return kept, len(written)

@@ -1,0 +1,58 @@
+"""Dask batch jobs on a real LocalCluster with 2 worker processes: the answers match a single-process run."""
+
+from __future__ import annotations
+
+import pytest
+
+from models.invoices import SCHEMA, generate
+
+
+@pytest.fixture(scope="module")
+def client():
+    from models.batch import cluster
+
+    with cluster(None, workers=2) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def tiny_int4(tiny_sources, tmp_path_factory):
+    from tests.conftest import build
+
+    return build(tiny_sources["llama"], tmp_path_factory.mktemp("batch") / "tiny-int4", "int4")
+
+
+def test_batch_eval_on_two_workers_matches_the_local_evaluation(client, tiny_int4):
+    from models.batch import batch_eval
+    from models.evaluate import evaluate_model
+
+    examples = [{"lang": i.lang, "text": i.text, "gold": i.gold} for i in generate(6, 5)]
+    distributed = batch_eval(client, tiny_int4, examples, SCHEMA, max_tokens=40, batch_size=2)
+    local = evaluate_model(tiny_int4, examples, SCHEMA, threads=1, max_tokens=40)
+    assert distributed["workers"] == 2
+    for key in ("field_accuracy", "json_valid_rate", "per_language", "per_field", "n"):
+        assert distributed[key] == local[key], key
+    processed = client.run(lambda dask_worker: dask_worker.plugins["edgellm-model"].model is not None)
+    assert len(processed) == 2 and all(processed.values())  # each worker loaded the model once, at setup
+
+
+def test_batch_embed_fills_a_store_that_finds_the_passage(client, minilm_int8, tmp_path):
+    from daemon.embedder import Embedder
+    from daemon.store import RetrievalStore
+    from models.batch import batch_ingest
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "a.txt").write_text("The warranty on the pump lasts two years from delivery.")
+    (docs / "b.txt").write_text("La factura vence el 12 de marzo de 2026.")
+    report = batch_ingest(client, minilm_int8, tmp_path / "store.db", [docs], "default")
+    assert report.documents == 2
+    store = RetrievalStore(tmp_path / "store.db", Embedder(minilm_int8))
+    hits = store.search("how long is the pump warranty?", k=1)
+    assert hits[0].source.endswith("a.txt")
+    local = Embedder(minilm_int8).embed(["The warranty on the pump lasts two years from delivery."])
+    stored = store.conn.execute("SELECT embedding FROM chunks_vec WHERE chunk_id = ?", (hits[0].chunk_id,)
+                                ).fetchone()[0]
+    import numpy as np
+
+    assert np.allclose(np.frombuffer(stored, dtype=np.float32), local[0], atol=1e-5)
