@@ -170,6 +170,11 @@ def test_group_update_staged_rollout_and_delta(tmp_path, broker, fleet, watch):
                                                                                           "bundle.json.sig"))
         assert 0 < changed < sum(new.values())
         assert delta[late]["bytes_transferred"] == changed + signed  # exactly the chunks it did not hold
+        state = tmp_path / f"state-{late}"
+        assert sorted(p.name for p in (state / "slots").iterdir()) == ["tiny-1", "tiny-2"]  # active + previous
+        assert list((state / "downloads").iterdir()) == []
+        assert json.loads((state / "active.json").read_text()) == {"active": "tiny-2", "previous": "tiny-1",
+                                                                   "trial": None}
 
         out = subprocess.run([sys.executable, "-m", "daemon.cli", "fleet", "status", "--once", "--wait", "1",
                               "--json", "--mqtt-host", "127.0.0.1", "--mqtt-port", str(broker.port)],
