@@ -33,6 +33,7 @@ class Quantization(_Strict):
     accuracy_level: int | None = None
     output_head_bits: int | None = None
     eight_bit_layers: list[str] | None = Field(None, description="MatMuls kept at 8 bits in a 4-bit build")
+    gguf_imported: dict[str, int] | None = Field(None, description="weights taken exactly from GGUF blocks")
 
 
 class Source(_Strict):

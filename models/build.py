@@ -42,6 +42,7 @@ class BuildOptions:
     revision: str | None = None
     force: bool = False
     show_progress: bool = True
+    gguf_import: bool = True  # int4 from a GGUF (or a model merged from one): reuse its blocks exactly
 
 
 def build_model(source_ref: str, out: Path, options: BuildOptions) -> ModelManifest:
@@ -75,6 +76,16 @@ def _build(source, staged: Path, scratch: Path, options: BuildOptions, steps: St
     check_decoder_io(graph, hf.model_type)
     untie_output_head(graph)
     add_logit_positions(graph)
+    gguf = _gguf_blocks(source, hf) if options.quant.scheme == "int4" and options.gguf_import else None
+    imported = None
+    if gguf is not None:
+        from models.gguf_import import import_gguf
+        from models.graph_edits import output_head_name
+
+        config = hf.model.config
+        heads = config.num_attention_heads
+        imported = import_gguf(graph, gguf, heads, getattr(config, "num_key_value_heads", None) or heads,
+                               output_head_name(graph))
     graph = quantize(graph, options.quant)
     onnx.save(graph, staged / MODEL_FILE, save_as_external_data=True, location=EXTERNAL_DATA,
               size_threshold=1024)
@@ -91,6 +102,11 @@ def _build(source, staged: Path, scratch: Path, options: BuildOptions, steps: St
     ids = Tokenizer.from_file(str(staged / TOKENIZER_FILE)).encode(text).ids[: hf.context_length]
     source_ppl = source_perplexity(hf, ids)
     manifest = _manifest(source, hf, options, staged, template_written=(staged / CHAT_TEMPLATE).exists())
+    if imported and (imported["q4_1"] or imported["q8_0"]):
+        manifest.quantization.method = (f"GGUF blocks imported exactly ({imported['q4_1']} Q4_1 as MatMulNBits + "
+                                        f"block-sum offsets, {imported['q8_0']} Q8_0 as 8-bit); "
+                                        f"{imported['kept']} other weights by MatMulNBits, round to nearest")
+        manifest.quantization.gguf_imported = imported
     write_manifest(staged, manifest)
     from daemon.model import LoadedModel
     from daemon.perplexity import perplexity
@@ -128,6 +144,24 @@ def _manifest(source, hf, options: BuildOptions, staged: Path, template_written:
         built_with=package_versions("torch", "transformers", "optimum-onnx", "onnxruntime"),
         lineage=_source_lineage(source),
     )
+
+
+def _gguf_blocks(source, hf) -> Path | None:
+    """The GGUF whose quantized blocks this build can reuse: the source itself, or the base a LoRA was merged
+    into (its unchanged weights still equal the base's blocks; import_gguf checks each one)."""
+    from models.sources import resolve_source
+
+    if source.kind == "gguf":
+        return source.folder / source.gguf_file
+    base = (_source_lineage(source) or {}).get("base")
+    if base:
+        try:
+            base_source = resolve_source(base)
+        except Exception:  # the base may be gone or on another machine: then there is nothing to reuse
+            return None
+        if base_source.kind == "gguf":
+            return base_source.folder / base_source.gguf_file
+    return None
 
 
 def _source_lineage(source) -> dict | None:

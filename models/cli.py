@@ -23,7 +23,8 @@ def cmd_model_build(args: argparse.Namespace) -> None:
                            "run scripts/setup.sh host, or pip install 'edgellm[host]'") from None
     eight_bit = tuple(p for p in (args.eight_bit or "").split(",") if p)
     options = BuildOptions(QuantSpec(args.quant, block_size=args.block_size, symmetric=not args.asymmetric,
-                                     eight_bit=eight_bit), name=args.name, revision=args.revision, force=args.force)
+                                     eight_bit=eight_bit), name=args.name, revision=args.revision, force=args.force,
+                           gguf_import=not args.no_gguf_import)
     if args.task == "embedding":
         from models.embedding_build import build_embedding
 
@@ -243,6 +244,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--asymmetric", action="store_true", help="quantize with zero points")
     p.add_argument("--eight-bit", metavar="NAMES", help="with int4: keep MatMuls whose name contains one of these "
                    "comma-separated parts at 8 bits (e.g. q_proj,v_proj, the layers a LoRA adapted)")
+    p.add_argument("--no-gguf-import", action="store_true", help="with int4 from a GGUF: re-quantize its "
+                   "de-quantized weights instead of reusing its blocks exactly (smaller, faster, less accurate)")
     p.add_argument("--name", help="model name for the manifest (default: from the source)")
     p.add_argument("--revision", help="hub revision (branch, tag or commit) to pin")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")

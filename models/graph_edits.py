@@ -45,7 +45,7 @@ def untie_output_head(model: onnx.ModelProto) -> int:
 def _output_head(graph: onnx.GraphProto) -> onnx.NodeProto:
     producers = {o: n for n in graph.node for o in n.output}
     node = producers["logits"]
-    while node.op_type != "MatMul":  # e.g. Phi's bias Add after the head MatMul
+    while node.op_type not in ("MatMul", "MatMulNBits"):  # e.g. Phi's bias Add after the head MatMul
         node = next(producers[i] for i in node.input if i in producers)
     return node
 
@@ -71,6 +71,10 @@ def add_logit_positions(model: onnx.ModelProto) -> None:
 
 def output_head_name(model: onnx.ModelProto) -> str:
     return _output_head(model.graph).name
+
+
+def output_head_is_float(model: onnx.ModelProto) -> bool:
+    return _output_head(model.graph).op_type == "MatMul"
 
 
 def check_decoder_io(model: onnx.ModelProto, model_type: str) -> None:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import onnx
 
-from models.graph_edits import output_head_name
+from models.graph_edits import output_head_is_float, output_head_name
 
 # int8 compute on CPU; the quantizer's default level ran 3.5x slower than fp32 (shared/NOTES.md).
 ACCURACY_LEVEL_INT8 = 4
@@ -51,16 +51,22 @@ def _run(model: onnx.ModelProto, bits: int, spec: QuantSpec, ops: tuple[str, ...
 
 
 def quantize(model: onnx.ModelProto, spec: QuantSpec) -> onnx.ModelProto:
-    """Quantize the head, the embedding and then every other constant-weight MatMul, each at its own width."""
+    """Quantize the head, the embedding and then every other constant-weight MatMul, each at its own width.
+    Nodes a GGUF import already made exact (models/gguf_import.py) are left as they are."""
     if spec.bits is None:
         return model
+    from models.gguf_import import PREFIX
+
     logging.getLogger("onnxruntime.quantization").setLevel(logging.ERROR)
-    head = output_head_name(model)
+    fixed = [n.name for n in model.graph.node if n.name.startswith(PREFIX)]
     matmuls = [n.name for n in model.graph.node if n.op_type == "MatMul"]
     gathers = [n.name for n in model.graph.node if n.op_type == "Gather"]
-    wide = {head, *(m for m in matmuls if spec.bits < 8 and any(p in m for p in spec.eight_bit))}
-    model = _run(model, max(spec.bits, spec.head_bits), spec, ("MatMul",), [m for m in matmuls if m not in wide])
-    if spec.embedding_bits:
-        embedding = [n.name for n in model.graph.node if n.op_type == "Gather" and "embed_tokens" in n.name]
+    wide = {m for m in matmuls if spec.bits < 8 and any(p in m for p in spec.eight_bit)}
+    if output_head_is_float(model):
+        wide.add(output_head_name(model))
+    if wide:
+        model = _run(model, max(spec.bits, spec.head_bits), spec, ("MatMul",), [m for m in matmuls if m not in wide])
+    embedding = [n.name for n in model.graph.node if n.op_type == "Gather" and "embed_tokens" in n.name]
+    if spec.embedding_bits and embedding:
         model = _run(model, spec.embedding_bits, spec, ("Gather",), [g for g in gathers if g not in embedding])
-    return _run(model, spec.bits, spec, ("MatMul",), [])
+    return _run(model, spec.bits, spec, ("MatMul",), fixed)

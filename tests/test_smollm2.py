@@ -27,8 +27,11 @@ def test_manifest_describes_the_build(smollm2_int4):
     assert m.generation.context_length == 8192
     assert {"model.onnx", "model.onnx.data", "tokenizer.json", "chat_template.jinja"} <= set(m.files)
     assert m.quantization.bits == 4 and m.quantization.block_size == 32
-    # int4 weights, 8-bit head, 4-bit embedding: well under the 538 MB fp32 export
-    assert sum(f.size for f in m.files.values()) < 140e6
+    # every GGUF block reused exactly: 30 layers x 7 Q4_1 projections, and the Q8_0 embedding and head
+    assert m.quantization.gguf_imported == {"q4_1": 210, "q8_0": 2, "kept": 0}
+    # 4-bit projections (24 bytes per 32 weights in the exact split form), 8-bit embedding and head:
+    # well under the 538 MB fp32 export
+    assert sum(f.size for f in m.files.values()) < 160e6
 
 
 def test_int8_perplexity_within_3_percent_of_source(smollm2_int8):
@@ -37,11 +40,11 @@ def test_int8_perplexity_within_3_percent_of_source(smollm2_int8):
     assert q.perplexity <= q.source_perplexity * 1.03, (q.perplexity, q.source_perplexity)
 
 
-def test_int4_perplexity_is_recorded(smollm2_int4):
+def test_int4_from_gguf_is_as_good_as_its_source(smollm2_int4):
     q = load_manifest(smollm2_int4).quality
-    # Recorded, not bounded at 3%: the GGUF's Q4_1 weights are rounded a second time (shared/NOTES.md).
-    assert math.isfinite(q.perplexity) and q.perplexity > q.source_perplexity
-    assert q.perplexity < q.source_perplexity * 1.5
+    # The GGUF's Q4_1 blocks are imported, not rounded a second time (re-quantizing gave 28.3 against 23.8).
+    # What remains is onnxruntime's int8 rounding of activations (accuracy_level 4), as in llama.cpp.
+    assert math.isfinite(q.perplexity) and q.perplexity <= q.source_perplexity * 1.02, q
 
 
 def test_chat_prompt_yields_coherent_english(smollm2):
