@@ -304,3 +304,21 @@ def test_cli_refuses_bad_fleet_input(tmp_path, fleet):
 
     with pytest.raises(CommandError, match="update.public_keys"):
         load_settings(None, {"update": {"enabled": True}})
+
+
+def test_smoke_test_holds_the_model_to_its_perplexity_bound(tmp_path, fleet):
+    """The check the device runs in a child process, on a slot whose signed bound the model misses."""
+    slot = tmp_path / "slot"
+    shutil.copytree(fleet["v2"], slot)
+    bundle = json.loads((fleet["main"] / "bundles/tiny/2/bundle.json").read_text())
+    (slot / "smoke_eval.txt").write_bytes(b"".join(
+        (fleet["main"] / chunk_path(c["sha256"])).read_bytes()
+        for f in bundle["files"] if f["path"] == "smoke_eval.txt" for c in f["chunks"]))
+    for bound, ok in ((bundle["smoke"]["max_perplexity"], True), (1.0, False)):
+        bundle["smoke"]["max_perplexity"] = bound
+        (slot / "bundle.json").write_text(json.dumps(bundle))
+        out = subprocess.run([sys.executable, "-m", "daemon.smoke", str(slot)], cwd=ROOT, capture_output=True,
+                             text=True, timeout=120)
+        report = json.loads(out.stdout)
+        assert (out.returncode == 0) == ok and report["ok"] == ok, report
+    assert "perplexity" in report["problems"][0] and "bound" in report["problems"][0]
