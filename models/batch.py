@@ -140,8 +140,8 @@ def batch_ingest(client: Client, model_dir: Path, store_path: Path, paths: list[
 
 
 def batch_paraphrase(client: Client, model_dir: Path, examples: list[dict], variants: int = 1, seed: int = 0,
-                     max_tokens: int = 300, threads: int = 1) -> tuple[list[dict], int]:
-    """Model-written variants, kept only where every gold value still reads back from the new text."""
+                     max_tokens: int = 300, threads: int = 1) -> tuple[list[dict], list[dict]]:
+    """(kept, written): model-written variants, kept only where every gold value still reads back."""
     from models.invoices import values_present
 
     client.register_plugin(ModelOnWorker(str(model_dir), "generation", threads))
@@ -149,4 +149,4 @@ def batch_paraphrase(client: Client, model_dir: Path, examples: list[dict], vari
                          pure=False)
     written = [v for batch in client.gather(futures) for v in batch]
     kept = [v for v in written if values_present(v["text"], v["gold"], v.get("lang", "en"))]
-    return kept, len(written)
+    return kept, written

@@ -220,8 +220,9 @@ def cmd_batch(args: argparse.Namespace) -> None:
         else:
             kept, written = batch_paraphrase(client, args.model, load_examples(args.data), args.variants, args.seed)
             args.out.write_text("".join(json.dumps(v, ensure_ascii=False) + "\n" for v in kept))
-            print(f"wrote {len(kept)} variants to {args.out} ({written - len(kept)} of {written} dropped: they "
-                  f"lost or changed a gold value)")
+            dropped = len(written) - len(kept)
+            print(f"wrote {len(kept)} variants to {args.out} ({dropped} of {len(written)} dropped: they lost or "
+                  "changed a gold value)")
 
 
 def _add_mqtt_args(p: argparse.ArgumentParser) -> None:

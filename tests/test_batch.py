@@ -56,3 +56,19 @@ def test_batch_embed_fills_a_store_that_finds_the_passage(client, minilm_int8, t
     import numpy as np
 
     assert np.allclose(np.frombuffer(stored, dtype=np.float32), local[0], atol=1e-5)
+
+
+def test_paraphrase_writes_seeded_variants_and_keeps_only_faithful_ones(client, tiny_int4):
+    from models.batch import batch_paraphrase
+    from models.invoices import values_present
+
+    examples = [{"lang": i.lang, "text": i.text, "gold": i.gold} for i in generate(4, 6)]
+    kept, written = batch_paraphrase(client, tiny_int4, examples, variants=2, seed=3, max_tokens=30)
+    _, again = batch_paraphrase(client, tiny_int4, examples, variants=2, seed=3, max_tokens=30)
+    assert len(written) == 8 and written == again  # seeded: the same variants on any worker
+    assert len({v["text"] for v in written}) > 1
+    assert all(values_present(v["text"], v["gold"], v["lang"]) for v in kept)
+    # the filter itself: a faithful text passes, one with a changed value does not
+    ex = examples[0]
+    assert values_present(ex["text"], ex["gold"], ex["lang"])
+    assert not values_present(ex["text"].replace(ex["gold"]["invoice_number"], "X-1"), ex["gold"], ex["lang"])
