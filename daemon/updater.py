@@ -11,6 +11,7 @@ import json
 import logging
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -227,13 +228,23 @@ class UpdateAgent:
         report(force=True)
 
     def _smoke_test(self, slot: Path) -> str | None:
-        """Run daemon.smoke in a child process; its crash or hang is the model's failure, not ours."""
-        try:
-            child = subprocess.run([sys.executable, "-m", "daemon.smoke", str(slot), "--threads", "1"],
-                                   capture_output=True, text=True, timeout=self.u.smoke_timeout)
-        except subprocess.TimeoutExpired:
-            return f"did not finish within {self.u.smoke_timeout:g} s"
-        lines = child.stdout.strip().splitlines()
+        """Run daemon.smoke in a child process; its crash or hang is the model's failure, not ours. A shutdown
+        stops it, and the next start tests the assembled slot again."""
+        with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:  # pipes could fill up
+            child = subprocess.Popen([sys.executable, "-m", "daemon.smoke", str(slot), "--threads", "1"],
+                                     stdout=out, stderr=err, text=True)
+            deadline = time.monotonic() + self.u.smoke_timeout
+            while child.poll() is None:
+                if self.stop.wait(0.2) or time.monotonic() > deadline:
+                    child.kill()
+                    child.wait()
+                    if self.stop.is_set():
+                        raise Stopped()
+                    return f"did not finish within {self.u.smoke_timeout:g} s"
+            out.seek(0)
+            err.seek(0)
+            stdout, stderr = out.read(), err.read()
+        lines = stdout.strip().splitlines()
         try:
             result = json.loads(lines[-1]) if lines else {}
         except json.JSONDecodeError:
@@ -243,7 +254,7 @@ class UpdateAgent:
             return None
         if result.get("problems"):
             return "; ".join(result["problems"])
-        return f"the test process exited with status {child.returncode}: {child.stderr.strip()[-300:]}"
+        return f"the test process exited with status {child.returncode}: {stderr.strip()[-300:]}"
 
     def _activate(self, slot: Path, ids: dict) -> None:
         self._set(state="ACTIVATING")
