@@ -53,3 +53,19 @@ def test_bad_flags_name_the_flag_and_exit_2(smollm2_int4, tmp_path):
     assert r.returncode == 2 and "--json-schema" in r.stderr
     r = edgellm("generate", "--model", str(tmp_path), "hi")
     assert r.returncode == 1 and "manifest.json is missing" in r.stderr
+
+
+def test_the_device_side_never_imports_the_host_toolchain():
+    """Every daemon module imports without models/, torch, transformers, optimum or peft being loaded."""
+    import subprocess
+    import sys
+
+    code = ("import importlib, pkgutil, sys, daemon\n"
+            "for m in pkgutil.iter_modules(daemon.__path__):\n"
+            "    importlib.import_module('daemon.' + m.name)\n"
+            "bad = sorted({n.split('.')[0] for n in sys.modules} & {'models', 'torch', 'transformers', 'optimum', "
+            "'peft', 'distributed'})\n"
+            "print(bad)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
