@@ -104,14 +104,24 @@ class Generator:
         cache = model.decoder.new_cache()
         feed = ids
         hit = self.prefix_cache.lookup(ids) if self.prefix_cache is not None else None
+        passes = 0
         if hit is not None:  # compute only what follows the cached prefix
             usage.cached_tokens, cache.arrays = hit
             cache.length = usage.cached_tokens
             feed = ids[usage.cached_tokens:]
+        elif self.prefix_cache is not None and len(ids) >= self.prefix_cache.min_tokens:
+            # A repeat of this prompt will compute its last token alone on top of the cached rest. onnxruntime
+            # computes one row and many rows with different kernels, so do the same now: then the cold and the
+            # warm request see bit-identical logits and give the same greedy answer.
+            if interrupt is not None:
+                interrupt()
+            model.decoder.forward(ids[:-1], cache)
+            passes += 1
+            feed = ids[-1:]
         generated: list[int] = []
         parts: list[str] = []
         finish = "length"
-        passes, first_at = 0, None
+        first_at = None
         while len(generated) < budget:
             if interrupt is not None:
                 interrupt()

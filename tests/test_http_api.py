@@ -42,8 +42,8 @@ def test_models_and_chat_completion(client):
     name = models.data[0].id
     assert name == "SmolLM2-135M-Instruct-int4"
     for model in (name, "default"):
-        r = client.chat.completions.create(model=model, temperature=0, max_tokens=24,
-                                           messages=[{"role": "user", "content": "What is the capital of France?"}])
+        question = {"role": "user", "content": "What is the capital city of France? Answer in one word."}
+        r = client.chat.completions.create(model=model, temperature=0, max_tokens=24, messages=[question])
         assert "Paris" in r.choices[0].message.content and r.choices[0].finish_reason in ("stop", "length")
         assert r.usage.completion_tokens > 0 and r.usage.total_tokens > r.usage.completion_tokens
 
@@ -144,7 +144,7 @@ def test_langchain_chat_openai_invoke_stream_and_structured_output(api):
 
     llm = ChatOpenAI(base_url=f"{api}/v1", api_key=KEY, model="default", temperature=0, max_tokens=40,
                      max_retries=0)
-    assert "Paris" in llm.invoke("What is the capital of France?").content
+    assert "Paris" in llm.invoke("What is the capital city of France? Answer in one word.").content
     assert "".join(c.content for c in llm.stream("Count to three.")).strip()
     structured = llm.with_structured_output(Invoice)
     invoice = structured.invoke("Invoice from ACME Ltd, total due 120.00 GBP. Extract vendor, total, currency.")

@@ -16,6 +16,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from tests.harness import Broker, DaemonProcess, rpc
 
 TOPIC = "edgellm/v1/dev1/rpc/"
+CAPITAL = "What is the capital city of France? Answer in one word."  # SmolLM2 answers it with Paris
 LONG = {"prompt": "Write a long story about a lighthouse keeper.", "max_tokens": 200, "temperature": 0}
 
 
@@ -41,8 +42,7 @@ def client(broker, daemon):
 
 
 def test_generate_round_trip(client):
-    r = client.call(TOPIC + "generate", {"prompt": "What is the capital of France?", "max_tokens": 30,
-                                         "temperature": 0, "id": "q1"})
+    r = client.call(TOPIC + "generate", {"prompt": CAPITAL, "max_tokens": 30, "temperature": 0, "id": "q1"})
     assert r["ok"] and r["id"] == "q1" and "Paris" in r["text"]
     assert r["finish_reason"] in ("stop", "length")
     assert r["usage"]["prompt_tokens"] > 0 and r["usage"]["completion_tokens"] > 0
@@ -214,7 +214,7 @@ def test_edgellm_request_cli_streams_and_prints_the_result(broker, daemon):
     from tests.harness import ROOT
 
     r = subprocess.run([sys.executable, "-m", "daemon.cli", "request", "generate", "--stream", "--device", "dev1",
-                        '{"prompt": "What is the capital of France?", "max_tokens": 20, "temperature": 0}',
+                        json.dumps({"prompt": CAPITAL, "max_tokens": 20, "temperature": 0}),
                         "--mqtt-host", "127.0.0.1", "--mqtt-port", str(broker.port), "--timeout", "60"],
                        cwd=ROOT, capture_output=True, text=True, timeout=90)
     assert r.returncode == 0, r.stderr
