@@ -72,3 +72,21 @@ def test_paraphrase_writes_seeded_variants_and_keeps_only_faithful_ones(client, 
     ex = examples[0]
     assert values_present(ex["text"], ex["gold"], ex["lang"])
     assert not values_present(ex["text"].replace(ex["gold"]["invoice_number"], "X-1"), ex["gold"], ex["lang"])
+
+
+def test_cli_runs_on_an_existing_scheduler(client, tiny_int4, tmp_path):
+    """`--scheduler ADDRESS` joins a running cluster (here the LocalCluster above) instead of starting one."""
+    import json
+    import subprocess
+    import sys
+
+    from models.invoices import write_jsonl
+    from tests.harness import ROOT
+
+    write_jsonl(generate(4, 8), tmp_path / "test.jsonl")
+    out = subprocess.run([sys.executable, "-m", "daemon.cli", "batch", "eval", "--model", str(tiny_int4), "--data",
+                          str(tmp_path / "test.jsonl"), "--scheduler", client.scheduler.address, "--max-tokens", "30",
+                          "--report", str(tmp_path / "r.json")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["workers"] == 2 and report["n"] == 4 and "2 workers" in out.stdout
