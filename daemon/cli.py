@@ -15,6 +15,8 @@ from pydantic import ValidationError
 from daemon import __version__
 from daemon.errors import CommandError, EdgeError
 
+HOST_PACKAGES = {"torch", "transformers", "optimum", "onnx", "onnx_ir", "gguf", "peft", "accelerate", "matplotlib",
+                 "dask", "distributed"}
 PARAM_FLAGS = {  # GenerationParams field -> flag
     "max_tokens": "--max-tokens", "temperature": "--temperature", "top_p": "--top-p", "top_k": "--top-k",
     "repetition_penalty": "--repetition-penalty", "seed": "--seed", "stop": "--stop",
@@ -362,6 +364,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2 if e.code == "bad_request" else 1
     except KeyboardInterrupt:
         return 130
+    except ModuleNotFoundError as e:
+        if e.name and e.name.split(".")[0] in HOST_PACKAGES:
+            print(f"error: `{args.command}` runs on the central host and needs {e.name}: run scripts/setup.sh "
+                  "host, or pip install 'edgellm[host]'", file=sys.stderr)
+            return 2
+        raise
     return status or 0
 
 

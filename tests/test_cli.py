@@ -70,3 +70,15 @@ def test_the_device_side_never_imports_the_host_toolchain():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_host_commands_without_the_host_extra_say_what_to_install(tmp_path):
+    import subprocess
+    import sys
+
+    code = ("import sys\nsys.modules['peft'] = None  # as on a device: the host extra is not installed\n"
+            "from daemon.cli import main\n"
+            f"sys.exit(main(['lora', 'merge', '--base', 'smollm2', '--adapter', '{tmp_path}', '--out', "
+            f"'{tmp_path / 'm'}']))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "edgellm[host]" in out.stderr and "Traceback" not in out.stderr, out.stderr
