@@ -199,8 +199,7 @@ class UpdateAgent:
     def _download(self, fetcher: Fetcher, manifest: BundleManifest) -> None:
         missing = self.slots.missing_chunks(manifest)
         total = sum(manifest.unique_chunks().values())
-        done = self.slots.downloaded_bytes(manifest)
-        progress = {"done": done, "next_report": 0.0}
+        progress = {"done": self.slots.downloaded_bytes(manifest, missing), "next_report": 0.0}
 
         def report(force: bool = False) -> None:
             now = time.monotonic()

@@ -8,8 +8,6 @@ task; tasks carry only their batch.
 
 from __future__ import annotations
 
-import statistics
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -64,21 +62,9 @@ def _batches(items: list, size: int) -> list[list]:
 
 # -- tasks (run on workers) ---------------------------------------------------------------------------
 def _extract(examples: list[dict], schema: dict, max_tokens: int) -> list[tuple[dict | None, float]]:
-    from daemon.errors import EdgeError
-    from daemon.params import GenerationParams
-    from models.invoices import INSTRUCTION
+    from models.evaluate import extract
 
-    generator = worker_model()
-    params = GenerationParams(temperature=0, max_tokens=max_tokens, json_schema=schema)
-    out = []
-    for ex in examples:
-        start = time.perf_counter()
-        try:
-            prediction = generator.generate(generator.prompt_ids(f"{INSTRUCTION}\n\n{ex['text']}"), params).json
-        except EdgeError:
-            prediction = None
-        out.append((prediction, (time.perf_counter() - start) * 1000))
-    return out
+    return extract(worker_model(), examples, schema, max_tokens)
 
 
 def _embed(texts: list[str]):
@@ -101,16 +87,13 @@ def _paraphrase(examples: list[dict], variants: int, seed: int, max_tokens: int)
 # -- jobs (run on the client) -------------------------------------------------------------------------
 def batch_eval(client: Client, model_dir: Path, examples: list[dict], schema: dict, max_tokens: int = 200,
                batch_size: int = 4, threads: int = 1) -> dict:
-    from models.evaluate import score
+    from daemon.manifest import load_manifest
+    from models.evaluate import report_for
 
     client.register_plugin(ModelOnWorker(str(model_dir), "generation", threads))
     futures = client.map(_extract, _batches(examples, batch_size), schema=schema, max_tokens=max_tokens, pure=False)
     results = [r for batch in client.gather(futures) for r in batch]
-    report = score(examples, [p for p, _ in results], schema)
-    from daemon.manifest import load_manifest
-
-    report["model"] = load_manifest(model_dir).name
-    report["latency_ms_p50"] = round(statistics.median(ms for _, ms in results), 1) if results else None
+    report = report_for(load_manifest(model_dir).name, examples, results, schema)
     report["workers"] = len(client.scheduler_info()["workers"])
     return report
 

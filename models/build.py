@@ -76,7 +76,8 @@ def _build(source, staged: Path, scratch: Path, options: BuildOptions, steps: St
     check_decoder_io(graph, hf.model_type)
     untie_output_head(graph)
     add_logit_positions(graph)
-    gguf = _gguf_blocks(source, hf) if options.quant.scheme == "int4" and options.gguf_import else None
+    lineage = _source_lineage(source)
+    gguf = _gguf_blocks(source, lineage) if options.quant.scheme == "int4" and options.gguf_import else None
     imported = None
     if gguf is not None:
         from models.gguf_import import import_gguf
@@ -102,6 +103,7 @@ def _build(source, staged: Path, scratch: Path, options: BuildOptions, steps: St
     ids = Tokenizer.from_file(str(staged / TOKENIZER_FILE)).encode(text).ids[: hf.context_length]
     source_ppl = source_perplexity(hf, ids)
     manifest = _manifest(source, hf, options, staged, template_written=(staged / CHAT_TEMPLATE).exists())
+    manifest.lineage = lineage
     if imported and (imported["q4_1"] or imported["q8_0"]):
         manifest.quantization.method = (f"GGUF blocks imported exactly ({imported['q4_1']} Q4_1 as MatMulNBits + "
                                         f"block-sum offsets, {imported['q8_0']} Q8_0 as 8-bit); "
@@ -142,18 +144,17 @@ def _manifest(source, hf, options: BuildOptions, staged: Path, template_written:
                               chat_template=CHAT_TEMPLATE if template_written else None),
         files=describe_files(staged, names),
         built_with=package_versions("torch", "transformers", "optimum-onnx", "onnxruntime"),
-        lineage=_source_lineage(source),
     )
 
 
-def _gguf_blocks(source, hf) -> Path | None:
+def _gguf_blocks(source, lineage: dict | None) -> Path | None:
     """The GGUF whose quantized blocks this build can reuse: the source itself, or the base a LoRA was merged
     into (its unchanged weights still equal the base's blocks; import_gguf checks each one)."""
     from models.sources import resolve_source
 
     if source.kind == "gguf":
         return source.folder / source.gguf_file
-    base = (_source_lineage(source) or {}).get("base")
+    base = (lineage or {}).get("base")
     if base:
         try:
             base_source = resolve_source(base)

@@ -74,29 +74,41 @@ def load_examples(path: Path) -> list[dict]:
     return examples
 
 
-def evaluate_model(model_dir: Path, examples: list[dict], schema: dict, threads: int = 0,
-                   max_tokens: int = 200) -> dict:
-    """Run the model on every example through the real engine, constrained to the schema."""
+def extract(generator, examples: list[dict], schema: dict, max_tokens: int) -> list[tuple[dict | None, float]]:
+    """(prediction, latency ms) per example, greedy and constrained to the schema; None where the model could
+    not complete valid JSON within max_tokens (counted as invalid)."""
     from daemon.errors import EdgeError
-    from daemon.generate import Generator
-    from daemon.model import LoadedModel
     from daemon.params import GenerationParams
 
-    generator = Generator(LoadedModel.load(model_dir, threads=threads))
     params = GenerationParams(temperature=0, max_tokens=max_tokens, json_schema=schema)
-    predictions, latencies = [], []
+    out = []
     for ex in examples:
         ids = generator.prompt_ids(f"{INSTRUCTION}\n\n{ex['text']}")
         start = time.perf_counter()
         try:
-            predictions.append(generator.generate(ids, params).json)
-        except EdgeError:  # could not complete valid JSON within max_tokens: counted as invalid
-            predictions.append(None)
-        latencies.append((time.perf_counter() - start) * 1000)
-    report = score(examples, predictions, schema)
-    report["model"] = generator.model.manifest.name
-    report["latency_ms_p50"] = round(statistics.median(latencies), 1) if latencies else None
+            prediction = generator.generate(ids, params).json
+        except EdgeError:
+            prediction = None
+        out.append((prediction, (time.perf_counter() - start) * 1000))
+    return out
+
+
+def report_for(model_name: str, examples: list[dict], results: list[tuple[dict | None, float]], schema: dict) -> dict:
+    report = score(examples, [p for p, _ in results], schema)
+    report["model"] = model_name
+    report["latency_ms_p50"] = round(statistics.median(ms for _, ms in results), 1) if results else None
     return report
+
+
+def evaluate_model(model_dir: Path, examples: list[dict], schema: dict, threads: int = 0,
+                   max_tokens: int = 200) -> dict:
+    """Run the model on every example through the real engine, constrained to the schema."""
+    from daemon.generate import Generator
+    from daemon.model import LoadedModel
+
+    generator = Generator(LoadedModel.load(model_dir, threads=threads))
+    return report_for(generator.model.manifest.name, examples, extract(generator, examples, schema, max_tokens),
+                      schema)
 
 
 def plot(reports: list[dict], path: Path) -> None:
