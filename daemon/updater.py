@@ -283,22 +283,21 @@ class UpdateAgent:
 
     # -- reports ----------------------------------------------------------------------------------------
     def _set(self, **fields) -> None:
-        report = {**self._report, **fields}
-        if "desired_id" in fields and fields["desired_id"] != self._report.get("desired_id"):
-            report = {k: v for k, v in fields.items()}  # a new update starts a new report
-            report.setdefault("history", {})
+        """Update the report and publish it; a new desired id starts a new report. State changes are also
+        written to disk (progress updates are not), so a restart knows where the update stood."""
+        last = self._report
+        new_update = fields.get("desired_id", last.get("desired_id")) != last.get("desired_id")
+        report = dict(fields) if new_update else {**last, **fields}
         now = time.time()
-        report["device"] = self.settings.device_id
-        report["ts"] = now
-        report.setdefault("history", {})
         state = report.get("state")
-        if state and state not in report["history"]:
-            report["history"] = {**report["history"], state: now}
+        history = dict(report.get("history") or {})
+        if state and state not in history:
+            history[state] = now
+        report.update(device=self.settings.device_id, ts=now, history=history)
         self._report = report
-        if state in TERMINAL or state != self.slots.last_report().get("state"):
+        if new_update or state != last.get("state"):
             self.slots.save_report(report)
         self.hooks.publish(report)
-
 
 def _desired_ids(desired: DesiredState) -> dict:
     return {"desired_id": desired.id, "name": desired.name, "version": desired.version}
