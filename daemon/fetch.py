@@ -4,7 +4,6 @@ and a sha256 check of every chunk. A `file://` store (air-gapped sites, USB stic
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import threading
@@ -17,6 +16,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from daemon import __version__
+from daemon.manifest import sha256_file
 
 log = logging.getLogger("edgellm.fetch")
 BLOCK = 64 << 10
@@ -59,7 +59,7 @@ class Fetcher:
 
         def attempt() -> None:
             self._download(rel, part, size)
-            digest = _sha256(part)
+            digest = sha256_file(part)
             if part.stat().st_size != size or digest != sha256:
                 part.unlink()
                 raise _Corrupt(f"{rel}: the downloaded bytes do not match their sha256 (got {digest[:12]}…, "
@@ -138,10 +138,3 @@ class Fetcher:
 class _Corrupt(Exception):
     pass
 
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()

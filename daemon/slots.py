@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,12 +36,16 @@ def slot_name(manifest: BundleManifest) -> str:
     return f"{manifest.name}-{manifest.version}"
 
 
-def write_json_atomic(path: Path, body: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(body, f)
+def write_atomic(path: Path, data: bytes) -> None:
+    """Readers (the daemon after a crash, web servers, devices) see the old file or the whole new one, never a
+    part: a unique temporary file beside it, fsynced, renamed over it, and the rename fsynced."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".incoming-")
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
         f.flush()
         os.fsync(f.fileno())
+    os.chmod(tmp, 0o644)
     os.replace(tmp, path)
     fsync_dir(path.parent)
 
@@ -67,7 +72,7 @@ class SlotStore:
         return ActiveState(**json.loads(path.read_text())) if path.is_file() else ActiveState()
 
     def set_state(self, state: ActiveState) -> None:
-        write_json_atomic(self.root / "active.json", asdict(state))
+        write_atomic(self.root / "active.json", json.dumps(asdict(state)).encode())
 
     def path(self, slot: str | None) -> Path | None:
         return self.slots / slot if slot and (self.slots / slot / BUNDLE_FILE).is_file() else None
@@ -81,7 +86,7 @@ class SlotStore:
         return json.loads(path.read_text()) if path.is_file() else {}
 
     def save_report(self, report: dict) -> None:
-        write_json_atomic(self.root / "report.json", report)
+        write_atomic(self.root / "report.json", json.dumps(report).encode())
 
     # -- chunks ---------------------------------------------------------------------------------------
     def local_chunks(self) -> dict[str, tuple[Path, int]]:

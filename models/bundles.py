@@ -33,6 +33,7 @@ from daemon.bundle import (
     public_raw,
 )
 from daemon.manifest import MANIFEST_NAME, load_manifest
+from daemon.slots import write_atomic
 from models.errors import BuildError
 
 CHUNK_MAX = 4 << 20
@@ -128,16 +129,6 @@ def write_once(path: Path, data: bytes) -> None:
     """Content-addressed files never change: write one only if it is missing."""
     if not path.exists():
         write_atomic(path, data)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Readers (web servers, devices) see the old file or the whole new one, never a part."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".incoming-")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
 
 
 # -- building ---------------------------------------------------------------------------------------
