@@ -13,7 +13,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from daemon.errors import CommandError
-from daemon.mqtt_service import make_client
+from daemon.mqtt_service import connect_client, make_client
 from daemon.settings import Settings
 
 
@@ -42,11 +42,8 @@ class RpcClient:
         m = settings.mqtt
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = session_expiry
-        try:
-            self.client.connect(m.host, m.port, keepalive=m.keepalive, clean_start=session_expiry == 0,
-                                properties=props)
-        except OSError as e:
-            raise CommandError(f"mqtt.host: cannot reach the broker at {m.host}:{m.port}: {e.strerror or e}") from None
+        connect_client(self.client, settings, keepalive=m.keepalive, clean_start=session_expiry == 0,
+                       properties=props)
         self.client.loop_start()
         if not self._subscribed.wait(timeout):
             self.close()

@@ -25,7 +25,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from daemon import __version__
-from daemon.errors import EdgeError
+from daemon.errors import CommandError, EdgeError
 from daemon.settings import Settings
 from daemon.stats import Stats
 from daemon.wire import CancelRequest, StatusRequest, error_reply, parse_request, peek_envelope
@@ -75,6 +75,16 @@ def make_client(settings: Settings, client_id: str, manual_ack: bool = False) ->
     client.on_socket_open = lambda _c, _u, sock: set_nodelay(sock)
     client.max_queued_messages_set(0)  # QoS 1 replies made while the broker is away wait for the reconnect
     return client
+
+
+def connect_client(client: mqtt.Client, settings: Settings, **kwargs) -> None:
+    """Connect a command-line client (request, publish, fleet status) at once, or say which setting to fix."""
+    m = settings.mqtt
+    try:
+        client.connect(m.host, m.port, **kwargs)
+    except OSError as e:
+        raise CommandError(f"mqtt.host/mqtt.port (--mqtt-host/--mqtt-port): cannot reach the broker at "
+                           f"{m.host}:{m.port}: {e.strerror or e}") from None
 
 
 class MqttReply:

@@ -15,14 +15,10 @@ from daemon.settings import Settings
 def publish_desired(settings: Settings, topic: str, desired: DesiredState | None, timeout: float = 10.0) -> None:
     """Publish (or, with None, clear) a retained desired state and wait for the broker's acknowledgement."""
     from daemon.errors import CommandError
-    from daemon.mqtt_service import make_client
+    from daemon.mqtt_service import connect_client, make_client
 
     client = make_client(settings, f"edgellm-publish-{int(time.time() * 1000) % 10**8}")
-    try:
-        client.connect(settings.mqtt.host, settings.mqtt.port)
-    except OSError as e:
-        raise CommandError(f"--mqtt-host/--mqtt-port: cannot reach the broker at {settings.mqtt.host}:"
-                           f"{settings.mqtt.port}: {e}") from None
+    connect_client(client, settings)
     client.loop_start()
     try:
         payload = desired.model_dump_json().encode() if desired else b""
@@ -59,12 +55,9 @@ class FleetWatch:
         self.client.on_message = self._on_message
 
     def start(self) -> FleetWatch:
-        from daemon.errors import CommandError
+        from daemon.mqtt_service import connect_client
 
-        try:
-            self.client.connect(self.settings.mqtt.host, self.settings.mqtt.port)
-        except OSError as e:
-            raise CommandError(f"--mqtt-host/--mqtt-port: cannot reach the broker: {e}") from None
+        connect_client(self.client, self.settings)
         self.client.loop_start()
         return self
 

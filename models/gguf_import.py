@@ -87,11 +87,9 @@ def pack_nibbles(q: np.ndarray) -> np.ndarray:
 
 class _Graph:
     def __init__(self, model: onnx.ModelProto):
-        self.model = model
         self.graph = model.graph
         self.inits = {i.name: i for i in self.graph.initializer}
         self.block_sums: dict[str, str] = {}
-        self.new_nodes: list[tuple[onnx.NodeProto, list[onnx.NodeProto]]] = []
 
     def weight(self, name: str) -> np.ndarray | None:
         return numpy_helper.to_array(self.inits[name]) if name in self.inits else None
