@@ -136,7 +136,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
         history.append(ChatMessage(role="assistant", content=result.text))
 
 
-def _settings(args: argparse.Namespace):
+def settings_from_args(args: argparse.Namespace):
     from daemon.settings import load_settings
 
     overrides: dict = {}
@@ -146,6 +146,8 @@ def _settings(args: argparse.Namespace):
         overrides["groups"] = args.groups
     if getattr(args, "log_level", None):
         overrides["log_level"] = args.log_level
+    if getattr(args, "topic_root", None):
+        overrides["topic_root"] = args.topic_root
     mqtt = {k: v for k, v in (("host", args.mqtt_host), ("port", args.mqtt_port)) if v is not None}
     if mqtt:
         overrides["mqtt"] = mqtt
@@ -154,7 +156,7 @@ def _settings(args: argparse.Namespace):
     return load_settings(args.config, overrides)
 
 
-def _add_settings_args(p: argparse.ArgumentParser) -> None:
+def add_settings_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, help="TOML file (default /etc/edgellm/edgellm.toml if present)")
     p.add_argument("--mqtt-host")
     p.add_argument("--mqtt-port", type=int)
@@ -163,8 +165,8 @@ def _add_settings_args(p: argparse.ArgumentParser) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     from daemon.serve import serve
 
-    settings = _settings(args)
-    return serve(settings, reload_settings=lambda: _settings(args))
+    settings = settings_from_args(args)
+    return serve(settings, reload_settings=lambda: settings_from_args(args))
 
 
 def cmd_request(args: argparse.Namespace) -> int:
@@ -178,7 +180,7 @@ def cmd_request(args: argparse.Namespace) -> int:
         raise CommandError("JSON: the request payload must be a JSON object, e.g. '{\"prompt\": \"Hello\"}'")
     if args.stream:
         payload["stream"] = True
-    settings = _settings(args)
+    settings = settings_from_args(args)
     topic = rpc_topic(settings, args.method, args.device, args.group)
 
     def show(delta: dict) -> None:
@@ -210,7 +212,7 @@ def _open_store(args: argparse.Namespace):
     from daemon.embedder import Embedder
     from daemon.store import RetrievalStore
 
-    settings = _settings(args)
+    settings = settings_from_args(args)
     path = args.store or settings.store.path
     if path is None:
         raise CommandError("--store: give the store file (or set store.path)")
@@ -270,7 +272,7 @@ def cmd_ask(args: argparse.Namespace) -> None:
 
 
 def _add_store_args(p: argparse.ArgumentParser) -> None:
-    _add_settings_args(p)
+    add_settings_args(p)
     p.add_argument("--store", type=Path, help="the retrieval store file (store.path)")
     p.add_argument("--embedding-model", type=Path, help="embedding model folder (embedding.path)")
     p.add_argument("--threads", type=int, default=0)
@@ -297,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_chat)
 
     p = commands.add_parser("serve", help="run the daemon: answer requests over MQTT")
-    _add_settings_args(p)
+    add_settings_args(p)
     p.add_argument("--model", type=Path, help="the model folder (model.path)")
     p.add_argument("--device-id")
     p.add_argument("--group", dest="groups", action="append", help="take load-balanced requests of this group")
@@ -330,7 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_ask)
 
     p = commands.add_parser("request", help="send one request to a device or group over MQTT, print the reply")
-    _add_settings_args(p)
+    add_settings_args(p)
     p.add_argument("method", help="generate, chat, embed, status, cancel, ...")
     p.add_argument("payload", nargs="?", default="{}", help="the JSON request, e.g. '{\"prompt\": \"Hello\"}'")
     target = p.add_mutually_exclusive_group()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from daemon.cli import add_settings_args, settings_from_args
 from daemon.errors import CommandError
 
 QUANT_SCHEMES = ("int4", "int8", "fp32")
@@ -118,19 +119,6 @@ def cmd_bundle_build(args: argparse.Namespace) -> None:
           f"{len(chunks)} chunks, {len(m.smoke.golden)} golden prompts, signed, in {args.store}")
 
 
-def mqtt_settings(args: argparse.Namespace):
-    from daemon.settings import load_settings
-
-    overrides: dict = {"mqtt": {}}
-    if args.mqtt_host:
-        overrides["mqtt"]["host"] = args.mqtt_host
-    if args.mqtt_port:
-        overrides["mqtt"]["port"] = args.mqtt_port
-    if args.topic_root:
-        overrides["topic_root"] = args.topic_root
-    return load_settings(args.config, overrides)
-
-
 def cmd_bundle_publish(args: argparse.Namespace) -> None:
     from models.bundles import desired_state
     from models.fleet import publish_desired
@@ -139,7 +127,7 @@ def cmd_bundle_publish(args: argparse.Namespace) -> None:
         raise CommandError("give --group G (every device in it) or --device D (one device's override)")
     if not 0 <= args.percent <= 100:
         raise CommandError("--percent: between 0 and 100")
-    settings = mqtt_settings(args)
+    settings = settings_from_args(args)
     scope = f"groups/{args.group}" if args.group else args.device
     topic = f"{settings.topic_root}/{scope}/desired"
     if args.clear:
@@ -170,7 +158,7 @@ def cmd_fleet_status(args: argparse.Namespace) -> None:
 
     from models.fleet import FleetWatch, render
 
-    watch = FleetWatch(mqtt_settings(args)).start()
+    watch = FleetWatch(settings_from_args(args)).start()
     try:
         if args.once:
             time.sleep(args.wait)
@@ -226,9 +214,7 @@ def cmd_batch(args: argparse.Namespace) -> None:
 
 
 def _add_mqtt_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", type=Path, help="an edgellm TOML config for the broker connection")
-    p.add_argument("--mqtt-host")
-    p.add_argument("--mqtt-port", type=int)
+    add_settings_args(p)  # --config, --mqtt-host, --mqtt-port, as for `edgellm request`
     p.add_argument("--topic-root")
 
 
