@@ -101,15 +101,16 @@ class Generator:
         eos = model.eos_token_ids
         usage, timings = Usage(prompt_tokens=len(ids)), Timings()
         start = started or time.perf_counter()
-        cache = model.decoder.new_cache()
         feed = ids
         hit = self.prefix_cache.lookup(ids) if self.prefix_cache is not None else None
         passes = 0
         if hit is not None:  # compute only what follows the cached prefix
-            usage.cached_tokens, cache.arrays = hit
-            cache.length = usage.cached_tokens
+            usage.cached_tokens, known = hit
+            cache = model.decoder.new_cache(len(ids) + budget, prefix=known)
             feed = ids[usage.cached_tokens:]
-        elif self.prefix_cache is not None and len(ids) >= self.prefix_cache.min_tokens:
+        else:
+            cache = model.decoder.new_cache(len(ids) + budget)
+        if hit is None and self.prefix_cache is not None and len(ids) >= self.prefix_cache.min_tokens:
             # A repeat of this prompt will compute its last token alone on top of the cached rest. onnxruntime
             # computes one row and many rows with different kernels, so do the same now: then the cold and the
             # warm request see bit-identical logits and give the same greedy answer.
@@ -132,7 +133,7 @@ class Generator:
             token = sampler(logits, ids + generated if params.repetition_penalty != 1.0 else ())
             if first_at is None:
                 if self.prefix_cache is not None:
-                    self.prefix_cache.store(ids, cache.arrays)
+                    self.prefix_cache.store(ids, cache.prefix())
                 first_at = time.perf_counter()
                 timings.ttft_ms = (first_at - start) * 1000
                 timings.prefill_tps = len(ids) / max(first_at - start, 1e-9)

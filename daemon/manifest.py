@@ -83,6 +83,8 @@ class ModelManifest(_Strict):
     architecture: str = Field(description="transformers architecture, e.g. LlamaForCausalLM")
     model_type: str
     quantization: Quantization
+    graph: Literal["optimum", "fused"] = Field(
+        "optimum", description="optimum's export, or edgellm's graph of fused onnxruntime ops (models/fused_graph.py)")
     source: Source
     license: str | None = None
     generation: Generation | None = None

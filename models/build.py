@@ -43,6 +43,7 @@ class BuildOptions:
     force: bool = False
     show_progress: bool = True
     gguf_import: bool = True  # int4 from a GGUF (or a model merged from one): reuse its blocks exactly
+    fused: bool = True  # Llama-family graphs with GroupQueryAttention & co. (models/fused_graph.py)
 
 
 def build_model(source_ref: str, out: Path, options: BuildOptions) -> ModelManifest:
@@ -53,7 +54,7 @@ def build_model(source_ref: str, out: Path, options: BuildOptions) -> ModelManif
     source = resolve_source(source_ref, options.revision)
     check_resources(source, out)
     with staged_folder(out) as (staged, scratch), Steps(
-            ["Checking the architecture", "Loading the weights", "Exporting to ONNX", "Quantizing",
+            ["Checking the architecture", "Loading the weights", "Building the ONNX graph", "Quantizing",
              "Measuring perplexity"], enabled=options.show_progress) as steps:
         return _build(source, staged, scratch, options, steps)
 
@@ -61,7 +62,8 @@ def build_model(source_ref: str, out: Path, options: BuildOptions) -> ModelManif
 def _build(source, staged: Path, scratch: Path, options: BuildOptions, steps: Steps) -> ModelManifest:
     import onnx
 
-    from models.export import check_architecture, export_onnx, load_source, source_perplexity
+    from models.export import check_architecture, export_onnx, load_source, save_tokenizer, source_perplexity
+    from models.fused_graph import build_fused_decoder, supports
     from models.graph_edits import add_logit_positions, check_decoder_io, untie_output_head
     from models.quantize import quantize
 
@@ -70,12 +72,18 @@ def _build(source, staged: Path, scratch: Path, options: BuildOptions, steps: St
     steps.next()
     hf = load_source(source)
     steps.next()
-    exported = export_onnx(hf, scratch)
+    fused = options.fused and supports(hf.model_type)
+    if fused:
+        graph = build_fused_decoder(hf.model, hf.context_length)
+        tokenizer_file = save_tokenizer(hf, scratch)
+    else:
+        exported = export_onnx(hf, scratch)
+        graph = onnx.load(exported)
+        check_decoder_io(graph, hf.model_type)
+        untie_output_head(graph)
+        add_logit_positions(graph)
+        tokenizer_file = exported.parent / TOKENIZER_FILE
     steps.next()
-    graph = onnx.load(exported)
-    check_decoder_io(graph, hf.model_type)
-    untie_output_head(graph)
-    add_logit_positions(graph)
     lineage = _source_lineage(source)
     gguf = _gguf_blocks(source, lineage) if options.quant.scheme == "int4" and options.gguf_import else None
     imported = None
@@ -91,7 +99,7 @@ def _build(source, staged: Path, scratch: Path, options: BuildOptions, steps: St
     onnx.save(graph, staged / MODEL_FILE, save_as_external_data=True, location=EXTERNAL_DATA,
               size_threshold=1024)
     del graph
-    shutil.copy(exported.parent / TOKENIZER_FILE, staged / TOKENIZER_FILE)
+    shutil.copy(tokenizer_file, staged / TOKENIZER_FILE)
     template = hf.tokenizer.chat_template
     if isinstance(template, str) and template.strip():
         (staged / CHAT_TEMPLATE).write_text(template)
@@ -104,6 +112,7 @@ def _build(source, staged: Path, scratch: Path, options: BuildOptions, steps: St
     source_ppl = source_perplexity(hf, ids)
     manifest = _manifest(source, hf, options, staged, template_written=(staged / CHAT_TEMPLATE).exists())
     manifest.lineage = lineage
+    manifest.graph = "fused" if fused else "optimum"
     if imported and (imported["q4_1"] or imported["q8_0"]):
         manifest.quantization.method = (f"GGUF blocks imported exactly ({imported['q4_1']} Q4_1 as MatMulNBits + "
                                         f"block-sum offsets, {imported['q8_0']} Q8_0 as 8-bit); "

@@ -25,7 +25,7 @@ def cmd_model_build(args: argparse.Namespace) -> None:
     eight_bit = tuple(p for p in (args.eight_bit or "").split(",") if p)
     options = BuildOptions(QuantSpec(args.quant, block_size=args.block_size, symmetric=not args.asymmetric,
                                      eight_bit=eight_bit), name=args.name, revision=args.revision, force=args.force,
-                           gguf_import=not args.no_gguf_import)
+                           gguf_import=not args.no_gguf_import, fused=not args.no_fuse)
     if args.task == "embedding":
         from models.embedding_build import build_embedding
 
@@ -230,7 +230,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--block-size", type=int, default=32, help="MatMulNBits block size (default 32)")
     p.add_argument("--asymmetric", action="store_true", help="quantize with zero points")
     p.add_argument("--eight-bit", metavar="NAMES", help="with int4: keep MatMuls whose name contains one of these "
-                   "comma-separated parts at 8 bits (e.g. q_proj,v_proj, the layers a LoRA adapted)")
+                   "comma-separated parts at 8 bits (e.g. qkv_proj; q_proj,v_proj with --no-fuse)")
+    p.add_argument("--no-fuse", action="store_true", help="Llama, Mistral, Qwen2: use optimum's exported graph "
+                   "instead of edgellm's fused one (GroupQueryAttention; about 2x faster decode)")
     p.add_argument("--no-gguf-import", action="store_true", help="with int4 from a GGUF: re-quantize its "
                    "de-quantized weights instead of reusing its blocks exactly (smaller, faster, less accurate)")
     p.add_argument("--name", help="model name for the manifest (default: from the source)")

@@ -129,6 +129,13 @@ def export_onnx(hf: HFModel, work: Path) -> Path:
     return exported / "model.onnx"
 
 
+def save_tokenizer(hf: HFModel, work: Path) -> Path:
+    """The fixed tokenizer's tokenizer.json (what the optimum export would have copied beside its graph)."""
+    folder = work / "tokenizer"
+    hf.tokenizer.save_pretrained(folder)
+    return folder / "tokenizer.json"
+
+
 def source_perplexity(hf: HFModel, ids: list[int]) -> float:
     import numpy as np
     import torch

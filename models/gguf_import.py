@@ -23,10 +23,12 @@ from onnx import helper, numpy_helper
 
 QK = 32
 PREFIX = "/edgellm/gguf/"
-LINEARS = {"self_attn/q_proj": "attn_q", "self_attn/k_proj": "attn_k", "self_attn/v_proj": "attn_v",
-           "self_attn/o_proj": "attn_output", "mlp/gate_proj": "ffn_gate", "mlp/up_proj": "ffn_up",
-           "mlp/down_proj": "ffn_down"}
-NODE = re.compile(r"^/model/layers\.(\d+)/(self_attn/[qkvo]_proj|mlp/(?:gate|up|down)_proj)/MatMul$")
+# ONNX projection -> the GGUF matrices whose rows it stacks (the fused graph packs q/k/v and gate/up).
+LINEARS = {"self_attn/q_proj": ("attn_q",), "self_attn/k_proj": ("attn_k",), "self_attn/v_proj": ("attn_v",),
+           "self_attn/qkv_proj": ("attn_q", "attn_k", "attn_v"), "self_attn/o_proj": ("attn_output",),
+           "mlp/gate_proj": ("ffn_gate",), "mlp/up_proj": ("ffn_up",), "mlp/gate_up_proj": ("ffn_gate", "ffn_up"),
+           "mlp/down_proj": ("ffn_down",)}
+NODE = re.compile(r"^/model/layers\.(\d+)/(self_attn/(?:[qkvo]|qkv)_proj|mlp/(?:gate|up|down|gate_up)_proj)/MatMul$")
 
 
 @dataclass
@@ -149,21 +151,34 @@ def import_gguf(model: onnx.ModelProto, gguf_path: Path, num_heads: int, num_kv_
     return counts
 
 
-def _gguf_name(node: onnx.NodeProto, head_name: str) -> str | None:
+def _gguf_names(node: onnx.NodeProto, head_name: str) -> list[str]:
     if node.name == head_name:
-        return "token_embd.weight"
+        return ["token_embd.weight"]
     match = NODE.match(node.name)
-    return f"blk.{match.group(1)}.{LINEARS[match.group(2)]}.weight" if match else None
+    return [f"blk.{match.group(1)}.{part}.weight" for part in LINEARS[match.group(2)]] if match else []
+
+
+def _stacked(names: list[str], blocks: dict[str, Blocks], num_heads: int, num_kv_heads: int) -> Blocks | None:
+    """The blocks of one ONNX weight: the named GGUF matrices, q/k rows un-permuted, stacked along N."""
+    if not names or any(n not in blocks for n in names) or len({blocks[n].kind for n in names}) != 1:
+        return None
+    parts = []
+    for name in names:
+        b = blocks[name]
+        if name.endswith(("attn_q.weight", "attn_k.weight")):
+            b = b.rows(unpermute_rows(b.q.shape[0], num_heads if "attn_q" in name else num_kv_heads))
+        parts.append(b)
+    if len(parts) == 1:
+        return parts[0]
+    m = None if parts[0].m is None else np.concatenate([p.m for p in parts])
+    return Blocks(parts[0].kind, np.concatenate([p.q for p in parts]), np.concatenate([p.d for p in parts]), m)
 
 
 def _linear(g: _Graph, node, blocks, num_heads, num_kv_heads, head_name):
-    name = _gguf_name(node, head_name)
     w = g.weight(node.input[1])
-    if name not in blocks or w is None or w.ndim != 2:
+    b = _stacked(_gguf_names(node, head_name), blocks, num_heads, num_kv_heads)
+    if b is None or w is None or w.ndim != 2:
         return None
-    b = blocks[name]
-    if name.endswith(("attn_q.weight", "attn_k.weight")):
-        b = b.rows(unpermute_rows(b.q.shape[0], num_heads if "attn_q" in name else num_kv_heads))
     k, n = w.shape
     if b.q.shape[0] != n or b.q.shape[1] * QK != k or not np.array_equal(b.weight(), w.T):
         return None

@@ -9,6 +9,7 @@ from daemon.generate import Generator
 from daemon.model import LoadedModel
 from daemon.params import GenerationParams
 from tests.conftest import build
+from models.fused_graph import FUSED_TYPES
 from tests.tiny_models import ARCHITECTURES
 
 PROMPT = "The invoice total is due"
@@ -37,6 +38,11 @@ def test_fp32_onnx_matches_pytorch_with_kv_cache(arch, tiny_sources, tmp_path):
     out = build(tiny_sources[arch], tmp_path / "fp32", "fp32")
     model = LoadedModel.load(out)
     assert model.manifest.model_type == arch
+    fused = arch in FUSED_TYPES
+    assert model.manifest.graph == ("fused" if fused else "optimum")
+    assert model.decoder.in_place == fused
+    ops = {n.op_type for n in __import__("onnx").load(out / "model.onnx", load_external_data=False).graph.node}
+    assert ("GroupQueryAttention" in ops) == fused
     ids = model.encode(PROMPT)
     expected = torch_logits(tiny_sources[arch], ids)
     cache = model.decoder.new_cache()
@@ -63,3 +69,17 @@ def test_quantized_builds_load_and_generate(arch, scheme, tiny_sources, tmp_path
     assert result.usage.completion_tokens >= 1
     assert result.finish_reason in ("stop", "length")
     assert model.manifest.quality.perplexity > 1
+
+
+def test_in_place_cache_grows_past_its_capacity(tiny_sources, tmp_path):
+    """A fused model's cache is preallocated; a longer conversation than announced must still be exact."""
+    model = LoadedModel.load(build(tiny_sources["llama"], tmp_path / "fp32", "fp32"))
+    ids = (model.encode(PROMPT) * 100)[:300]
+    small, large = model.decoder.new_cache(capacity=8), model.decoder.new_cache(capacity=512)
+    assert small.capacity < 300 <= large.capacity
+    for start in range(0, 300, 50):
+        a = model.decoder.forward(ids[start:start + 50], small, all_logits=True)
+        b = model.decoder.forward(ids[start:start + 50], large, all_logits=True)
+        assert np.array_equal(a, b)
+    assert small.capacity >= 300 and small.length == large.length == 300
+    assert all(np.array_equal(x, y) for x, y in zip(small.prefix(), large.prefix(), strict=True))

@@ -41,10 +41,12 @@ def tiny_config(arch: str, vocab_size: int, eos: int, pad: int):
         return PhiConfig(hidden_size=160, intermediate_size=320, num_attention_heads=2,
                          partial_rotary_factor=0.4, **common)
     gqa = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2)
-    if arch == "llama":  # SmolLM2 / Llama 3 style: tied embeddings, grouped-query attention
-        return LlamaConfig(tie_word_embeddings=True, rope_theta=500000.0, **gqa, **common)
-    if arch == "mistral":
-        return MistralConfig(sliding_window=None, **gqa, **common)
+    if arch == "llama":  # SmolLM2 / Llama 3 style: tied embeddings, grouped-query attention, Llama 3 rope scaling
+        llama3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 64}
+        return LlamaConfig(tie_word_embeddings=True, rope_theta=500000.0, rope_scaling=llama3, **gqa, **common)
+    if arch == "mistral":  # a window shorter than the tests' prompts, so the sliding window is exercised
+        return MistralConfig(sliding_window=4, **gqa, **common)
     if arch == "qwen2":
         return Qwen2Config(**gqa, **common)
     if arch == "phi3":  # its default pad_token_id (32000) is outside a small vocabulary: set it
