@@ -8,8 +8,8 @@ import pytest
 from daemon.generate import Generator
 from daemon.model import LoadedModel
 from daemon.params import GenerationParams
-from tests.conftest import build
 from models.fused_graph import FUSED_TYPES
+from tests.conftest import build
 from tests.tiny_models import ARCHITECTURES
 
 PROMPT = "The invoice total is due"
