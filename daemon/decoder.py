@@ -33,6 +33,7 @@ class KVCache:
     arrays: list[np.ndarray]
     length: int = 0
     binding: ort.IOBinding | None = field(default=None, repr=False)
+    row: int | None = None  # its row in a batching pool (daemon/batching.py)
 
     @property
     def capacity(self) -> int:
@@ -73,23 +74,43 @@ class OnnxDecoder:
             empty = np.zeros((1, self.kv_heads, 0, self.head_dim), dtype=np.float32)
             return KVCache(list(prefix) if prefix else [empty] * len(self.past_names), length)
         cache = KVCache([], 0)
-        self._allocate(cache, max(capacity, length + 1, MIN_CAPACITY))
+        self._grow(cache, max(capacity, length + 1, MIN_CAPACITY))
         for buffer, known in zip(cache.arrays, prefix or [], strict=False):
             buffer[:, :, :length] = known
         cache.length = length
         return cache
 
-    def _allocate(self, cache: KVCache, capacity: int) -> None:
-        """(Re)bind the cache to buffers of `capacity` positions, keeping what it holds."""
+    def _grow(self, cache: KVCache, capacity: int) -> None:
+        """Move the cache to buffers of `capacity` positions, keeping what it holds."""
         arrays = [np.zeros((1, self.kv_heads, capacity, self.head_dim), dtype=np.float32) for _ in self.past_names]
         for new, old in zip(arrays, cache.arrays, strict=False):
             new[:, :, : cache.length] = old[:, :, : cache.length]
+        cache.arrays, cache.binding = arrays, self.bind(arrays)
+
+    def bind(self, arrays: list[np.ndarray]) -> ort.IOBinding:
+        """An IO binding reading past keys/values from `arrays` and writing the new ones into them."""
         binding = self.session.io_binding()
         for past, present, array in zip(self.past_names, self.present_names, arrays, strict=True):
-            value = ort.OrtValue.ortvalue_from_numpy(array)  # shares the numpy memory
+            value = ort.OrtValue.ortvalue_from_numpy(array)  # shares the numpy memory (C-contiguous views too)
             binding.bind_ortvalue_input(past, value)
             binding.bind_ortvalue_output(present, value)
-        cache.arrays, cache.binding = arrays, binding
+        return binding
+
+    def release(self, cache: KVCache) -> None:
+        """Nothing to give back: a private cache is freed with its arrays (see BatchingDecoder.release)."""
+
+    def decode_rows(self, binding: ort.IOBinding, tokens: np.ndarray, past: np.ndarray) -> np.ndarray:
+        """One token for each row of a batch bound by `bind`; row r has `past[r]` positions before it
+        (right-padded: the attention mask tells GroupQueryAttention each row's length). Logits [rows, vocab]."""
+        total = past + 1
+        mask = (np.arange(total.max())[None, :] < total[:, None]).astype(np.int64)
+        binding.bind_cpu_input("input_ids", tokens[:, None])
+        binding.bind_cpu_input("attention_mask", mask)
+        binding.bind_cpu_input("logit_positions", np.zeros(1, dtype=np.int64))
+        logits = np.empty((len(tokens), 1, self.vocab_size), dtype=np.float32)
+        binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits))
+        self.session.run_with_iobinding(binding)
+        return logits[:, 0]
 
     def forward(self, ids: Sequence[int], cache: KVCache, all_logits: bool = False) -> np.ndarray:
         """Run the new tokens, extend `cache` in place, return logits [n, vocab] (or [1, vocab] for the last)."""
@@ -108,7 +129,7 @@ class OnnxDecoder:
             wanted = len(positions)
         if self.in_place:
             if total > cache.capacity:
-                self._allocate(cache, max(total, 2 * cache.capacity))
+                self._grow(cache, max(total, 2 * cache.capacity))
             for name, value in feeds.items():
                 cache.binding.bind_cpu_input(name, value)
             logits = np.empty((1, wanted, self.vocab_size), dtype=np.float32)

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from daemon.batching import BatchingDecoder
 from daemon.chat import ChatMessage
 from daemon.constrain import JsonConstraint, compile_json_schema, grammar_tokenizer
 from daemon.detokenize import IncrementalDecoder
@@ -55,10 +56,14 @@ class Result:
 class Generator:
     """Generation on one loaded model. Holds per-model caches (the grammar tokenizer), never per-request state."""
 
-    def __init__(self, model: LoadedModel, prefix_cache: PrefixCache | None = None):
+    def __init__(self, model: LoadedModel, prefix_cache: PrefixCache | None = None, batch_rows: int = 1,
+                 batch_context: int = 1024):
         self.model = model
         self.prefix_cache = prefix_cache
         self._lltok = None
+        self.decoder = model.decoder
+        if batch_rows > 1 and model.decoder.in_place:
+            self.decoder = BatchingDecoder(model.decoder, batch_rows, min(batch_context, model.context_length))
 
     def prompt_ids(self, prompt: str | None = None, messages: list[ChatMessage] | None = None,
                    raw: bool = False) -> list[int]:
@@ -106,65 +111,68 @@ class Generator:
         passes = 0
         if hit is not None:  # compute only what follows the cached prefix
             usage.cached_tokens, known = hit
-            cache = model.decoder.new_cache(len(ids) + budget, prefix=known)
+            cache = self.decoder.new_cache(len(ids) + budget, prefix=known)
             feed = ids[usage.cached_tokens:]
         else:
-            cache = model.decoder.new_cache(len(ids) + budget)
-        if hit is None and self.prefix_cache is not None and len(ids) >= self.prefix_cache.min_tokens:
-            # A repeat of this prompt will compute its last token alone on top of the cached rest. onnxruntime
-            # computes one row and many rows with different kernels, so do the same now: then the cold and the
-            # warm request see bit-identical logits and give the same greedy answer.
-            if interrupt is not None:
-                interrupt()
-            model.decoder.forward(ids[:-1], cache)
-            passes += 1
-            feed = ids[-1:]
-        generated: list[int] = []
-        parts: list[str] = []
-        finish = "length"
-        first_at = None
-        while len(generated) < budget:
-            if interrupt is not None:
-                interrupt()
-            logits = model.decoder.forward(feed, cache)[-1].copy()
-            passes += 1
+            cache = self.decoder.new_cache(len(ids) + budget)
+        try:
+            if hit is None and self.prefix_cache is not None and len(ids) >= self.prefix_cache.min_tokens:
+                # A repeat of this prompt will compute its last token alone on top of the cached rest. onnxruntime
+                # computes one row and many rows with different kernels, so do the same now: then the cold and the
+                # warm request see bit-identical logits and give the same greedy answer.
+                if interrupt is not None:
+                    interrupt()
+                self.decoder.forward(ids[:-1], cache)
+                passes += 1
+                feed = ids[-1:]
+            generated: list[int] = []
+            parts: list[str] = []
+            finish = "length"
+            first_at = None
+            while len(generated) < budget:
+                if interrupt is not None:
+                    interrupt()
+                logits = self.decoder.forward(feed, cache)[-1].copy()
+                passes += 1
+                if constraint is not None:
+                    constraint.mask(logits)
+                token = sampler(logits, ids + generated if params.repetition_penalty != 1.0 else ())
+                if first_at is None:
+                    if self.prefix_cache is not None:
+                        self.prefix_cache.store(ids, cache.prefix())
+                    first_at = time.perf_counter()
+                    timings.ttft_ms = (first_at - start) * 1000
+                    timings.prefill_tps = len(ids) / max(first_at - start, 1e-9)
+                forced = constraint.accept(token) if constraint is not None else []
+                if token in eos:
+                    finish = "stop"
+                    break
+                new = [token, *forced][: budget - len(generated)]
+                generated.extend(new)
+                text, stopped = stops.push(decoder.push(new))
+                if text:
+                    parts.append(text)
+                    yield Delta(text)
+                if stopped or (constraint is not None and constraint.finished):
+                    finish = "stop"
+                    break
+                feed = new
+            tail = stops.flush()  # text held back for a stop string that never came
+            if tail:
+                parts.append(tail)
+                yield Delta(tail)
+            end = time.perf_counter()
+            usage.completion_tokens = len(generated)
+            timings.total_ms = (end - start) * 1000
+            if first_at is not None and len(generated) > 1:
+                timings.decode_tps = (len(generated) - 1) / max(end - first_at, 1e-9)
+            text = "".join(parts)
+            value = None
             if constraint is not None:
-                constraint.mask(logits)
-            token = sampler(logits, ids + generated if params.repetition_penalty != 1.0 else ())
-            if first_at is None:
-                if self.prefix_cache is not None:
-                    self.prefix_cache.store(ids, cache.prefix())
-                first_at = time.perf_counter()
-                timings.ttft_ms = (first_at - start) * 1000
-                timings.prefill_tps = len(ids) / max(first_at - start, 1e-9)
-            forced = constraint.accept(token) if constraint is not None else []
-            if token in eos:
-                finish = "stop"
-                break
-            new = [token, *forced][: budget - len(generated)]
-            generated.extend(new)
-            text, stopped = stops.push(decoder.push(new))
-            if text:
-                parts.append(text)
-                yield Delta(text)
-            if stopped or (constraint is not None and constraint.finished):
-                finish = "stop"
-                break
-            feed = new
-        tail = stops.flush()  # text held back for a stop string that never came
-        if tail:
-            parts.append(tail)
-            yield Delta(tail)
-        end = time.perf_counter()
-        usage.completion_tokens = len(generated)
-        timings.total_ms = (end - start) * 1000
-        if first_at is not None and len(generated) > 1:
-            timings.decode_tps = (len(generated) - 1) / max(end - first_at, 1e-9)
-        text = "".join(parts)
-        value = None
-        if constraint is not None:
-            if not constraint.finished:
-                raise EdgeError("bad_request", f"max_tokens: the output reached {budget} tokens before the JSON "
-                                "was complete; raise max_tokens or bound the schema (maxItems, maxLength)")
-            value = constraint.parse(text)
-        yield Result(text, finish, usage, timings, value, passes)
+                if not constraint.finished:
+                    raise EdgeError("bad_request", f"max_tokens: the output reached {budget} tokens before the JSON "
+                                    "was complete; raise max_tokens or bound the schema (maxItems, maxLength)")
+                value = constraint.parse(text)
+            yield Result(text, finish, usage, timings, value, passes)
+        finally:
+            self.decoder.release(cache)  # its batching row, if it has one, goes to the next request

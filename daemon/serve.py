@@ -38,7 +38,8 @@ class Daemon:
             raise CommandError(e.message) from None
         self.watchdog = Watchdog()
         self.worker = Worker(self.engine, self.stats, settings.limits.queue_size, settings.limits.max_tokens,
-                             heartbeat=self.watchdog.ping, store_settings=settings.store)
+                             heartbeat=self.watchdog.ping, store_settings=settings.store,
+                             concurrency=settings.model.batch_size)
         hooks = UpdateHooks(self.updater.on_desired, lambda: self.updater.report) if self.updater else None
         self.mqtt = MqttService(settings, self.worker, self.stats, self.model_status, hooks)
         self.http = None

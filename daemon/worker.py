@@ -1,5 +1,8 @@
-"""The request queue and the thread that runs requests on the engine, one at a time, each to exactly one
-final reply. Transport-neutral: MQTT (and later HTTP) hand it Jobs with a sink for their replies."""
+"""The request queue and the threads that run requests on the engine, each to exactly one final reply.
+Transport-neutral: MQTT and HTTP hand it Jobs with a sink for their replies.
+
+Up to `concurrency` generation requests run at once, so their decode steps batch (daemon/batching.py);
+embedding, retrieval-store and ask requests take turns on one lock (one SQLite connection, one embedder)."""
 
 from __future__ import annotations
 
@@ -68,7 +71,8 @@ class Job:
 
 class Worker:
     def __init__(self, engine: Engine, stats: Stats, queue_size: int, max_tokens: int,
-                 heartbeat: Callable[[], None] = lambda: None, store_settings: StoreSettings | None = None):
+                 heartbeat: Callable[[], None] = lambda: None, store_settings: StoreSettings | None = None,
+                 concurrency: int = 1):
         self.engine = engine
         self.store_settings = store_settings or StoreSettings()
         self.stats = stats
@@ -79,10 +83,13 @@ class Worker:
         self._lock = threading.Lock()
         self._idle = threading.Event()
         self._idle.set()
-        self._thread = threading.Thread(target=self._run, name="edgellm-worker", daemon=True)
+        self._exclusive = threading.Lock()
+        self._threads = [threading.Thread(target=self._run, name=f"edgellm-worker-{i}", daemon=True)
+                         for i in range(concurrency)]
 
     def start(self) -> None:
-        self._thread.start()
+        for thread in self._threads:
+            thread.start()
 
     @property
     def depth(self) -> int:
@@ -120,8 +127,10 @@ class Worker:
         for request_id in pending:
             self.cancel(request_id, "the daemon is shutting down")
         self._idle.wait(30)
-        self._queue.put(None)
-        self._thread.join(timeout=30)
+        for _ in self._threads:
+            self._queue.put(None)
+        for thread in self._threads:
+            thread.join(timeout=30)
 
     def _run(self) -> None:
         while True:
@@ -166,6 +175,11 @@ class Worker:
         request = job.request
         if isinstance(request, GenerateRequest | ChatRequest):
             return self._generate(job, served)
+        with self._exclusive:
+            return self._handle_exclusive(job, served)
+
+    def _handle_exclusive(self, job: Job, served) -> dict[str, Any]:
+        request = job.request
         if isinstance(request, EmbedRequest):
             if served.embedder is None:
                 raise EdgeError("model_unavailable", "no embedding model is configured on this device (embedding.path)")

@@ -39,7 +39,9 @@ def anchor_ready(name: str, module: str) -> bool:
 
 def ensure_edgellm_build(work: Path, scheme: str) -> Path:
     out = work / f"smollm2-{scheme}"
-    if not (out / "manifest.json").exists():
+    manifest = out / "manifest.json"
+    toolchain = max(f.stat().st_mtime for f in (ROOT / "models").glob("*.py"))
+    if not manifest.exists() or manifest.stat().st_mtime < toolchain:  # missing, or built by older code
         console.print(f"building edgellm {scheme} model into {out}")
         subprocess.run([str(ROOT / ".venv/bin/edgellm"), "model", "build", "smollm2", "--out", str(out),
                         "--quant", scheme, "--force"], check=True)
@@ -73,20 +75,23 @@ def weight_bytes_per_token(model: Path) -> int:
     return total
 
 
-def plot_concurrency(rates: dict, path: Path) -> None:
+def plot_concurrency(curves: dict[str, dict], path: Path) -> None:
+    """Aggregate tok/s against concurrent streams, one line per engine."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ns = sorted(int(n) for n in rates)
-    ax.plot(ns, [rates[str(n)] for n in ns], marker="o", label="edgellm int4 (one worker, no batching yet)")
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    for label, rates in curves.items():
+        ns = sorted(int(n) for n in rates)
+        ax.plot(ns, [rates[str(n)] for n in ns], marker="o", label=label)
     ax.set_xlabel("concurrent streams")
     ax.set_ylabel("aggregate tok/s")
-    ax.set_xticks(ns)
+    ax.set_xticks([1, 2, 4, 8])
     ax.set_ylim(0, None)
-    ax.legend()
+    ax.legend(fontsize=8)
+    ax.set_title("SmolLM2-135M int4, 2 threads, greedy", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -125,9 +130,10 @@ def main() -> None:
 
     eval_file = ROOT / "models/data/eval_en.txt"
     bandwidth = worker(ROOT / ".venv/bin/python", "bandwidth")["copy_gb_per_s"]
+    streams = ["--threads", str(args.threads), "--new-tokens", "64"]
     concurrency = worker(ROOT / ".venv/bin/python", "concurrency", "--model", str(args.work / "smollm2-int4"),
-                         "--threads", str(args.threads), "--new-tokens", "64")
-    plot_concurrency(concurrency["aggregate_tps"], args.plot)
+                         *streams)
+    curves = {"edgellm int4 (continuous batching)": concurrency["aggregate_tps"]}
     console.print(f"concurrency: {json.dumps(concurrency)}; memory copy {bandwidth} GB/s")
     prefix = worker(ROOT / ".venv/bin/python", "edgellm-prefix", "--model", str(args.work / "smollm2-int4"),
                     "--prompt-file", str(eval_file), "--threads", str(args.threads), "--rounds", str(args.rounds))
@@ -137,6 +143,8 @@ def main() -> None:
         results["llama.cpp Q4_1"] = worker(ANCHOR_PY["llamacpp"], "llamacpp", "--model", str(gguf), *common,
                                            "--ppl-file", str(eval_file))
         results["llama.cpp Q4_1"]["disk_mb"] = round(gguf.stat().st_size / 1e6, 1)
+        curves["llama.cpp Q4_1 (llama-cpp-python: one at a time)"] = worker(
+            ANCHOR_PY["llamacpp"], "concurrency-llamacpp", "--model", str(gguf), *streams)["aggregate_tps"]
     else:
         console.print("[yellow]llama.cpp anchor skipped: llama-cpp-python is not installed in .cache/anchors "
                       "(run with --install-anchors; it compiles for ~18 minutes)")
@@ -147,9 +155,14 @@ def main() -> None:
         results["onnxruntime-genai int4"] = worker(ANCHOR_PY["genai"], "genai", "--model", str(genai_dir), *common)
         results["onnxruntime-genai int4"]["disk_mb"] = round(sum(
             f.stat().st_size for f in genai_dir.iterdir() if f.is_file()) / 1e6, 1)
+        curves["onnxruntime-genai int4 (static batch)"] = worker(
+            ANCHOR_PY["genai"], "concurrency-genai", "--model", str(genai_dir), *streams)["aggregate_tps"]
     else:
         console.print("[yellow]onnxruntime-genai anchor skipped: not installed in .cache/genai "
                       "(run with --install-anchors)")
+
+    plot_concurrency(curves, args.plot)
+    console.print(f"concurrency curves: {json.dumps(curves)}")
 
     table = Table(title=f"SmolLM2-135M, {args.threads} threads, {args.new_tokens} greedy tokens, "
                         f"median of {args.rounds}")
@@ -184,6 +197,7 @@ def main() -> None:
         "peak_rss_mb": e4["peak_rss_mb"], "edgellm_int8_peak_rss_mb": results["edgellm int8"]["peak_rss_mb"],
         "prefix_ttft_ratio": prefix["prefix_ttft_ratio"], "prefix_cached_tokens": prefix["cached_tokens"],
         "concurrency4_speedup": concurrency["concurrency4_speedup"],
+        "concurrency_aggregate_tps": curves,
         "edgellm_int4_ppl": ppl4, "llamacpp_ppl": llama and llama.get("ppl"),
         "ppl_ratio_vs_llamacpp": round(ppl4 / llama["ppl"], 3) if llama and llama.get("ppl") else None,
         "memory_copy_gb_s": bandwidth, "weight_mb_per_token": round(per_token / 1e6, 1),

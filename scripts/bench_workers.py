@@ -151,8 +151,9 @@ def run_concurrency(args) -> dict:
     from daemon.wire import GenerateRequest
     from daemon.worker import Job, Worker
 
-    worker = Worker(Engine(load_served(Settings(model={"path": args.model, "threads": args.threads,
-                                                       "prefix_cache_mb": 0}))), Stats(), 64, 4096)
+    settings = Settings(model={"path": args.model, "threads": args.threads, "prefix_cache_mb": 0,
+                               "batch_size": args.batch_size})
+    worker = Worker(Engine(load_served(settings)), Stats(), 64, 4096, concurrency=args.batch_size)
     worker.start()
 
     class Sink:
@@ -166,21 +167,92 @@ def run_concurrency(args) -> dict:
             self.message = m
             self.done.set()
 
-    def aggregate(n: int) -> float:
+    def measure(n: int) -> tuple[int, float]:
         sinks = [Sink() for _ in range(n)]
         start = time.perf_counter()
         for i, sink in enumerate(sinks):
-            worker.submit(Job("generate", GenerateRequest(prompt=f"Story {i}: a lighthouse keeper", raw=True,
+            worker.submit(Job("generate", GenerateRequest(prompt=STORY.format(i=i), raw=True,
                                                           max_tokens=args.new_tokens, temperature=0),
                               f"c{n}-{i}-{time.time()}", sink))
         for sink in sinks:
             sink.done.wait()
-        tokens = sum(s.message["usage"]["completion_tokens"] for s in sinks)
-        return tokens / (time.perf_counter() - start)
+        return sum(s.message["usage"]["completion_tokens"] for s in sinks), time.perf_counter() - start
 
-    aggregate(1)  # warm up
-    rates = {n: round(aggregate(n), 2) for n in (1, 2, 4, 8)}
+    return aggregate_rates(measure)
+
+
+STORY = "Story {i}: a lighthouse keeper"  # every engine's concurrency prompt (same length for i < 10)
+CONCURRENCY = (1, 2, 4, 8)
+
+
+def aggregate_rates(measure) -> dict:
+    """`measure(n)` -> (tokens, seconds) for n concurrent streams; tok/s per n, after one warm-up."""
+    measure(1)
+    rates = {}
+    for n in CONCURRENCY:
+        tokens, seconds = measure(n)
+        rates[n] = round(tokens / seconds, 2)
     return {"aggregate_tps": rates, "concurrency4_speedup": round(rates[4] / rates[1], 3)}
+
+
+def run_concurrency_llamacpp(args) -> dict:
+    """llama-cpp-python's Llama holds one sequence: concurrent requests are served one after another
+    (llama.cpp's own server can batch with parallel slots; the Python binding we anchor on cannot)."""
+    import numpy as np
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=args.model, n_threads=args.threads, n_threads_batch=args.threads, n_ctx=1024,
+                n_batch=512, verbose=False)
+    eos = llm.token_eos()
+
+    def one(prompt: str) -> int:
+        llm.reset()
+        llm.eval(llm.tokenize(prompt.encode(), add_bos=False))
+        for produced in range(1, args.new_tokens + 1):
+            token = int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))))
+            if token == eos or produced == args.new_tokens:
+                return produced - (token == eos)
+            llm.eval([token])
+        return args.new_tokens
+
+    def measure(n: int) -> tuple[int, float]:
+        start = time.perf_counter()
+        tokens = sum(one(STORY.format(i=i)) for i in range(n))
+        return tokens, time.perf_counter() - start
+
+    return aggregate_rates(measure)
+
+
+def run_concurrency_genai(args) -> dict:
+    """onnxruntime-genai's static batching: n prompts in one generator, run until all are done."""
+    import numpy as np
+    import onnxruntime_genai as og
+    from tokenizers import Tokenizer
+
+    config = og.Config(args.model)
+    config.clear_providers()
+    model = og.Model(config)
+    tok = Tokenizer.from_file(f"{args.model}/tokenizer.json")
+    eos = json.load(open(f"{args.model}/genai_config.json"))["model"]["eos_token_id"]
+    eos = set(eos if isinstance(eos, list) else [eos])
+
+    def measure(n: int) -> tuple[int, float]:
+        ids = np.array([tok.encode(STORY.format(i=i)).ids for i in range(n)], dtype=np.int32)
+        start = time.perf_counter()
+        params = og.GeneratorParams(model)
+        params.set_search_options(batch_size=n, max_length=ids.shape[1] + args.new_tokens, do_sample=False)
+        gen = og.Generator(model, params)
+        gen.append_tokens(ids)
+        while not gen.is_done():
+            gen.generate_next_token()
+        seconds = time.perf_counter() - start
+        tokens = 0
+        for i in range(n):
+            new = list(gen.get_sequence(i))[ids.shape[1]:]
+            tokens += next((k for k, t in enumerate(new) if t in eos), len(new))
+        return tokens, seconds
+
+    return aggregate_rates(measure)
 
 
 def run_genai(args) -> dict:
@@ -230,19 +302,21 @@ def build_genai(args) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("engine", choices=["edgellm", "edgellm-prefix", "llamacpp", "genai", "genai-build",
-                                      "bandwidth", "concurrency"])
+                                      "bandwidth", "concurrency", "concurrency-llamacpp", "concurrency-genai"])
     p.add_argument("--ppl-file", help="llamacpp: also measure perplexity on this text")
     p.add_argument("--model")
     p.add_argument("--prompt-file")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=8, help="concurrency: the daemon's model.batch_size")
     p.add_argument("--hf", help="a Hugging Face model folder")
     p.add_argument("--out")
     args = p.parse_args()
     run = {"edgellm": run_edgellm, "edgellm-prefix": run_edgellm_prefix, "llamacpp": run_llamacpp,
            "genai": run_genai, "genai-build": build_genai, "bandwidth": run_bandwidth,
-           "concurrency": run_concurrency}
+           "concurrency": run_concurrency, "concurrency-llamacpp": run_concurrency_llamacpp,
+           "concurrency-genai": run_concurrency_genai}
     print(json.dumps(run[args.engine](args)))
 
 

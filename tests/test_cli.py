@@ -35,10 +35,10 @@ def test_generate_with_a_json_schema_file(smollm2_int4, tmp_path):
 
 def test_chat_keeps_history(smollm2_int4):
     r = edgellm("chat", "--model", str(smollm2_int4), "--temperature", "0", "--max-tokens", "30",
-                stdin="Hi, I am Alice.\nWhat is my name?\n/exit\n")
+                stdin="The secret word is pineapple.\nRepeat the secret word.\n/exit\n")
     assert r.returncode == 0, r.stderr
     second = [line for line in r.stdout.splitlines() if line.strip()][-1]
-    assert "Alice" in second  # only the history holds the name
+    assert "pineapple" in second.lower()  # only the history holds the word
 
 
 def test_bad_flags_name_the_flag_and_exit_2(smollm2_int4, tmp_path):

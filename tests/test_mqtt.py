@@ -137,7 +137,8 @@ def test_concurrent_requests_all_answered(client):
 
 
 def test_a_full_queue_answers_busy_immediately(client):
-    sent = [client.send(TOPIC + "generate", {**LONG, "max_tokens": 60, "id": f"b{i}"}) for i in range(8)]
+    # 4 run at once (model.batch_size), 4 wait (limits.queue_size): of 12, some must be turned away.
+    sent = [client.send(TOPIC + "generate", {**LONG, "max_tokens": 60, "id": f"b{i}"}) for i in range(12)]
     for done, _ in sent:
         assert done.wait(120)
     codes = [m[0]["ok"] or m[0]["error"]["code"] for _, m in sent]
@@ -147,14 +148,16 @@ def test_a_full_queue_answers_busy_immediately(client):
 
 def test_deadlines_expire_requests_instead_of_running_them(client):
     # A raw counting prompt rarely meets end-of-sequence: 300 tokens keep the worker busy for seconds.
-    blocker = {"prompt": "1, 2, 3, 4, 5, 6, 7,", "raw": True, "max_tokens": 300, "temperature": 0, "id": "slow"}
-    long_done, long_msgs = client.send(TOPIC + "generate", blocker)
+    # Four of them fill every batch slot (model.batch_size), so the late requests wait in the queue.
+    blockers = [client.send(TOPIC + "generate", {"prompt": "1, 2, 3, 4, 5, 6, 7,", "raw": True, "max_tokens": 300,
+                                                 "temperature": 0, "id": f"slow{i}"}) for i in range(4)]
     r2_done, r2 = client.send(TOPIC + "generate", {"prompt": "late too", "id": "late2"}, expiry_s=1)
     time.sleep(0.3)
     r = client.call(TOPIC + "generate", {"prompt": "late", "deadline_ms": 100, "id": "late"})
     assert r["error"]["code"] == "deadline_exceeded" and r["id"] == "late"
-    assert long_done.wait(60) and long_msgs[0]["ok"]
-    assert long_msgs[0]["usage"]["completion_tokens"] > 100, long_msgs[0]  # it did outlast both deadlines
+    for long_done, long_msgs in blockers:
+        assert long_done.wait(60) and long_msgs[0]["ok"]
+        assert long_msgs[0]["usage"]["completion_tokens"] > 100, long_msgs[0]  # it did outlast both deadlines
     assert r2_done.wait(30)  # Message Expiry Interval: expired in our queue, or dropped by the broker unanswered
     assert r2[0]["error"]["code"] == "deadline_exceeded"
 

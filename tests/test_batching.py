@@ -1,0 +1,106 @@
+"""Continuous batching on the real SmolLM2 int4 build: concurrent requests share forward passes, yet each
+gets exactly the answer it would get alone, with its own parameters, stop strings, grammar and deadline."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from daemon.batching import BatchingDecoder
+from daemon.errors import EdgeError
+from daemon.generate import Generator
+from daemon.model import LoadedModel
+from daemon.params import GenerationParams
+
+REQUESTS = [
+    ("Write one sentence about a lighthouse keeper.", GenerationParams(max_tokens=40, temperature=0)),
+    ("List three colours.", GenerationParams(max_tokens=24, temperature=0.8, top_p=0.9, seed=7)),
+    ("What is the capital city of France? Answer in one word.", GenerationParams(max_tokens=30, temperature=0,
+                                                                                   stop=["\n"])),
+    ("Give the invoice as JSON.", GenerationParams(max_tokens=40, temperature=0, json_schema={
+        "type": "object", "properties": {"total": {"type": "string", "maxLength": 12}}, "required": ["total"],
+        "additionalProperties": False})),
+]
+
+
+@pytest.fixture(scope="module")
+def model(smollm2_int4):
+    return LoadedModel.load(smollm2_int4, threads=2)
+
+
+def run_together(generator: Generator, requests, interrupts=None) -> list:
+    results: list = [None] * len(requests)
+    start = threading.Barrier(len(requests))
+
+    def one(i: int) -> None:
+        prompt, params = requests[i]
+        ids = generator.prompt_ids(prompt)
+        start.wait()
+        try:
+            stream = generator.stream(ids, params, interrupt=(interrupts or {}).get(i))
+            results[i] = [e for e in stream][-1]
+        except EdgeError as e:
+            results[i] = e
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(requests))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    return results
+
+
+def counting(generator: Generator) -> list[int]:
+    """Rows advanced per batched step."""
+    sizes: list[int] = []
+    step = generator.decoder._step
+
+    def counted(batch, lengths):
+        sizes.append(len(batch))
+        return step(batch, lengths)
+
+    generator.decoder._step = counted
+    return sizes
+
+
+def test_concurrent_requests_batch_and_each_gets_its_own_answer(model):
+    alone = Generator(model)
+    expected = [alone.generate(alone.prompt_ids(p), params) for p, params in REQUESTS]
+    batched = Generator(model, batch_rows=4)
+    assert isinstance(batched.decoder, BatchingDecoder)
+    sizes = counting(batched)
+    got = run_together(batched, REQUESTS)
+    for e, g in zip(expected, got, strict=True):
+        assert (g.text, g.finish_reason, g.usage.completion_tokens) == (e.text, e.finish_reason,
+                                                                       e.usage.completion_tokens)
+    assert got[3].json == expected[3].json and "total" in got[3].json
+    assert max(sizes) == 4 and sum(sizes) / len(sizes) > 1.5  # they really shared steps (some end early)
+    assert batched.decoder._free == [0, 1, 2, 3]  # every row came back
+
+
+def test_a_request_leaving_mid_batch_does_not_disturb_the_others(model):
+    alone = Generator(model)
+    expected = [alone.generate(alone.prompt_ids(p), params) for p, params in REQUESTS[:3]]
+    batched = Generator(model, batch_rows=4)
+    steps = {"n": 0}
+
+    def deadline_after_five_tokens() -> None:
+        steps["n"] += 1
+        if steps["n"] > 6:
+            raise EdgeError("deadline_exceeded", "the request's deadline passed")
+
+    got = run_together(batched, REQUESTS[:3], interrupts={1: deadline_after_five_tokens})
+    assert isinstance(got[1], EdgeError) and got[1].code == "deadline_exceeded"
+    assert got[0].text == expected[0].text and got[2].text == expected[2].text
+    assert batched.decoder._free == [0, 1, 2, 3]
+
+
+def test_a_request_outgrowing_its_row_continues_unbatched_and_exactly(model):
+    alone = Generator(model)
+    prompt, params = REQUESTS[0]
+    expected = alone.generate(alone.prompt_ids(prompt), params)
+    short_rows = Generator(model, batch_rows=2, batch_context=48)  # the prompt fits, the answer does not
+    got = run_together(short_rows, [REQUESTS[0], REQUESTS[2]])
+    assert got[0].text == expected.text and got[0].usage.completion_tokens > 48 - got[0].usage.prompt_tokens
+    assert short_rows.decoder._free == [0, 1]
