@@ -165,6 +165,9 @@ class Daemon:
             log.warning("reload: MQTT, HTTP, device and group settings take effect at the next restart")
             new = new.model_copy(update={"mqtt": old.mqtt, "device_id": old.device_id, "groups": old.groups,
                                          "topic_root": old.topic_root, "http": old.http})
+        if new.model.batch_size != old.model.batch_size:
+            log.warning("reload: model.batch_size sizes the new KV pool now; the number of requests run at once "
+                        "changes at the next restart")
         self.worker.resize(new.limits.queue_size)
         self.worker.max_tokens = new.limits.max_tokens
         self.worker.store_settings = new.store
