@@ -94,7 +94,7 @@ def _build(source, staged: Path, scratch: Path, options: BuildOptions, steps: St
         config = hf.model.config
         heads = config.num_attention_heads
         imported = import_gguf(graph, gguf, heads, getattr(config, "num_key_value_heads", None) or heads,
-                               output_head_name(graph))
+                               output_head_name(graph), keep=options.quant.eight_bit)
     graph = quantize(graph, options.quant)
     onnx.save(graph, staged / MODEL_FILE, save_as_external_data=True, location=EXTERNAL_DATA,
               size_threshold=1024)
@@ -115,7 +115,8 @@ def _build(source, staged: Path, scratch: Path, options: BuildOptions, steps: St
     manifest.graph = "fused" if fused else "optimum"
     if imported and (imported["q4_1"] or imported["q8_0"]):
         manifest.quantization.method = (f"GGUF blocks imported exactly ({imported['q4_1']} Q4_1 as MatMulNBits + "
-                                        f"block-sum offsets, {imported['q8_0']} Q8_0 as 8-bit); "
+                                        f"block-sum offsets, {imported['q8_0']} Q8_0 as 8-bit; {imported['partial']} "
+                                        "packed weights in part, the rest of each rounded to nearest); "
                                         f"{imported['kept']} other weights by MatMulNBits, round to nearest")
         manifest.quantization.gguf_imported = imported
     write_manifest(staged, manifest)

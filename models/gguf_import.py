@@ -7,8 +7,9 @@ de-quantized weights a second time (SmolLM2 int4 perplexity 23.8 -> 28.3 that wa
 - Q8_0 (`w = d*q`) is MatMulNBits with bits=8 and B = q+128 (the output head), and the same bytes feed
   GatherBlockQuantized for the embedding lookup.
 
-A weight is imported only if the GGUF block values reproduce it exactly; anything else (a LoRA-merged
-projection, an unknown layout) is left for the normal quantizer.
+A weight is imported only if the GGUF block values reproduce it exactly. In a packed weight (the fused graph's
+q/k/v or gate/up) the parts that still match are imported and a part a LoRA merge changed is rounded to
+nearest in the same node; anything else (an unknown layout) is left for the normal quantizer.
 """
 
 from __future__ import annotations
@@ -123,15 +124,16 @@ def _matmul_nbits(name: str, a: str, b: str, scales: str, out: str, k: int, n: i
 
 
 def import_gguf(model: onnx.ModelProto, gguf_path: Path, num_heads: int, num_kv_heads: int,
-                head_name: str) -> dict[str, int]:
-    """Replace every MatMul (and the embedding Gather) whose weight the GGUF reproduces exactly."""
+                head_name: str, keep: tuple[str, ...] = ()) -> dict[str, int]:
+    """Replace every MatMul (and the embedding Gather) whose weight, or part of it, the GGUF reproduces exactly.
+    MatMuls named by `keep` (the --eight-bit layers) are imported only if wholly exact."""
     blocks = read_blocks(gguf_path)
     g = _Graph(model)
-    counts = {"q4_1": 0, "q8_0": 0, "kept": 0}
+    counts = {"q4_1": 0, "q8_0": 0, "partial": 0, "kept": 0}
     nodes = list(g.graph.node)
     for node in nodes:
         if node.op_type == "MatMul":
-            replacement = _linear(g, node, blocks, num_heads, num_kv_heads, head_name)
+            replacement = _linear(g, node, blocks, num_heads, num_kv_heads, head_name, keep)
         elif node.op_type == "Gather" and node.input[0] == "model.embed_tokens.weight":
             replacement = _embedding(g, node, blocks)
         else:
@@ -158,43 +160,66 @@ def _gguf_names(node: onnx.NodeProto, head_name: str) -> list[str]:
     return [f"blk.{match.group(1)}.{part}.weight" for part in LINEARS[match.group(2)]] if match else []
 
 
-def _stacked(names: list[str], blocks: dict[str, Blocks], num_heads: int, num_kv_heads: int) -> Blocks | None:
-    """The blocks of one ONNX weight: the named GGUF matrices, q/k rows un-permuted, stacked along N."""
-    if not names or any(n not in blocks for n in names) or len({blocks[n].kind for n in names}) != 1:
-        return None
-    parts = []
-    for name in names:
-        b = blocks[name]
-        if name.endswith(("attn_q.weight", "attn_k.weight")):
-            b = b.rows(unpermute_rows(b.q.shape[0], num_heads if "attn_q" in name else num_kv_heads))
-        parts.append(b)
-    if len(parts) == 1:
-        return parts[0]
-    m = None if parts[0].m is None else np.concatenate([p.m for p in parts])
-    return Blocks(parts[0].kind, np.concatenate([p.q for p in parts]), np.concatenate([p.d for p in parts]), m)
+def _unpermuted(name: str, b: Blocks, num_heads: int, num_kv_heads: int) -> Blocks:
+    if name.endswith(("attn_q.weight", "attn_k.weight")):
+        return b.rows(unpermute_rows(b.q.shape[0], num_heads if "attn_q" in name else num_kv_heads))
+    return b
 
 
-def _linear(g: _Graph, node, blocks, num_heads, num_kv_heads, head_name):
-    w = g.weight(node.input[1])
-    b = _stacked(_gguf_names(node, head_name), blocks, num_heads, num_kv_heads)
-    if b is None or w is None or w.ndim != 2:
-        return None
+def _round_to_nearest(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """onnxruntime's own symmetric 4-bit blocks of a [K, N] weight: packed [N, K/32, 16], scales [N, K/32]."""
+    from onnxruntime.capi._pybind_state import quantize_matmul_4bits
+
     k, n = w.shape
-    if b.q.shape[0] != n or b.q.shape[1] * QK != k or not np.array_equal(b.weight(), w.T):
+    packed = np.zeros((n, k // QK, QK // 2), dtype=np.uint8)
+    scales = np.zeros((n, k // QK), dtype=np.float32)
+    zero_points = np.zeros((n, (k // QK + 1) // 2), dtype=np.uint8)
+    quantize_matmul_4bits(packed, np.ascontiguousarray(w, dtype=np.float32), scales, zero_points, QK, n, k, True)
+    return packed, scales
+
+
+def _linear(g: _Graph, node, blocks, num_heads, num_kv_heads, head_name, keep: tuple[str, ...] = ()):
+    """A packed weight (q/k/v, gate/up) imports the parts its GGUF matrices reproduce exactly; a part a LoRA
+    merge changed is rounded to nearest in the same node, with a zero offset."""
+    w = g.weight(node.input[1])
+    names = _gguf_names(node, head_name)
+    if w is None or w.ndim != 2 or not names or any(name not in blocks for name in names):
         return None
+    parts = [_unpermuted(name, blocks[name], num_heads, num_kv_heads) for name in names]
+    k, n = w.shape
+    ends = np.cumsum([p.q.shape[0] for p in parts])
+    if ends[-1] != n or any(p.q.shape[1] * QK != k for p in parts) or len({p.kind for p in parts}) != 1:
+        return None
+    spans = list(zip([0, *ends[:-1]], ends, strict=True))
+    exact = [np.array_equal(p.weight(), w[:, lo:hi].T) for p, (lo, hi) in zip(parts, spans, strict=True)]
+    partial = not all(exact)
+    if not any(exact) or (partial and (parts[0].kind == "Q8_0" or any(x in node.name for x in keep))):
+        return None  # nothing reusable, or the caller wants this layer quantized its own way (--eight-bit)
     a, y, base = node.input[0], node.output[0], PREFIX + node.name.strip("/").replace("/", ".")
-    if b.kind == "Q8_0":
-        q = g.add((b.q.astype(np.int16) + 128).astype(np.uint8), f"{base}/q8")
-        s = g.add(b.d, f"{base}/scales")
+    if parts[0].kind == "Q8_0":
+        q = g.add((parts[0].q.astype(np.int16) + 128).astype(np.uint8), f"{base}/q8")
+        s = g.add(parts[0].d, f"{base}/scales")
         return "q8_0", [_matmul_nbits(base + "/MatMulNBits", a, q, s, y, k, n, 8)]
-    q = g.add(pack_nibbles(b.q), f"{base}/q4")
-    s = g.add(b.d, f"{base}/scales")
-    offsets = g.add(np.ascontiguousarray((b.m + 8 * b.d).T), f"{base}/offsets")  # [K/32, N]
+    packed, scales, offsets = [], [], []
+    for p, ok, (lo, hi) in zip(parts, exact, spans, strict=True):
+        if ok:
+            packed.append(pack_nibbles(p.q))
+            scales.append(p.d)
+            offsets.append(p.m + 8 * p.d)
+        else:
+            rows, d = _round_to_nearest(w[:, lo:hi])
+            packed.append(rows)
+            scales.append(d)
+            offsets.append(np.zeros_like(d))
+    q = g.add(np.concatenate(packed), f"{base}/q4")
+    s = g.add(np.concatenate(scales), f"{base}/scales")
+    off = g.add(np.ascontiguousarray(np.concatenate(offsets).T), f"{base}/offsets")  # [K/32, N]
     sums, sum_nodes = g.block_sum(a, k)
-    return "q4_1", [*sum_nodes,
-                    _matmul_nbits(base + "/MatMulNBits", a, q, s, f"{base}/main", k, n, 4),
-                    helper.make_node("MatMul", [sums, offsets], [f"{base}/correction"], name=base + "/Offsets"),
-                    helper.make_node("Add", [f"{base}/main", f"{base}/correction"], [y], name=base + "/Add")]
+    return "partial" if partial else "q4_1", [
+        *sum_nodes,
+        _matmul_nbits(base + "/MatMulNBits", a, q, s, f"{base}/main", k, n, 4),
+        helper.make_node("MatMul", [sums, off], [f"{base}/correction"], name=base + "/Offsets"),
+        helper.make_node("Add", [f"{base}/main", f"{base}/correction"], [y], name=base + "/Add")]
 
 
 def _embedding(g: _Graph, node, blocks):

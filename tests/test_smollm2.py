@@ -30,7 +30,7 @@ def test_manifest_describes_the_build(smollm2_int4):
     # every GGUF block reused exactly: 30 layers x 4 Q4_1 MatMuls (q/k/v and gate/up packed in the fused
     # graph), and the Q8_0 embedding and head
     assert m.graph == "fused"
-    assert m.quantization.gguf_imported == {"q4_1": 120, "q8_0": 2, "kept": 0}
+    assert m.quantization.gguf_imported == {"q4_1": 120, "q8_0": 2, "partial": 0, "kept": 0}
     # 4-bit projections (24 bytes per 32 weights in the exact split form), 8-bit embedding and head:
     # well under the 538 MB fp32 export
     assert sum(f.size for f in m.files.values()) < 160e6
