@@ -38,9 +38,14 @@ def run(*args: str) -> None:
 def models(cache: Path, train_n: int) -> tuple[Path, Path]:
     """The base int4 build and the LoRA-merged int4 build, made once."""
     base, tuned = cache / "smollm2-int4", cache / "smollm2-lora-qv-int4"
-    if not (base / "manifest.json").exists():
+    toolchain = max(f.stat().st_mtime for f in (ROOT / "models").glob("*.py"))
+
+    def stale(folder: Path) -> bool:  # missing, or built by older code
+        return not (folder / "manifest.json").exists() or (folder / "manifest.json").stat().st_mtime < toolchain
+
+    if stale(base):
         run("model", "build", "smollm2", "--out", str(base), "--quant", "int4", "--force")
-    if not (tuned / "manifest.json").exists():
+    if stale(tuned):
         data, adapter, merged = cache / "invoices-train.jsonl", cache / "lora-qv", cache / "smollm2-lora-qv"
         run("data", "invoices", "--n", str(train_n), "--seed", "7", "--out", str(data))
         if not (adapter / "adapter_config.json").exists():
