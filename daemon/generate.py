@@ -57,7 +57,7 @@ class Generator:
     """Generation on one loaded model. Holds per-model caches (the grammar tokenizer), never per-request state."""
 
     def __init__(self, model: LoadedModel, prefix_cache: PrefixCache | None = None, batch_rows: int = 1,
-                 batch_context: int = 1024):
+                 batch_context: int = 512):
         self.model = model
         self.prefix_cache = prefix_cache
         self._lltok = None

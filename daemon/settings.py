@@ -53,9 +53,9 @@ class ModelSettings(_Section):
     prefix_cache_mb: int = Field(256, ge=0, description="memory for reusing prompt prefixes (0 turns it off)")
     batch_size: int = Field(4, ge=1, le=64, description="generation requests decoded together (continuous "
                             "batching); 1 answers one request at a time")
-    batch_context: int = Field(1024, ge=16, description="tokens (prompt + answer) a batched request may reach; "
-                               "the KV memory is batch_size x batch_context, committed at start; a longer "
-                               "request continues unbatched")
+    batch_context: int = Field(512, ge=16, description="tokens (prompt + answer) a batched request may reach; "
+                               "the KV memory is batch_size x batch_context (SmolLM2: 46 KB a token), "
+                               "committed at start; a longer request continues unbatched")
 
 
 class EmbeddingSettings(_Section):
