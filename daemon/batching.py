@@ -82,11 +82,11 @@ class BatchingDecoder:
         cache.arrays, cache.binding = private.arrays, private.binding
 
     def _decode_together(self, cache: KVCache, token: int) -> np.ndarray:
-        row = cache.row
+        key = id(cache)  # results follow the cache: compaction may move it to another row while it waits
         with self._cond:
-            self._pending[row] = token
+            self._pending[cache.row] = token
             self._cond.notify_all()
-            while row not in self._results:
+            while key not in self._results:
                 if self._leading:
                     self._cond.wait()
                     continue
@@ -94,6 +94,7 @@ class BatchingDecoder:
                 deadline = time.monotonic() + self.gather_seconds
                 while len(self._pending) < len(self._live) and (left := deadline - time.monotonic()) > 0:
                     self._cond.wait(left)
+                self._compact()
                 batch, self._pending = self._pending, {}
                 lengths = {r: c.length for r, c in self._live.items()}
                 self._cond.release()
@@ -104,15 +105,33 @@ class BatchingDecoder:
                 finally:
                     self._cond.acquire()
                     self._leading = False
-                for r in batch:
-                    if not isinstance(results[r], BaseException):
+                for r, result in results.items():
+                    if not isinstance(result, BaseException):
                         self._live[r].length += 1
-                self._results.update(results)
+                    self._results[id(self._live[r])] = result
                 self._cond.notify_all()
-            result = self._results.pop(row)
+            result = self._results.pop(key)
         if isinstance(result, BaseException):
             raise result
         return result
+
+    def _compact(self) -> None:
+        """Move waiting sequences from high rows into free lower ones, so a step spans fewer rows once a
+        request in the middle has left. Only waiting rows move: their threads touch nothing until the step
+        answers them, and no other step can run while this leader holds the lead."""
+        for row in sorted(self._pending, reverse=True):
+            if not self._free or self._free[0] > row:
+                break
+            target = self._free.pop(0)
+            cache = self._live.pop(row)
+            arrays = [b[target:target + 1] for b in self._pool]
+            for new, old in zip(arrays, cache.arrays, strict=True):
+                new[:, :, : cache.length] = old[:, :, : cache.length]
+            cache.arrays, cache.binding, cache.row = arrays, self.decoder.bind(arrays), target
+            self._live[target] = cache
+            self._pending[target] = self._pending.pop(row)
+            self._free.append(row)
+            self._free.sort()
 
     def _step(self, batch: dict[int, int], lengths: dict[int, int]) -> dict[int, np.ndarray]:
         n = max(batch) + 1

@@ -51,13 +51,13 @@ def run_together(generator: Generator, requests, interrupts=None) -> list:
     return results
 
 
-def counting(generator: Generator) -> list[int]:
-    """Rows advanced per batched step."""
+def counting(generator: Generator, span: bool = False) -> list[int]:
+    """Rows advanced per batched step (or, with span, rows the step computes: up to the highest one)."""
     sizes: list[int] = []
     step = generator.decoder._step
 
     def counted(batch, lengths):
-        sizes.append(len(batch))
+        sizes.append(max(batch) + 1 if span else len(batch))
         return step(batch, lengths)
 
     generator.decoder._step = counted
@@ -104,3 +104,30 @@ def test_a_request_outgrowing_its_row_continues_unbatched_and_exactly(model):
     got = run_together(short_rows, [REQUESTS[0], REQUESTS[2]])
     assert got[0].text == expected.text and got[0].usage.completion_tokens > 48 - got[0].usage.prompt_tokens
     assert short_rows.decoder._free == [0, 1]
+
+
+def test_rows_are_compacted_when_a_request_in_the_middle_leaves(model):
+    alone = Generator(model)
+    requests = [("Write one sentence about a lighthouse keeper.", GenerationParams(max_tokens=12, temperature=0)),
+                ("List three colours and say why you like them.", GenerationParams(max_tokens=40, temperature=0)),
+                ("Describe the sea at night.", GenerationParams(max_tokens=40, temperature=0))]
+    expected = [alone.generate(alone.prompt_ids(p), params) for p, params in requests]
+    batched = Generator(model, batch_rows=4)
+    spans = counting(batched, span=True)
+    results: list = [None] * 3
+
+    def one(i: int) -> None:
+        results[i] = batched.generate(batched.prompt_ids(requests[i][0]), requests[i][1])
+
+    first = threading.Thread(target=one, args=(0,))
+    first.start()  # takes row 0 and leaves after 12 tokens; the others hold rows 1 and 2
+    while not batched.decoder._live:
+        pass
+    others = [threading.Thread(target=one, args=(i,)) for i in (1, 2)]
+    for t in others:
+        t.start()
+    for t in [first, *others]:
+        t.join(timeout=120)
+    assert [r.text for r in results] == [e.text for e in expected]
+    assert max(spans) == 3 and spans[-10:] == [2] * 10  # the two left moved down into rows 0 and 1
+    assert batched.decoder._free == [0, 1, 2, 3]
