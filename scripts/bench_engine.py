@@ -197,6 +197,7 @@ def main() -> None:
         "peak_rss_mb": e4["peak_rss_mb"], "edgellm_int8_peak_rss_mb": results["edgellm int8"]["peak_rss_mb"],
         "prefix_ttft_ratio": prefix["prefix_ttft_ratio"], "prefix_cached_tokens": prefix["cached_tokens"],
         "concurrency4_speedup": concurrency["concurrency4_speedup"],
+        "concurrency4_speedup_range": concurrency["concurrency4_speedup_range"],
         "concurrency_aggregate_tps": curves,
         "edgellm_int4_ppl": ppl4, "llamacpp_ppl": llama and llama.get("ppl"),
         "ppl_ratio_vs_llamacpp": round(ppl4 / llama["ppl"], 3) if llama and llama.get("ppl") else None,
