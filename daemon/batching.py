@@ -3,8 +3,8 @@
 Each request keeps its own thread, sampler, grammar, stop strings and deadline (daemon/generate.py); only
 the forward pass is shared. Sequences live in the rows of one KV pool: a request takes a row when it starts
 and frees it when it ends, so requests join and leave the batch at token boundaries. A prompt (prefill) runs
-alone. On 2 cores, four SmolLM2 streams decode at ~2.4x the tokens per second of one (batching
-measurement in the README).
+alone. On 2 cores, four SmolLM2 streams decode at 1.7-2.4x the tokens per second of one (median 2.1x;
+README, "Benchmark").
 
 Rows a step does not advance (free, or their request is busy elsewhere) are fed a placeholder token at
 their next position: GroupQueryAttention writes its keys there, and the row's own next token overwrites
@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from daemon.decoder import KVCache, OnnxDecoder
+from daemon.decoder import KVCache, OnnxDecoder, copy_keys
 
 
 class BatchingDecoder:
@@ -50,8 +50,7 @@ class BatchingDecoder:
             return self.decoder.new_cache(capacity, prefix)
         arrays = [b[row:row + 1] for b in self._pool]
         with self._session:  # a step in flight may be writing a placeholder into this (free) row
-            for buffer, known in zip(arrays, prefix or [], strict=False):
-                buffer[:, :, :length] = known
+            copy_keys(arrays, prefix or [], length)
         cache = KVCache(arrays, length, self.decoder.bind(arrays), row=row)
         with self._cond:
             self._live[row] = cache
@@ -125,8 +124,7 @@ class BatchingDecoder:
             target = self._free.pop(0)
             cache = self._live.pop(row)
             arrays = [b[target:target + 1] for b in self._pool]
-            for new, old in zip(arrays, cache.arrays, strict=True):
-                new[:, :, : cache.length] = old[:, :, : cache.length]
+            copy_keys(arrays, cache.arrays, cache.length)
             cache.arrays, cache.binding, cache.row = arrays, self.decoder.bind(arrays), target
             self._live[target] = cache
             self._pending[target] = self._pending.pop(row)

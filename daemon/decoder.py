@@ -46,6 +46,12 @@ class KVCache:
         return [a[:, :, : self.length].copy() for a in self.arrays]
 
 
+def copy_keys(targets: list[np.ndarray], sources: list[np.ndarray], length: int) -> None:
+    """Copy the first `length` positions of every layer's keys/values from `sources` into `targets`."""
+    for target, source in zip(targets, sources, strict=False):
+        target[:, :, :length] = source[:, :, :length]
+
+
 class OnnxDecoder:
     """Wraps one InferenceSession; knows the input names optimum's text-generation-with-past export uses."""
 
@@ -75,16 +81,14 @@ class OnnxDecoder:
             return KVCache(list(prefix) if prefix else [empty] * len(self.past_names), length)
         cache = KVCache([], 0)
         self._grow(cache, max(capacity, length + 1, MIN_CAPACITY))
-        for buffer, known in zip(cache.arrays, prefix or [], strict=False):
-            buffer[:, :, :length] = known
+        copy_keys(cache.arrays, prefix or [], length)
         cache.length = length
         return cache
 
     def _grow(self, cache: KVCache, capacity: int) -> None:
         """Move the cache to buffers of `capacity` positions, keeping what it holds."""
         arrays = [np.zeros((1, self.kv_heads, capacity, self.head_dim), dtype=np.float32) for _ in self.past_names]
-        for new, old in zip(arrays, cache.arrays, strict=False):
-            new[:, :, : cache.length] = old[:, :, : cache.length]
+        copy_keys(arrays, cache.arrays, cache.length)
         cache.arrays, cache.binding = arrays, self.bind(arrays)
 
     def bind(self, arrays: list[np.ndarray]) -> ort.IOBinding:
@@ -104,13 +108,17 @@ class OnnxDecoder:
         (right-padded: the attention mask tells GroupQueryAttention each row's length). Logits [rows, vocab]."""
         total = past + 1
         mask = (np.arange(total.max())[None, :] < total[:, None]).astype(np.int64)
-        binding.bind_cpu_input("input_ids", tokens[:, None])
-        binding.bind_cpu_input("attention_mask", mask)
-        binding.bind_cpu_input("logit_positions", np.zeros(1, dtype=np.int64))
-        logits = np.empty((len(tokens), 1, self.vocab_size), dtype=np.float32)
+        feeds = {"input_ids": tokens[:, None], "attention_mask": mask, "logit_positions": np.zeros(1, np.int64)}
+        return self._run_bound(binding, feeds, (len(tokens), 1))[:, 0]
+
+    def _run_bound(self, binding: ort.IOBinding, feeds: dict[str, np.ndarray], shape: tuple[int, int]) -> np.ndarray:
+        """Run with the keys/values `binding` holds; logits [batch, positions, vocab] land in a fresh array."""
+        for name, value in feeds.items():
+            binding.bind_cpu_input(name, value)
+        logits = np.empty((*shape, self.vocab_size), dtype=np.float32)
         binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits))
         self.session.run_with_iobinding(binding)
-        return logits[:, 0]
+        return logits
 
     def forward(self, ids: Sequence[int], cache: KVCache, all_logits: bool = False) -> np.ndarray:
         """Run the new tokens, extend `cache` in place, return logits [n, vocab] (or [1, vocab] for the last)."""
@@ -130,12 +138,7 @@ class OnnxDecoder:
         if self.in_place:
             if total > cache.capacity:
                 self._grow(cache, max(total, 2 * cache.capacity))
-            for name, value in feeds.items():
-                cache.binding.bind_cpu_input(name, value)
-            logits = np.empty((1, wanted, self.vocab_size), dtype=np.float32)
-            cache.binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits))
-            self.session.run_with_iobinding(cache.binding)
-            logits = logits[0]
+            logits = self._run_bound(cache.binding, feeds, (1, wanted))[0]
         else:
             feeds.update(zip(self.past_names, cache.arrays, strict=True))
             outputs = self.session.run(["logits", *self.present_names], feeds)
