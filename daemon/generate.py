@@ -109,12 +109,11 @@ class Generator:
         feed = ids
         hit = self.prefix_cache.lookup(ids) if self.prefix_cache is not None else None
         passes = 0
+        known = None
         if hit is not None:  # compute only what follows the cached prefix
             usage.cached_tokens, known = hit
-            cache = self.decoder.new_cache(len(ids) + budget, prefix=known)
             feed = ids[usage.cached_tokens:]
-        else:
-            cache = self.decoder.new_cache(len(ids) + budget)
+        cache = self.decoder.new_cache(len(ids) + budget, prefix=known)
         try:
             if hit is None and self.prefix_cache is not None and len(ids) >= self.prefix_cache.min_tokens:
                 # A repeat of this prompt will compute its last token alone on top of the cached rest. onnxruntime
