@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from bench_models import cached_build  # noqa: E402  (scripts/, on the path when a script runs)
 
 from models.batch import batch_eval, cluster  # noqa: E402
 from models.invoices import SCHEMA, generate  # noqa: E402
@@ -36,9 +37,7 @@ def main() -> None:
     p.add_argument("--n", type=int, default=24)
     p.add_argument("--model", type=Path, default=ROOT / ".cache/bench/smollm2-int4")
     args = p.parse_args()
-    if not (args.model / "manifest.json").exists():
-        subprocess.run([sys.executable, "-m", "daemon.cli", "model", "build", "smollm2", "--out", str(args.model)],
-                       cwd=ROOT, check=True)
+    cached_build(args.model, "smollm2", "--quant", "int4")
     examples = [{"lang": i.lang, "text": i.text, "gold": i.gold} for i in generate(args.n, 4242)]
     one, r1 = timed(args.model, examples, 1, 1)
     two, r2 = timed(args.model, examples, 2, 1)

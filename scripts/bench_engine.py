@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from bench_models import cached_build  # scripts/, on the path when a script runs
 from rich.console import Console
 from rich.table import Table
 
@@ -38,14 +39,7 @@ def anchor_ready(name: str, module: str) -> bool:
 
 
 def ensure_edgellm_build(work: Path, scheme: str) -> Path:
-    out = work / f"smollm2-{scheme}"
-    manifest = out / "manifest.json"
-    toolchain = max(f.stat().st_mtime for f in (ROOT / "models").glob("*.py"))
-    if not manifest.exists() or manifest.stat().st_mtime < toolchain:  # missing, or built by older code
-        console.print(f"building edgellm {scheme} model into {out}")
-        subprocess.run([str(ROOT / ".venv/bin/edgellm"), "model", "build", "smollm2", "--out", str(out),
-                        "--quant", scheme, "--force"], check=True)
-    return out
+    return cached_build(work / f"smollm2-{scheme}", "smollm2", "--quant", scheme)
 
 
 def save_hf_folder(work: Path) -> Path:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -21,6 +20,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from bench_models import cached_build  # noqa: E402  (scripts/, on the path when a script runs)
 
 from daemon.client import RpcClient  # noqa: E402
 from tests.harness import Broker, DaemonProcess, settings  # noqa: E402
@@ -80,9 +81,7 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=300)
     p.add_argument("--model", type=Path, default=ROOT / ".cache/bench/smollm2-int4")
     args = p.parse_args()
-    if not (args.model / "manifest.json").exists():
-        subprocess.run([str(ROOT / ".venv/bin/edgellm"), "model", "build", "smollm2", "--out", str(args.model),
-                        "--quant", "int4", "--force"], check=True)
+    cached_build(args.model, "smollm2", "--quant", "int4")
     with tempfile.TemporaryDirectory() as tmp:
         broker = Broker(Path(tmp)).start()
         daemon = DaemonProcess(Path(tmp), broker.port, args.model, device="bench",

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -22,6 +21,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from bench_models import cached_build  # noqa: E402  (scripts/, on the path when a script runs)
 
 from daemon.embedder import Embedder  # noqa: E402
 from daemon.store import DocumentInput, RetrievalStore  # noqa: E402
@@ -95,9 +96,7 @@ def main() -> None:
     ap.add_argument("--model", type=Path, default=ROOT / ".cache/bench/minilm-int8")
     ap.add_argument("--queries", type=int, default=60)
     args = ap.parse_args()
-    if not (args.model / "manifest.json").exists():
-        subprocess.run([str(ROOT / ".venv/bin/edgellm"), "model", "build", "minilm", "--task", "embedding",
-                        "--out", str(args.model), "--force"], check=True)
+    cached_build(args.model, "minilm", "--task", "embedding")
     embedder = Embedder(args.model, threads=1)
     rng = np.random.default_rng(1)
     queries = [sample_words(rng, 6) for _ in range(args.queries)]

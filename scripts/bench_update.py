@@ -24,6 +24,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench_models import cached_build, stale  # noqa: E402  (scripts/, on the path when a script runs)
+
 from daemon.bundle import DesiredState  # noqa: E402
 from daemon.client import RpcClient  # noqa: E402
 from tests.harness import Broker, DaemonProcess, UpdateWatch, free_port, retained, settings, wait_for_port  # noqa: E402
@@ -37,14 +39,7 @@ def run(*args: str) -> None:
 
 def models(cache: Path, train_n: int) -> tuple[Path, Path]:
     """The base int4 build and the LoRA-merged int4 build, made once."""
-    base, tuned = cache / "smollm2-int4", cache / "smollm2-lora-qv-int4"
-    toolchain = max(f.stat().st_mtime for f in (ROOT / "models").glob("*.py"))
-
-    def stale(folder: Path) -> bool:  # missing, or built by older code
-        return not (folder / "manifest.json").exists() or (folder / "manifest.json").stat().st_mtime < toolchain
-
-    if stale(base):
-        run("model", "build", "smollm2", "--out", str(base), "--quant", "int4", "--force")
+    base, tuned = cached_build(cache / "smollm2-int4", "smollm2", "--quant", "int4"), cache / "smollm2-lora-qv-int4"
     if stale(tuned):
         data, adapter, merged = cache / "invoices-train.jsonl", cache / "lora-qv", cache / "smollm2-lora-qv"
         run("data", "invoices", "--n", str(train_n), "--seed", "7", "--out", str(data))
