@@ -141,6 +141,26 @@ def run_bandwidth(args) -> dict:
     return {"copy_gb_per_s": round(best / 1e9, 2)}
 
 
+STORY = "Story {i}: a lighthouse keeper"  # every engine's concurrency prompt (same length for i < 10)
+CONCURRENCY = (1, 2, 4, 8)
+
+
+def aggregate_rates(measure, rounds: int = 5) -> dict:
+    """`measure(n)` -> (tokens, seconds) for n concurrent streams. Every round measures each n once, so a
+    slow minute on the shared machine hits all of them; tok/s per n and the 4-stream speedup are medians."""
+    measure(1)  # warm-up
+    rates: dict[int, list[float]] = {n: [] for n in CONCURRENCY}
+    speedups = []
+    for _ in range(rounds):
+        for n in CONCURRENCY:
+            tokens, seconds = measure(n)
+            rates[n].append(tokens / seconds)
+        speedups.append(rates[4][-1] / rates[1][-1])
+    return {"aggregate_tps": {n: round(statistics.median(r), 2) for n, r in rates.items()},
+            "concurrency4_speedup": round(statistics.median(speedups), 3),
+            "concurrency4_speedup_range": [round(min(speedups), 3), round(max(speedups), 3)]}
+
+
 def run_concurrency(args) -> dict:
     """Aggregate tok/s of N concurrent streams through the daemon's worker queue, against one stream."""
     import threading
@@ -179,26 +199,6 @@ def run_concurrency(args) -> dict:
         return sum(s.message["usage"]["completion_tokens"] for s in sinks), time.perf_counter() - start
 
     return aggregate_rates(measure)
-
-
-STORY = "Story {i}: a lighthouse keeper"  # every engine's concurrency prompt (same length for i < 10)
-CONCURRENCY = (1, 2, 4, 8)
-
-
-def aggregate_rates(measure, rounds: int = 5) -> dict:
-    """`measure(n)` -> (tokens, seconds) for n concurrent streams. Every round measures each n once, so a
-    slow minute on the shared machine hits all of them; tok/s per n and the 4-stream speedup are medians."""
-    measure(1)  # warm-up
-    rates: dict[int, list[float]] = {n: [] for n in CONCURRENCY}
-    speedups = []
-    for _ in range(rounds):
-        for n in CONCURRENCY:
-            tokens, seconds = measure(n)
-            rates[n].append(tokens / seconds)
-        speedups.append(rates[4][-1] / rates[1][-1])
-    return {"aggregate_tps": {n: round(statistics.median(r), 2) for n, r in rates.items()},
-            "concurrency4_speedup": round(statistics.median(speedups), 3),
-            "concurrency4_speedup_range": [round(min(speedups), 3), round(max(speedups), 3)]}
 
 
 def run_concurrency_llamacpp(args) -> dict:
