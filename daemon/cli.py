@@ -20,7 +20,7 @@ HOST_PACKAGES = {"torch", "transformers", "optimum", "onnx", "onnx_ir", "gguf", 
 PARAM_FLAGS = {  # GenerationParams field -> flag
     "max_tokens": "--max-tokens", "temperature": "--temperature", "top_p": "--top-p", "top_k": "--top-k",
     "repetition_penalty": "--repetition-penalty", "seed": "--seed", "stop": "--stop",
-    "json_schema": "--json-schema",
+    "json_schema": "--json-schema", "ignore_eos": "--ignore-eos",
 }
 
 
@@ -46,6 +46,8 @@ def _add_param_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
     p.add_argument("--json-schema", type=Path, help="a JSON Schema file; the output will validate against it")
+    p.add_argument("--ignore-eos", action="store_true", default=None,
+                   help="never stop at the end-of-sequence token: generate --max-tokens tokens")
     p.add_argument("--verbose", action="store_true", help="print usage and timings to stderr")
 
 

@@ -11,6 +11,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from daemon.batching import BatchingDecoder
 from daemon.chat import ChatMessage
 from daemon.constrain import JsonConstraint, compile_json_schema, grammar_tokenizer
@@ -104,6 +106,7 @@ class Generator:
         decoder = IncrementalDecoder(model.tokenizer)
         stops = StopFilter(params.stop)
         eos = model.eos_token_ids
+        suppressed = sorted(eos) if params.ignore_eos else []
         usage, timings = Usage(prompt_tokens=len(ids)), Timings()
         start = started or time.perf_counter()
         feed = ids
@@ -135,6 +138,8 @@ class Generator:
                 passes += 1
                 if constraint is not None:
                     constraint.mask(logits)
+                elif params.ignore_eos:  # a grammar ends its own output, so only free text ignores EOS
+                    logits[suppressed] = -np.inf
                 token = sampler(logits, ids + generated if params.repetition_penalty != 1.0 else ())
                 if first_at is None:
                     if self.prefix_cache is not None:

@@ -196,3 +196,12 @@ def test_bad_requests_get_clear_errors(smollm2):
         smollm2.generate(too_long, GREEDY)
     with pytest.raises(EdgeError, match="messages"):
         smollm2.prompt_ids(messages=[])
+
+
+def test_ignore_eos_runs_to_max_tokens_with_the_same_start(smollm2):
+    ids = smollm2.prompt_ids(messages=[ChatMessage(role="user", content="Say hello.")])
+    natural = smollm2.generate(ids, GREEDY)
+    assert natural.finish_reason == "stop" and natural.usage.completion_tokens < 40, natural
+    fixed = smollm2.generate(ids, GREEDY.model_copy(update={"ignore_eos": True, "max_tokens": 40}))
+    assert fixed.finish_reason == "length" and fixed.usage.completion_tokens == 40
+    assert fixed.text.startswith(natural.text)  # greedy: the same tokens up to where EOS would have come
