@@ -143,17 +143,22 @@ def run_bandwidth(args) -> dict:
 
 STORY = "Story {i}: a lighthouse keeper"  # every engine's concurrency prompt (same length for i < 10)
 CONCURRENCY = (1, 2, 4, 8)
+# Every stream generates exactly --new-tokens, end-of-sequence ignored (llama.cpp's batched-bench and vLLM's
+# throughput benchmark do the same): a story that ended early would leave fewer than n streams running.
 
 
-def aggregate_rates(measure, rounds: int = 5) -> dict:
-    """`measure(n)` -> (tokens, seconds) for n concurrent streams. Every round measures each n once, so a
-    slow minute on the shared machine hits all of them; tok/s per n and the 4-stream speedup are medians."""
+def aggregate_rates(measure, per_stream: int, rounds: int = 5) -> dict:
+    """`measure(n)` -> (tokens, seconds) for n concurrent streams of `per_stream` tokens each. Every round
+    measures each n once, so a slow minute on the shared machine hits all of them; tok/s per n and the
+    4-stream speedup are medians."""
     measure(1)  # warm-up
     rates: dict[int, list[float]] = {n: [] for n in CONCURRENCY}
     speedups = []
     for _ in range(rounds):
         for n in CONCURRENCY:
             tokens, seconds = measure(n)
+            if tokens != n * per_stream:
+                raise RuntimeError(f"{n} streams made {tokens} tokens, not {n * per_stream}: one ended early")
             rates[n].append(tokens / seconds)
         speedups.append(rates[4][-1] / rates[1][-1])
     return {"aggregate_tps": {n: round(statistics.median(r), 2) for n, r in rates.items()},
@@ -191,14 +196,14 @@ def run_concurrency(args) -> dict:
         sinks = [Sink() for _ in range(n)]
         start = time.perf_counter()
         for i, sink in enumerate(sinks):
-            worker.submit(Job("generate", GenerateRequest(prompt=STORY.format(i=i), raw=True,
+            worker.submit(Job("generate", GenerateRequest(prompt=STORY.format(i=i), raw=True, ignore_eos=True,
                                                           max_tokens=args.new_tokens, temperature=0),
                               f"c{n}-{i}-{time.time()}", sink))
         for sink in sinks:
             sink.done.wait()
         return sum(s.message["usage"]["completion_tokens"] for s in sinks), time.perf_counter() - start
 
-    return aggregate_rates(measure)
+    return aggregate_rates(measure, args.new_tokens)
 
 
 def run_concurrency_llamacpp(args) -> dict:
@@ -214,11 +219,10 @@ def run_concurrency_llamacpp(args) -> dict:
     def one(prompt: str) -> int:
         llm.reset()
         llm.eval(llm.tokenize(prompt.encode(), add_bos=False))
-        for produced in range(1, args.new_tokens + 1):
-            token = int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))))
-            if token == eos or produced == args.new_tokens:
-                return produced - (token == eos)
-            llm.eval([token])
+        for _ in range(args.new_tokens - 1):
+            logits = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),)).copy()
+            logits[eos] = -np.inf
+            llm.eval([int(np.argmax(logits))])
         return args.new_tokens
 
     def measure(n: int) -> tuple[int, float]:
@@ -226,7 +230,7 @@ def run_concurrency_llamacpp(args) -> dict:
         tokens = sum(one(STORY.format(i=i)) for i in range(n))
         return tokens, time.perf_counter() - start
 
-    return aggregate_rates(measure)
+    return aggregate_rates(measure, args.new_tokens)
 
 
 def run_concurrency_genai(args) -> dict:
@@ -239,26 +243,21 @@ def run_concurrency_genai(args) -> dict:
     config.clear_providers()
     model = og.Model(config)
     tok = Tokenizer.from_file(f"{args.model}/tokenizer.json")
-    eos = json.load(open(f"{args.model}/genai_config.json"))["model"]["eos_token_id"]
-    eos = set(eos if isinstance(eos, list) else [eos])
 
     def measure(n: int) -> tuple[int, float]:
         ids = np.array([tok.encode(STORY.format(i=i)).ids for i in range(n)], dtype=np.int32)
         start = time.perf_counter()
         params = og.GeneratorParams(model)
-        params.set_search_options(batch_size=n, max_length=ids.shape[1] + args.new_tokens, do_sample=False)
+        length = ids.shape[1] + args.new_tokens
+        params.set_search_options(batch_size=n, max_length=length, min_length=length, do_sample=False)
         gen = og.Generator(model, params)
         gen.append_tokens(ids)
         while not gen.is_done():
             gen.generate_next_token()
         seconds = time.perf_counter() - start
-        tokens = 0
-        for i in range(n):
-            new = list(gen.get_sequence(i))[ids.shape[1]:]
-            tokens += next((k for k, t in enumerate(new) if t in eos), len(new))
-        return tokens, seconds
+        return sum(len(gen.get_sequence(i)) - ids.shape[1] for i in range(n)), seconds
 
-    return aggregate_rates(measure)
+    return aggregate_rates(measure, args.new_tokens)
 
 
 def run_genai(args) -> dict:
