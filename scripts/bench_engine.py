@@ -56,17 +56,19 @@ def save_hf_folder(work: Path) -> Path:
 
 
 def weight_bytes_per_token(model: Path) -> int:
-    """Bytes of weights a decode step reads: every initializer but the embedding table (one row is read)."""
+    """Bytes of weights a decode step reads: every initializer but the tables it looks rows up in (the
+    embedding, 8-bit or not, and GroupQueryAttention's rotary cos/sin caches)."""
     import onnx
 
     graph = onnx.load(model / "model.onnx", load_external_data=False).graph
-    total = 0
-    for init in graph.initializer:
-        length = next((int(e.value) for e in init.external_data if e.key == "length"), len(init.raw_data))
-        if "embed_tokens.weight" in init.name and "transposed" not in init.name:
-            continue
-        total += length
-    return total
+    row_tables = set()
+    for node in graph.node:
+        if node.op_type in ("Gather", "GatherBlockQuantized"):
+            row_tables.update(node.input[i] for i in (0, 2, 3) if i < len(node.input))
+        elif node.op_type == "GroupQueryAttention":
+            row_tables.update(node.input[7:9])
+    return sum(next((int(e.value) for e in init.external_data if e.key == "length"), len(init.raw_data))
+               for init in graph.initializer if init.name not in row_tables)
 
 
 def plot_concurrency(curves: dict[str, dict], path: Path) -> None:
