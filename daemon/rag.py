@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 from daemon.chat import ChatMessage
-from daemon.generate import Generator
+from daemon.generate import Generator, Result
 from daemon.params import GenerationParams
 from daemon.store import Hit, RetrievalStore
 
@@ -26,10 +27,16 @@ class Answer:
 
 def ask(generator: Generator, store: RetrievalStore, question: str, params: GenerationParams, k: int = 4,
         collection: str | None = None, filters: dict | None = None, min_similarity: float = 0.25) -> Answer:
+    return answer(generator, question, passages(generator, store, question, params, k, collection, filters,
+                                                min_similarity), params)
+
+
+def passages(generator: Generator, store: RetrievalStore, question: str, params: GenerationParams, k: int = 4,
+             collection: str | None = None, filters: dict | None = None, min_similarity: float = 0.25) -> list[Hit]:
+    """The best hits above `min_similarity` that fit the context, leaving room for max_tokens of answer. Only
+    this part reads the store, so a caller can hold the store's lock for it and not for the generation."""
     hits = [h for h in store.search(question, k=k, collection=collection, filters=filters)
             if (h.similarity or 0.0) >= min_similarity]
-    if not hits:  # say so rather than let the model invent an answer
-        return Answer(NOT_FOUND, [])
     budget = generator.model.context_length - params.max_tokens - PROMPT_RESERVE
     given: list[Hit] = []
     for hit in hits:
@@ -37,9 +44,17 @@ def ask(generator: Generator, store: RetrievalStore, question: str, params: Gene
         if len(generator.prompt_ids(messages=_messages(question, candidate))) > budget:
             break
         given = candidate
+    return given
+
+
+def answer(generator: Generator, question: str, given: list[Hit], params: GenerationParams,
+           interrupt: Callable[[], None] | None = None) -> Answer:
+    """Generate from `given` and cite it; with no passages, say so rather than let the model invent an answer.
+    `interrupt` is Generator.stream's (cancellation and deadlines)."""
     if not given:
         return Answer(NOT_FOUND, [])
-    result = generator.generate(generator.prompt_ids(messages=_messages(question, given)), params)
+    ids = generator.prompt_ids(messages=_messages(question, given))
+    result = next(e for e in generator.stream(ids, params, interrupt=interrupt) if isinstance(e, Result))
     cited = {int(n) for n in re.findall(r"\[(\d+)\]", result.text)}
     citations = [{"n": n, "source": h.source, "collection": h.collection, "chunk_id": h.chunk_id, "page": h.page,
                   "start": h.start, "end": h.end, "score": h.score, "similarity": h.similarity, "cited": n in cited,

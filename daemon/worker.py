@@ -175,8 +175,29 @@ class Worker:
         request = job.request
         if isinstance(request, GenerateRequest | ChatRequest):
             return self._generate(job, served)
+        if isinstance(request, AskRequest):
+            return self._ask(job, served)
         with self._exclusive:
             return self._handle_exclusive(job, served)
+
+    def _ask(self, job: Job, served) -> dict[str, Any]:
+        """Retrieval takes the store's turn; the answer is generated outside it, batched with other requests,
+        so embed and search requests need not wait for it."""
+        from daemon.rag import answer, passages
+
+        request, params = job.request, self._params(job.request)
+        if served.store is None:
+            raise EdgeError("model_unavailable", "no retrieval store is configured on this device (store.path)")
+        with self._exclusive:
+            given = passages(served.generator, served.store, request.question, params, request.k,
+                             request.collection, request.filter, self.store_settings.min_similarity)
+        result = answer(served.generator, request.question, given, params, interrupt=lambda: self._interrupt(job))
+        return {**asdict(result), "model": served.model_info}
+
+    def _interrupt(self, job: Job) -> None:
+        """Before every forward pass: show the watchdog we are alive, and stop a cancelled or late request."""
+        self.heartbeat()
+        job.check()
 
     def _handle_exclusive(self, job: Job, served) -> dict[str, Any]:
         request = job.request
@@ -193,12 +214,6 @@ class Worker:
         if isinstance(request, SearchRequest):
             hits = served.store.search(request.query, request.k, request.collection, request.filter, request.mode)
             return {"hits": [h.to_dict() for h in hits]}
-        if isinstance(request, AskRequest):
-            from daemon.rag import ask
-
-            answer = ask(served.generator, served.store, request.question, self._params(request), request.k,
-                         request.collection, request.filter, self.store_settings.min_similarity)
-            return {**asdict(answer), "model": served.model_info}
         if isinstance(request, DeleteRequest):
             return {"deleted_chunks": served.store.delete(request.source, request.collection)}
         raise EdgeError("unknown_method", f"method '{job.method}' is not handled by the worker")
@@ -234,13 +249,9 @@ class Worker:
         else:
             ids = generator.prompt_ids(request.prompt, raw=request.raw)
 
-        def interrupt() -> None:
-            self.heartbeat()
-            job.check()
-
         result: Result | None = None
         seq = 0
-        for event in generator.stream(ids, params, interrupt=interrupt, started=started):
+        for event in generator.stream(ids, params, interrupt=lambda: self._interrupt(job), started=started):
             if isinstance(event, Delta):
                 if request.stream:
                     job.sink.delta({"type": "delta", "id": job.request_id, "seq": seq, "text": event.text})

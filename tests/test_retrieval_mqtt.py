@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -46,6 +47,28 @@ def test_ingest_a_folder_then_ask_with_citations(client, docs):
     first = r["citations"][0]
     assert "24 months" in first["text"] and first["page"] == 1 and first["end"] > first["start"]
     assert r["answer"].strip()
+
+
+def test_a_long_ask_does_not_hold_up_search(client):
+    """The answer is generated outside the store's lock: a search is served while an ask is still writing."""
+    done, replies = client.send(TOPIC + "ask", {"question": "How long is the pump under warranty?",
+                                                "temperature": 0, "max_tokens": 400, "ignore_eos": True,
+                                                "collection": "policies"})
+    time.sleep(1.0)  # retrieval takes tens of milliseconds; 400 tokens take seconds
+    r = client.call(TOPIC + "search", {"query": "pump warranty", "collection": "policies"})
+    assert r["ok"] and r["hits"]
+    assert not done.is_set(), "the search waited for the whole answer"
+    assert done.wait(120) and replies[0]["ok"], replies
+    assert replies[0]["usage"]["completion_tokens"] == 400 and replies[0]["citations"]
+
+
+def test_an_ask_past_its_deadline_stops_generating(client):
+    started = time.monotonic()
+    r = client.call(TOPIC + "ask", {"question": "How long is the pump under warranty?", "temperature": 0,
+                                    "max_tokens": 400, "ignore_eos": True, "collection": "policies",
+                                    "deadline_ms": 1500})
+    assert r["error"]["code"] == "deadline_exceeded", r
+    assert time.monotonic() - started < 3.5  # 400 tokens would take about 4 s or more
 
 
 def test_ask_without_relevant_passages_says_so(client):
