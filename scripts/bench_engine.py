@@ -1,16 +1,18 @@
 """Engine benchmark: edgellm int4/int8 against llama.cpp and onnxruntime-genai, measured in one run.
 
-SmolLM2-135M-Instruct, 2 threads, a ~200-token prompt, 128 greedy new tokens, medians of --rounds.
-Every engine runs in a fresh process (bench_workers.py) so its peak RSS is its own. Timings on shared
-machines are noisy: read the ratios, which compare engines measured minutes apart on the same machine.
+SmolLM2-135M-Instruct, 2 threads, a ~200-token prompt, 128 greedy new tokens. Every engine runs in a fresh
+process (bench_workers.py) so its peak RSS is its own, and the engines take turns (--repeats), because this
+shared machine's speed drifts by +-25% from minute to minute: each ratio is the median of ratios between
+runs made back to back, and its range is printed too.
 
-    .venv/bin/python scripts/bench_engine.py [--install-anchors] [--rounds 3]
+    .venv/bin/python scripts/bench_engine.py [--install-anchors] [--rounds 3] [--repeats 3]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -71,6 +73,17 @@ def weight_bytes_per_token(model: Path) -> int:
                for init in graph.initializer if init.name not in row_tables)
 
 
+def median_result(runs: list[dict]) -> dict:
+    """Per-key medians of several runs of one engine (each already the median of its own rounds)."""
+    shared = [k for k, v in runs[0].items() if isinstance(v, int | float) and all(k in r for r in runs[1:])]
+    return {k: statistics.median(r[k] for r in runs) for k in shared}
+
+
+def disk_mb(path: Path) -> float:
+    files = [path] if path.is_file() else [f for f in path.iterdir() if f.is_file()]
+    return round(sum(f.stat().st_size for f in files) / 1e6, 1)
+
+
 def plot_concurrency(curves: dict[str, dict], path: Path) -> None:
     """Aggregate tok/s against concurrent streams, one line per engine."""
     import matplotlib
@@ -95,7 +108,8 @@ def plot_concurrency(curves: dict[str, dict], path: Path) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=3, help="decode rounds inside each engine process")
+    p.add_argument("--repeats", type=int, default=3, help="turns each engine takes, interleaved with the others")
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--work", type=Path, default=ROOT / ".cache/bench")
@@ -117,51 +131,57 @@ def main() -> None:
     common = ["--prompt-file", str(prompt_file), "--threads", str(args.threads),
               "--new-tokens", str(args.new_tokens), "--rounds", str(args.rounds)]
 
-    results: dict[str, dict] = {}
-    for scheme in ("int4", "int8"):
-        model = ensure_edgellm_build(args.work, scheme)
-        results[f"edgellm {scheme}"] = worker(ROOT / ".venv/bin/python", "edgellm", "--model", str(model), *common)
-        results[f"edgellm {scheme}"]["disk_mb"] = round(sum(
-            f.stat().st_size for f in model.iterdir() if f.is_file()) / 1e6, 1)
-
     eval_file = ROOT / "models/data/eval_en.txt"
-    bandwidth = worker(ROOT / ".venv/bin/python", "bandwidth")["copy_gb_per_s"]
-    streams = ["--threads", str(args.threads), "--new-tokens", "64"]
-    concurrency = worker(ROOT / ".venv/bin/python", "concurrency", "--model", str(args.work / "smollm2-int4"),
-                         *streams)
-    curves = {"edgellm int4 (continuous batching)": concurrency["aggregate_tps"]}
-    console.print(f"concurrency: {json.dumps(concurrency)}; memory copy {bandwidth} GB/s")
-    prefix = worker(ROOT / ".venv/bin/python", "edgellm-prefix", "--model", str(args.work / "smollm2-int4"),
-                    "--prompt-file", str(eval_file), "--threads", str(args.threads), "--rounds", str(args.rounds))
-    console.print(f"prefix reuse: {json.dumps(prefix)}")
-
+    py = ROOT / ".venv/bin/python"
+    int4, int8 = ensure_edgellm_build(args.work, "int4"), ensure_edgellm_build(args.work, "int8")
+    engines = {"edgellm int4": (py, ["edgellm", "--model", str(int4)], int4)}
     if anchor_ready("llamacpp", "llama_cpp"):
-        results["llama.cpp Q4_1"] = worker(ANCHOR_PY["llamacpp"], "llamacpp", "--model", str(gguf), *common,
-                                           "--ppl-file", str(eval_file))
-        results["llama.cpp Q4_1"]["disk_mb"] = round(gguf.stat().st_size / 1e6, 1)
-        curves["llama.cpp Q4_1 (llama-cpp-python: one at a time)"] = worker(
-            ANCHOR_PY["llamacpp"], "concurrency-llamacpp", "--model", str(gguf), *streams)["aggregate_tps"]
+        engines["llama.cpp Q4_1"] = (ANCHOR_PY["llamacpp"], ["llamacpp", "--model", str(gguf)], gguf)
     else:
         console.print("[yellow]llama.cpp anchor skipped: llama-cpp-python is not installed in .cache/anchors "
                       "(run with --install-anchors; it compiles for ~18 minutes)")
+    genai_dir = args.work / "genai-int4"
     if anchor_ready("genai", "onnxruntime_genai"):
-        genai_dir = args.work / "genai-int4"
         if not (genai_dir / "genai_config.json").exists():
             worker(ANCHOR_PY["genai"], "genai-build", "--hf", str(save_hf_folder(args.work)), "--out", str(genai_dir))
-        results["onnxruntime-genai int4"] = worker(ANCHOR_PY["genai"], "genai", "--model", str(genai_dir), *common)
-        results["onnxruntime-genai int4"]["disk_mb"] = round(sum(
-            f.stat().st_size for f in genai_dir.iterdir() if f.is_file()) / 1e6, 1)
-        curves["onnxruntime-genai int4 (static batch)"] = worker(
-            ANCHOR_PY["genai"], "concurrency-genai", "--model", str(genai_dir), *streams)["aggregate_tps"]
+        engines["onnxruntime-genai int4"] = (ANCHOR_PY["genai"], ["genai", "--model", str(genai_dir)], genai_dir)
     else:
         console.print("[yellow]onnxruntime-genai anchor skipped: not installed in .cache/genai "
                       "(run with --install-anchors)")
+
+    # The engines take turns, --repeats times, so a slow minute on the shared machine hits each of them; every
+    # ratio is the median of ratios between runs made back to back.
+    runs: dict[str, list[dict]] = {name: [] for name in engines}
+    for repeat in range(args.repeats):
+        for name, (python, argv, _) in engines.items():
+            ppl = ["--ppl-file", str(eval_file)] if name.startswith("llama.cpp") and repeat == 0 else []
+            runs[name].append(worker(python, *argv, *common, *ppl))
+            console.print(f"{name}, repeat {repeat + 1}: {json.dumps(runs[name][-1])}")
+    results = {name: {**median_result(rs), "disk_mb": disk_mb(engines[name][2])} for name, rs in runs.items()}
+    results["edgellm int8"] = {**worker(py, "edgellm", "--model", str(int8), *common), "disk_mb": disk_mb(int8)}
+    if "llama.cpp Q4_1" in runs:
+        results["llama.cpp Q4_1"]["ppl"] = runs["llama.cpp Q4_1"][0]["ppl"]
+
+    bandwidth = worker(py, "bandwidth")["copy_gb_per_s"]
+    streams = ["--threads", str(args.threads), "--new-tokens", "64"]
+    concurrency = worker(py, "concurrency", "--model", str(int4), *streams)
+    curves = {"edgellm int4 (continuous batching)": concurrency["aggregate_tps"]}
+    console.print(f"concurrency: {json.dumps(concurrency)}; memory copy {bandwidth} GB/s")
+    prefix = worker(py, "edgellm-prefix", "--model", str(int4), "--prompt-file", str(eval_file),
+                    "--threads", str(args.threads), "--rounds", str(args.rounds))
+    console.print(f"prefix reuse: {json.dumps(prefix)}")
+    if "llama.cpp Q4_1" in engines:
+        curves["llama.cpp Q4_1 (llama-cpp-python: one at a time)"] = worker(
+            ANCHOR_PY["llamacpp"], "concurrency-llamacpp", "--model", str(gguf), *streams)["aggregate_tps"]
+    if "onnxruntime-genai int4" in engines:
+        curves["onnxruntime-genai int4 (static batch)"] = worker(
+            ANCHOR_PY["genai"], "concurrency-genai", "--model", str(genai_dir), *streams)["aggregate_tps"]
 
     plot_concurrency(curves, args.plot)
     console.print(f"concurrency curves: {json.dumps(curves)}")
 
     table = Table(title=f"SmolLM2-135M, {args.threads} threads, {args.new_tokens} greedy tokens, "
-                        f"median of {args.rounds}")
+                        f"median of {args.repeats} runs of {args.rounds} rounds")
     for col in ("engine", "prompt tok", "TTFT ms", "prefill tok/s", "decode tok/s", "peak RSS MB", "disk MB"):
         table.add_column(col, justify="right" if col != "engine" else "left")
     for name, r in results.items():
@@ -177,8 +197,13 @@ def main() -> None:
     ppl4 = manifest["quality"]["perplexity"]
     per_token = weight_bytes_per_token(args.work / "smollm2-int4")
 
-    def ratio(a, b, key):
-        return round(a[key] / b[key], 3) if a and b else None
+    def ratio(anchor: str, key: str) -> dict:
+        """edgellm int4 against `anchor`: the median and range of one ratio per repeat (runs back to back)."""
+        r = sorted(round(a[key] / b[key], 3) for a, b in zip(runs["edgellm int4"], runs.get(anchor, []), strict=False))
+        return {"median": statistics.median(r), "range": [r[0], r[-1]]} if r else {"median": None, "range": None}
+
+    decode_llama, prefill_llama = ratio("llama.cpp Q4_1", "decode_tps"), ratio("llama.cpp Q4_1", "prefill_tps")
+    decode_genai = ratio("onnxruntime-genai int4", "decode_tps")
 
     summary = {
         "edgellm_int4_decode_tps": e4["decode_tps"], "edgellm_int4_prefill_tps": e4["prefill_tps"],
@@ -187,9 +212,10 @@ def main() -> None:
         "edgellm_int8_prefill_tps": results["edgellm int8"]["prefill_tps"],
         "llamacpp_decode_tps": llama and llama["decode_tps"], "llamacpp_prefill_tps": llama and llama["prefill_tps"],
         "genai_decode_tps": genai and genai["decode_tps"], "genai_prefill_tps": genai and genai["prefill_tps"],
-        "decode_ratio_vs_llamacpp": ratio(e4, llama, "decode_tps"),
-        "prefill_ratio_vs_llamacpp": ratio(e4, llama, "prefill_tps"),
-        "decode_ratio_vs_genai": ratio(e4, genai, "decode_tps"),
+        "decode_ratio_vs_llamacpp": decode_llama["median"], "decode_ratio_vs_llamacpp_range": decode_llama["range"],
+        "prefill_ratio_vs_llamacpp": prefill_llama["median"],
+        "prefill_ratio_vs_llamacpp_range": prefill_llama["range"],
+        "decode_ratio_vs_genai": decode_genai["median"], "decode_ratio_vs_genai_range": decode_genai["range"],
         "peak_rss_mb": e4["peak_rss_mb"], "edgellm_int8_peak_rss_mb": results["edgellm int8"]["peak_rss_mb"],
         "prefix_ttft_ratio": prefix["prefix_ttft_ratio"], "prefix_cached_tokens": prefix["cached_tokens"],
         "concurrency4_speedup": concurrency["concurrency4_speedup"],
