@@ -49,11 +49,11 @@ class BatchingDecoder:
         if row is None:
             return self.decoder.new_cache(capacity, prefix)
         arrays = [b[row:row + 1] for b in self._pool]
+        cache = KVCache(arrays, length, self.decoder.bind(arrays), row=row)
         with self._session:  # a step in flight may be writing a placeholder into this (free) row
             copy_keys(arrays, prefix or [], length)
-        cache = KVCache(arrays, length, self.decoder.bind(arrays), row=row)
-        with self._cond:
-            self._live[row] = cache
+            with self._cond:  # the next step places this row's placeholder after the copied prefix
+                self._live[row] = cache
         return cache
 
     def release(self, cache: KVCache) -> None:
@@ -95,10 +95,9 @@ class BatchingDecoder:
                     self._cond.wait(left)
                 self._compact()
                 batch, self._pending = self._pending, {}
-                lengths = {r: c.length for r, c in self._live.items()}
                 self._cond.release()
                 try:
-                    results = self._step(batch, lengths)
+                    results = self._step(batch)
                 except BaseException as e:  # every request in the step sees the failure, none hangs
                     results = dict.fromkeys(batch, e)
                 finally:
@@ -131,10 +130,13 @@ class BatchingDecoder:
             self._free.append(row)
             self._free.sort()
 
-    def _step(self, batch: dict[int, int], lengths: dict[int, int]) -> dict[int, np.ndarray]:
+    def _step(self, batch: dict[int, int]) -> dict[int, np.ndarray]:
         n = max(batch) + 1
         tokens = np.array([batch.get(r, 0) for r in range(n)], dtype=np.int64)
-        past = np.array([lengths.get(r, 0) for r in range(n)], dtype=np.int64)
         with self._session:
+            # Lengths are read only now that no prompt can be running: a row whose prompt ran while this step
+            # waited for the session gets its placeholder after the prompt's keys, not over them.
+            with self._cond:
+                past = np.array([self._live[r].length if r in self._live else 0 for r in range(n)], dtype=np.int64)
             logits = self.decoder.decode_rows(self._batches[n - 1], tokens, past)
         return {r: logits[r] for r in batch}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 
+import numpy as np
 import pytest
 
 from daemon.batching import BatchingDecoder
@@ -56,9 +57,9 @@ def counting(generator: Generator, span: bool = False) -> list[int]:
     sizes: list[int] = []
     step = generator.decoder._step
 
-    def counted(batch, lengths):
+    def counted(batch):
         sizes.append(max(batch) + 1 if span else len(batch))
-        return step(batch, lengths)
+        return step(batch)
 
     generator.decoder._step = counted
     return sizes
@@ -131,3 +132,38 @@ def test_rows_are_compacted_when_a_request_in_the_middle_leaves(model):
     assert [r.text for r in results] == [e.text for e in expected]
     assert max(spans) == 3 and spans[-10:] == [2] * 10  # the two left moved down into rows 0 and 1
     assert batched.decoder._free == [0, 1, 2, 3]
+
+
+def test_a_prompt_in_a_middle_row_keeps_its_keys_while_the_rows_around_it_decode(model):
+    """Rows 0 and 2 decode while row 1 runs a long prompt. A step that waited for that prompt must place
+    row 1's placeholder after the prompt's keys, not over its first one."""
+    pool = BatchingDecoder(model.decoder, rows=3, capacity=512)
+    prompt = Generator(model).prompt_ids("Describe the lighthouse keeper's day. " * 30)
+    solo = model.decoder.new_cache()
+    expected = [int(np.argmax(model.decoder.forward(prompt, solo)[-1]))]
+    while len(expected) < 12:
+        expected.append(int(np.argmax(model.decoder.forward(expected[-1:], solo)[-1])))
+
+    caches = [pool.new_cache() for _ in range(3)]
+    assert [c.row for c in caches] == [0, 1, 2]
+    decoding = threading.Barrier(3)
+    stop = threading.Event()
+
+    def decode(cache) -> None:
+        token = int(np.argmax(pool.forward([1, 2, 3], cache)[-1]))
+        decoding.wait()
+        while not stop.is_set() and cache.length < 400:
+            token = int(np.argmax(pool.forward([token], cache)[-1]))
+
+    neighbours = [threading.Thread(target=decode, args=(caches[i],)) for i in (0, 2)]
+    for t in neighbours:
+        t.start()
+    decoding.wait()
+    got = [int(np.argmax(pool.forward(prompt, caches[1])[-1]))]
+    while len(got) < 12:
+        got.append(int(np.argmax(pool.forward(got[-1:], caches[1])[-1])))
+    stop.set()
+    for t in neighbours:
+        t.join(timeout=60)
+    assert len(prompt) > 200 and caches[0].length > 3 and caches[2].length > 3
+    assert got == expected
