@@ -130,7 +130,9 @@ def test_rows_are_compacted_when_a_request_in_the_middle_leaves(model):
     for t in [first, *others]:
         t.join(timeout=120)
     assert [r.text for r in results] == [e.text for e in expected]
-    assert max(spans) == 3 and spans[-10:] == [2] * 10  # the two left moved down into rows 0 and 1
+    # The two left moved down into rows 0 and 1: no late step spans row 2. (A step may run row 0 alone when
+    # the other thread misses the 4 ms gather on this noisy machine; without compaction they span 3.)
+    assert max(spans) == 3 and max(spans[-10:]) == 2 and spans[-10:].count(2) >= 8
     assert batched.decoder._free == [0, 1, 2, 3]
 
 
