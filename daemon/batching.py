@@ -3,8 +3,8 @@
 Each request keeps its own thread, sampler, grammar, stop strings and deadline (daemon/generate.py); only
 the forward pass is shared. Sequences live in the rows of one KV pool: a request takes a row when it starts
 and frees it when it ends, so requests join and leave the batch at token boundaries. A prompt (prefill) runs
-alone. On 2 cores, four SmolLM2 streams decode at 1.7-2.4x the tokens per second of one (median 2.1x;
-README, "Benchmark").
+alone. On 2 cores, four SmolLM2 streams decode at 2.2-2.5x the tokens per second of one (README,
+"Benchmark").
 
 Rows a step does not advance (free, or their request is busy elsewhere) are fed a placeholder token at
 their next position: GroupQueryAttention writes its keys there, and the row's own next token overwrites
