@@ -85,8 +85,9 @@ class Generator:
             self._lltok = grammar_tokenizer(m.tokenizer_json(), sorted(m.eos_token_ids), m.decoder.vocab_size)
         return JsonConstraint(self._lltok, schema, compile_json_schema(schema, self._lltok))
 
-    def generate(self, ids: list[int], params: GenerationParams) -> Result:
-        return next(e for e in self.stream(ids, params) if isinstance(e, Result))
+    def generate(self, ids: list[int], params: GenerationParams,
+                 interrupt: Callable[[], None] | None = None) -> Result:
+        return next(e for e in self.stream(ids, params, interrupt) if isinstance(e, Result))
 
     def stream(self, ids: list[int], params: GenerationParams, interrupt: Callable[[], None] | None = None,
                started: float | None = None) -> Iterator[Delta | Result]:

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 from daemon.chat import ChatMessage
-from daemon.generate import Generator, Result
+from daemon.generate import Generator
 from daemon.params import GenerationParams
 from daemon.store import Hit, RetrievalStore
 
@@ -53,8 +53,7 @@ def answer(generator: Generator, question: str, given: list[Hit], params: Genera
     `interrupt` is Generator.stream's (cancellation and deadlines)."""
     if not given:
         return Answer(NOT_FOUND, [])
-    ids = generator.prompt_ids(messages=_messages(question, given))
-    result = next(e for e in generator.stream(ids, params, interrupt=interrupt) if isinstance(e, Result))
+    result = generator.generate(generator.prompt_ids(messages=_messages(question, given)), params, interrupt)
     cited = {int(n) for n in re.findall(r"\[(\d+)\]", result.text)}
     citations = [{"n": n, "source": h.source, "collection": h.collection, "chunk_id": h.chunk_id, "page": h.page,
                   "start": h.start, "end": h.end, "score": h.score, "similarity": h.similarity, "cited": n in cited,

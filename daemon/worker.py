@@ -2,7 +2,8 @@
 Transport-neutral: MQTT and HTTP hand it Jobs with a sink for their replies.
 
 Up to `concurrency` generation requests run at once, so their decode steps batch (daemon/batching.py);
-embedding, retrieval-store and ask requests take turns on one lock (one SQLite connection, one embedder)."""
+embedding and retrieval-store requests, and the retrieval half of ask, take turns on one lock (one SQLite
+connection, one embedder)."""
 
 from __future__ import annotations
 
@@ -185,14 +186,18 @@ class Worker:
         so embed and search requests need not wait for it."""
         from daemon.rag import answer, passages
 
-        request, params = job.request, self._params(job.request)
-        if served.store is None:
-            raise EdgeError("model_unavailable", "no retrieval store is configured on this device (store.path)")
+        request, params, store = job.request, self._params(job.request), self._store(served)
         with self._exclusive:
-            given = passages(served.generator, served.store, request.question, params, request.k,
+            given = passages(served.generator, store, request.question, params, request.k,
                              request.collection, request.filter, self.store_settings.min_similarity)
         result = answer(served.generator, request.question, given, params, interrupt=lambda: self._interrupt(job))
         return {**asdict(result), "model": served.model_info}
+
+    @staticmethod
+    def _store(served):
+        if served.store is None:
+            raise EdgeError("model_unavailable", "no retrieval store is configured on this device (store.path)")
+        return served.store
 
     def _interrupt(self, job: Job) -> None:
         """Before every forward pass: show the watchdog we are alive, and stop a cancelled or late request."""
@@ -207,8 +212,7 @@ class Worker:
             vectors = served.embedder.embed(request.texts())
             return {"embeddings": vectors.tolist(), "dimension": int(vectors.shape[1]),
                     "model": {"name": served.embedder.name, "version": served.embedder.manifest.version}}
-        if served.store is None:
-            raise EdgeError("model_unavailable", "no retrieval store is configured on this device (store.path)")
+        self._store(served)
         if isinstance(request, IngestRequest):
             return asdict(served.store.ingest(self._documents(request)))
         if isinstance(request, SearchRequest):
