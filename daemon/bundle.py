@@ -18,7 +18,7 @@ import hashlib
 import time
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from daemon.errors import EdgeError
 
@@ -39,10 +39,19 @@ class Chunk(_Strict):
 
 
 class BundleFile(_Strict):
-    path: str = Field(pattern=r"^[A-Za-z0-9_.-][A-Za-z0-9_./-]*$", description="relative; no '..' segments")
+    path: str = Field(pattern=r"^[A-Za-z0-9_.-][A-Za-z0-9_./-]*$", max_length=255,
+                      description="relative to the slot; no '..', '.' or empty segments")
     size: int = Field(ge=0)
     sha256: str = Field(pattern=SHA256)
     chunks: list[Chunk]
+
+    @field_validator("path")
+    @classmethod
+    def _inside_the_slot(cls, path: str) -> str:
+        """A signed manifest still must not write outside its slot: refuse it before anything is fetched."""
+        if any(part in ("", ".", "..") for part in path.split("/")):
+            raise ValueError(f"{path!r} must be a plain relative path: no '..', '.' or empty segments")
+        return path
 
 
 class GoldenPrompt(_Strict):
@@ -103,6 +112,24 @@ class DesiredState(_Strict):
     version: str = Field(pattern=NAME_PATTERN)
     percent: float = Field(100.0, ge=0, le=100)
     published_at: float = Field(default_factory=time.time)
+    allow_downgrade: Signature | None = Field(None, description="a release key's signature of downgrade_statement"
+                                              "(): this publication may replace a newer version with this one")
+
+
+def downgrade_statement(desired: DesiredState) -> bytes:
+    """What a release key signs to allow one publication to go back to an older version. It names the
+    publication's id, so the permission cannot be moved to another publication."""
+    return f"edgellm-allow-downgrade/1\n{desired.id}\n{desired.name}\n{desired.version}\n".encode()
+
+
+def is_older(candidate: BundleManifest, active: BundleManifest) -> bool:
+    """Whether `candidate` would take the device back in its bundle's history. Versions made by `bundle build`
+    are numbers; other version strings are ordered by the signed creation time."""
+    if candidate.name != active.name or candidate.version == active.version:
+        return False
+    if candidate.version.isdigit() and active.version.isdigit():
+        return int(candidate.version) < int(active.version)
+    return candidate.created_at < active.created_at
 
 
 def bundle_path(name: str, version: str, file: str = BUNDLE_FILE) -> str:
@@ -146,24 +173,32 @@ def public_raw(key) -> bytes:
     return key.public_bytes(Encoding.Raw, PublicFormat.Raw)
 
 
-def verify_bundle(manifest_bytes: bytes, signature_bytes: bytes, trusted: list) -> BundleManifest:
-    """The manifest, parsed only once its signature checks out against one of the trusted public keys."""
+def verify_signature(data: bytes, sig: Signature, trusted: list, what: str = "bundle.json") -> None:
+    """Raise EdgeError unless `sig` is a trusted key's signature of `data`."""
     from cryptography.exceptions import InvalidSignature
 
     try:
-        sig = Signature.model_validate_json(signature_bytes)
         raw_sig = base64.b64decode(sig.signature, validate=True)
-    except (ValidationError, ValueError) as e:
-        raise EdgeError("bad_request", f"signature: unreadable signature file: {e}") from None
+    except ValueError as e:
+        raise EdgeError("bad_request", f"signature: unreadable signature of {what}: {e}") from None
     keys = {key_id(public_raw(k)): k for k in trusted}
     if sig.key_id not in keys:
-        raise EdgeError("bad_request", f"signature: signed by key {sig.key_id}, which is not among this device's "
-                        f"trusted keys ({', '.join(sorted(keys)) or 'none configured'})")
+        raise EdgeError("bad_request", f"signature: {what} is signed by key {sig.key_id}, which is not among this "
+                        f"device's trusted keys ({', '.join(sorted(keys)) or 'none configured'})")
     try:
-        keys[sig.key_id].verify(raw_sig, manifest_bytes)
+        keys[sig.key_id].verify(raw_sig, data)
     except InvalidSignature:
-        raise EdgeError("bad_request", f"signature: bundle.json does not match its signature by key {sig.key_id}: "
+        raise EdgeError("bad_request", f"signature: {what} does not match its signature by key {sig.key_id}: "
                         "it was altered after signing") from None
+
+
+def verify_bundle(manifest_bytes: bytes, signature_bytes: bytes, trusted: list) -> BundleManifest:
+    """The manifest, parsed only once its signature checks out against one of the trusted public keys."""
+    try:
+        sig = Signature.model_validate_json(signature_bytes)
+    except ValidationError as e:
+        raise EdgeError("bad_request", f"signature: unreadable signature file: {e}") from None
+    verify_signature(manifest_bytes, sig, trusted)
     try:
         return BundleManifest.model_validate_json(manifest_bytes)
     except ValidationError as e:

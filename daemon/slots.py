@@ -127,6 +127,9 @@ class SlotStore:
         local = self.local_chunks()
         for f in manifest.files:
             target = staging / f.path
+            if not target.resolve().is_relative_to(staging.resolve()):  # BundleFile refuses '..'; a symlink cannot
+                shutil.rmtree(staging, ignore_errors=True)
+                raise ValueError(f"{f.path}: resolves outside the slot; refusing the bundle")
             target.parent.mkdir(parents=True, exist_ok=True)
             with open(target, "wb") as out:
                 for c in f.chunks:

@@ -26,9 +26,12 @@ from daemon.bundle import (
     DesiredState,
     bundle_path,
     chunk_path,
+    downgrade_statement,
     in_rollout,
+    is_older,
     load_public_key,
     verify_bundle,
+    verify_signature,
 )
 from daemon.errors import EdgeError
 from daemon.fetch import Fetcher, FetchError, FetchOptions, Stopped
@@ -59,7 +62,7 @@ class UpdateAgent:
     def __init__(self, settings: Settings, hooks: Hooks):
         self.settings = settings
         self.u = settings.update
-        self.slots = SlotStore(self.u.state_dir)
+        self.slots = SlotStore(settings.update_dir())
         self.hooks = hooks
         self.trusted = [load_public_key(Path(p).read_text()) for p in self.u.public_keys]
         self._desired: dict[str, DesiredState | None] = {}
@@ -164,6 +167,7 @@ class UpdateAgent:
         fetcher = Fetcher(desired.store_url, FetchOptions(self.u.retries, self.u.retry_backoff, self.u.timeout,
                                                           self.u.max_bytes_per_second), self.stop)
         manifest, body, signature = self._verified_manifest(fetcher, desired)
+        self._refuse_downgrade(manifest, desired)
         self._download(fetcher, manifest)
         self._set(state="VERIFYING")
         try:
@@ -195,6 +199,26 @@ class UpdateAgent:
             raise UpdateFailed("FAILED", f"bundle.json: signed for {manifest.name} {manifest.version}, but the "
                                f"desired state names {desired.name} {desired.version}")
         return manifest, body, signature
+
+    def _refuse_downgrade(self, manifest: BundleManifest, desired: DesiredState) -> None:
+        """An old signed bundle stays validly signed forever: replaying its desired state must not take the
+        device back to it (TUF's rollback attack). Going back on purpose takes a publication that a release
+        key signed as a downgrade (`edgellm bundle publish --allow-downgrade`)."""
+        active = self.slots.bundle(self.slots.state().active)
+        if active is None or not is_older(manifest, active):
+            return
+        if desired.allow_downgrade is not None:
+            try:
+                verify_signature(downgrade_statement(desired), desired.allow_downgrade, self.trusted,
+                                 "the desired state's downgrade permission")
+                log.warning("downgrading %s from %s to %s, as a signed desired state allows", manifest.name,
+                            active.version, manifest.version)
+                return
+            except EdgeError as e:
+                raise UpdateFailed("FAILED", f"downgrade refused: {e.message}") from None
+        raise UpdateFailed("FAILED", f"downgrade refused: {manifest.name} {manifest.version} is older than the "
+                           f"active {active.version}. A replayed desired state cannot take a device back; to roll "
+                           "back on purpose, publish with `edgellm bundle publish --allow-downgrade --key KEY`")
 
     def _download(self, fetcher: Fetcher, manifest: BundleManifest) -> None:
         missing = self.slots.missing_chunks(manifest)

@@ -29,6 +29,7 @@ from daemon.bundle import (
     SmokeTest,
     bundle_path,
     chunk_path,
+    downgrade_statement,
     key_id,
     public_raw,
 )
@@ -233,7 +234,10 @@ def _lineage(model, options: BundleOptions) -> Lineage:
 
 
 # -- publishing -------------------------------------------------------------------------------------
-def desired_state(store: Path, store_url: str, name: str | None, version: str | None, percent: float) -> DesiredState:
+def desired_state(store: Path, store_url: str, name: str | None, version: str | None, percent: float,
+                  downgrade_key: Path | None = None) -> DesiredState:
+    """The desired state for a bundle in the store (default: the latest built). With `downgrade_key`, it
+    carries that release key's permission to replace a newer version on the devices (a deliberate rollback)."""
     store = Path(store)
     if name is None or version is None:
         latest_path = store / "latest.json"
@@ -244,8 +248,12 @@ def desired_state(store: Path, store_url: str, name: str | None, version: str | 
                                                              else _latest_version(store, name))
     if not (store / bundle_path(name, version)).is_file():
         raise BuildError(f"--version: {store} has no bundle {name} {version}")
-    return DesiredState(id=uuid.uuid4().hex[:16], store_url=store_url.rstrip("/"), name=name, version=version,
-                        percent=percent)
+    desired = DesiredState(id=uuid.uuid4().hex[:16], store_url=store_url.rstrip("/"), name=name, version=version,
+                           percent=percent)
+    if downgrade_key is not None:
+        desired.allow_downgrade = Signature.model_validate_json(sign(downgrade_statement(desired),
+                                                                     load_private_key(downgrade_key)))
+    return desired
 
 
 def read_bundle(store: Path, name: str, version: str) -> BundleManifest:

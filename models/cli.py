@@ -135,7 +135,10 @@ def cmd_bundle_publish(args: argparse.Namespace) -> None:
         print(f"cleared the desired state on {topic}")
         return
     url = args.url or Path(args.store).resolve().as_uri()
-    desired = desired_state(args.store, url, args.name, args.version, args.percent)
+    if args.allow_downgrade and args.key is None:
+        raise CommandError("--allow-downgrade: give --key, the release key that signs the permission")
+    desired = desired_state(args.store, url, args.name, args.version, args.percent,
+                            args.key if args.allow_downgrade else None)
     publish_desired(settings, topic, desired)
     print(f"published {desired.name} {desired.version} to {scope} ({desired.percent:g}%) from {url}, "
           f"retained on {topic}")
@@ -341,6 +344,9 @@ def _register_fleet(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--name", help="bundle name (default: the store's latest)")
     p.add_argument("--version", help="bundle version (default: the latest of --name)")
     p.add_argument("--clear", action="store_true", help="remove the desired state instead")
+    p.add_argument("--allow-downgrade", action="store_true", help="let devices on a newer version go back to this "
+                   "one (a deliberate rollback); devices refuse older versions otherwise")
+    p.add_argument("--key", type=Path, help="with --allow-downgrade: the release key that signs the permission")
     _add_mqtt_args(p)
     p.set_defaults(func=cmd_bundle_publish)
     p = sub.add_parser("serve", help="serve a store over HTTP with Range support (demos, labs)")

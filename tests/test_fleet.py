@@ -24,7 +24,7 @@ from tests.harness import ROOT, Broker, DaemonProcess, UpdateWatch, free_port, r
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory, tiny_sources):
     """v1 (the tiny Llama, int4), v2 (v1 plus a merged q/v LoRA, int4) and stores to serve them from."""
-    from models.bundles import BundleOptions, build_bundle, keygen
+    from models.bundles import BundleOptions, build_bundle, keygen, load_private_key, sign
     from models.lora import LoraOptions, merge_lora, train_lora
 
     root = tmp_path_factory.mktemp("fleet")
@@ -54,6 +54,14 @@ def fleet(tmp_path_factory, tiny_sources):
     raw = bytearray(target.read_bytes())
     raw[len(raw) // 2] ^= 0xFF
     target.write_bytes(bytes(raw))
+    escape = json.loads((main / "bundles/tiny/1/bundle.json").read_text())  # a signed manifest that escapes
+    escape["name"], escape["version"] = "escape", "1"
+    escape["files"].append({**escape["files"][-1], "path": "../../../../tmp/edgellm-escaped"})
+    escape_body = json.dumps(escape).encode()
+    folder = other / "bundles/escape/1"
+    folder.mkdir(parents=True)
+    (folder / "bundle.json").write_bytes(escape_body)
+    (folder / "bundle.json.sig").write_bytes(sign(escape_body, load_private_key(key)))
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "daemon.cli", "bundle", "serve", "--store", str(stores),
                                "--port", str(port)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -83,11 +91,11 @@ def device(tmp_path: Path, broker: Broker, fleet: dict, name: str, **update) -> 
 
 
 def publish(fleet: dict, broker: Broker, name: str, version: str, scope: str = "groups/lab",
-            percent: float = 100, store: str = "main") -> str:
+            percent: float = 100, store: str = "main", *extra: str) -> str:
     """Through the real CLI, as an operator would."""
     args = [sys.executable, "-m", "daemon.cli", "bundle", "publish", "--store", str(fleet[store]),
             "--url", f"{fleet['url']}/{store}", "--name", name, "--version", version, "--percent", str(percent),
-            "--mqtt-host", "127.0.0.1", "--mqtt-port", str(broker.port)]
+            "--mqtt-host", "127.0.0.1", "--mqtt-port", str(broker.port), *extra]
     args += ["--group", scope.split("/", 1)[1]] if scope.startswith("groups/") else ["--device", scope]
     out = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
@@ -322,3 +330,49 @@ def test_smoke_test_holds_the_model_to_its_perplexity_bound(tmp_path, fleet):
         report = json.loads(out.stdout)
         assert (out.returncode == 0) == ok and report["ok"] == ok, report
     assert "perplexity" in report["problems"][0] and "bound" in report["problems"][0]
+
+
+def test_a_manifest_path_outside_the_slot_fails_before_any_download(tmp_path, broker, fleet, watch):
+    escaped = Path("/tmp/edgellm-escaped")
+    escaped.unlink(missing_ok=True)
+    d = device(tmp_path, broker, fleet, "gw-escape").start()
+    try:
+        desired = publish(fleet, broker, "escape", "1", "gw-escape", 100, "other")
+        report = watch.wait("gw-escape", desired, ("FAILED", "ROLLED_BACK", "SUCCEEDED"))
+        assert report["state"] == "FAILED" and "'..'" in report["reason"], report
+        assert "DOWNLOADING" not in watch.states("gw-escape", desired)
+        assert not escaped.exists() and serving(broker, "gw-escape")["bundle"] is None
+    finally:
+        d.stop()
+
+
+def test_an_older_version_is_refused_unless_a_release_key_allows_the_downgrade(tmp_path, broker, fleet, watch):
+    """A replayed desired state for v1 (validly signed long ago) must not take a v2 device back."""
+    import httpx
+
+    http_port = free_port()
+    d = device(tmp_path, broker, fleet, "gw-down").start()
+    d.stop()
+    d = DaemonProcess(tmp_path, broker.port, fleet["v1"], device="gw-down", env={
+        **{k: v for k, v in d.env.items() if k.startswith("EDGELLM_UPDATE") or k == "EDGELLM_GROUPS"},
+        "EDGELLM_HTTP__ENABLED": "true", "EDGELLM_HTTP__PORT": str(http_port)}).start()
+    try:
+        v2 = publish(fleet, broker, "tiny", "2", "gw-down")
+        watch.wait("gw-down", v2, ("SUCCEEDED",))
+        status = json.loads(retained(broker.port, "edgellm/v1/gw-down/status"))
+        assert status["update_state"] == "SUCCEEDED" and status["bundle"]["version"] == "2"  # refreshed, retained
+        metrics = httpx.get(f"http://127.0.0.1:{http_port}/metrics").text
+        assert 'edgellm_update_info{state="SUCCEEDED"} 1.0' in metrics
+
+        replayed = publish(fleet, broker, "tiny", "1", "gw-down")
+        report = watch.wait("gw-down", replayed, ("FAILED", "ROLLED_BACK", "SUCCEEDED"))
+        assert report["state"] == "FAILED" and "downgrade refused" in report["reason"], report
+        assert serving(broker, "gw-down")["bundle"] == {"name": "tiny", "version": "2"}
+
+        rollback = publish(fleet, broker, "tiny", "1", "gw-down", 100, "main", "--allow-downgrade", "--key",
+                           str(fleet["root"] / "signing.key"))
+        report = watch.wait("gw-down", rollback, ("FAILED", "ROLLED_BACK", "SUCCEEDED"))
+        assert report["state"] == "SUCCEEDED", report
+        assert serving(broker, "gw-down")["bundle"] == {"name": "tiny", "version": "1"}
+    finally:
+        d.stop()
