@@ -3,16 +3,20 @@ prompt, retrieved passages) skips recomputing it. Bounded in bytes; least recent
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 
 import numpy as np
 
 
 class PrefixCache:
+    """Shared by every request on a model, from several threads: one lock guards the entries."""
+
     def __init__(self, max_bytes: int, min_tokens: int = 32):
         self.max_bytes = max_bytes
         self.min_tokens = min_tokens
         self._entries: OrderedDict[tuple[int, ...], list[np.ndarray]] = OrderedDict()
+        self._lock = threading.Lock()
         self.bytes = 0
 
     @staticmethod
@@ -23,31 +27,36 @@ class PrefixCache:
         """The longest cached prefix of `ids` (leaving at least one token to compute), as fresh arrays."""
         best, best_key = 0, None
         query = np.asarray(ids)
-        for key in self._entries:
-            n = min(len(key), len(ids) - 1)
-            if n <= best:
-                continue
-            differs = np.flatnonzero(np.asarray(key[:n]) != query[:n])
-            common = int(differs[0]) if len(differs) else n
-            if common > best:
-                best, best_key = common, key
-        if best_key is None or best < self.min_tokens:
-            return None
-        self._entries.move_to_end(best_key)
-        arrays = [np.ascontiguousarray(a[:, :, :best, :]) for a in self._entries[best_key]]
-        return best, arrays
+        with self._lock:
+            for key in self._entries:
+                n = min(len(key), len(ids) - 1)
+                if n <= best:
+                    continue
+                differs = np.flatnonzero(np.asarray(key[:n]) != query[:n])
+                common = int(differs[0]) if len(differs) else n
+                if common > best:
+                    best, best_key = common, key
+            if best_key is None or best < self.min_tokens:
+                return None
+            self._entries.move_to_end(best_key)
+            found = self._entries[best_key]
+        return best, [np.ascontiguousarray(a[:, :, :best, :]) for a in found]  # entries are never written to
 
     def store(self, ids: list[int], arrays: list[np.ndarray]) -> None:
         """Keep the prompt's keys and values (arrays the decoder will not write to again)."""
         key = tuple(ids)
         size = self._size(arrays)
-        if len(ids) < self.min_tokens or size > self.max_bytes or key in self._entries:
+        if len(ids) < self.min_tokens or size > self.max_bytes:
             return
-        self._entries[key] = arrays
-        self.bytes += size
-        while self.bytes > self.max_bytes:
-            _, old = self._entries.popitem(last=False)
-            self.bytes -= self._size(old)
+        with self._lock:
+            if key in self._entries:
+                return
+            self._entries[key] = arrays
+            self.bytes += size
+            while self.bytes > self.max_bytes:
+                _, old = self._entries.popitem(last=False)
+                self.bytes -= self._size(old)
 
     def __len__(self) -> int:
-        return len(self._entries)
+        with self._lock:
+            return len(self._entries)

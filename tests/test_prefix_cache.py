@@ -41,3 +41,35 @@ def test_the_cache_stays_within_its_byte_bound():
     n, got = cache.lookup([4] * 60 + [9])
     assert n == 60 and got[0].shape == (1, 3, 60, 64) and got[0].flags["C_CONTIGUOUS"]
     assert cache.lookup([4] * 5 + [9]) is None  # shorter than min_tokens: not worth it
+
+
+def test_concurrent_readers_and_writers_share_the_cache_safely():
+    """`model.batch_size` request threads share one cache. Without its lock, a lookup iterating the entries
+    while another thread stores raised 'OrderedDict mutated during iteration'."""
+    import sys
+    import threading
+
+    arrays = [np.zeros((1, 1, 40, 8), dtype=np.float32)]
+    cache = PrefixCache(max_bytes=40 * arrays[0].nbytes, min_tokens=8)
+    errors: list[BaseException] = []
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible
+
+    def worker(seed: int) -> None:
+        try:
+            for i in range(400):
+                cache.store([seed, i] + [7] * 38, arrays)
+                cache.lookup([seed, i] + [7] * 39)
+        except BaseException as e:  # noqa: BLE001 (reported below)
+            errors.append(e)
+
+    try:
+        threads = [threading.Thread(target=worker, args=(s,)) for s in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert not errors, errors
+    assert cache.bytes == sum(a.nbytes for a in arrays) * len(cache) <= cache.max_bytes
