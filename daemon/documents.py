@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 import re
+import stat
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -58,11 +59,14 @@ def read_pages(path: Path) -> list[str]:
     try:
         if suffix == ".pdf":
             from pypdf import PdfReader
-            from pypdf.errors import PdfReadError
+            from pypdf.errors import LimitReachedError, PyPdfError
 
             try:
                 return [page.extract_text() or "" for page in PdfReader(path).pages]
-            except PdfReadError as e:
+            except LimitReachedError as e:  # a stream that would inflate past pypdf's limit (75 MB): a zip bomb
+                raise EdgeError("too_large", f"{path}: a stream in this PDF decompresses past the limit "
+                                f"({e})") from None
+            except PyPdfError as e:
                 raise EdgeError("bad_request", f"{path}: not a readable PDF ({e})") from None
         raw = path.read_text(encoding="utf-8", errors="replace")
     except OSError as e:
@@ -71,14 +75,30 @@ def read_pages(path: Path) -> list[str]:
 
 
 def find_files(paths: list[Path]) -> list[Path]:
-    """Files named, and supported files under folders named, in a stable order."""
+    """Files named, and supported files under folders named, in a stable order. Only regular files are read:
+    opening a FIFO or a device would block or never end."""
     found: list[Path] = []
     for p in paths:
-        if p.is_dir():
+        try:
+            mode = p.stat().st_mode
+        except FileNotFoundError:
+            raise EdgeError("bad_request", f"{p}: no such file or folder") from None
+        except OSError as e:
+            raise EdgeError("bad_request", f"{p}: {e.strerror}") from None
+        if stat.S_ISDIR(mode):
             found.extend(sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in SUPPORTED
                                 and not any(part.startswith(".") for part in f.relative_to(p).parts)))
-        elif p.is_file():
+        elif stat.S_ISREG(mode):
             found.append(p)
         else:
-            raise EdgeError("bad_request", f"{p}: no such file or folder")
+            raise EdgeError("bad_request", f"{p}: is a {_kind(mode)}, not a regular file or a folder; only files "
+                            "are ingested")
     return found
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISFIFO, "FIFO (named pipe)"), (stat.S_ISSOCK, "socket"),
+                       (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device")):
+        if test(mode):
+            return name
+    return "special file"

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
+import zlib
 
 import pytest
 
@@ -25,12 +27,39 @@ def docs(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def client(tmp_path_factory, smollm2_int4, minilm_int8, docs):
+def hostile(tmp_path_factory):
+    """An allowed folder holding a PDF whose one stream inflates to 300 MB, and a FIFO (which would block)."""
+    folder = tmp_path_factory.mktemp("hostile")
+    (folder / "bomb.pdf").write_bytes(pdf_with_stream(b"BT (A) Tj ET\n" + b" " * (300 << 20)))
+    os.mkfifo(folder / "pipe.txt")
+    return folder
+
+
+def pdf_with_stream(content: bytes) -> bytes:
+    data = zlib.compress(content, 9)
+    objects = [b"<< /Type /Catalog /Pages 2 0 R >>", b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
+               b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R "
+               b"/Resources << /Font << /F1 5 0 R >> >> >>",
+               b"<< /Length %d /Filter /FlateDecode >>\nstream\n" % len(data) + data + b"\nendstream",
+               b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>"]
+    out, offsets = bytearray(b"%PDF-1.4\n"), []
+    for i, body in enumerate(objects, 1):
+        offsets.append(len(out))
+        out += b"%d 0 obj\n" % i + body + b"\nendobj\n"
+    xref = len(out)
+    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1) + b"".join(b"%010d 00000 n \n" % o
+                                                                             for o in offsets)
+    out += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(objects) + 1, xref)
+    return bytes(out)
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory, smollm2_int4, minilm_int8, docs, hostile):
     folder = tmp_path_factory.mktemp("rag-daemon")
     broker = Broker(folder).start()
     d = DaemonProcess(folder, broker.port, smollm2_int4, device="rag1", env={
         "EDGELLM_EMBEDDING__PATH": str(minilm_int8), "EDGELLM_STORE__PATH": str(folder / "store.db"),
-        "EDGELLM_STORE__INGEST_DIRS": json.dumps([str(docs)])}).start()
+        "EDGELLM_STORE__INGEST_DIRS": json.dumps([str(docs), str(hostile)])}).start()
     with rpc(broker.port) as c:
         yield c
     assert d.stop() == 0
@@ -97,6 +126,14 @@ def test_paths_outside_the_allowed_folders_are_refused(client, tmp_path):
         assert r["error"]["code"] == "bad_request" and "store.ingest_dirs" in r["error"]["message"]
     r = client.call(TOPIC + "ingest", {"text": "no source"})
     assert r["error"]["code"] == "bad_request" and "source" in r["error"]["message"]
+
+
+def test_hostile_files_get_specific_errors(client, hostile):
+    r = client.call(TOPIC + "ingest", {"path": str(hostile / "bomb.pdf")})
+    assert r["error"]["code"] == "too_large" and "decompresses past the limit" in r["error"]["message"], r
+    r = client.call(TOPIC + "ingest", {"path": str(hostile / "pipe.txt")}, timeout=30)
+    assert r["error"]["code"] == "bad_request" and "FIFO" in r["error"]["message"], r
+    assert client.call(TOPIC + "status", {})["ok"]
 
 
 def test_cli_search_and_ask_json_carry_source_paths(tmp_path, minilm_int8, smollm2_int4, docs):
