@@ -12,7 +12,7 @@ from daemon.errors import EdgeError
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     role: Literal["system", "user", "assistant", "tool"]
     content: str = Field(max_length=1_000_000)
 

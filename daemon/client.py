@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import threading
 import uuid
 from collections.abc import Callable
@@ -56,7 +57,10 @@ class RpcClient:
         if entry is None:
             return
         done, messages, on_delta = entry
-        message = json.loads(msg.payload)
+        try:
+            message = json.loads(msg.payload)
+        except ValueError:
+            return
         if message.get("type") == "delta":
             if on_delta:
                 on_delta(message)
@@ -82,7 +86,9 @@ class RpcClient:
 
     def call(self, topic: str, payload: dict[str, Any] | bytes, timeout: float = 120.0,
              on_delta: Callable[[dict], None] | None = None) -> dict:
-        done, messages = self.send(topic, payload, on_delta)
+        """Send and wait for the final reply. The request expires (MQTT Message Expiry Interval) when we stop
+        waiting, so a device that comes back later does not run a request nobody awaits."""
+        done, messages = self.send(topic, payload, on_delta, expiry_s=max(1, math.ceil(timeout)))
         if not done.wait(timeout):
             raise CommandError(f"no reply on {topic} within {timeout:.0f} s: is the device online? "
                                f"(its status is retained on {self.settings.topic_root}/<device>/status)")

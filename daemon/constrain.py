@@ -44,14 +44,15 @@ def compile_json_schema(schema: dict[str, Any], lltok: llguidance.LLTokenizer) -
     try:
         jsonschema.validators.validator_for(schema).check_schema(schema)
     except jsonschema.SchemaError as e:
-        raise EdgeError("bad_request", f"json_schema: not a valid JSON Schema: {e.message}") from None
+        raise EdgeError("bad_request", f"json_schema: not a valid JSON Schema: {e.message}",
+                        param="json_schema") from None
     try:
         grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS)
     except ValueError as e:
-        raise EdgeError("bad_request", f"json_schema: {e}") from None
+        raise EdgeError("bad_request", f"json_schema: {e}", param="json_schema") from None
     is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, lltok)
     if is_error:
-        raise EdgeError("bad_request", f"json_schema: cannot be enforced: {messages[0]}")
+        raise EdgeError("bad_request", f"json_schema: cannot be enforced: {messages[0]}", param="json_schema")
     return grammar
 
 
@@ -61,12 +62,15 @@ class JsonConstraint:
     def __init__(self, lltok: llguidance.LLTokenizer, schema: dict[str, Any], grammar: str):
         self.schema = schema
         self.matcher = llguidance.LLMatcher(lltok, grammar)
-        self._check()
         self._bitmask = allocate_token_bitmask(1, lltok.vocab_size)
+        fill_next_token_bitmask(self.matcher, self._bitmask)  # a grammar that allows no first token fails here
+        if self.matcher.is_error():  # it compiled, but no output can start: the schema is at fault
+            raise EdgeError("bad_request", f"json_schema: cannot be enforced: {_problem(self.matcher)}",
+                            param="json_schema")
 
     def _check(self) -> None:
         if self.matcher.is_error():
-            raise EdgeError("internal", f"constrained decoding failed: {self.matcher.get_error()}")
+            raise EdgeError("internal", f"constrained decoding failed: {_problem(self.matcher)}")
 
     def mask(self, logits: np.ndarray) -> None:
         """Set disallowed logits (a 1-D row) to -inf in place."""
@@ -99,3 +103,11 @@ class JsonConstraint:
         except (json.JSONDecodeError, jsonschema.ValidationError) as e:
             raise EdgeError("internal", f"constrained output failed validation: {e}") from None
         return value
+
+
+def _problem(matcher: llguidance.LLMatcher) -> str:
+    """The matcher's error without the parser state it appends (internal detail, and long)."""
+    first = matcher.get_error().splitlines()[0].strip()
+    if "NoExtensionBias" in first:
+        return "no JSON value satisfies it (a $ref that only refers to itself, or an empty alternative)"
+    return first

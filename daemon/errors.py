@@ -17,15 +17,20 @@ ERROR_CODES = (
 class EdgeError(Exception):
     """A failure the caller can act on; the message names the field and the fix."""
 
-    def __init__(self, code: str, message: str):
+    def __init__(self, code: str, message: str, param: str | None = None):
+        """`param` names the request field at fault, where there is one (OpenAI's `error.param`)."""
         if code not in ERROR_CODES:
             raise ValueError(f"unknown error code {code!r}")
         super().__init__(message)
         self.code = code
         self.message = message
+        self.param = param
 
     def to_dict(self) -> dict[str, str]:
-        return {"code": self.code, "message": self.message}
+        body = {"code": self.code, "message": self.message}
+        if self.param:
+            body["param"] = self.param
+        return body
 
 
 class CommandError(Exception):

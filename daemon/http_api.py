@@ -22,15 +22,17 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, ValidationError
+from starlette.datastructures import Headers
 
 from daemon.chat import ChatMessage
 from daemon.engine import Engine
 from daemon.errors import EdgeError
 from daemon.metrics import Metrics
 from daemon.settings import Settings
-from daemon.wire import ChatRequest, EmbedRequest, GenerateRequest, describe_validation
+from daemon.wire import ChatRequest, EmbedRequest, GenerateRequest, encode_json, load_json, validation_error
 from daemon.worker import Job, Worker
 
+HTTP_PARAMS = {"json_schema": "response_format"}  # wire field -> the OpenAI parameter it came from
 STATUS = {"bad_request": 400, "unknown_method": 404, "too_large": 413, "busy": 429, "deadline_exceeded": 504,
           "cancelled": 503, "model_unavailable": 503, "internal": 500}
 
@@ -43,7 +45,7 @@ def openai_error(status: int, message: str, code: str, param: str | None = None)
 
 # -- request shapes: OpenAI's, with the fields we do not use ignored and the ones we cannot honour refused --
 class _OpenAI(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)  # unknown fields pass, as OpenAI's; wrong types do not
 
 
 class MessageIn(_OpenAI):
@@ -70,7 +72,7 @@ class _Sampling(_OpenAI):
 
     def params(self) -> dict[str, Any]:
         if self.n != 1:
-            raise EdgeError("bad_request", "n: only 1 completion per request is supported")
+            raise EdgeError("bad_request", "n: only 1 completion per request is supported", param="n")
         out = {"max_tokens": self.max_completion_tokens or self.max_tokens, "temperature": self.temperature,
                "top_p": self.top_p, "seed": self.seed,
                "stop": [self.stop] if isinstance(self.stop, str) else self.stop, "stream": self.stream}
@@ -84,16 +86,23 @@ class ChatCompletionRequest(_Sampling):
 
     def to_wire(self) -> ChatRequest:
         if self.tools:
-            raise EdgeError("bad_request", "tools: function calling is not supported; use response_format")
+            raise EdgeError("bad_request", "tools: function calling is not supported; use response_format",
+                            param="tools")
         extra: dict[str, Any] = {}
-        fmt = self.response_format or {}
-        if fmt.get("type") == "json_schema":
-            schema = (fmt.get("json_schema") or {}).get("schema")
+        fmt = self.response_format or {"type": "text"}
+        kind = fmt.get("type")
+        if kind == "json_schema":
+            spec = fmt.get("json_schema")
+            schema = spec.get("schema") if isinstance(spec, dict) else None
             if not isinstance(schema, dict):
-                raise EdgeError("bad_request", "response_format.json_schema.schema: give a JSON Schema object")
+                raise EdgeError("bad_request", "response_format.json_schema.schema: give a JSON Schema object",
+                                param="response_format.json_schema.schema")
             extra["json_schema"] = schema
-        elif fmt.get("type") == "json_object":
+        elif kind == "json_object":
             extra["json_schema"] = {"type": "object"}
+        elif kind != "text":  # anything else would silently be free text: fail closed
+            raise EdgeError("bad_request", f"response_format.type: {kind!r} is not supported; use 'text', "
+                            "'json_object' or 'json_schema'", param="response_format.type")
         messages = [ChatMessage(role="system" if m.role == "developer" else m.role, content=m.text())
                     for m in self.messages]
         return ChatRequest(messages=messages, **self.params(), **extra)
@@ -105,7 +114,7 @@ class CompletionRequest(_Sampling):
     def to_wire(self) -> GenerateRequest:
         prompts = [self.prompt] if isinstance(self.prompt, str) else self.prompt
         if len(prompts) != 1:
-            raise EdgeError("bad_request", "prompt: give exactly one prompt")
+            raise EdgeError("bad_request", "prompt: give exactly one prompt", param="prompt")
         return GenerateRequest(prompt=prompts[0], raw=True, **self.params())
 
 
@@ -113,6 +122,32 @@ class EmbeddingRequest(_OpenAI):
     model: str = "default"
     input: str | list[str]
     encoding_format: Literal["float", "base64"] = "float"
+
+
+class Guard:
+    """Plain ASGI middleware (Starlette's BaseHTTPMiddleware gets in the way of disconnect detection): the API
+    key, as 'Authorization: Bearer KEY' only, and a declared Content-Length over the limit."""
+
+    def __init__(self, app, key: str | None, limit: int):
+        self.app, self.key, self.limit = app, key, limit
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            headers = Headers(scope=scope)
+            refused = None
+            if self.key and scope["path"].startswith(("/v1/", "/metrics")):
+                scheme, _, given = headers.get("authorization", "").partition(" ")
+                if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.key.encode()):
+                    refused = openai_error(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'",
+                                           "invalid_api_key")
+            declared = headers.get("content-length") or "0"
+            size = int(declared) if declared.isdigit() else 0
+            if refused is None and size > self.limit:
+                refused = openai_error(413, f"request body is {size} bytes; the limit is {self.limit}", "too_large")
+            if refused is not None:
+                await refused(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 class QueueSink:
@@ -128,26 +163,16 @@ class QueueSink:
     final = delta
 
 
-def create_app(settings: Settings, worker: Worker, engine: Engine, metrics: Metrics) -> FastAPI:
+def create_app(settings: Settings, worker: Worker, engine: Engine, metrics: Metrics,
+               mqtt_health: Callable[[], dict] = lambda: {"connected": True}) -> FastAPI:
     app = FastAPI(title="edgellm", docs_url=None, redoc_url=None, openapi_url=None)
     key = settings.http.key()
+    limit = settings.limits.max_payload_bytes
 
     def model_name() -> str:
         return engine.served.model_info["name"]
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next: Callable):
-        if key and request.url.path.startswith(("/v1/", "/metrics")):
-            given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-            if not hmac.compare_digest(given.encode(), key.encode()):
-                return openai_error(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'",
-                                    "invalid_api_key")
-        declared = request.headers.get("content-length") or "0"
-        size = int(declared) if declared.isdigit() else 0
-        if size > settings.limits.max_payload_bytes:
-            return openai_error(413, f"request body is {size} bytes; the limit is {settings.limits.max_payload_bytes}",
-                                "too_large")
-        return await call_next(request)
+    app.add_middleware(Guard, key=key, limit=limit)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_request, exc: RequestValidationError):
@@ -157,7 +182,7 @@ def create_app(settings: Settings, worker: Worker, engine: Engine, metrics: Metr
 
     @app.exception_handler(EdgeError)
     async def edge_error(_request, exc: EdgeError):
-        return openai_error(STATUS[exc.code], exc.message, exc.code)
+        return openai_error(STATUS[exc.code], exc.message, exc.code, HTTP_PARAMS.get(exc.param, exc.param))
 
     def check_model(name: str) -> JSONResponse | None:
         if name in ("default", model_name()):
@@ -171,25 +196,42 @@ def create_app(settings: Settings, worker: Worker, engine: Engine, metrics: Metr
         worker.submit(job)  # EdgeError('busy') becomes 429
         return job, sink
 
-    async def replies(job: Job, sink: QueueSink, request: Request) -> AsyncIterator[dict]:
-        """The job's messages in order, up to its final one; a client that hangs up cancels the job."""
-        while True:
-            try:
-                message = await asyncio.wait_for(sink.queue.get(), timeout=1.0)
-            except TimeoutError:
-                if await request.is_disconnected():
-                    worker.cancel(job.request_id, "the HTTP client went away")
-                continue
-            yield message
-            if message.get("type") != "delta":
-                return
+    def hang_up(job: Job) -> None:
+        if worker.cancel(job.request_id, "the HTTP client went away"):
+            metrics.stats.disconnected()
+
+    async def replies(job: Job, sink: QueueSink) -> AsyncIterator[dict]:
+        """The job's messages in order, up to its final one. Leaving early (the client hung up: Starlette
+        cancels a streaming response, or the watcher below cancels a plain one) cancels the job."""
+        finished = False
+        try:
+            while True:
+                message = await sink.queue.get()
+                finished = message.get("type") != "delta"
+                yield message
+                if finished:
+                    return
+        finally:
+            if not finished:
+                hang_up(job)
 
     async def final_of(job: Job, sink: QueueSink, request: Request) -> dict:
-        async for message in replies(job, sink, request):
-            if message.get("type") != "delta":
-                if not message.get("ok"):
-                    raise EdgeError(message["error"]["code"], message["error"]["message"])
-                return message
+        """The final reply of a request answered whole; a client that hangs up meanwhile cancels it at once."""
+        async def watch() -> None:
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+            hang_up(job)
+
+        watcher = asyncio.create_task(watch())
+        try:
+            async for message in replies(job, sink):
+                if message.get("type") != "delta":
+                    if not message.get("ok"):
+                        error = message["error"]
+                        raise EdgeError(error["code"], error["message"], error.get("param"))
+                    return message
+        finally:
+            watcher.cancel()
         raise EdgeError("internal", "the request ended without a final reply")
 
     def content_of(result: dict) -> str:
@@ -201,26 +243,37 @@ def create_app(settings: Settings, worker: Worker, engine: Engine, metrics: Metr
                 "total_tokens": u["prompt_tokens"] + u["completion_tokens"],
                 "prompt_tokens_details": {"cached_tokens": u.get("cached_tokens", 0)}}
 
+    async def read_body(request: Request) -> bytes:
+        """The body, refused with 413 as soon as it passes the limit, whether its length was declared or it
+        arrives chunked: never more than the limit is held in memory."""
+        body = bytearray()
+        async for part in request.stream():
+            body += part
+            if len(body) > limit:
+                raise EdgeError("too_large", f"request body is over the limit of {limit} bytes")
+        return bytes(body)
+
     async def parse(model: type[BaseModel], request: Request):
+        data = load_json(await read_body(request), "body")
+        if not isinstance(data, dict):
+            raise EdgeError("bad_request", "body: must be a JSON object")
         try:
-            return model.model_validate(json.loads(await request.body()))
-        except json.JSONDecodeError as e:
-            raise EdgeError("bad_request", f"body is not JSON: {e.msg}") from None
+            return model.model_validate(data)
         except ValidationError as e:
-            raise EdgeError("bad_request", describe_validation(e)) from None
+            raise validation_error(e) from None
 
     def wire_of(body: ChatCompletionRequest | CompletionRequest):
         try:
             return body.to_wire()
         except ValidationError as e:
-            raise EdgeError("bad_request", describe_validation(e)) from None
+            raise validation_error(e) from None
 
     def sse(obj: dict | str) -> bytes:
-        return b"data: " + (obj if isinstance(obj, str) else json.dumps(obj)).encode() + b"\n\n"
+        return b"data: " + (obj.encode() if isinstance(obj, str) else encode_json(obj)) + b"\n\n"
 
-    async def stream_events(job: Job, sink: QueueSink, request: Request, chunk: Callable[[dict], dict],
+    async def stream_events(job: Job, sink: QueueSink, chunk: Callable[[dict], dict],
                             include_usage: bool) -> AsyncIterator[bytes]:
-        async for message in replies(job, sink, request):
+        async for message in replies(job, sink):
             if message.get("type") == "delta":
                 yield sse(chunk({"text": message["text"]}))
             elif not message.get("ok"):
@@ -259,7 +312,7 @@ def create_app(settings: Settings, worker: Worker, engine: Engine, metrics: Metr
                 return out
 
             include_usage = bool((body.stream_options or {}).get("include_usage"))
-            return StreamingResponse(stream_events(job, sink, request, chunk, include_usage),
+            return StreamingResponse(stream_events(job, sink, chunk, include_usage),
                                      media_type="text/event-stream")
         result = await final_of(job, sink, request)
         return {"id": completion_id, "object": "chat.completion", "created": created, "model": model_name(),
@@ -282,7 +335,7 @@ def create_app(settings: Settings, worker: Worker, engine: Engine, metrics: Metr
                             {"usage": part["usage"]} if "usage" in part else {})}
 
             include_usage = bool((body.stream_options or {}).get("include_usage"))
-            return StreamingResponse(stream_events(job, sink, request, chunk, include_usage),
+            return StreamingResponse(stream_events(job, sink, chunk, include_usage),
                                      media_type="text/event-stream")
         result = await final_of(job, sink, request)
         return {"id": completion_id, "object": "text_completion", "created": created, "model": model_name(),
@@ -317,10 +370,15 @@ def create_app(settings: Settings, worker: Worker, engine: Engine, metrics: Metr
 
     @app.get("/health")
     async def health():
+        """200 when the model serves and the broker is connected; 503 naming what is wrong otherwise."""
         try:
-            return {"status": "ok", "model": engine.served.model_info, "queue_depth": worker.depth}
+            model = engine.served.model_info
         except Exception as e:  # no model: the engine cannot answer
             return openai_error(503, f"no model is loaded: {e}", "model_unavailable")
+        mqtt = mqtt_health()
+        body = {"status": "ok" if mqtt["connected"] else "degraded", "model": model, "queue_depth": worker.depth,
+                "mqtt": mqtt}
+        return JSONResponse(body, 200 if mqtt["connected"] else 503)
 
     @app.get("/metrics")
     async def metrics_text():

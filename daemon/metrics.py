@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, InfoMetricFamily
 
 from daemon.stats import Histogram, Stats
@@ -16,6 +16,7 @@ class Metrics:
         self.stats, self.queue_depth, self.model_info, self.update_state = stats, queue_depth, model_info, update_state
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self)
+        ProcessCollector(registry=self.registry)  # process_resident_memory_bytes, CPU seconds, open fds
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -37,6 +38,8 @@ class Metrics:
             yield errors
             yield CounterMetricFamily("edgellm_tokens", "Tokens generated", value=s.tokens)
             yield CounterMetricFamily("edgellm_unanswerable", "Requests without a reply address", value=s.unanswerable)
+            yield CounterMetricFamily("edgellm_client_disconnects", "HTTP requests cancelled because the client "
+                                      "hung up", value=s.disconnects)
             yield self._histogram("edgellm_time_to_first_token_ms", "Time to first token (ms)", s.ttft_ms)
             yield self._histogram("edgellm_decode_tokens_per_second", "Decode speed per request", s.decode_tps_hist)
         yield GaugeMetricFamily("edgellm_queue_depth", "Requests queued or running", value=self.queue_depth())

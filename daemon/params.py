@@ -10,7 +10,7 @@ MAX_STOPS = 16
 
 
 class GenerationParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     max_tokens: int = Field(256, ge=1, le=65536, description="new tokens at most")
     temperature: float = Field(0.7, ge=0.0, le=5.0, description="0 means greedy")

@@ -27,10 +27,11 @@ class Sampler:
         candidates = np.flatnonzero(np.isfinite(logits))
         if p.top_k and p.top_k < len(candidates):
             candidates = candidates[np.argpartition(-logits[candidates], p.top_k - 1)[: p.top_k]]
-        scaled = logits[candidates].astype(np.float64) / p.temperature
-        order = np.argsort(-scaled)
-        candidates, scaled = candidates[order], scaled[order]
-        probs = np.exp(scaled - scaled[0])
+        shifted = logits[candidates].astype(np.float64)
+        order = np.argsort(-shifted)
+        candidates, shifted = candidates[order], shifted[order] - shifted[order[0]]
+        with np.errstate(over="ignore"):  # shift first: a tiny temperature then gives 0/T and -inf, never NaN
+            probs = np.exp(shifted / p.temperature)
         probs /= probs.sum()
         if p.top_p < 1.0:
             keep = int(np.searchsorted(np.cumsum(probs), p.top_p)) + 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -11,6 +12,7 @@ from pathlib import Path
 
 from daemon.engine import Engine, load_generator, load_served
 from daemon.errors import CommandError, EdgeError
+from daemon.journal import RequestJournal
 from daemon.mqtt_service import MqttService, UpdateHooks
 from daemon.sdnotify import Watchdog, notify
 from daemon.settings import Settings
@@ -19,6 +21,8 @@ from daemon.updater import Hooks, UpdateAgent
 from daemon.worker import Worker
 
 log = logging.getLogger("edgellm.serve")
+JOURNAL_FILE = "requests.db"
+SWEEP_SECONDS = 2.0  # how often replies acknowledged before we tracked them are marked done in the journal
 
 
 class Daemon:
@@ -41,14 +45,21 @@ class Daemon:
                              heartbeat=self.watchdog.ping, store_settings=settings.store,
                              concurrency=settings.model.batch_size)
         hooks = UpdateHooks(self.updater.on_desired, lambda: self.updater.report) if self.updater else None
-        self.mqtt = MqttService(settings, self.worker, self.stats, self.model_status, hooks)
+        try:
+            journal = RequestJournal(settings.state_dir / JOURNAL_FILE)
+        except (OSError, sqlite3.Error) as e:
+            raise CommandError(f"state_dir: cannot keep the request journal in {settings.state_dir}: {e}") from None
+        self.mqtt = MqttService(settings, self.worker, self.stats, self.model_status, hooks, journal)
         self.http = None
         if settings.http.enabled:
             from daemon.http_api import HttpServer, create_app
             from daemon.metrics import Metrics
 
-            metrics = Metrics(self.stats, lambda: self.worker.depth, lambda: self.engine.served.model_info)
-            self.http = HttpServer(create_app(settings, self.worker, self.engine, metrics), settings)
+            metrics = Metrics(self.stats, lambda: self.worker.depth, lambda: self.engine.served.model_info,
+                              update_state=lambda: (self.updater.report.get("state") if self.updater else None)
+                              or "none")
+            self.http = HttpServer(create_app(settings, self.worker, self.engine, metrics, self.mqtt_health),
+                                   settings)
 
     def _serving(self, folder: Path | None, settings: Settings | None = None) -> Settings:
         """The settings with model.path pointing at the folder the update agent activated, if any."""
@@ -69,6 +80,12 @@ class Daemon:
     def _publish_update(self, report: dict) -> None:
         if self.mqtt is not None:  # before the connection, the report goes out on connect
             self.mqtt.publish_update(report)
+            self.mqtt.publish_status()  # the retained presence carries update_state: keep it current
+
+    def mqtt_health(self) -> dict:
+        """The broker connection as /health reports it."""
+        return {"connected": self.mqtt.connected.is_set(), "broker": f"{self.settings.mqtt.host}:"
+                f"{self.settings.mqtt.port}", "error": None if self.mqtt.connected.is_set() else self.mqtt.last_error}
 
     def switch_model(self, folder: Path | None) -> None:
         """Serve another model folder; requests already running finish on the one they started with."""
@@ -112,6 +129,7 @@ class Daemon:
         notify(f"STATUS=connecting to {self.settings.mqtt.host}:{self.settings.mqtt.port}")
         ready = False
         next_telemetry = time.monotonic() + self.settings.telemetry_interval
+        next_sweep = time.monotonic() + SWEEP_SECONDS
         while not self.stop_requested.wait(0.2):
             if not ready and self.mqtt.ever_connected.is_set():
                 ready = True
@@ -120,6 +138,9 @@ class Daemon:
             if self.reload_requested.is_set():
                 self.reload_requested.clear()
                 self.reload()
+            if time.monotonic() >= next_sweep:
+                next_sweep = time.monotonic() + SWEEP_SECONDS
+                self.mqtt.deliveries.sweep()
             if time.monotonic() >= next_telemetry:
                 next_telemetry = time.monotonic() + self.settings.telemetry_interval
                 if self.mqtt.connected.is_set():

@@ -103,7 +103,7 @@ class LimitSettings(_Section):
 
 class UpdateSettings(_Section):
     enabled: bool = Field(False, description="follow the desired state published for our groups and device")
-    state_dir: Path = Field(Path("/var/lib/edgellm/updates"), description="model slots and downloads")
+    state_dir: Path | None = Field(None, description="model slots and downloads (default: STATE_DIR/updates)")
     public_keys: list[Path] = Field(default_factory=list, description="Ed25519 public keys (PEM) bundles must be "
                                     "signed with; from `edgellm keygen`")
     max_bytes_per_second: int | None = Field(None, gt=0, description="download bandwidth cap")
@@ -120,6 +120,9 @@ class Settings(BaseSettings):
                                       protected_namespaces=())
 
     device_id: str = Field(default_factory=lambda: socket.gethostname().split(".")[0], pattern=NAME_PATTERN)
+    state_dir: Path = Field(default_factory=lambda: default_state_dir(),
+                            description="the request journal and, by default, update slots: $STATE_DIRECTORY "
+                            "under systemd, /var/lib/edgellm for root, else ~/.local/state/edgellm")
     groups: list[str] = Field(default_factory=list, description="groups whose load-balanced requests we take")
     topic_root: str = "edgellm/v1"
     telemetry_interval: float = Field(30.0, gt=0)
@@ -180,6 +183,17 @@ class Settings(BaseSettings):
 
     def tls_key_file(self) -> Path | None:
         return self.mqtt.tls.key_file or credential("mqtt-tls-key")
+
+    def update_dir(self) -> Path:
+        return self.update.state_dir or self.state_dir / "updates"
+
+
+def default_state_dir() -> Path:
+    if os.environ.get("STATE_DIRECTORY"):  # systemd's StateDirectory=; several are separated by ':'
+        return Path(os.environ["STATE_DIRECTORY"].split(":")[0])
+    if os.geteuid() == 0:
+        return Path("/var/lib/edgellm")
+    return Path.home() / ".local" / "state" / "edgellm"
 
 
 def credential(name: str) -> Path | None:

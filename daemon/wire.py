@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -12,12 +14,13 @@ from daemon.errors import EdgeError
 from daemon.params import GenerationParams
 
 ID_MAX = 128
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class Envelope(BaseModel):
     """Fields every request may carry; `reply_to` and `id` are the MQTT 3.1.1 fallback for properties."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # "10" is not a number here, nor true a 1
     id: str | None = Field(None, min_length=1, max_length=ID_MAX)
     reply_to: str | None = Field(None, min_length=1, max_length=1024)
     deadline_ms: int | None = Field(None, ge=1, le=24 * 3600 * 1000,
@@ -93,34 +96,119 @@ METHODS: dict[str, type[Envelope]] = {
 }
 
 
-def peek_envelope(payload: bytes) -> dict[str, str]:
-    """Best-effort id and reply_to from a payload that may be invalid, so even a bad request can be answered."""
-    try:
-        data = json.loads(payload)
-    except (ValueError, UnicodeDecodeError):
-        return {}
-    if not isinstance(data, dict):
-        return {}
-    return {k: data[k] for k in ("id", "reply_to") if isinstance(data.get(k), str) and 0 < len(data[k]) <= 1024}
+MAX_DEPTH = 64  # JSON nesting: a legitimate request or schema is far shallower; deeper would exhaust recursion
 
 
-def parse_request(method: str, payload: bytes, methods: dict[str, type[Envelope]] = METHODS) -> Envelope:
-    if method not in methods:
-        raise EdgeError("unknown_method", f"method '{method}' does not exist; use one of: {', '.join(methods)}")
+def load_json(payload: bytes, what: str = "payload") -> Any:
+    """Bytes to a JSON value, or EdgeError('bad_request') naming the problem: not UTF-8, not JSON, nested
+    deeper than MAX_DEPTH, or holding a lone UTF-16 surrogate (legal in JSON, unencodable in UTF-8)."""
+    value = _decode_json(payload, what)
+    check_json_value(value, what)
+    return value
+
+
+def _decode_json(payload: bytes, what: str) -> Any:
     try:
         text = payload.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise EdgeError("bad_request", f"payload is not UTF-8 (byte {e.start})") from None
+        raise EdgeError("bad_request", f"{what} is not UTF-8 (byte {e.start})") from None
     try:
-        data = json.loads(text) if text.strip() else {}
+        value = json.loads(text) if text.strip() else {}
     except json.JSONDecodeError as e:
-        raise EdgeError("bad_request", f"payload is not JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
-    if not isinstance(data, dict):
-        raise EdgeError("bad_request", "payload must be a JSON object")
+        raise EdgeError("bad_request", f"{what} is not JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    except RecursionError:
+        raise EdgeError("bad_request", f"{what} is nested too deeply; at most {MAX_DEPTH} levels") from None
+    return value
+
+
+def check_json_value(value: Any, what: str = "payload") -> None:
+    """Refuse nesting deeper than MAX_DEPTH and strings with lone surrogates, without recursion."""
+    stack: list[tuple[Any, str, int]] = [(value, "", 1)]
+    while stack:
+        item, where, depth = stack.pop()
+        if isinstance(item, dict | list):
+            if depth > MAX_DEPTH:
+                raise EdgeError("bad_request", f"{where or what}: nested too deeply; at most {MAX_DEPTH} levels",
+                                param=where.split(".")[0] or None)
+            pairs = item.items() if isinstance(item, dict) else enumerate(item)
+            for key, child in pairs:
+                if isinstance(key, str) and has_surrogate(key):
+                    raise EdgeError("bad_request", f"{where or what}: a key holds a lone UTF-16 surrogate",
+                                    param=where.split(".")[0] or None)
+                stack.append((child, f"{where}.{key}" if where else str(key), depth + 1))
+        elif isinstance(item, str) and has_surrogate(item):
+            raise EdgeError("bad_request", f"{where or what}: holds a lone UTF-16 surrogate (such as \\ud800), "
+                            "which is not text; send valid Unicode", param=where.split(".")[0] or None)
+
+
+def has_surrogate(text: str) -> bool:
+    return _SURROGATE.search(text) is not None
+
+
+def scrub(value: Any) -> Any:
+    """A copy of a JSON value whose strings can be encoded: lone surrogates become U+FFFD."""
+    if isinstance(value, str):
+        return _SURROGATE.sub("\ufffd", value)
+    if isinstance(value, dict):
+        return {scrub(k): scrub(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [scrub(v) for v in value]
+    return value
+
+
+def encode_json(message: Any) -> bytes:
+    """UTF-8 JSON for the wire. Never raises on text: whatever we echo is made encodable first."""
     try:
-        return methods[method].model_validate(data)
-    except ValidationError as e:
-        raise EdgeError("bad_request", describe_validation(e)) from None
+        return json.dumps(message, ensure_ascii=False, separators=(",", ":")).encode()
+    except UnicodeEncodeError:
+        return json.dumps(scrub(message), ensure_ascii=False, separators=(",", ":")).encode()
+
+
+@dataclass
+class Incoming:
+    """A request payload parsed once: its envelope (best effort, so even a bad request can be answered) and
+    either the validated request or the error to answer with."""
+
+    id: str | None = None
+    reply_to: str | None = None
+    request: Envelope | None = None
+    error: EdgeError | None = None
+
+
+def parse_request(method: str, payload: bytes, methods: dict[str, type[Envelope]] = METHODS) -> Incoming:
+    try:
+        data = _decode_json(payload, "payload")
+    except EdgeError as e:
+        return Incoming(error=e)
+    incoming = Incoming()
+    if isinstance(data, dict):  # before any other check, so that every error can be answered and matched
+        for key in ("id", "reply_to"):
+            value = data.get(key)
+            if isinstance(value, str) and 0 < len(value) <= 1024:
+                setattr(incoming, key, scrub(value))
+    try:
+        check_json_value(data)
+    except EdgeError as e:
+        incoming.error = e
+        return incoming
+    if method not in methods:
+        incoming.error = EdgeError("unknown_method", f"method '{method}' does not exist; use one of: "
+                                   f"{', '.join(methods)}")
+    elif not isinstance(data, dict):
+        incoming.error = EdgeError("bad_request", "payload must be a JSON object")
+    else:
+        try:
+            incoming.request = methods[method].model_validate(data)
+        except ValidationError as e:
+            incoming.error = validation_error(e)
+    return incoming
+
+
+def validation_error(error: ValidationError) -> EdgeError:
+    """EdgeError('bad_request') naming up to five fields and what is wrong with each; `param` is the first."""
+    errors = error.errors()
+    first = ".".join(str(p) for p in errors[0]["loc"]) if errors and errors[0]["loc"] else None
+    return EdgeError("bad_request", describe_validation(error), param=first)
 
 
 def describe_validation(error: ValidationError) -> str:

@@ -79,7 +79,8 @@ class Worker:
         self.stats = stats
         self.max_tokens = max_tokens
         self.heartbeat = heartbeat
-        self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=queue_size)
+        self.queue_size = queue_size  # waiting requests beyond this are told `busy`
+        self._queue: queue.Queue[Job | None] = queue.Queue()
         self._jobs: dict[str, Job] = {}
         self._lock = threading.Lock()
         self._idle = threading.Event()
@@ -98,16 +99,18 @@ class Worker:
             return len(self._jobs)
 
     def resize(self, queue_size: int) -> None:
-        self._queue.maxsize = queue_size
+        self.queue_size = queue_size
 
-    def submit(self, job: Job) -> None:
+    def submit(self, job: Job, replayed: bool = False) -> None:
+        """Queue a job, or refuse it (`busy`, a duplicate id). Replayed jobs (owned before a crash) always
+        queue: they were accepted once already."""
         with self._lock:
             if job.request_id in self._jobs:
-                raise EdgeError("bad_request", f"id: a request with id '{job.request_id}' is already queued or running")
-            try:
-                self._queue.put_nowait(job)
-            except queue.Full:
-                raise EdgeError("busy", f"{self._queue.maxsize} requests are already waiting; retry later") from None
+                raise EdgeError("bad_request", f"id: a request with id '{job.request_id}' is already queued or "
+                                "running", param="id")
+            if not replayed and self._queue.qsize() >= self.queue_size:
+                raise EdgeError("busy", f"{self.queue_size} requests are already waiting; retry later")
+            self._queue.put_nowait(job)
             self._jobs[job.request_id] = job
             self._idle.clear()
 

@@ -74,7 +74,8 @@ class DaemonProcess:
         self.folder, self.port, self.device = folder, port, device
         self.env = {**os.environ, "EDGELLM_MQTT__PORT": str(port), "EDGELLM_MQTT__HOST": "127.0.0.1",
                     "EDGELLM_MODEL__PATH": str(model), "EDGELLM_DEVICE_ID": device,
-                    "EDGELLM_MODEL__THREADS": "2", "EDGELLM_TELEMETRY_INTERVAL": "1", **(env or {})}
+                    "EDGELLM_MODEL__THREADS": "2", "EDGELLM_TELEMETRY_INTERVAL": "1",
+                    "EDGELLM_STATE_DIR": str(folder / f"state-{device}"), **(env or {})}
         self.log = folder / f"{device}.log"
         self.proc: subprocess.Popen | None = None
 

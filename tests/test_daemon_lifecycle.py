@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -185,3 +186,89 @@ def test_systemd_notify_ready_watchdog_and_stopping(broker, daemon_factory, tmp_
         pass
     assert any("STOPPING=1" in m for m in rest)
     sock.close()
+
+
+# -- exactly one reply across a crash: the request journal ---------------------------------------------
+def pending_in_journal(d: DaemonProcess) -> int:
+    import sqlite3
+
+    with sqlite3.connect(Path(d.env["EDGELLM_STATE_DIR"]) / "requests.db") as db:
+        return db.execute("SELECT count(*) FROM requests WHERE done_at IS NULL").fetchone()[0]
+
+
+def test_a_request_in_flight_at_kill_9_is_answered_after_the_restart(broker, daemon_factory):
+    d = daemon_factory(broker.port).start()
+    first = threading.Event()
+    with rpc(broker.port) as c:
+        done, messages = c.send(TOPIC + "generate", {**LONG, "max_tokens": 400, "ignore_eos": True, "id": "crash"},
+                                on_delta=lambda _d: first.set())
+        late_done, late = c.send(TOPIC + "generate", {**LONG, "max_tokens": 400, "deadline_ms": 2500, "id": "late"})
+        assert first.wait(30)
+        d.proc.kill()  # SIGKILL: no grace, no reply, no offline status
+        d.proc.wait(10)
+        assert not done.is_set()
+        time.sleep(3)  # the second request's deadline passes while the daemon is down
+        daemon_factory(broker.port).start()
+        assert done.wait(120) and late_done.wait(60)
+    assert len(messages) == 1 and messages[0]["ok"] and messages[0]["id"] == "crash"
+    assert messages[0]["usage"]["completion_tokens"] == 400
+    assert late[0]["error"]["code"] == "deadline_exceeded" and late[0]["id"] == "late"
+
+
+def test_a_request_answered_before_kill_9_is_not_answered_again(broker, daemon_factory):
+    d = daemon_factory(broker.port).start()
+    with rpc(broker.port) as c:
+        done, messages = c.send(TOPIC + "generate", {"prompt": "Say hi.", "max_tokens": 4, "id": "once"})
+        assert done.wait(60) and messages[0]["ok"]
+        deadline = time.monotonic() + 10
+        while pending_in_journal(d) and time.monotonic() < deadline:  # done once the broker has the reply
+            time.sleep(0.1)
+        assert pending_in_journal(d) == 0
+        d.proc.kill()
+        d.proc.wait(10)
+        d2 = daemon_factory(broker.port).start()
+        assert c.call(TOPIC + "status", {})["ok"]  # replies are ordered: a replayed one would have come first
+        assert len(messages) == 1
+    assert d2.stop() == 0
+
+
+def test_a_request_the_client_gave_up_on_is_not_run_when_the_device_returns(broker, daemon_factory):
+    """`edgellm request --timeout` sets the Message Expiry Interval, so the broker drops the queued request."""
+    d = daemon_factory(broker.port).start()
+    assert d.stop() == 0  # offline; its persistent session keeps queueing requests
+    r = subprocess.run([sys.executable, "-m", "daemon.cli", "request", "generate", '{"prompt": "Say hi."}',
+                        "--device", "dev1", "--mqtt-host", "127.0.0.1", "--mqtt-port", str(broker.port),
+                        "--timeout", "1"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "no reply" in r.stderr
+    time.sleep(1.5)
+    d = daemon_factory(broker.port).start()
+    with rpc(broker.port) as c:
+        time.sleep(1)
+        assert "generate" not in c.call(TOPIC + "status", {})["requests"]
+    assert d.stop() == 0
+
+
+def test_health_and_logs_say_when_the_broker_is_unreachable(tmp_path, daemon_factory):
+    import httpx
+
+    from tests.harness import free_port, wait_for_port
+
+    port, http_port = free_port(), free_port()  # nothing listens on the broker port
+    d = daemon_factory(port, edgellm_http__enabled="true", edgellm_http__port=http_port,
+                       edgellm_mqtt__reconnect_max_delay=1).start(wait=False)
+    wait_for_port(http_port, 60)
+    time.sleep(3)
+    r = httpx.get(f"http://127.0.0.1:{http_port}/health")
+    assert r.status_code == 503 and r.json()["status"] == "degraded"
+    assert r.json()["mqtt"]["connected"] is False and "cannot reach the broker" in r.json()["mqtt"]["error"]
+    log = d.log.read_text()
+    assert log.count("cannot reach the broker") >= 2, log
+    (tmp_path / "late").mkdir()
+    broker = Broker(tmp_path / "late", port=port).start()
+    try:
+        d.wait_online(30)
+        r = httpx.get(f"http://127.0.0.1:{http_port}/health")
+        assert r.status_code == 200 and r.json()["status"] == "ok" and r.json()["mqtt"]["connected"] is True
+        assert d.stop() == 0
+    finally:
+        broker.stop()

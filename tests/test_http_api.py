@@ -6,6 +6,7 @@ import concurrent.futures
 import json
 import subprocess
 import sys
+import time
 
 import httpx
 import openai
@@ -149,3 +150,77 @@ def test_langchain_chat_openai_invoke_stream_and_structured_output(api):
     structured = llm.with_structured_output(Invoice)
     invoice = structured.invoke("Invoice from ACME Ltd, total due 120.00 GBP. Extract vendor, total, currency.")
     assert isinstance(invoice, Invoice) and invoice.currency in ("EUR", "USD", "GBP")
+
+
+def auth() -> dict:
+    return {"authorization": f"Bearer {KEY}"}
+
+
+def test_bad_input_gets_openai_shaped_400s_naming_the_parameter(api):
+    chat = f"{api}/v1/chat/completions"
+    hi = [{"role": "user", "content": "hi"}]
+    r = httpx.post(chat, headers=auth(), json={"model": "default", "messages": hi, "response_format": {"type": "xml"}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "response_format.type"  # never free text
+    r = httpx.post(chat, headers={**auth(), "content-type": "application/json"}, content=b'{"model": "\xff\xfe"}')
+    assert r.status_code == 400 and "UTF-8" in r.json()["error"]["message"]
+    r = httpx.post(chat, headers=auth(), content=b"[" * 100_000 + b"]" * 100_000)
+    assert r.status_code == 400 and "nested too deeply" in r.json()["error"]["message"]
+    for value in ("10", True):
+        r = httpx.post(chat, headers=auth(), json={"model": "default", "messages": hi, "max_tokens": value})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens", r.text
+    r = httpx.post(chat, headers=auth(), json={"model": "default", "messages": hi, "temperature": 9})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "temperature"
+    r = httpx.post(chat, headers=auth(), json={"model": "default", "messages": hi, "response_format": {
+        "type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "#"}}}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "response_format", r.text
+
+
+def test_only_a_bearer_key_is_accepted(api):
+    assert httpx.get(f"{api}/v1/models", headers={"authorization": KEY}).status_code == 401
+    assert httpx.get(f"{api}/v1/models", headers={"authorization": f"Basic {KEY}"}).status_code == 401
+    assert httpx.get(f"{api}/v1/models", headers={"authorization": f"bearer {KEY}"}).status_code == 200
+
+
+def test_a_chunked_body_over_the_limit_is_refused_while_it_is_read(api):
+    """No Content-Length: the limit is enforced as the body arrives, so 50 MB never sit in memory."""
+    def rss_mb() -> float:
+        return metrics_value(api, "process_resident_memory_bytes") / 2**20
+
+    before = rss_mb()
+    sent = {"bytes": 0}
+
+    def body():
+        for _ in range(50):
+            sent["bytes"] += 1 << 20
+            yield b" " * (1 << 20)
+
+    try:
+        r = httpx.post(f"{api}/v1/chat/completions", headers=auth(), content=body(), timeout=60)
+        assert r.status_code == 413 and r.json()["error"]["code"] == "too_large"
+    except httpx.RemoteProtocolError:  # the server may close the connection before the upload ends
+        pass
+    assert rss_mb() - before < 20, (before, rss_mb())
+
+
+def metrics_value(api: str, name: str, labels: str = "", default: float | None = None) -> float:
+    for line in httpx.get(f"{api}/metrics", headers=auth()).text.splitlines():
+        if line.startswith(name + labels + " "):
+            return float(line.split()[-1])
+    assert default is not None, f"{name}{labels} not in /metrics"
+    return default
+
+
+def test_a_streaming_client_that_hangs_up_cancels_its_generation(api):
+    cancelled = metrics_value(api, "edgellm_errors_total", '{code="cancelled"}', default=0.0)
+    disconnects = metrics_value(api, "edgellm_client_disconnects_total")
+    with httpx.stream("POST", f"{api}/v1/completions", headers=auth(), timeout=60, json={
+            "model": "default", "prompt": "1, 2, 3, 4,", "max_tokens": 1500, "stream": True}) as r:
+        chunks = r.iter_lines()
+        next(chunks)
+        next(chunks)  # two deltas: it is generating; now hang up
+    deadline = time.monotonic() + 10
+    while metrics_value(api, "edgellm_client_disconnects_total") == disconnects and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert metrics_value(api, "edgellm_client_disconnects_total") == disconnects + 1
+    assert metrics_value(api, "edgellm_errors_total", '{code="cancelled"}') == cancelled + 1
+    assert httpx.get(f"{api}/health").json()["queue_depth"] == 0  # 1,500 tokens would take many seconds

@@ -6,6 +6,7 @@ import json
 import subprocess
 import threading
 import time
+from collections import Counter
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -147,18 +148,23 @@ def test_a_full_queue_answers_busy_immediately(client):
 
 
 def test_deadlines_expire_requests_instead_of_running_them(client):
-    # A raw counting prompt rarely meets end-of-sequence: 300 tokens keep the worker busy for seconds.
-    # Four of them fill every batch slot (model.batch_size), so the late requests wait in the queue.
+    # A raw counting prompt rarely meets end-of-sequence: 300 tokens keep the worker busy for seconds. Four of
+    # them fill every batch slot (model.batch_size); once each has streamed a token they are running, not
+    # queued, so the late requests wait in an empty queue (never `busy`) until their deadlines pass.
+    started = [threading.Event() for _ in range(4)]
     blockers = [client.send(TOPIC + "generate", {"prompt": "1, 2, 3, 4, 5, 6, 7,", "raw": True, "max_tokens": 300,
-                                                 "temperature": 0, "id": f"slow{i}"}) for i in range(4)]
+                                                 "temperature": 0, "ignore_eos": True, "stream": True,
+                                                 "id": f"slow{i}"}, on_delta=lambda _d, e=started[i]: e.set())
+                for i in range(4)]
+    for event in started:
+        assert event.wait(60)
     r2_done, r2 = client.send(TOPIC + "generate", {"prompt": "late too", "id": "late2"}, expiry_s=1)
-    time.sleep(0.3)
     r = client.call(TOPIC + "generate", {"prompt": "late", "deadline_ms": 100, "id": "late"})
     assert r["error"]["code"] == "deadline_exceeded" and r["id"] == "late"
     for long_done, long_msgs in blockers:
         assert long_done.wait(60) and long_msgs[0]["ok"]
-        assert long_msgs[0]["usage"]["completion_tokens"] > 100, long_msgs[0]  # it did outlast both deadlines
-    assert r2_done.wait(30)  # Message Expiry Interval: expired in our queue, or dropped by the broker unanswered
+        assert long_msgs[0]["usage"]["completion_tokens"] == 300, long_msgs[0]  # it did outlast both deadlines
+    assert r2_done.wait(30)  # Message Expiry Interval: expired in our queue
     assert r2[0]["error"]["code"] == "deadline_exceeded"
 
 
@@ -173,42 +179,147 @@ def test_cancel_stops_a_running_request(client):
     assert messages[0]["error"]["code"] == "cancelled" and messages[0]["id"] == "to-cancel"
 
 
-methods = st.sampled_from(["generate", "chat", "embed", "status", "cancel", "nope", ""])
+def test_deeply_nested_payloads_are_bad_requests_on_every_method(client):
+    deep_list = b"[" * 100_000 + b"]" * 100_000
+    deep_object = b'{"a":' * 50_000 + b"1" + b"}" * 50_000
+    for method in ("generate", "chat", "embed", "status", "cancel", "ask", "search", "ingest", "delete"):
+        for payload in (deep_list, deep_object):
+            r = client.call(TOPIC + method, payload, timeout=30)
+            assert r["error"]["code"] == "bad_request" and "nested too deeply" in r["error"]["message"], r
+    schema = '{"type": "array", "items": ' * 2000 + '{"type": "string"}' + "}" * 2000  # a valid schema, 2000 deep
+    r = client.call(TOPIC + "generate", ('{"prompt": "hi", "json_schema": ' + schema + "}").encode(), timeout=30)
+    assert r["error"]["code"] == "bad_request" and "nested too deeply" in r["error"]["message"], r
+
+
+def test_lone_surrogates_are_answered(client):
+    """JSON may escape a lone surrogate; such a string cannot be encoded as UTF-8, yet the reply must go out."""
+    r = client.call(TOPIC + "status", b'{"id": "\\ud800"}', timeout=30)
+    assert r["ok"] is False and r["error"]["code"] == "bad_request" and r["id"] == "\ufffd"
+    r = client.call(TOPIC + "generate", b'{"prompt": "hi \\udfff there", "id": "s2"}', timeout=30)
+    assert r["error"]["code"] == "bad_request" and "prompt" in r["error"]["message"] and r["id"] == "s2"
+
+
+def test_a_schema_that_cannot_be_enforced_is_a_bad_request(client):
+    r = client.call(TOPIC + "generate", {"prompt": "hi", "json_schema": {"$ref": "#"}}, timeout=30)
+    assert r["error"]["code"] == "bad_request" and r["error"]["message"].startswith("json_schema: cannot be "), r
+    assert "<state>" not in r["error"]["message"] and len(r["error"]["message"]) < 300
+
+
+def test_wrong_types_are_refused_not_coerced(client):
+    for value in ("10", True, 10.5):
+        r = client.call(TOPIC + "generate", {"prompt": "hi", "max_tokens": value}, timeout=30)
+        assert r["error"]["code"] == "bad_request" and r["error"]["message"].startswith("max_tokens"), (value, r)
+        assert r["error"]["param"] == "max_tokens"
+    r = client.call(TOPIC + "generate", {"prompt": "hi", "temperature": 0, "max_tokens": 2}, timeout=30)
+    assert r["ok"], r  # an integer is still a valid number
+
+
+# -- fuzzing: at least 10,000 generated payloads a run -------------------------------------------------
+METHODS = ["generate", "chat", "embed", "status", "cancel", "ingest", "search", "ask", "delete"]
+SURROGATE = st.sampled_from(["\\ud800", "\\udfff", "\\udbff\\ud800x", "\\ud83d"])  # JSON escapes, unpaired
+HUGE = st.sampled_from(["1e999", "-1e999", "NaN", "Infinity", "1" * 400, "-" + "9" * 500, "1e-400", "0.1e309"])
+
+
+def raw(value) -> str:
+    return json.dumps(value)
+
+
 scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20)
 json_values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4)
                            | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=10)
-request_like = st.fixed_dictionaries({}, optional={
-    "prompt": json_values | st.text(max_size=40), "messages": json_values, "max_tokens": json_values,
-    "temperature": json_values, "stop": json_values, "json_schema": json_values, "input": json_values,
-    "stream": json_values, "deadline_ms": json_values, "request_id": json_values, "id": json_values,
-    "reply_to": json_values})
-payloads = st.one_of(st.binary(max_size=200), json_values.map(lambda v: json.dumps(v).encode()),
-                     request_like.map(lambda v: json.dumps(v).encode()))
+# A field's raw JSON text: ordinary values, wrong types, huge numbers, lone surrogates, deep nesting.
+field_text = st.one_of(json_values.map(raw), HUGE, SURROGATE.map(lambda s: f'"a{s}b"'),
+                       st.integers(1, 3000).map(lambda n: "[" * n + "]" * n),
+                       st.integers(1, 3000).map(lambda n: '{"a":' * n + "0" + "}" * n))
+FIELDS = ["prompt", "messages", "max_tokens", "temperature", "top_p", "top_k", "stop", "seed", "json_schema",
+          "input", "stream", "deadline_ms", "request_id", "id", "reply_to", "raw", "ignore_eos", "question", "query",
+          "k", "text", "source", "path", "collection", "metadata", "filter", "mode"]
+VALID = {  # one well-formed request per method, which the fuzzer then bends
+    "generate": {"prompt": "Say hi.", "max_tokens": 2}, "chat": {"messages": [{"role": "user", "content": "hi"}]},
+    "embed": {"input": "an invoice"}, "status": {}, "cancel": {"request_id": "x"},
+    "ingest": {"text": "Pumps carry a 24 month warranty.", "source": "fuzz.txt"}, "search": {"query": "warranty"},
+    "ask": {"question": "How long is the warranty?", "max_tokens": 2}, "delete": {"source": "fuzz.txt"}}
+
+
+@st.composite
+def bent_requests(draw) -> tuple[str, bytes]:
+    """A method and its valid request, with up to three fields replaced or added as raw JSON text."""
+    method = draw(st.sampled_from(METHODS))
+    fields = {k: raw(v) for k, v in VALID[method].items()}
+    for name in draw(st.lists(st.sampled_from(FIELDS), max_size=3)):
+        fields[name] = draw(field_text)
+    return method, ("{" + ", ".join(f"{json.dumps(k)}: {v}" for k, v in fields.items()) + "}").encode()
+
+
+@st.composite
+def valid_requests(draw) -> tuple[str, bytes]:
+    """A method and a request it must serve: the success paths get fuzzed too."""
+    method = draw(st.sampled_from(METHODS))
+    body = dict(VALID[method])
+    body["id"] = draw(st.text(min_size=1, max_size=40))
+    if method in ("generate", "chat", "ask"):
+        body.update(temperature=draw(st.floats(0, 2)), max_tokens=draw(st.integers(1, 2)),
+                    stream=draw(st.booleans()), seed=draw(st.none() | st.integers(0, 2**63 - 1)))
+    return method, json.dumps(body).encode()
+
+
+anything = st.one_of(st.binary(max_size=200), json_values.map(lambda v: json.dumps(v).encode()),
+                     field_text.map(str.encode), bent_requests().map(lambda pair: pair[1]))
+cases = st.one_of(valid_requests(), bent_requests(), st.tuples(st.sampled_from([*METHODS, "nope", ""]), anything))
+# What each method may answer besides ok: never `internal`, never a code that does not fit the method.
+ALLOWED = {m: {"bad_request"} for m in METHODS}
+for m in ("generate", "chat", "embed", "ingest", "search", "ask", "delete"):  # the worker's: they can expire
+    ALLOWED[m] |= {"deadline_exceeded"}
+for m in ("embed", "ingest", "search", "ask", "delete"):
+    ALLOWED[m] |= {"model_unavailable"}
+
+
+class FuzzLog:
+    def __init__(self):
+        self.sent: list[tuple[str, bytes, list[dict]]] = []
 
 
 @pytest.fixture(scope="module")
-def fuzz_client(broker, smollm2_int4, tmp_path_factory):
-    d = DaemonProcess(tmp_path_factory.mktemp("fuzz"), broker.port, smollm2_int4, device="fuzz",
-                      env={"EDGELLM_LIMITS__MAX_TOKENS": "2", "EDGELLM_LIMITS__QUEUE_SIZE": "1000"}).start()
+def fuzz(broker, smollm2_int4, minilm_int8, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("fuzz")
+    d = DaemonProcess(folder, broker.port, smollm2_int4, device="fuzz", env={
+        "EDGELLM_LIMITS__MAX_TOKENS": "2", "EDGELLM_LIMITS__QUEUE_SIZE": "1000",
+        "EDGELLM_EMBEDDING__PATH": str(minilm_int8), "EDGELLM_STORE__PATH": str(folder / "store.db")}).start()
     with rpc(broker.port) as c:
-        yield c
+        yield c, FuzzLog()
     assert d.stop() == 0
 
 
-@settings(max_examples=2000, deadline=None, suppress_health_check=list(HealthCheck))
-@given(method=methods, payload=payloads)
-def test_fuzzed_payloads_each_get_exactly_one_reply(fuzz_client, method, payload):
-    done, messages = fuzz_client.send(f"edgellm/v1/fuzz/rpc/{method}", payload)
-    assert done.wait(30), (method, payload)
-    time.sleep(0.001)
-    assert len(messages) == 1 and isinstance(messages[0]["ok"], bool)
-    if not messages[0]["ok"]:
-        assert messages[0]["error"]["code"] in ("bad_request", "unknown_method", "model_unavailable", "cancelled")
+@settings(max_examples=10_000, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+@given(case=cases)
+def test_fuzzed_payloads_each_get_exactly_one_reply(fuzz, case):
+    client, record = fuzz
+    method, payload = case
+    done, messages = client.send(f"edgellm/v1/fuzz/rpc/{method}", payload)
+    assert done.wait(30), (method, payload[:200])
+    record.sent.append((method, payload, messages))
+    reply = messages[0]
+    assert isinstance(reply["ok"], bool)
+    if not reply["ok"]:
+        allowed = ALLOWED.get(method, {"unknown_method", "bad_request"})
+        assert reply["error"]["code"] in allowed, (method, payload[:200], reply)
 
 
-def test_the_fuzzed_daemon_still_serves(fuzz_client):
-    r = fuzz_client.call("edgellm/v1/fuzz/rpc/status", {})
-    assert r["ok"] and r["requests_total"] + r["errors_total"] >= 100
+def test_the_fuzzed_daemon_answered_each_payload_exactly_once(fuzz):
+    client, record = fuzz
+    assert len(record.sent) >= 10_000
+    # Replies leave the daemon in order on one connection: once a status reply shows an idle daemon, any
+    # second reply to an earlier request would already have arrived.
+    status = client.call("edgellm/v1/fuzz/rpc/status", {})
+    while status["queue_depth"]:
+        time.sleep(0.1)
+        status = client.call("edgellm/v1/fuzz/rpc/status", {})
+    counts = [len(messages) for _, _, messages in record.sent]
+    assert counts.count(1) == len(counts), [m for m, _, msgs in record.sent if len(msgs) != 1][:5]
+    codes = Counter(msgs[0]["error"]["code"] if not msgs[0]["ok"] else "ok" for _, _, msgs in record.sent)
+    assert "internal" not in codes and codes["ok"] > 500 and codes["bad_request"] > 1000, codes
+    assert status["errors"].get("internal", 0) == 0 and status["requests_total"] + status["errors_total"] >= 10_000
+    print(f"fuzz: {len(counts)} payloads, {dict(codes)}")  # quoted in the README
 
 
 def test_edgellm_request_cli_streams_and_prints_the_result(broker, daemon):

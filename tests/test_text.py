@@ -70,3 +70,11 @@ def test_masked_logits_are_never_sampled():
     logits = np.array([5.0, -np.inf, 1.0, -np.inf], dtype=np.float32)
     s = Sampler(GenerationParams(temperature=2.0, top_k=0, top_p=1.0, seed=3))
     assert {s(logits.copy(), []) for _ in range(200)} <= {0, 2}
+
+
+def test_a_denormal_temperature_samples_like_greedy():
+    """Found by the MQTT fuzzer: temperature 2e-311 made logits/T overflow to inf, and inf - inf is NaN."""
+    logits = np.array([1.0, 3.0, 2.0], dtype=np.float32)
+    for temperature in (2.225073858507e-311, 5e-324, 1e-300):
+        s = Sampler(GenerationParams(temperature=temperature, seed=0))
+        assert {s(logits.copy(), []) for _ in range(20)} == {1}
