@@ -12,8 +12,8 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from daemon import __version__
-from daemon.errors import CommandError, EdgeError
+from edgellm.daemon import __version__
+from edgellm.daemon.errors import CommandError, EdgeError
 
 HOST_PACKAGES = {"torch", "transformers", "optimum", "onnx", "onnx_ir", "gguf", "peft", "accelerate", "matplotlib",
                  "dask", "distributed"}
@@ -52,7 +52,7 @@ def _add_param_args(p: argparse.ArgumentParser) -> None:
 
 
 def params_from_args(args: argparse.Namespace):
-    from daemon.params import GenerationParams
+    from edgellm.daemon.engine.params import GenerationParams
 
     values = {f: getattr(args, f) for f in PARAM_FLAGS if getattr(args, f, None) is not None}
     if "json_schema" in values:
@@ -72,8 +72,8 @@ def params_from_args(args: argparse.Namespace):
 
 
 def _load(args: argparse.Namespace):
-    from daemon.generate import Generator
-    from daemon.model import LoadedModel
+    from edgellm.daemon.engine.generate import Generator
+    from edgellm.daemon.engine.model import LoadedModel
 
     if args.threads < 0:
         raise CommandError("--threads: must be 0 (all cores) or more")
@@ -82,7 +82,7 @@ def _load(args: argparse.Namespace):
 
 def _print_stream(events, verbose: bool, as_json: bool = False):
     """Print deltas as they come; return the final Result."""
-    from daemon.generate import Delta
+    from edgellm.daemon.engine.generate import Delta
 
     result = None
     for event in events:
@@ -113,7 +113,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
-    from daemon.chat import ChatMessage
+    from edgellm.daemon.engine.chat import ChatMessage
 
     params = params_from_args(args)
     generator = _load(args)
@@ -139,7 +139,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
 
 
 def settings_from_args(args: argparse.Namespace):
-    from daemon.settings import load_settings
+    from edgellm.daemon.serve.settings import load_settings
 
     overrides: dict = {}
     if getattr(args, "device_id", None):
@@ -165,14 +165,14 @@ def add_settings_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from daemon.serve import serve
+    from edgellm.daemon.serve.daemon import serve
 
     settings = settings_from_args(args)
     return serve(settings, reload_settings=lambda: settings_from_args(args))
 
 
 def cmd_request(args: argparse.Namespace) -> int:
-    from daemon.client import RpcClient, rpc_topic
+    from edgellm.daemon.serve.client import RpcClient, rpc_topic
 
     try:
         payload = json.loads(args.payload)
@@ -211,8 +211,8 @@ def _key_values(pairs: list[str] | None, flag: str) -> dict:
 
 
 def _open_store(args: argparse.Namespace):
-    from daemon.embedder import Embedder
-    from daemon.store import RetrievalStore
+    from edgellm.daemon.retrieval.embedder import Embedder
+    from edgellm.daemon.retrieval.store import RetrievalStore
 
     settings = settings_from_args(args)
     path = args.store or settings.store.path
@@ -228,8 +228,8 @@ def _open_store(args: argparse.Namespace):
 def cmd_ingest(args: argparse.Namespace) -> None:
     from rich.progress import Progress
 
-    from daemon.documents import find_files, read_pages
-    from daemon.store import DocumentInput
+    from edgellm.daemon.retrieval.documents import find_files, read_pages
+    from edgellm.daemon.retrieval.store import DocumentInput
 
     store, _ = _open_store(args)
     metadata = _key_values(args.meta, "--meta")
@@ -254,9 +254,9 @@ def cmd_search(args: argparse.Namespace) -> None:
 
 
 def cmd_ask(args: argparse.Namespace) -> None:
-    from daemon.generate import Generator
-    from daemon.model import LoadedModel
-    from daemon.rag import ask
+    from edgellm.daemon.engine.generate import Generator
+    from edgellm.daemon.engine.model import LoadedModel
+    from edgellm.daemon.retrieval.rag import ask
 
     store, settings = _open_store(args)
     model = args.model or settings.model.path

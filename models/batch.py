@@ -30,12 +30,12 @@ class ModelOnWorker(WorkerPlugin):
 
     def setup(self, worker) -> None:
         if self.kind == "embedding":
-            from daemon.embedder import Embedder
+            from edgellm.daemon.retrieval.embedder import Embedder
 
             self.model = Embedder(self.folder, threads=self.threads)
         else:
-            from daemon.generate import Generator
-            from daemon.model import LoadedModel
+            from edgellm.daemon.engine.generate import Generator
+            from edgellm.daemon.engine.model import LoadedModel
 
             self.model = Generator(LoadedModel.load(self.folder, threads=self.threads))
 
@@ -62,7 +62,7 @@ def _batches(items: list, size: int) -> list[list]:
 
 # -- tasks (run on workers) ---------------------------------------------------------------------------
 def _extract(examples: list[dict], schema: dict, max_tokens: int) -> list[tuple[dict | None, float]]:
-    from models.evaluate import extract
+    from edgellm.models.evaluate import extract
 
     return extract(worker_model(), examples, schema, max_tokens)
 
@@ -72,7 +72,7 @@ def _embed(texts: list[str]):
 
 
 def _paraphrase(examples: list[dict], variants: int, seed: int, max_tokens: int) -> list[dict]:
-    from daemon.params import GenerationParams
+    from edgellm.daemon.engine.params import GenerationParams
 
     generator = worker_model()
     out = []
@@ -87,8 +87,8 @@ def _paraphrase(examples: list[dict], variants: int, seed: int, max_tokens: int)
 # -- jobs (run on the client) -------------------------------------------------------------------------
 def batch_eval(client: Client, model_dir: Path, examples: list[dict], schema: dict, max_tokens: int = 200,
                batch_size: int = 4, threads: int = 1) -> dict:
-    from daemon.manifest import load_manifest
-    from models.evaluate import report_for
+    from edgellm.daemon.engine.manifest import load_manifest
+    from edgellm.models.evaluate import report_for
 
     client.register_plugin(ModelOnWorker(str(model_dir), "generation", threads))
     futures = client.map(_extract, _batches(examples, batch_size), schema=schema, max_tokens=max_tokens, pure=False)
@@ -110,9 +110,9 @@ def batch_embed(client: Client, model_dir: Path, texts: list[str], batch_size: i
 def batch_ingest(client: Client, model_dir: Path, store_path: Path, paths: list[Path], collection: str,
                  threads: int = 1):
     """Chunk here, embed on the cluster, write here in one transaction (SQLite has one writer)."""
-    from daemon.documents import find_files, read_pages
-    from daemon.embedder import Embedder
-    from daemon.store import DocumentInput, RetrievalStore
+    from edgellm.daemon.retrieval.documents import find_files, read_pages
+    from edgellm.daemon.retrieval.embedder import Embedder
+    from edgellm.daemon.retrieval.store import DocumentInput, RetrievalStore
 
     store = RetrievalStore(store_path, Embedder(model_dir, threads=1))
     try:
@@ -125,7 +125,7 @@ def batch_ingest(client: Client, model_dir: Path, store_path: Path, paths: list[
 def batch_paraphrase(client: Client, model_dir: Path, examples: list[dict], variants: int = 1, seed: int = 0,
                      max_tokens: int = 300, threads: int = 1) -> tuple[list[dict], list[dict]]:
     """(kept, written): model-written variants, kept only where every gold value still reads back."""
-    from models.invoices import values_present
+    from edgellm.models.invoices import values_present
 
     client.register_plugin(ModelOnWorker(str(model_dir), "generation", threads))
     futures = client.map(_paraphrase, _batches(examples, 2), variants=variants, seed=seed, max_tokens=max_tokens,

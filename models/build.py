@@ -12,19 +12,19 @@ from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
 
-from daemon.manifest import (
+from edgellm.daemon.engine.manifest import (
     Generation,
     ModelManifest,
     Quality,
     Quantization,
     describe_files,
 )
-from daemon.manifest import Source as SourceRecord
-from daemon.model import MODEL_FILE, TOKENIZER_FILE
-from models.progress import Steps
-from models.quantize import ACCURACY_LEVEL_INT8, QuantSpec
-from models.sources import resolve_source
-from models.staging import check_output, package_versions, staged_folder, write_manifest
+from edgellm.daemon.engine.manifest import Source as SourceRecord
+from edgellm.daemon.engine.model import MODEL_FILE, TOKENIZER_FILE
+from edgellm.models.progress import Steps
+from edgellm.models.quantize import ACCURACY_LEVEL_INT8, QuantSpec
+from edgellm.models.sources import resolve_source
+from edgellm.models.staging import check_output, package_versions, staged_folder, write_manifest
 
 EXTERNAL_DATA = "model.onnx.data"
 CHAT_TEMPLATE = "chat_template.jinja"
@@ -47,7 +47,7 @@ class BuildOptions:
 
 
 def build_model(source_ref: str, out: Path, options: BuildOptions) -> ModelManifest:
-    from models.preflight import check_resources
+    from edgellm.models.preflight import check_resources
 
     out = Path(out)
     check_output(out, options.force)
@@ -62,10 +62,10 @@ def build_model(source_ref: str, out: Path, options: BuildOptions) -> ModelManif
 def _build(source, staged: Path, scratch: Path, options: BuildOptions, steps: Steps) -> ModelManifest:
     import onnx
 
-    from models.export import check_architecture, export_onnx, load_source, save_tokenizer, source_perplexity
-    from models.fused_graph import build_fused_decoder, supports
-    from models.graph_edits import add_logit_positions, check_decoder_io, untie_output_head
-    from models.quantize import quantize
+    from edgellm.models.export import check_architecture, export_onnx, load_source, save_tokenizer, source_perplexity
+    from edgellm.models.fused_graph import build_fused_decoder, supports
+    from edgellm.models.graph_edits import add_logit_positions, check_decoder_io, untie_output_head
+    from edgellm.models.quantize import quantize
 
     steps.next()
     check_architecture(source)
@@ -88,8 +88,8 @@ def _build(source, staged: Path, scratch: Path, options: BuildOptions, steps: St
     gguf = _gguf_blocks(source, lineage) if options.quant.scheme == "int4" and options.gguf_import else None
     imported = None
     if gguf is not None:
-        from models.gguf_import import import_gguf
-        from models.graph_edits import output_head_name
+        from edgellm.models.gguf_import import import_gguf
+        from edgellm.models.graph_edits import output_head_name
 
         config = hf.model.config
         heads = config.num_attention_heads
@@ -120,8 +120,8 @@ def _build(source, staged: Path, scratch: Path, options: BuildOptions, steps: St
                                         f"{imported['kept']} other weights by MatMulNBits, round to nearest")
         manifest.quantization.gguf_imported = imported
     write_manifest(staged, manifest)
-    from daemon.model import LoadedModel
-    from daemon.perplexity import perplexity
+    from edgellm.daemon.engine.model import LoadedModel
+    from edgellm.daemon.engine.perplexity import perplexity
 
     built_ppl, n_tokens = perplexity(LoadedModel.load(staged), text)
     manifest.quality = Quality(eval_text=EVAL_TEXT, eval_text_sha256=hashlib.sha256(text.encode()).hexdigest(),
@@ -160,7 +160,7 @@ def _manifest(source, hf, options: BuildOptions, staged: Path, template_written:
 def _gguf_blocks(source, lineage: dict | None) -> Path | None:
     """The GGUF whose quantized blocks this build can reuse: the source itself, or the base a LoRA was merged
     into (its unchanged weights still equal the base's blocks; import_gguf checks each one)."""
-    from models.sources import resolve_source
+    from edgellm.models.sources import resolve_source
 
     if source.kind == "gguf":
         return source.folder / source.gguf_file
@@ -177,7 +177,7 @@ def _gguf_blocks(source, lineage: dict | None) -> Path | None:
 
 def _source_lineage(source) -> dict | None:
     """`lora merge` leaves the base, adapter and training-data digests beside the merged weights."""
-    from models.lora import LINEAGE_FILE
+    from edgellm.models.lora import LINEAGE_FILE
 
     path = source.folder / LINEAGE_FILE if source.kind == "hf_folder" and source.folder else None
     return json.loads(path.read_text()) if path and path.is_file() else None

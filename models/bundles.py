@@ -16,7 +16,8 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from daemon.bundle import (
+from edgellm.daemon.engine.manifest import MANIFEST_NAME, load_manifest
+from edgellm.daemon.update.bundle import (
     BUNDLE_FILE,
     SIGNATURE_FILE,
     BundleFile,
@@ -33,9 +34,8 @@ from daemon.bundle import (
     key_id,
     public_raw,
 )
-from daemon.manifest import MANIFEST_NAME, load_manifest
-from daemon.slots import write_atomic
-from models.errors import BuildError
+from edgellm.daemon.update.slots import write_atomic
+from edgellm.models.errors import BuildError
 
 CHUNK_MAX = 4 << 20
 CHUNK_MIN = 4 << 10  # tensors smaller than this (norms, biases) share a chunk with their neighbours
@@ -189,11 +189,11 @@ def _next_version(store: Path, name: str) -> str:
 def _smoke_test(model_dir: Path, options: BundleOptions) -> tuple[SmokeTest, str]:
     """Golden prompts (expected outputs filled in from this model where none are given) and a perplexity
     bound, both measured here with the device's own engine so the device can be held to them."""
-    from daemon.generate import Generator
-    from daemon.model import LoadedModel
-    from daemon.params import GenerationParams
-    from daemon.perplexity import perplexity
-    from models.build import eval_text
+    from edgellm.daemon.engine.generate import Generator
+    from edgellm.daemon.engine.model import LoadedModel
+    from edgellm.daemon.engine.params import GenerationParams
+    from edgellm.daemon.engine.perplexity import perplexity
+    from edgellm.models.build import eval_text
 
     golden = _read_golden(options.golden) if options.golden else [GoldenPrompt(prompt=p) for p in DEFAULT_GOLDEN]
     generator = Generator(LoadedModel.load(model_dir))

@@ -5,20 +5,20 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from daemon.cli import add_settings_args, settings_from_args
-from daemon.errors import CommandError
+from edgellm.daemon.cli import add_settings_args, settings_from_args
+from edgellm.daemon.errors import CommandError
 
 QUANT_SCHEMES = ("int4", "int8", "fp32")
 
 
 def cmd_model_build(args: argparse.Namespace) -> None:
-    from models.quantize import QuantSpec
+    from edgellm.models.quantize import QuantSpec
 
     args.quant = args.quant or ("int8" if args.task == "embedding" else "int4")
     if args.block_size < 16 or args.block_size & (args.block_size - 1):
         raise CommandError("--block-size: must be a power of two, 16 or more (e.g. 32)")
     try:
-        from models.build import BuildOptions, build_model
+        from edgellm.models.build import BuildOptions, build_model
     except ImportError as e:
         raise CommandError(f"model build needs the host extra ({e.name} is missing): "
                            "run scripts/setup.sh host, or pip install 'edgellm[host]'") from None
@@ -27,7 +27,7 @@ def cmd_model_build(args: argparse.Namespace) -> None:
                                      eight_bit=eight_bit), name=args.name, revision=args.revision, force=args.force,
                            gguf_import=not args.no_gguf_import, fused=not args.no_fuse)
     if args.task == "embedding":
-        from models.embedding_build import build_embedding
+        from edgellm.models.embedding_build import build_embedding
 
         m = build_embedding(args.source, args.out, options)
         print(f"built {m.name} (embedding, {m.embedding.dimension}-d, {m.quantization.scheme}) at {args.out}: "
@@ -44,7 +44,7 @@ def cmd_model_build(args: argparse.Namespace) -> None:
 def cmd_data_invoices(args: argparse.Namespace) -> None:
     import json
 
-    from models.invoices import LANGUAGES, SCHEMA, generate, write_jsonl
+    from edgellm.models.invoices import LANGUAGES, SCHEMA, generate, write_jsonl
 
     langs = tuple(args.languages.split(",")) if args.languages else LANGUAGES
     unknown = set(langs) - set(LANGUAGES)
@@ -59,8 +59,8 @@ def cmd_data_invoices(args: argparse.Namespace) -> None:
 def cmd_eval(args: argparse.Namespace) -> None:
     import json
 
-    from models.evaluate import evaluate_model, load_examples, plot
-    from models.invoices import SCHEMA
+    from edgellm.models.evaluate import evaluate_model, load_examples, plot
+    from edgellm.models.invoices import SCHEMA
 
     try:
         examples = load_examples(args.data)
@@ -80,7 +80,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_lora_train(args: argparse.Namespace) -> None:
-    from models.lora import LoraOptions, train_lora
+    from edgellm.models.lora import LoraOptions, train_lora
 
     if args.rank < 1 or args.alpha <= 0 or args.epochs <= 0 or args.learning_rate <= 0:
         raise CommandError("--rank, --alpha, --epochs and --learning-rate must be positive")
@@ -93,7 +93,7 @@ def cmd_lora_train(args: argparse.Namespace) -> None:
 
 
 def cmd_lora_merge(args: argparse.Namespace) -> None:
-    from models.lora import merge_lora
+    from edgellm.models.lora import merge_lora
 
     merge_lora(args.base, args.adapter, args.out, args.force)
     print(f"merged {args.adapter} into {args.base} at {args.out}; build it with "
@@ -101,7 +101,7 @@ def cmd_lora_merge(args: argparse.Namespace) -> None:
 
 
 def cmd_keygen(args: argparse.Namespace) -> None:
-    from models.bundles import keygen
+    from edgellm.models.bundles import keygen
 
     kid = keygen(args.out, args.force)
     print(f"wrote the Ed25519 signing key {args.out} (keep it secret) and {args.out}.pub (key id {kid}); "
@@ -109,7 +109,7 @@ def cmd_keygen(args: argparse.Namespace) -> None:
 
 
 def cmd_bundle_build(args: argparse.Namespace) -> None:
-    from models.bundles import BundleOptions, build_bundle
+    from edgellm.models.bundles import BundleOptions, build_bundle
 
     options = BundleOptions(name=args.name, version=args.version, parent=args.parent, golden=args.golden,
                             evaluation=args.eval_report)
@@ -120,8 +120,8 @@ def cmd_bundle_build(args: argparse.Namespace) -> None:
 
 
 def cmd_bundle_publish(args: argparse.Namespace) -> None:
-    from models.bundles import desired_state
-    from models.fleet import publish_desired
+    from edgellm.models.bundles import desired_state
+    from edgellm.models.fleet import publish_desired
 
     if (args.group is None) == (args.device is None):
         raise CommandError("give --group G (every device in it) or --device D (one device's override)")
@@ -145,7 +145,7 @@ def cmd_bundle_publish(args: argparse.Namespace) -> None:
 
 
 def cmd_bundle_serve(args: argparse.Namespace) -> None:
-    from models.fleet import serve_store
+    from edgellm.models.fleet import serve_store
 
     if not Path(args.store).is_dir():
         raise CommandError(f"--store: {args.store} is not a folder")
@@ -159,7 +159,7 @@ def cmd_fleet_status(args: argparse.Namespace) -> None:
     from rich.console import Console
     from rich.live import Live
 
-    from models.fleet import FleetWatch, render
+    from edgellm.models.fleet import FleetWatch, render
 
     watch = FleetWatch(settings_from_args(args)).start()
     try:
@@ -186,15 +186,15 @@ def cmd_batch(args: argparse.Namespace) -> None:
     import json
     import time
 
-    from models.batch import batch_eval, batch_ingest, batch_paraphrase, cluster
-    from models.evaluate import load_examples
+    from edgellm.models.batch import batch_eval, batch_ingest, batch_paraphrase, cluster
+    from edgellm.models.evaluate import load_examples
 
     if args.workers < 1:
         raise CommandError("--workers: at least 1")
     started = time.perf_counter()
     with cluster(args.scheduler, args.workers) as client:
         if args.batch_command == "eval":
-            from models.invoices import SCHEMA
+            from edgellm.models.invoices import SCHEMA
 
             schema = json.loads(args.schema.read_text()) if args.schema else SCHEMA
             report = batch_eval(client, args.model, load_examples(args.data), schema, args.max_tokens)

@@ -11,14 +11,14 @@ import shutil
 import warnings
 from pathlib import Path
 
-from daemon.manifest import Embedding, EmbeddingQuality, ModelManifest, Quantization, describe_files
-from daemon.manifest import Source as SourceRecord
-from daemon.model import MODEL_FILE, TOKENIZER_FILE
-from models.build import BuildOptions
-from models.errors import BuildError
-from models.progress import Steps
-from models.sources import Source, readme_license, resolve_source
-from models.staging import check_output, package_versions, staged_folder, write_manifest
+from edgellm.daemon.engine.manifest import Embedding, EmbeddingQuality, ModelManifest, Quantization, describe_files
+from edgellm.daemon.engine.manifest import Source as SourceRecord
+from edgellm.daemon.engine.model import MODEL_FILE, TOKENIZER_FILE
+from edgellm.models.build import BuildOptions
+from edgellm.models.errors import BuildError
+from edgellm.models.progress import Steps
+from edgellm.models.sources import Source, readme_license, resolve_source
+from edgellm.models.staging import check_output, package_versions, staged_folder, write_manifest
 
 # The quality check: cosine of the built model to the source, over sentences like the ones users store.
 CHECK_SENTENCES = [
@@ -96,7 +96,7 @@ def _reference_vectors(folder: Path, layout: Embedding, sentences: list[str]):
 
 
 def build_embedding(source_ref: str, out: Path, options: BuildOptions) -> ModelManifest:
-    from models.preflight import check_resources
+    from edgellm.models.preflight import check_resources
 
     scheme = options.quant.scheme
     if scheme not in ("int8", "fp32"):
@@ -113,7 +113,7 @@ def build_embedding(source_ref: str, out: Path, options: BuildOptions) -> ModelM
         steps.next()
         from optimum.exporters.onnx import main_export
 
-        from models.export import quiet_libraries
+        from edgellm.models.export import quiet_libraries
 
         quiet_libraries()
         with warnings.catch_warnings():
@@ -144,7 +144,7 @@ def build_embedding(source_ref: str, out: Path, options: BuildOptions) -> ModelM
         steps.next()
         import numpy as np
 
-        from daemon.embedder import Embedder
+        from edgellm.daemon.retrieval.embedder import Embedder
 
         built = Embedder(staged).embed(CHECK_SENTENCES)
         reference = _reference_vectors(folder, layout, CHECK_SENTENCES)

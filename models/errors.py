@@ -1,6 +1,6 @@
 """The host toolchain's one error: its message names what is wrong and how to fix it."""
 
-from daemon.errors import CommandError
+from edgellm.daemon.errors import CommandError
 
 
 class BuildError(CommandError):

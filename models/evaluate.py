@@ -12,7 +12,7 @@ from typing import Any
 
 import jsonschema
 
-from models.invoices import FIELDS, INSTRUCTION
+from edgellm.models.invoices import FIELDS, INSTRUCTION
 
 
 def normalise(field: str, value: Any) -> Any:
@@ -77,8 +77,8 @@ def load_examples(path: Path) -> list[dict]:
 def extract(generator, examples: list[dict], schema: dict, max_tokens: int) -> list[tuple[dict | None, float]]:
     """(prediction, latency ms) per example, greedy and constrained to the schema; None where the model could
     not complete valid JSON within max_tokens (counted as invalid)."""
-    from daemon.errors import EdgeError
-    from daemon.params import GenerationParams
+    from edgellm.daemon.engine.params import GenerationParams
+    from edgellm.daemon.errors import EdgeError
 
     params = GenerationParams(temperature=0, max_tokens=max_tokens, json_schema=schema)
     out = []
@@ -103,8 +103,8 @@ def report_for(model_name: str, examples: list[dict], results: list[tuple[dict |
 def evaluate_model(model_dir: Path, examples: list[dict], schema: dict, threads: int = 0,
                    max_tokens: int = 200) -> dict:
     """Run the model on every example through the real engine, constrained to the schema."""
-    from daemon.generate import Generator
-    from daemon.model import LoadedModel
+    from edgellm.daemon.engine.generate import Generator
+    from edgellm.daemon.engine.model import LoadedModel
 
     generator = Generator(LoadedModel.load(model_dir, threads=threads))
     return report_for(generator.model.manifest.name, examples, extract(generator, examples, schema, max_tokens),

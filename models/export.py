@@ -6,8 +6,8 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from models.errors import BuildError
-from models.sources import Source, readme_license
+from edgellm.models.errors import BuildError
+from edgellm.models.sources import Source, readme_license
 
 TASK = "text-generation-with-past"
 
@@ -140,7 +140,7 @@ def source_perplexity(hf: HFModel, ids: list[int]) -> float:
     import numpy as np
     import torch
 
-    from daemon.perplexity import token_nll
+    from edgellm.daemon.engine.perplexity import token_nll
 
     with torch.no_grad():
         logits = hf.model(torch.tensor([ids])).logits[0].float().numpy()

@@ -8,14 +8,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from daemon.bundle import DesiredState
-from daemon.settings import Settings
+from edgellm.daemon.serve.settings import Settings
+from edgellm.daemon.update.bundle import DesiredState
 
 
 def publish_desired(settings: Settings, topic: str, desired: DesiredState | None, timeout: float = 10.0) -> None:
     """Publish (or, with None, clear) a retained desired state and wait for the broker's acknowledgement."""
-    from daemon.errors import CommandError
-    from daemon.mqtt_service import connect_client, make_client
+    from edgellm.daemon.errors import CommandError
+    from edgellm.daemon.serve.mqtt_api import connect_client, make_client
 
     client = make_client(settings, f"edgellm-publish-{int(time.time() * 1000) % 10**8}")
     connect_client(client, settings)
@@ -43,7 +43,7 @@ class FleetWatch:
     """Retained status and update reports of every device under the topic root, kept current."""
 
     def __init__(self, settings: Settings):
-        from daemon.mqtt_service import make_client
+        from edgellm.daemon.serve.mqtt_api import make_client
 
         self.root = settings.topic_root
         self.settings = settings
@@ -55,7 +55,7 @@ class FleetWatch:
         self.client.on_message = self._on_message
 
     def start(self) -> FleetWatch:
-        from daemon.mqtt_service import connect_client
+        from edgellm.daemon.serve.mqtt_api import connect_client
 
         connect_client(self.client, self.settings)
         self.client.loop_start()

@@ -20,8 +20,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from daemon.decoder import KV_CACHE_KEY, KV_IN_PLACE
-from models.graph_edits import LOGIT_POSITIONS
+from edgellm.daemon.engine.decoder import KV_CACHE_KEY, KV_IN_PLACE
+from edgellm.models.graph_edits import LOGIT_POSITIONS
 
 FUSED_TYPES = ("llama", "mistral", "qwen2")
 EMBEDDING = "model.embed_tokens.weight"

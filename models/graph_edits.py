@@ -79,7 +79,7 @@ def output_head_is_float(model: onnx.ModelProto) -> bool:
 
 def check_decoder_io(model: onnx.ModelProto, model_type: str) -> None:
     """The engine feeds input_ids, attention_mask and per-layer past keys/values [batch, heads, past, dim]."""
-    from models.errors import BuildError
+    from edgellm.models.errors import BuildError
 
     inputs = {i.name: i for i in model.graph.input}
     past = [i for n, i in inputs.items() if n.startswith("past_key_values.")]

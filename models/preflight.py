@@ -7,8 +7,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from models.errors import BuildError
-from models.sources import Source
+from edgellm.models.errors import BuildError
+from edgellm.models.sources import Source
 
 FP32 = 4
 # Peak copies of the fp32 weights: torch model + ONNX export + the edited graph (memory);

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import onnx
 
-from models.graph_edits import output_head_is_float, output_head_name
+from edgellm.models.graph_edits import output_head_is_float, output_head_name
 
 # int8 compute on CPU; the quantizer's default level ran 3.5x slower than fp32 (shared/NOTES.md).
 ACCURACY_LEVEL_INT8 = 4
@@ -55,7 +55,7 @@ def quantize(model: onnx.ModelProto, spec: QuantSpec) -> onnx.ModelProto:
     Nodes a GGUF import already made exact (models/gguf_import.py) are left as they are."""
     if spec.bits is None:
         return model
-    from models.gguf_import import PREFIX
+    from edgellm.models.gguf_import import PREFIX
 
     logging.getLogger("onnxruntime.quantization").setLevel(logging.ERROR)
     fixed = [n.name for n in model.graph.node if n.name.startswith(PREFIX)]

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from daemon.manifest import sha256_file
-from models.errors import BuildError
+from edgellm.daemon.engine.manifest import sha256_file
+from edgellm.models.errors import BuildError
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -10,8 +10,8 @@ from contextlib import contextmanager
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from daemon.manifest import MANIFEST_NAME, ModelManifest
-from models.errors import BuildError
+from edgellm.daemon.engine.manifest import MANIFEST_NAME, ModelManifest
+from edgellm.models.errors import BuildError
 
 
 def check_output(out: Path, force: bool) -> None:

@@ -20,6 +20,6 @@ def stale(folder: Path) -> bool:
 def cached_build(out: Path, source: str, *flags: str) -> Path:
     """`edgellm model build SOURCE --out OUT FLAGS`, unless OUT is an up-to-date build already."""
     if stale(out):
-        subprocess.run([sys.executable, "-m", "daemon.cli", "model", "build", source, "--out", str(out), *flags,
+        subprocess.run([sys.executable, "-m", "edgellm.daemon.cli", "model", "build", source, "--out", str(out), *flags,
                         "--force"], cwd=ROOT, check=True)
     return out

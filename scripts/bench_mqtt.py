@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench_models import cached_build  # noqa: E402  (scripts/, on the path when a script runs)
 
-from daemon.client import RpcClient  # noqa: E402
+from edgellm.daemon.serve.client import RpcClient  # noqa: E402
 from tests.harness import Broker, DaemonProcess, settings  # noqa: E402
 
 SHORT = {"prompt": "Say hello.", "max_tokens": 8, "temperature": 0}
@@ -36,9 +36,9 @@ def percentile(values: list[float], q: float) -> float:
 
 def engine_only(model: Path, n: int) -> list[float]:
     """The same generation on the raw engine, in this process, for reference."""
-    from daemon.generate import Generator
-    from daemon.model import LoadedModel
-    from daemon.params import GenerationParams
+    from edgellm.daemon.engine.generate import Generator
+    from edgellm.daemon.engine.model import LoadedModel
+    from edgellm.daemon.engine.params import GenerationParams
 
     g = Generator(LoadedModel.load(model, threads=2))
     ids = g.prompt_ids(SHORT["prompt"])

@@ -24,8 +24,8 @@ sys.path.insert(0, str(ROOT))
 
 from bench_models import cached_build  # noqa: E402  (scripts/, on the path when a script runs)
 
-from daemon.embedder import Embedder  # noqa: E402
-from daemon.store import DocumentInput, RetrievalStore  # noqa: E402
+from edgellm.daemon.retrieval.embedder import Embedder  # noqa: E402
+from edgellm.daemon.retrieval.store import DocumentInput, RetrievalStore  # noqa: E402
 
 DOMAIN = ("invoice contract payment supplier customer delivery warranty lease rent notice clinic patient record "
           "archive liability pump cleaning service tax receipt bank account interest deadline order price").split()

@@ -26,11 +26,11 @@ sys.path.insert(0, str(ROOT))
 
 from bench_models import cached_build, stale  # noqa: E402  (scripts/, on the path when a script runs)
 
-from daemon.bundle import DesiredState  # noqa: E402
-from daemon.client import RpcClient  # noqa: E402
+from edgellm.daemon.serve.client import RpcClient  # noqa: E402
+from edgellm.daemon.update.bundle import DesiredState  # noqa: E402
 from tests.harness import Broker, DaemonProcess, UpdateWatch, free_port, retained, settings, wait_for_port  # noqa: E402
 
-EDGELLM = [sys.executable, "-m", "daemon.cli"]
+EDGELLM = [sys.executable, "-m", "edgellm.daemon.cli"]
 
 
 def run(*args: str) -> None:

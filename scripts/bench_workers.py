@@ -39,7 +39,7 @@ def one_round(prefill, step, prompt_tokens: int, new_tokens: int) -> dict:
 def run_edgellm(args) -> dict:
     import numpy as np
 
-    from daemon.model import LoadedModel
+    from edgellm.daemon.engine.model import LoadedModel
 
     t = time.perf_counter()
     model = LoadedModel.load(args.model, threads=args.threads)
@@ -56,11 +56,11 @@ def run_edgellm(args) -> dict:
 
 def run_edgellm_prefix(args) -> dict:
     """Time to first token for a request whose first ~500 tokens were seen before, against a cold one."""
-    from daemon.chat import ChatMessage
-    from daemon.generate import Generator
-    from daemon.model import LoadedModel
-    from daemon.params import GenerationParams
-    from daemon.prefix_cache import PrefixCache
+    from edgellm.daemon.engine.chat import ChatMessage
+    from edgellm.daemon.engine.generate import Generator
+    from edgellm.daemon.engine.model import LoadedModel
+    from edgellm.daemon.engine.params import GenerationParams
+    from edgellm.daemon.engine.prefix_cache import PrefixCache
 
     model = LoadedModel.load(args.model, threads=args.threads)
     context = open(args.prompt_file).read()
@@ -170,11 +170,11 @@ def run_concurrency(args) -> dict:
     """Aggregate tok/s of N concurrent streams through the daemon's worker queue, against one stream."""
     import threading
 
-    from daemon.engine import Engine, load_served
-    from daemon.settings import Settings
-    from daemon.stats import Stats
-    from daemon.wire import GenerateRequest
-    from daemon.worker import Job, Worker
+    from edgellm.daemon.serve.served import Engine, load_served
+    from edgellm.daemon.serve.settings import Settings
+    from edgellm.daemon.serve.stats import Stats
+    from edgellm.daemon.serve.wire import GenerateRequest
+    from edgellm.daemon.serve.worker import Job, Worker
 
     settings = Settings(model={"path": args.model, "threads": args.threads, "prefix_cache_mb": 0,
                                "batch_size": args.batch_size})

@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench_models import cached_build  # noqa: E402  (scripts/, on the path when a script runs)
 
-from daemon.client import RpcClient  # noqa: E402
+from edgellm.daemon.serve.client import RpcClient  # noqa: E402
 from tests.harness import Broker, DaemonProcess, settings  # noqa: E402
 
 TOPICS = ["Explain a service contract.", "What is an invoice?", "Name a colour.", "Describe a pump.",

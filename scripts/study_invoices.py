@@ -22,11 +22,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from models.build import BuildOptions, build_model  # noqa: E402
-from models.evaluate import evaluate_model, load_examples, plot  # noqa: E402
-from models.invoices import SCHEMA, generate, write_jsonl  # noqa: E402
-from models.lora import LoraOptions, merge_lora, train_lora  # noqa: E402
-from models.quantize import QuantSpec  # noqa: E402
+from edgellm.models.build import BuildOptions, build_model  # noqa: E402
+from edgellm.models.evaluate import evaluate_model, load_examples, plot  # noqa: E402
+from edgellm.models.invoices import SCHEMA, generate, write_jsonl  # noqa: E402
+from edgellm.models.lora import LoraOptions, merge_lora, train_lora  # noqa: E402
+from edgellm.models.quantize import QuantSpec  # noqa: E402
 
 
 def variants(modules: list[str]) -> dict[str, QuantSpec]:

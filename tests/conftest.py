@@ -10,8 +10,8 @@ from tests.tiny_models import make_tiny_model
 
 
 def build(source: str | Path, out: Path, scheme: str):
-    from models.build import BuildOptions, build_model
-    from models.quantize import QuantSpec
+    from edgellm.models.build import BuildOptions, build_model
+    from edgellm.models.quantize import QuantSpec
 
     build_model(str(source), out, BuildOptions(QuantSpec(scheme), show_progress=False))
     return out
@@ -47,17 +47,17 @@ def smollm2_int8(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def smollm2(smollm2_int4):
     """The int4 build, loaded once, with a generator."""
-    from daemon.generate import Generator
-    from daemon.model import LoadedModel
+    from edgellm.daemon.engine.generate import Generator
+    from edgellm.daemon.engine.model import LoadedModel
 
     return Generator(LoadedModel.load(smollm2_int4, threads=2))
 
 
 @pytest.fixture(scope="session")
 def minilm_int8(tmp_path_factory) -> Path:
-    from models.build import BuildOptions
-    from models.embedding_build import build_embedding
-    from models.quantize import QuantSpec
+    from edgellm.models.build import BuildOptions
+    from edgellm.models.embedding_build import build_embedding
+    from edgellm.models.quantize import QuantSpec
 
     out = tmp_path_factory.mktemp("minilm") / "int8"
     build_embedding("minilm", out, BuildOptions(QuantSpec("int8"), show_progress=False))

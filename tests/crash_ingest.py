@@ -4,8 +4,8 @@ import os
 import signal
 import sys
 
-from daemon.embedder import Embedder
-from daemon.store import DocumentInput, RetrievalStore
+from edgellm.daemon.retrieval.embedder import Embedder
+from edgellm.daemon.retrieval.store import DocumentInput, RetrievalStore
 
 
 class DiesMidTransaction:

@@ -15,10 +15,11 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
-from daemon.client import RpcClient
-from daemon.settings import Settings
+from edgellm.daemon.serve.client import RpcClient
+from edgellm.daemon.serve.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
+EDGELLM = [sys.executable, "-m", "edgellm.daemon.cli"]  # the CLI of this checkout, in this interpreter
 
 
 def free_port() -> int:
@@ -80,7 +81,7 @@ class DaemonProcess:
         self.proc: subprocess.Popen | None = None
 
     def start(self, wait: bool = True) -> DaemonProcess:
-        self.proc = subprocess.Popen([sys.executable, "-m", "daemon.cli", "serve"], env=self.env, cwd=ROOT,
+        self.proc = subprocess.Popen([*EDGELLM, "serve"], env=self.env, cwd=ROOT,
                                      stdout=subprocess.DEVNULL, stderr=open(self.log, "a"))
         if wait:
             self.wait_online()

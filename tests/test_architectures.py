@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from daemon.generate import Generator
-from daemon.model import LoadedModel
-from daemon.params import GenerationParams
-from models.fused_graph import FUSED_TYPES
+from edgellm.daemon.engine.generate import Generator
+from edgellm.daemon.engine.model import LoadedModel
+from edgellm.daemon.engine.params import GenerationParams
+from edgellm.models.fused_graph import FUSED_TYPES
 from tests.conftest import build
 from tests.tiny_models import ARCHITECTURES
 

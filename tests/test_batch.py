@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from models.invoices import SCHEMA, generate
+from edgellm.models.invoices import SCHEMA, generate
 
 
 @pytest.fixture(scope="module")
 def client():
-    from models.batch import cluster
+    from edgellm.models.batch import cluster
 
     with cluster(None, workers=2) as c:
         yield c
@@ -23,8 +23,8 @@ def tiny_int4(tiny_sources, tmp_path_factory):
 
 
 def test_batch_eval_on_two_workers_matches_the_local_evaluation(client, tiny_int4):
-    from models.batch import batch_eval
-    from models.evaluate import evaluate_model
+    from edgellm.models.batch import batch_eval
+    from edgellm.models.evaluate import evaluate_model
 
     examples = [{"lang": i.lang, "text": i.text, "gold": i.gold} for i in generate(6, 5)]
     distributed = batch_eval(client, tiny_int4, examples, SCHEMA, max_tokens=40, batch_size=2)
@@ -37,9 +37,9 @@ def test_batch_eval_on_two_workers_matches_the_local_evaluation(client, tiny_int
 
 
 def test_batch_embed_fills_a_store_that_finds_the_passage(client, minilm_int8, tmp_path):
-    from daemon.embedder import Embedder
-    from daemon.store import RetrievalStore
-    from models.batch import batch_ingest
+    from edgellm.daemon.retrieval.embedder import Embedder
+    from edgellm.daemon.retrieval.store import RetrievalStore
+    from edgellm.models.batch import batch_ingest
 
     docs = tmp_path / "docs"
     docs.mkdir()
@@ -59,8 +59,8 @@ def test_batch_embed_fills_a_store_that_finds_the_passage(client, minilm_int8, t
 
 
 def test_paraphrase_writes_seeded_variants_and_keeps_only_faithful_ones(client, tiny_int4):
-    from models.batch import batch_paraphrase
-    from models.invoices import values_present
+    from edgellm.models.batch import batch_paraphrase
+    from edgellm.models.invoices import values_present
 
     examples = [{"lang": i.lang, "text": i.text, "gold": i.gold} for i in generate(4, 6)]
     kept, written = batch_paraphrase(client, tiny_int4, examples, variants=2, seed=3, max_tokens=30)
@@ -78,13 +78,12 @@ def test_cli_runs_on_an_existing_scheduler(client, tiny_int4, tmp_path):
     """`--scheduler ADDRESS` joins a running cluster (here the LocalCluster above) instead of starting one."""
     import json
     import subprocess
-    import sys
 
-    from models.invoices import write_jsonl
-    from tests.harness import ROOT
+    from edgellm.models.invoices import write_jsonl
+    from tests.harness import EDGELLM, ROOT
 
     write_jsonl(generate(4, 8), tmp_path / "test.jsonl")
-    out = subprocess.run([sys.executable, "-m", "daemon.cli", "batch", "eval", "--model", str(tiny_int4), "--data",
+    out = subprocess.run([*EDGELLM, "batch", "eval", "--model", str(tiny_int4), "--data",
                           str(tmp_path / "test.jsonl"), "--scheduler", client.scheduler.address, "--max-tokens", "30",
                           "--report", str(tmp_path / "r.json")], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr

@@ -8,11 +8,11 @@ import threading
 import numpy as np
 import pytest
 
-from daemon.batching import BatchingDecoder
-from daemon.errors import EdgeError
-from daemon.generate import Generator
-from daemon.model import LoadedModel
-from daemon.params import GenerationParams
+from edgellm.daemon.engine.batching import BatchingDecoder
+from edgellm.daemon.engine.generate import Generator
+from edgellm.daemon.engine.model import LoadedModel
+from edgellm.daemon.engine.params import GenerationParams
+from edgellm.daemon.errors import EdgeError
 
 REQUESTS = [
     ("Write one sentence about a lighthouse keeper.", GenerationParams(max_tokens=40, temperature=0)),

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from models.build import BuildOptions, build_model
-from models.errors import BuildError
-from models.quantize import QuantSpec
-from models.sources import builtin_gguf
+from edgellm.models.build import BuildOptions, build_model
+from edgellm.models.errors import BuildError
+from edgellm.models.quantize import QuantSpec
+from edgellm.models.sources import builtin_gguf
+from tests.harness import EDGELLM
 
 OPTIONS = BuildOptions(QuantSpec("int4"), show_progress=False)
 
@@ -83,7 +83,7 @@ def test_a_rebuild_replaces_the_folder_whole(tiny_sources, tmp_path):
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "daemon.cli", *args], capture_output=True, text=True)
+    return subprocess.run([*EDGELLM, *args], capture_output=True, text=True)
 
 
 def test_cli_build_errors_name_the_flag(tmp_path):

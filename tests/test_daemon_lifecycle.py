@@ -6,7 +6,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -14,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import build
-from tests.harness import ROOT, Broker, DaemonProcess, rpc, wait_status
+from tests.harness import EDGELLM, ROOT, Broker, DaemonProcess, rpc, wait_status
 
 TOPIC = "edgellm/v1/dev1/rpc/"
 LONG = {"prompt": "Write a long story about a lighthouse keeper.", "max_tokens": 200, "temperature": 0,
@@ -44,7 +43,7 @@ def daemon_factory(tmp_path, smollm2_int4):
 
 
 def serve_with_env(**env) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "daemon.cli", "serve"], cwd=ROOT, capture_output=True, text=True,
+    return subprocess.run([*EDGELLM, "serve"], cwd=ROOT, capture_output=True, text=True,
                           env={**os.environ, **env}, timeout=60)
 
 
@@ -54,7 +53,7 @@ def test_invalid_configuration_exits_naming_the_field(tmp_path, smollm2_int4):
     r = serve_with_env(EDGELLM_MQTT__PORT="1884")
     assert r.returncode == 2 and "model.path is not set" in r.stderr
     (tmp_path / "bad.toml").write_text("[mqtt]\nport = 1884\ncolour = 'blue'\n")
-    r = subprocess.run([sys.executable, "-m", "daemon.cli", "serve", "--config", str(tmp_path / "bad.toml")],
+    r = subprocess.run([*EDGELLM, "serve", "--config", str(tmp_path / "bad.toml")],
                        cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "mqtt.colour" in r.stderr
 
@@ -140,7 +139,7 @@ def test_sighup_reloads_the_model_between_requests(broker, daemon_factory, tiny_
     d = daemon_factory(broker.port)
     config.write_text(f"[model]\npath = '{d.env['EDGELLM_MODEL__PATH']}'\n[limits]\nqueue_size = 3\n")
     del d.env["EDGELLM_MODEL__PATH"]
-    d.proc = subprocess.Popen([sys.executable, "-m", "daemon.cli", "serve", "--config", str(config)], env=d.env,
+    d.proc = subprocess.Popen([*EDGELLM, "serve", "--config", str(config)], env=d.env,
                               cwd=ROOT, stderr=open(d.log, "a"))
     d.wait_online()
     with rpc(broker.port) as c:
@@ -236,7 +235,7 @@ def test_a_request_the_client_gave_up_on_is_not_run_when_the_device_returns(brok
     """`edgellm request --timeout` sets the Message Expiry Interval, so the broker drops the queued request."""
     d = daemon_factory(broker.port).start()
     assert d.stop() == 0  # offline; its persistent session keeps queueing requests
-    r = subprocess.run([sys.executable, "-m", "daemon.cli", "request", "generate", '{"prompt": "Say hi."}',
+    r = subprocess.run([*EDGELLM, "request", "generate", '{"prompt": "Say hi."}',
                         "--device", "dev1", "--mqtt-host", "127.0.0.1", "--mqtt-port", str(broker.port),
                         "--timeout", "1"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "no reply" in r.stderr

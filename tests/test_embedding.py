@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from daemon.embedder import Embedder
-from daemon.errors import EdgeError
-from daemon.manifest import load_manifest
+from edgellm.daemon.engine.manifest import load_manifest
+from edgellm.daemon.errors import EdgeError
+from edgellm.daemon.retrieval.embedder import Embedder
 
 
 def test_int8_keeps_cosine_to_the_source(minilm_int8):

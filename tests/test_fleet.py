@@ -15,17 +15,17 @@ from pathlib import Path
 
 import pytest
 
-from daemon.bundle import DesiredState, chunk_path, in_rollout
+from edgellm.daemon.update.bundle import DesiredState, chunk_path, in_rollout
 from tests.conftest import build
-from tests.harness import ROOT, Broker, DaemonProcess, UpdateWatch, free_port, retained, rpc, wait_for_port
+from tests.harness import EDGELLM, ROOT, Broker, DaemonProcess, UpdateWatch, free_port, retained, rpc, wait_for_port
 
 
 # -- the host side: models, keys, bundles, the store server ----------------------------------------
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory, tiny_sources):
     """v1 (the tiny Llama, int4), v2 (v1 plus a merged q/v LoRA, int4) and stores to serve them from."""
-    from models.bundles import BundleOptions, build_bundle, keygen, load_private_key, sign
-    from models.lora import LoraOptions, merge_lora, train_lora
+    from edgellm.models.bundles import BundleOptions, build_bundle, keygen, load_private_key, sign
+    from edgellm.models.lora import LoraOptions, merge_lora, train_lora
 
     root = tmp_path_factory.mktemp("fleet")
     data = root / "train.jsonl"
@@ -63,7 +63,7 @@ def fleet(tmp_path_factory, tiny_sources):
     (folder / "bundle.json").write_bytes(escape_body)
     (folder / "bundle.json.sig").write_bytes(sign(escape_body, load_private_key(key)))
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "daemon.cli", "bundle", "serve", "--store", str(stores),
+    server = subprocess.Popen([*EDGELLM, "bundle", "serve", "--store", str(stores),
                                "--port", str(port)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_for_port(port)
     yield {"root": root, "v1": v1, "v2": v2, "url": f"http://127.0.0.1:{port}", "main": main, "other": other,
@@ -93,7 +93,7 @@ def device(tmp_path: Path, broker: Broker, fleet: dict, name: str, **update) -> 
 def publish(fleet: dict, broker: Broker, name: str, version: str, scope: str = "groups/lab",
             percent: float = 100, store: str = "main", *extra: str) -> str:
     """Through the real CLI, as an operator would."""
-    args = [sys.executable, "-m", "daemon.cli", "bundle", "publish", "--store", str(fleet[store]),
+    args = [*EDGELLM, "bundle", "publish", "--store", str(fleet[store]),
             "--url", f"{fleet['url']}/{store}", "--name", name, "--version", version, "--percent", str(percent),
             "--mqtt-host", "127.0.0.1", "--mqtt-port", str(broker.port), *extra]
     args += ["--group", scope.split("/", 1)[1]] if scope.startswith("groups/") else ["--device", scope]
@@ -184,7 +184,7 @@ def test_group_update_staged_rollout_and_delta(tmp_path, broker, fleet, watch):
         assert json.loads((state / "active.json").read_text()) == {"active": "tiny-2", "previous": "tiny-1",
                                                                    "trial": None}
 
-        out = subprocess.run([sys.executable, "-m", "daemon.cli", "fleet", "status", "--once", "--wait", "1",
+        out = subprocess.run([*EDGELLM, "fleet", "status", "--once", "--wait", "1",
                               "--json", "--mqtt-host", "127.0.0.1", "--mqtt-port", str(broker.port)],
                              cwd=ROOT, capture_output=True, text=True, timeout=60)
         rows = {r["device"]: r for r in json.loads(out.stdout)}
@@ -279,7 +279,7 @@ def test_bundle_manifest_records_lineage(fleet):
 
 
 def test_fetcher_resumes_a_partial_chunk_with_a_range_request(tmp_path, fleet):
-    from daemon.fetch import Fetcher, FetchOptions
+    from edgellm.daemon.update.fetch import Fetcher, FetchOptions
 
     manifest = json.loads((fleet["main"] / "bundles/tiny/1/bundle.json").read_text())
     chunk = max((c for f in manifest["files"] for c in f["chunks"]), key=lambda c: c["size"])
@@ -294,7 +294,7 @@ def test_fetcher_resumes_a_partial_chunk_with_a_range_request(tmp_path, fleet):
 
 def test_cli_refuses_bad_fleet_input(tmp_path, fleet):
     def run(*args):
-        return subprocess.run([sys.executable, "-m", "daemon.cli", *args], cwd=ROOT, capture_output=True,
+        return subprocess.run([*EDGELLM, *args], cwd=ROOT, capture_output=True,
                               text=True, timeout=120)
 
     out = run("bundle", "build", str(fleet["v1"]), "--store", str(tmp_path / "s"), "--key", str(fleet["public"]))
@@ -307,8 +307,8 @@ def test_cli_refuses_bad_fleet_input(tmp_path, fleet):
     shutil.copy(fleet["public"], tmp_path / "k.pub")
     out = run("keygen", "--out", str(tmp_path / "k"))
     assert out.returncode == 2 and "--force" in out.stderr
-    from daemon.errors import CommandError
-    from daemon.settings import load_settings
+    from edgellm.daemon.errors import CommandError
+    from edgellm.daemon.serve.settings import load_settings
 
     with pytest.raises(CommandError, match="update.public_keys"):
         load_settings(None, {"update": {"enabled": True}})
@@ -325,8 +325,8 @@ def test_smoke_test_holds_the_model_to_its_perplexity_bound(tmp_path, fleet):
     for bound, ok in ((bundle["smoke"]["max_perplexity"], True), (1.0, False)):
         bundle["smoke"]["max_perplexity"] = bound
         (slot / "bundle.json").write_text(json.dumps(bundle))
-        out = subprocess.run([sys.executable, "-m", "daemon.smoke", str(slot)], cwd=ROOT, capture_output=True,
-                             text=True, timeout=120)
+        out = subprocess.run([sys.executable, "-m", "edgellm.daemon.update.smoke", str(slot)], cwd=ROOT,
+                             capture_output=True, text=True, timeout=120)
         report = json.loads(out.stdout)
         assert (out.returncode == 0) == ok and report["ok"] == ok, report
     assert "perplexity" in report["problems"][0] and "bound" in report["problems"][0]

@@ -8,7 +8,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from models.gguf_import import QK, Blocks, _Graph, _linear, unpermute_rows
+from edgellm.models.gguf_import import QK, Blocks, _Graph, _linear, unpermute_rows
 
 K, HEADS, KV_HEADS, HEAD_DIM = 64, 4, 2, 16
 NODE = "/model/layers.0/self_attn/qkv_proj/MatMul"

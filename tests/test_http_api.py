@@ -5,7 +5,6 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import subprocess
-import sys
 import time
 
 import httpx
@@ -13,7 +12,7 @@ import openai
 import pytest
 from pydantic import BaseModel, Field
 
-from tests.harness import ROOT, Broker, DaemonProcess, free_port, wait_for_port
+from tests.harness import EDGELLM, ROOT, Broker, DaemonProcess, free_port, wait_for_port
 
 KEY = "sk-edge-test"
 
@@ -105,7 +104,7 @@ def test_no_key_on_a_non_loopback_bind_is_401(api):
 
 
 def test_a_non_loopback_bind_without_a_key_is_refused(smollm2_int4):
-    r = subprocess.run([sys.executable, "-m", "daemon.cli", "serve", "--model", str(smollm2_int4)], cwd=ROOT,
+    r = subprocess.run([*EDGELLM, "serve", "--model", str(smollm2_int4)], cwd=ROOT,
                        env={"PATH": "/usr/bin:/bin", "EDGELLM_HTTP__ENABLED": "true", "EDGELLM_HTTP__HOST": "0.0.0.0"},
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "http.api_key: required" in r.stderr

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 
-from tests.harness import ROOT
+from tests.harness import EDGELLM, ROOT
 
 
 def edgellm(*args) -> str:
-    out = subprocess.run([sys.executable, "-m", "daemon.cli", *map(str, args)], cwd=ROOT, capture_output=True,
+    out = subprocess.run([*EDGELLM, *map(str, args)], cwd=ROOT, capture_output=True,
                          text=True, timeout=600)
     assert out.returncode == 0, out.stderr
     return out.stdout

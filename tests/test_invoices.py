@@ -6,8 +6,8 @@ import json
 import re
 from datetime import date
 
-from models.evaluate import normalise, score
-from models.invoices import FIELDS, MONTHS, SCHEMA, format_amount, generate
+from edgellm.models.evaluate import normalise, score
+from edgellm.models.invoices import FIELDS, MONTHS, SCHEMA, format_amount, generate
 
 
 def parse_local_amount(text: str) -> float:
@@ -62,13 +62,12 @@ def test_evaluation_arithmetic_on_hand_made_cases():
 
 def test_edgellm_eval_writes_a_report_and_a_plot(tiny_sources, tmp_path):
     import subprocess
-    import sys
 
     from tests.conftest import build
-    from tests.harness import ROOT
+    from tests.harness import EDGELLM, ROOT
 
     model = build(tiny_sources["llama"], tmp_path / "tiny", "int8")
-    run = lambda *a: subprocess.run([sys.executable, "-m", "daemon.cli", *a], cwd=ROOT, capture_output=True,  # noqa: E731
+    run = lambda *a: subprocess.run([*EDGELLM, *a], cwd=ROOT, capture_output=True,  # noqa: E731
                                     text=True, timeout=300)
     r = run("data", "invoices", "--n", "3", "--seed", "1", "--out", str(tmp_path / "test.jsonl"),
             "--schema-out", str(tmp_path / "schema.json"))

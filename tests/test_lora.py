@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from models.errors import BuildError
-from models.lora import TARGET_MODULES, LoraOptions, merge_lora, train_lora
+from edgellm.models.errors import BuildError
+from edgellm.models.lora import TARGET_MODULES, LoraOptions, merge_lora, train_lora
 
 
 def weights(folder):

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from paho.mqtt.enums import CallbackAPIVersion
 
-from tests.harness import Broker, DaemonProcess, rpc
+from tests.harness import EDGELLM, Broker, DaemonProcess, rpc
 
 TOPIC = "edgellm/v1/dev1/rpc/"
 CAPITAL = "What is the capital city of France? Answer in one word."  # SmolLM2 answers it with Paris
@@ -323,18 +323,17 @@ def test_the_fuzzed_daemon_answered_each_payload_exactly_once(fuzz):
 
 
 def test_edgellm_request_cli_streams_and_prints_the_result(broker, daemon):
-    import sys
 
     from tests.harness import ROOT
 
-    r = subprocess.run([sys.executable, "-m", "daemon.cli", "request", "generate", "--stream", "--device", "dev1",
+    r = subprocess.run([*EDGELLM, "request", "generate", "--stream", "--device", "dev1",
                         json.dumps({"prompt": CAPITAL, "max_tokens": 20, "temperature": 0}),
                         "--mqtt-host", "127.0.0.1", "--mqtt-port", str(broker.port), "--timeout", "60"],
                        cwd=ROOT, capture_output=True, text=True, timeout=90)
     assert r.returncode == 0, r.stderr
     *text, last = r.stdout.strip().splitlines()
     assert "Paris" in "\n".join(text) and json.loads(last)["ok"]
-    r = subprocess.run([sys.executable, "-m", "daemon.cli", "request", "generate", "{}", "--device", "dev1",
+    r = subprocess.run([*EDGELLM, "request", "generate", "{}", "--device", "dev1",
                         "--mqtt-port", str(broker.port), "--mqtt-host", "127.0.0.1"],
                        cwd=ROOT, capture_output=True, text=True, timeout=90)
     assert r.returncode == 1 and json.loads(r.stdout)["error"]["code"] == "bad_request"

@@ -13,8 +13,8 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
-from daemon.client import RpcClient
-from daemon.settings import Settings
+from edgellm.daemon.serve.client import RpcClient
+from edgellm.daemon.serve.settings import Settings
 from tests.harness import ROOT, Broker, DaemonProcess
 
 DOCS = ROOT / "docs" / "mosquitto"

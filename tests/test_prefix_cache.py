@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from daemon.chat import ChatMessage
-from daemon.generate import Generator
-from daemon.model import LoadedModel
-from daemon.params import GenerationParams
-from daemon.prefix_cache import PrefixCache
+from edgellm.daemon.engine.chat import ChatMessage
+from edgellm.daemon.engine.generate import Generator
+from edgellm.daemon.engine.model import LoadedModel
+from edgellm.daemon.engine.params import GenerationParams
+from edgellm.daemon.engine.prefix_cache import PrefixCache
 from tests.harness import ROOT
 
 GREEDY = GenerationParams(temperature=0, max_tokens=24)

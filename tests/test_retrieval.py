@@ -10,10 +10,10 @@ import sys
 import numpy as np
 import pytest
 
-from daemon.chunking import chunk_text
-from daemon.embedder import Embedder
-from daemon.errors import EdgeError
-from daemon.store import DocumentInput, RetrievalStore
+from edgellm.daemon.errors import EdgeError
+from edgellm.daemon.retrieval.chunking import chunk_text
+from edgellm.daemon.retrieval.embedder import Embedder
+from edgellm.daemon.retrieval.store import DocumentInput, RetrievalStore
 from tests.data.corpus import DOCUMENTS, QUESTIONS
 from tests.harness import ROOT
 
@@ -75,9 +75,9 @@ def test_reingest_replaces_and_delete_removes(store):
 
 
 def test_a_store_refuses_another_embedding_model(tmp_path, store, minilm_int8):
-    from models.build import BuildOptions
-    from models.embedding_build import build_embedding
-    from models.quantize import QuantSpec
+    from edgellm.models.build import BuildOptions
+    from edgellm.models.embedding_build import build_embedding
+    from edgellm.models.quantize import QuantSpec
 
     other = build_embedding("minilm", tmp_path / "fp32", BuildOptions(QuantSpec("fp32"), show_progress=False))
     with pytest.raises(EdgeError, match="built with embedding model all-MiniLM-L6-v2-int8"):
@@ -137,7 +137,7 @@ def minimal_pdf(pages: list[str]) -> bytes:
 
 
 def test_pdf_pages_html_headings_and_unreadable_files(tmp_path, embedder):
-    from daemon.documents import find_files, read_pages
+    from edgellm.daemon.retrieval.documents import find_files, read_pages
 
     (tmp_path / "contract.pdf").write_bytes(minimal_pdf(["Parties and scope of the contract.",
                                                          "Termination requires ninety days notice."]))

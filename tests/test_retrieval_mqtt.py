@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 import zlib
 
 import pytest
 
 from tests.data.corpus import DOCUMENTS
-from tests.harness import ROOT, Broker, DaemonProcess, rpc
+from tests.harness import EDGELLM, ROOT, Broker, DaemonProcess, rpc
 
 TOPIC = "edgellm/v1/rag1/rpc/"
 
@@ -138,7 +137,7 @@ def test_hostile_files_get_specific_errors(client, hostile):
 
 def test_cli_search_and_ask_json_carry_source_paths(tmp_path, minilm_int8, smollm2_int4, docs):
     def edgellm(*args):
-        return subprocess.run([sys.executable, "-m", "daemon.cli", *args, "--store", str(tmp_path / "s.db"),
+        return subprocess.run([*EDGELLM, *args, "--store", str(tmp_path / "s.db"),
                                "--embedding-model", str(minilm_int8)], cwd=ROOT, capture_output=True, text=True,
                               timeout=300)
 

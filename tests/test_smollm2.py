@@ -9,11 +9,11 @@ import re
 import jsonschema
 import pytest
 
-from daemon.chat import ChatMessage
-from daemon.errors import EdgeError
-from daemon.generate import Delta, Result
-from daemon.manifest import load_manifest
-from daemon.params import GenerationParams
+from edgellm.daemon.engine.chat import ChatMessage
+from edgellm.daemon.engine.generate import Delta, Result
+from edgellm.daemon.engine.manifest import load_manifest
+from edgellm.daemon.engine.params import GenerationParams
+from edgellm.daemon.errors import EdgeError
 
 GREEDY = GenerationParams(temperature=0, max_tokens=64)
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 from tokenizers import Tokenizer
 
-from daemon.detokenize import IncrementalDecoder
-from daemon.params import GenerationParams
-from daemon.sampling import Sampler
-from daemon.stops import StopFilter
+from edgellm.daemon.engine.detokenize import IncrementalDecoder
+from edgellm.daemon.engine.params import GenerationParams
+from edgellm.daemon.engine.sampling import Sampler
+from edgellm.daemon.engine.stops import StopFilter
 from tests.tiny_models import tiny_tokenizer
 
 

@@ -1,0 +1,113 @@
+"""JSON-schema constrained decoding with llguidance, failing closed.
+
+A schema llguidance cannot compile is a bad request, never unconstrained text; a finished output is
+parsed and validated again with jsonschema before anyone sees it as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import jsonschema
+import llguidance
+import numpy as np
+from llguidance.numpy import allocate_token_bitmask, fill_next_token_bitmask
+
+from edgellm.daemon.errors import EdgeError
+
+# Compact separators: more tokens are forced, so more are fast-forwarded (shared/NOTES.md: ~35% of JSON tokens).
+JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
+
+def grammar_tokenizer(tokenizer_json: str, eos_ids: list[int], vocab_size: int) -> llguidance.LLTokenizer:
+    """Build llguidance's tokenizer, repairing the decoder of GGUF-converted tokenizer.json files.
+
+    Their decoder Sequence[ByteFallback, Fuse, Replace, ByteLevel] makes llguidance see literal 'Ġ'/'Ċ',
+    and every mask involving spaces is then silently wrong.
+    """
+    spec = json.loads(tokenizer_json)
+    decoder = spec.get("decoder") or {}
+    parts = decoder.get("decoders", []) if decoder.get("type") == "Sequence" else []
+    byte_level = next((d for d in parts if d.get("type") == "ByteLevel"), None)
+    if byte_level is not None:
+        spec["decoder"] = byte_level
+    lltok = llguidance.LLTokenizer(json.dumps(spec), n_vocab=vocab_size, eos_token=eos_ids)
+    space = lltok.tokenize_str(" a")
+    if b" " not in lltok.decode_bytes(space):
+        raise EdgeError("model_unavailable", "this model's tokenizer cannot drive constrained decoding: "
+                        "its decoder does not map spaces back to bytes")
+    return lltok
+
+
+def compile_json_schema(schema: dict[str, Any], lltok: llguidance.LLTokenizer) -> str:
+    try:
+        jsonschema.validators.validator_for(schema).check_schema(schema)
+    except jsonschema.SchemaError as e:
+        raise EdgeError("bad_request", f"json_schema: not a valid JSON Schema: {e.message}",
+                        param="json_schema") from None
+    try:
+        grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS)
+    except ValueError as e:
+        raise EdgeError("bad_request", f"json_schema: {e}", param="json_schema") from None
+    is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, lltok)
+    if is_error:
+        raise EdgeError("bad_request", f"json_schema: cannot be enforced: {messages[0]}", param="json_schema")
+    return grammar
+
+
+class JsonConstraint:
+    """Masks logits to tokens the schema allows, and tells which tokens the schema forces next."""
+
+    def __init__(self, lltok: llguidance.LLTokenizer, schema: dict[str, Any], grammar: str):
+        self.schema = schema
+        self.matcher = llguidance.LLMatcher(lltok, grammar)
+        self._bitmask = allocate_token_bitmask(1, lltok.vocab_size)
+        fill_next_token_bitmask(self.matcher, self._bitmask)  # a grammar that allows no first token fails here
+        if self.matcher.is_error():  # it compiled, but no output can start: the schema is at fault
+            raise EdgeError("bad_request", f"json_schema: cannot be enforced: {_problem(self.matcher)}",
+                            param="json_schema")
+
+    def _check(self) -> None:
+        if self.matcher.is_error():
+            raise EdgeError("internal", f"constrained decoding failed: {_problem(self.matcher)}")
+
+    def mask(self, logits: np.ndarray) -> None:
+        """Set disallowed logits (a 1-D row) to -inf in place."""
+        fill_next_token_bitmask(self.matcher, self._bitmask)
+        allowed = np.unpackbits(self._bitmask.view(np.uint8), bitorder="little")[: logits.shape[-1]]
+        logits[: len(allowed)][allowed == 0] = -np.inf
+        logits[len(allowed):] = -np.inf
+
+    def accept(self, token: int) -> list[int]:
+        """Consume a sampled token; return the tokens the grammar forces after it (already consumed)."""
+        self.matcher.consume_token(token)
+        self._check()
+        if self.matcher.is_stopped():
+            return []
+        forced = self.matcher.compute_ff_tokens()
+        if forced:
+            self.matcher.consume_tokens(forced)
+            self._check()
+        return forced
+
+    @property
+    def finished(self) -> bool:
+        return self.matcher.is_stopped()
+
+    def parse(self, text: str) -> Any:
+        """The final check: the text must parse and validate, or the request fails."""
+        try:
+            value = json.loads(text)
+            jsonschema.validate(value, self.schema)
+        except (json.JSONDecodeError, jsonschema.ValidationError) as e:
+            raise EdgeError("internal", f"constrained output failed validation: {e}") from None
+        return value
+
+
+def _problem(matcher: llguidance.LLMatcher) -> str:
+    """The matcher's error without the parser state it appends (internal detail, and long)."""
+    first = matcher.get_error().splitlines()[0].strip()
+    if "NoExtensionBias" in first:
+        return "no JSON value satisfies it (a $ref that only refers to itself, or an empty alternative)"
+    return first

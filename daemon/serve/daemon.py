@@ -1,0 +1,209 @@
+"""`edgellm serve`: load the model, connect, serve until SIGTERM; SIGHUP reloads what is safe to reload."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from edgellm.daemon.errors import CommandError, EdgeError
+from edgellm.daemon.serve.journal import RequestJournal
+from edgellm.daemon.serve.mqtt_api import MqttService, UpdateHooks
+from edgellm.daemon.serve.sdnotify import Watchdog, notify
+from edgellm.daemon.serve.served import Engine, load_generator, load_served
+from edgellm.daemon.serve.settings import Settings
+from edgellm.daemon.serve.stats import Stats
+from edgellm.daemon.serve.worker import Worker
+from edgellm.daemon.update.agent import Hooks, UpdateAgent
+from edgellm.daemon.update.states import UpdateReport
+
+log = logging.getLogger("edgellm.serve")
+JOURNAL_FILE = "requests.db"
+SWEEP_SECONDS = 2.0  # how often replies acknowledged before we tracked them are marked done in the journal
+
+
+class Daemon:
+    def __init__(self, settings: Settings, reload_settings: Callable[[], Settings]):
+        self.settings = settings
+        self.reload_settings = reload_settings
+        self.stop_requested = threading.Event()
+        self.reload_requested = threading.Event()
+        self.stats = Stats()
+        self.mqtt: MqttService | None = None
+        self.updater = self._update_agent(settings) if settings.update.enabled else None
+        served_path = self.updater.recover() if self.updater else None
+        notify(f"STATUS=loading {served_path or settings.model.path}")
+        try:
+            self.engine = Engine(load_served(self._serving(served_path)))
+        except EdgeError as e:
+            raise CommandError(e.message) from None
+        self.watchdog = Watchdog()
+        self.worker = Worker(self.engine, self.stats, settings.limits.queue_size, settings.limits.max_tokens,
+                             heartbeat=self.watchdog.ping, store_settings=settings.store,
+                             concurrency=settings.model.batch_size)
+        hooks = UpdateHooks(self.updater.on_desired, lambda: self.updater.report) if self.updater else None
+        try:
+            journal = RequestJournal(settings.state_dir / JOURNAL_FILE)
+        except (OSError, sqlite3.Error) as e:
+            raise CommandError(f"state_dir: cannot keep the request journal in {settings.state_dir}: {e}") from None
+        self.mqtt = MqttService(settings, self.worker, self.stats, self.model_status, hooks, journal)
+        self.http = None
+        if settings.http.enabled:
+            from edgellm.daemon.serve.http_api import HttpServer, create_app
+            from edgellm.daemon.serve.metrics import Metrics
+
+            metrics = Metrics(self.stats, lambda: self.worker.depth, lambda: self.engine.served.model_info,
+                              update_state=lambda: (self.updater.state if self.updater else None) or "none")
+            self.http = HttpServer(create_app(settings, self.worker, self.engine, metrics, self.mqtt_health),
+                                   settings)
+
+    def _serving(self, folder: Path | None, settings: Settings | None = None) -> Settings:
+        """The settings with model.path pointing at the folder the update agent activated, if any."""
+        settings = settings or self.settings
+        if folder is None:
+            return settings
+        return settings.model_copy(update={"model": settings.model.model_copy(update={"path": folder})})
+
+    def _update_agent(self, settings: Settings) -> UpdateAgent:
+        hooks = Hooks(publish=self._publish_update, activate=self.switch_model,
+                      health_problem=self.health_problem,
+                      internal_errors=lambda: self.stats.snapshot()["errors"].get("internal", 0))
+        try:
+            return UpdateAgent(settings.update, settings.device_id, settings.groups, settings.update_dir(), hooks)
+        except (OSError, ValueError) as e:
+            raise CommandError(f"update.public_keys: cannot read an Ed25519 public key: {e}") from None
+
+    def _publish_update(self, report: UpdateReport) -> None:
+        if self.mqtt is not None:  # before the connection, the report goes out on connect
+            self.mqtt.publish_update(report)
+            self.mqtt.publish_status()  # the retained presence carries update_state: keep it current
+
+    def mqtt_health(self) -> dict:
+        """The broker connection as /health reports it."""
+        return {"connected": self.mqtt.connected.is_set(), "broker": f"{self.settings.mqtt.host}:"
+                f"{self.settings.mqtt.port}", "error": None if self.mqtt.connected.is_set() else self.mqtt.last_error}
+
+    def switch_model(self, folder: Path | None) -> None:
+        """Serve another model folder; requests already running finish on the one they started with."""
+        folder = folder or self.settings.model.path
+        self.engine.swap_generator(load_generator(self.settings, folder))
+        log.info("now serving %s from %s", self.model_status()["model"]["name"], folder)
+        self.mqtt.publish_status()
+
+    def health_problem(self) -> str | None:
+        """The new model answers its first golden prompt as the host recorded it (on a generator without the
+        shared prefix cache, so the check never races the worker)."""
+        from edgellm.daemon.engine.generate import Generator
+        from edgellm.daemon.update.smoke import golden_problem
+
+        bundle = self.updater.slots.bundle(self.updater.slots.state().active)
+        if bundle is None or not bundle.smoke.golden:
+            return None
+        return golden_problem(Generator(self.engine.served.generator.model), bundle.smoke.golden[0], 1)
+
+    def model_status(self) -> dict:
+        served = self.engine.served
+        status = {"model": served.model_info}
+        if self.updater is not None:
+            status["bundle"] = self.updater.active_bundle()
+            status["update_state"] = self.updater.state
+        if served.embedder is not None:
+            status["embedding_model"] = {"name": served.embedder.name, "version": served.embedder.manifest.version}
+        return status
+
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, lambda *_: self.stop_requested.set())
+        signal.signal(signal.SIGINT, lambda *_: self.stop_requested.set())
+        signal.signal(signal.SIGHUP, lambda *_: self.reload_requested.set())
+        self.worker.start()
+        self.mqtt.start()
+        if self.updater is not None:
+            self.updater.start()
+        if self.http is not None:
+            self.http.start()
+            log.info("OpenAI-compatible API on http://%s:%d/v1", self.settings.http.host, self.settings.http.port)
+        notify(f"STATUS=connecting to {self.settings.mqtt.host}:{self.settings.mqtt.port}")
+        ready = False
+        next_telemetry = time.monotonic() + self.settings.telemetry_interval
+        next_sweep = time.monotonic() + SWEEP_SECONDS
+        while not self.stop_requested.wait(0.2):
+            if not ready and self.mqtt.ever_connected.is_set():
+                ready = True
+                notify(f"READY=1\nSTATUS=serving {self.model_status()['model']['name']}")
+                log.info("serving %s as %s", self.model_status()["model"]["name"], self.settings.device_id)
+            if self.reload_requested.is_set():
+                self.reload_requested.clear()
+                self.reload()
+            if time.monotonic() >= next_sweep:
+                next_sweep = time.monotonic() + SWEEP_SECONDS
+                self.mqtt.deliveries.sweep()
+            if time.monotonic() >= next_telemetry:
+                next_telemetry = time.monotonic() + self.settings.telemetry_interval
+                if self.mqtt.connected.is_set():
+                    self.mqtt.publish_telemetry()
+        return self.shutdown()
+
+    def shutdown(self) -> int:
+        notify("STOPPING=1\nSTATUS=finishing in-flight requests")
+        log.info("stopping: %d request(s) in flight, %.0f s grace", self.worker.depth,
+                 self.settings.limits.grace_seconds)
+        self.mqtt.stop_intake()
+        if self.updater is not None:
+            self.updater.shutdown()
+        if self.http is not None:
+            self.http.stop_intake()
+        self.worker.drain(self.settings.limits.grace_seconds)
+        if self.http is not None:
+            self.http.join()
+        self.mqtt.stop()
+        log.info("stopped")
+        return 0
+
+    def reload(self) -> None:
+        """Apply the new configuration where that is safe; MQTT connection settings need a restart."""
+        notify("RELOADING=1")
+        try:
+            new = self.reload_settings()
+        except CommandError as e:
+            log.error("reload refused, keeping the running configuration: %s", e)
+            notify("READY=1")
+            return
+        old = self.settings
+        if (new.model, new.embedding, new.store.path) != (old.model, old.embedding, old.store.path):
+            try:
+                active = self.updater.slots.path(self.updater.slots.state().active) if self.updater else None
+                self.engine.swap(load_served(self._serving(active, new)))
+                log.info("now serving %s", self.model_status()["model"]["name"])
+            except EdgeError as e:
+                log.error("reload: cannot load the new model, keeping the old one: %s", e.message)
+                new = new.model_copy(update={"model": old.model, "embedding": old.embedding, "store": old.store})
+        if (new.mqtt, new.device_id, new.groups, new.topic_root, new.http) != (
+                old.mqtt, old.device_id, old.groups, old.topic_root, old.http):
+            log.warning("reload: MQTT, HTTP, device and group settings take effect at the next restart")
+            new = new.model_copy(update={"mqtt": old.mqtt, "device_id": old.device_id, "groups": old.groups,
+                                         "topic_root": old.topic_root, "http": old.http})
+        if new.model.batch_size != old.model.batch_size:
+            log.warning("reload: model.batch_size sizes the new KV pool now; the number of requests run at once "
+                        "changes at the next restart")
+        self.worker.resize(new.limits.queue_size)
+        self.worker.max_tokens = new.limits.max_tokens
+        self.worker.store_settings = new.store
+        logging.getLogger().setLevel(new.log_level)
+        self.settings = self.mqtt.settings = new
+        self.mqtt.publish_status()
+        notify(f"READY=1\nSTATUS=serving {self.model_status()['model']['name']}")
+
+
+def serve(settings: Settings, reload_settings: Callable[[], Settings]) -> int:
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if settings.model.path is None:
+        raise CommandError("model.path is not set: pass --model, set EDGELLM_MODEL__PATH, or [model] path in the "
+                           "config file")
+    if not Path(settings.model.path).is_dir():
+        raise CommandError(f"model.path: {settings.model.path} is not a folder; build one with "
+                           "`edgellm model build`")
+    return Daemon(settings, reload_settings).run()

@@ -1,0 +1,420 @@
+"""An OpenAI-compatible HTTP API inside the daemon: the same worker queue, engine and limits as MQTT.
+
+Off by default, on 127.0.0.1 by default; any other address needs an API key (Settings enforces it).
+Errors use OpenAI's shape and status codes, so the openai SDK and LangChain report them as they would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hmac
+import json
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any, Literal
+
+import numpy as np
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, ValidationError
+from starlette.datastructures import Headers
+
+from edgellm.daemon.engine.chat import ChatMessage
+from edgellm.daemon.errors import EdgeError
+from edgellm.daemon.serve.metrics import Metrics
+from edgellm.daemon.serve.served import Engine
+from edgellm.daemon.serve.settings import Settings
+from edgellm.daemon.serve.wire import (
+    ChatRequest,
+    EmbedRequest,
+    GenerateRequest,
+    encode_json,
+    load_json,
+    validation_error,
+)
+from edgellm.daemon.serve.worker import Job, Worker
+
+HTTP_PARAMS = {"json_schema": "response_format"}  # wire field -> the OpenAI parameter it came from
+STATUS = {"bad_request": 400, "unknown_method": 404, "too_large": 413, "busy": 429, "deadline_exceeded": 504,
+          "cancelled": 503, "model_unavailable": 503, "internal": 500}
+
+
+def openai_error(status: int, message: str, code: str, param: str | None = None) -> JSONResponse:
+    kind = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
+            413: "invalid_request_error", 429: "rate_limit_exceeded"}.get(status, "server_error")
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status)
+
+
+# -- request shapes: OpenAI's, with the fields we do not use ignored and the ones we cannot honour refused --
+class _OpenAI(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)  # unknown fields pass, as OpenAI's; wrong types do not
+
+
+class MessageIn(_OpenAI):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[dict[str, Any]] | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(p.get("text", "") for p in self.content if p.get("type") == "text")
+        return self.content or ""
+
+
+class _Sampling(_OpenAI):
+    model: str = "default"
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    n: int = 1
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+
+    def params(self) -> dict[str, Any]:
+        if self.n != 1:
+            raise EdgeError("bad_request", "n: only 1 completion per request is supported", param="n")
+        out = {"max_tokens": self.max_completion_tokens or self.max_tokens, "temperature": self.temperature,
+               "top_p": self.top_p, "seed": self.seed,
+               "stop": [self.stop] if isinstance(self.stop, str) else self.stop, "stream": self.stream}
+        return {k: v for k, v in out.items() if v is not None}
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[MessageIn]
+    response_format: dict[str, Any] | None = None
+    tools: list[Any] | None = None
+
+    def to_wire(self) -> ChatRequest:
+        if self.tools:
+            raise EdgeError("bad_request", "tools: function calling is not supported; use response_format",
+                            param="tools")
+        extra: dict[str, Any] = {}
+        fmt = self.response_format or {"type": "text"}
+        kind = fmt.get("type")
+        if kind == "json_schema":
+            spec = fmt.get("json_schema")
+            schema = spec.get("schema") if isinstance(spec, dict) else None
+            if not isinstance(schema, dict):
+                raise EdgeError("bad_request", "response_format.json_schema.schema: give a JSON Schema object",
+                                param="response_format.json_schema.schema")
+            extra["json_schema"] = schema
+        elif kind == "json_object":
+            extra["json_schema"] = {"type": "object"}
+        elif kind != "text":  # anything else would silently be free text: fail closed
+            raise EdgeError("bad_request", f"response_format.type: {kind!r} is not supported; use 'text', "
+                            "'json_object' or 'json_schema'", param="response_format.type")
+        messages = [ChatMessage(role="system" if m.role == "developer" else m.role, content=m.text())
+                    for m in self.messages]
+        return ChatRequest(messages=messages, **self.params(), **extra)
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str]
+
+    def to_wire(self) -> GenerateRequest:
+        prompts = [self.prompt] if isinstance(self.prompt, str) else self.prompt
+        if len(prompts) != 1:
+            raise EdgeError("bad_request", "prompt: give exactly one prompt", param="prompt")
+        return GenerateRequest(prompt=prompts[0], raw=True, **self.params())
+
+
+class EmbeddingRequest(_OpenAI):
+    model: str = "default"
+    input: str | list[str]
+    encoding_format: Literal["float", "base64"] = "float"
+
+
+class Guard:
+    """Plain ASGI middleware (Starlette's BaseHTTPMiddleware gets in the way of disconnect detection): the API
+    key, as 'Authorization: Bearer KEY' only, and a declared Content-Length over the limit."""
+
+    def __init__(self, app, key: str | None, limit: int):
+        self.app, self.key, self.limit = app, key, limit
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            headers = Headers(scope=scope)
+            refused = None
+            if self.key and scope["path"].startswith(("/v1/", "/metrics")):
+                scheme, _, given = headers.get("authorization", "").partition(" ")
+                if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.key.encode()):
+                    refused = openai_error(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'",
+                                           "invalid_api_key")
+            declared = headers.get("content-length") or "0"
+            size = int(declared) if declared.isdigit() else 0
+            if refused is None and size > self.limit:
+                refused = openai_error(413, f"request body is {size} bytes; the limit is {self.limit}", "too_large")
+            if refused is not None:
+                await refused(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+class QueueSink:
+    """Delivers a Job's replies, made on the worker thread, to the request's event loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.queue: asyncio.Queue[dict] = asyncio.Queue()
+
+    def delta(self, message: dict) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, message)
+
+    final = delta
+
+
+def create_app(settings: Settings, worker: Worker, engine: Engine, metrics: Metrics,
+               mqtt_health: Callable[[], dict] = lambda: {"connected": True}) -> FastAPI:
+    app = FastAPI(title="edgellm", docs_url=None, redoc_url=None, openapi_url=None)
+    key = settings.http.key()
+    limit = settings.limits.max_payload_bytes
+
+    def model_name() -> str:
+        return engine.served.model_info["name"]
+
+    app.add_middleware(Guard, key=key, limit=limit)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        param = ".".join(str(p) for p in first["loc"][1:]) or None
+        return openai_error(400, f"{param or 'body'}: {first['msg']}", "invalid_request", param)
+
+    @app.exception_handler(EdgeError)
+    async def edge_error(_request, exc: EdgeError):
+        return openai_error(STATUS[exc.code], exc.message, exc.code, HTTP_PARAMS.get(exc.param, exc.param))
+
+    def check_model(name: str) -> JSONResponse | None:
+        if name in ("default", model_name()):
+            return None
+        return openai_error(404, f"model '{name}' is not served here; GET /v1/models lists '{model_name()}' "
+                            "(or say 'default')", "model_not_found", "model")
+
+    async def submit(method: str, wire) -> tuple[Job, QueueSink]:
+        sink = QueueSink(asyncio.get_running_loop())
+        job = Job(method, wire, uuid.uuid4().hex[:16], sink)
+        worker.submit(job)  # EdgeError('busy') becomes 429
+        return job, sink
+
+    def hang_up(job: Job) -> None:
+        if worker.cancel(job.request_id, "the HTTP client went away"):
+            metrics.stats.disconnected()
+
+    async def replies(job: Job, sink: QueueSink) -> AsyncIterator[dict]:
+        """The job's messages in order, up to its final one. Leaving early (the client hung up: Starlette
+        cancels a streaming response, or the watcher below cancels a plain one) cancels the job."""
+        finished = False
+        try:
+            while True:
+                message = await sink.queue.get()
+                finished = message.get("type") != "delta"
+                yield message
+                if finished:
+                    return
+        finally:
+            if not finished:
+                hang_up(job)
+
+    async def final_of(job: Job, sink: QueueSink, request: Request) -> dict:
+        """The final reply of a request answered whole; a client that hangs up meanwhile cancels it at once."""
+        async def watch() -> None:
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+            hang_up(job)
+
+        watcher = asyncio.create_task(watch())
+        try:
+            async for message in replies(job, sink):
+                if message.get("type") != "delta":
+                    if not message.get("ok"):
+                        error = message["error"]
+                        raise EdgeError(error["code"], error["message"], error.get("param"))
+                    return message
+        finally:
+            watcher.cancel()
+        raise EdgeError("internal", "the request ended without a final reply")
+
+    def content_of(result: dict) -> str:
+        return json.dumps(result["json"], ensure_ascii=False) if "json" in result else result["text"]
+
+    def usage_of(result: dict) -> dict:
+        u = result["usage"]
+        return {"prompt_tokens": u["prompt_tokens"], "completion_tokens": u["completion_tokens"],
+                "total_tokens": u["prompt_tokens"] + u["completion_tokens"],
+                "prompt_tokens_details": {"cached_tokens": u.get("cached_tokens", 0)}}
+
+    async def read_body(request: Request) -> bytes:
+        """The body, refused with 413 as soon as it passes the limit, whether its length was declared or it
+        arrives chunked: never more than the limit is held in memory."""
+        body = bytearray()
+        async for part in request.stream():
+            body += part
+            if len(body) > limit:
+                raise EdgeError("too_large", f"request body is over the limit of {limit} bytes")
+        return bytes(body)
+
+    async def parse(model: type[BaseModel], request: Request):
+        data = load_json(await read_body(request), "body")
+        if not isinstance(data, dict):
+            raise EdgeError("bad_request", "body: must be a JSON object")
+        try:
+            return model.model_validate(data)
+        except ValidationError as e:
+            raise validation_error(e) from None
+
+    def wire_of(body: ChatCompletionRequest | CompletionRequest):
+        try:
+            return body.to_wire()
+        except ValidationError as e:
+            raise validation_error(e) from None
+
+    def sse(obj: dict | str) -> bytes:
+        return b"data: " + (obj.encode() if isinstance(obj, str) else encode_json(obj)) + b"\n\n"
+
+    async def stream_events(job: Job, sink: QueueSink, chunk: Callable[[dict], dict],
+                            include_usage: bool) -> AsyncIterator[bytes]:
+        async for message in replies(job, sink):
+            if message.get("type") == "delta":
+                yield sse(chunk({"text": message["text"]}))
+            elif not message.get("ok"):
+                yield sse({"error": {"message": message["error"]["message"], "type": "server_error",
+                                     "code": message["error"]["code"]}})
+            else:
+                if "json" in message:  # constrained output is streamed whole at the end, already validated
+                    yield sse(chunk({"text": content_of(message)}))
+                yield sse(chunk({"finish_reason": message["finish_reason"]}))
+                if include_usage:
+                    yield sse(chunk({"usage": usage_of(message)}))
+        yield sse("[DONE]")
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        body = await parse(ChatCompletionRequest, request)
+        if (refused := check_model(body.model)) is not None:
+            return refused
+        wire = wire_of(body)
+        if wire.json_schema is not None:
+            wire.stream = False  # deltas of constrained output are not validated yet: send it whole
+        job, sink = await submit("chat", wire)
+        completion_id, created = f"chatcmpl-{job.request_id}", int(time.time())
+        if body.stream:
+            first = [True]
+
+            def chunk(part: dict) -> dict:
+                delta = {"content": part["text"]} if "text" in part else {}
+                if first[0] and delta:
+                    delta, first[0] = {"role": "assistant", **delta}, False
+                out = {"id": completion_id, "object": "chat.completion.chunk", "created": created,
+                       "model": model_name(), "choices": [] if "usage" in part else
+                       [{"index": 0, "delta": delta, "finish_reason": part.get("finish_reason")}]}
+                if "usage" in part:
+                    out["usage"] = part["usage"]
+                return out
+
+            include_usage = bool((body.stream_options or {}).get("include_usage"))
+            return StreamingResponse(stream_events(job, sink, chunk, include_usage),
+                                     media_type="text/event-stream")
+        result = await final_of(job, sink, request)
+        return {"id": completion_id, "object": "chat.completion", "created": created, "model": model_name(),
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": content_of(result)},
+                             "finish_reason": result["finish_reason"], "logprobs": None}],
+                "usage": usage_of(result)}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        body = await parse(CompletionRequest, request)
+        if (refused := check_model(body.model)) is not None:
+            return refused
+        job, sink = await submit("generate", wire_of(body))
+        completion_id, created = f"cmpl-{job.request_id}", int(time.time())
+        if body.stream:
+            def chunk(part: dict) -> dict:
+                return {"id": completion_id, "object": "text_completion", "created": created, "model": model_name(),
+                        "choices": [{"index": 0, "text": part.get("text", ""), "logprobs": None,
+                                     "finish_reason": part.get("finish_reason")}], **(
+                            {"usage": part["usage"]} if "usage" in part else {})}
+
+            include_usage = bool((body.stream_options or {}).get("include_usage"))
+            return StreamingResponse(stream_events(job, sink, chunk, include_usage),
+                                     media_type="text/event-stream")
+        result = await final_of(job, sink, request)
+        return {"id": completion_id, "object": "text_completion", "created": created, "model": model_name(),
+                "choices": [{"index": 0, "text": result["text"], "logprobs": None,
+                             "finish_reason": result["finish_reason"]}], "usage": usage_of(result)}
+
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request):
+        body = await parse(EmbeddingRequest, request)
+        served = engine.served
+        if served.embedder is None:
+            raise EdgeError("model_unavailable", "no embedding model is configured on this device (embedding.path)")
+        if body.model not in ("default", served.embedder.name):
+            return openai_error(404, f"model '{body.model}' is not served here; embeddings come from "
+                                f"'{served.embedder.name}' (or say 'default')", "model_not_found", "model")
+        job, sink = await submit("embed", EmbedRequest(input=body.input))
+        result = await final_of(job, sink, request)
+        data = []
+        for i, vector in enumerate(result["embeddings"]):
+            value = (base64.b64encode(np.asarray(vector, dtype=np.float32).tobytes()).decode()
+                     if body.encoding_format == "base64" else vector)
+            data.append({"object": "embedding", "index": i, "embedding": value})
+        return {"object": "list", "data": data, "model": served.embedder.name,
+                "usage": {"prompt_tokens": 0, "total_tokens": 0}}
+
+    @app.get("/v1/models")
+    async def models():
+        served = engine.served
+        names = [model_name()] + ([served.embedder.name] if served.embedder else [])
+        return {"object": "list", "data": [{"id": n, "object": "model", "created": 0, "owned_by": "edgellm"}
+                                           for n in names]}
+
+    @app.get("/health")
+    async def health():
+        """200 when the model serves and the broker is connected; 503 naming what is wrong otherwise."""
+        try:
+            model = engine.served.model_info
+        except Exception as e:  # no model: the engine cannot answer
+            return openai_error(503, f"no model is loaded: {e}", "model_unavailable")
+        mqtt = mqtt_health()
+        body = {"status": "ok" if mqtt["connected"] else "degraded", "model": model, "queue_depth": worker.depth,
+                "mqtt": mqtt}
+        return JSONResponse(body, 200 if mqtt["connected"] else 503)
+
+    @app.get("/metrics")
+    async def metrics_text():
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.api_route("/{path:path}", methods=["GET", "POST", "PUT", "DELETE"])
+    async def not_found(path: str):
+        return openai_error(404, f"/{path} does not exist; see /v1/models, /v1/chat/completions, "
+                            "/v1/completions, /v1/embeddings, /health, /metrics", "not_found")
+
+    return app
+
+
+class HttpServer:
+    """uvicorn in a thread of the daemon process (no second copy of the model)."""
+
+    def __init__(self, app: FastAPI, settings: Settings):
+        config = uvicorn.Config(app, host=settings.http.host, port=settings.http.port, log_level="warning",
+                                lifespan="off", timeout_graceful_shutdown=max(1, int(settings.limits.grace_seconds)))
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, name="edgellm-http", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop_intake(self) -> None:
+        self.server.should_exit = True
+
+    def join(self, timeout: float = 30) -> None:
+        self.thread.join(timeout)
+
+

@@ -1,0 +1,73 @@
+"""What the daemon serves: one generation model and optionally one embedding model, swappable between requests."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from edgellm.daemon.engine.generate import Generator
+from edgellm.daemon.engine.model import LoadedModel
+from edgellm.daemon.engine.prefix_cache import PrefixCache
+from edgellm.daemon.errors import EdgeError
+from edgellm.daemon.retrieval.embedder import Embedder
+from edgellm.daemon.retrieval.store import RetrievalStore
+from edgellm.daemon.serve.settings import Settings
+
+
+@dataclass(frozen=True)
+class Served:
+    """One consistent pair; a request keeps the pair it started with, so a swap never changes it mid-way."""
+
+    generator: Generator
+    embedder: Embedder | None
+    store: RetrievalStore | None = None
+
+    @property
+    def model_info(self) -> dict[str, str]:
+        m = self.generator.model.manifest
+        return {"name": m.name, "version": m.version}
+
+
+class Engine:
+    def __init__(self, served: Served):
+        self._served = served
+        self._lock = threading.Lock()
+
+    @property
+    def served(self) -> Served:
+        with self._lock:
+            return self._served
+
+    def swap(self, served: Served) -> Served:
+        with self._lock:
+            old, self._served = self._served, served
+        return old
+
+    def swap_generator(self, generator: Generator) -> None:
+        """A new generation model, same embedder and store; requests already running keep the old one."""
+        with self._lock:
+            self._served = replace(self._served, generator=generator)
+
+
+def load_generator(settings: Settings, folder: Path) -> Generator:
+    m = settings.model
+    prefix_cache = PrefixCache(m.prefix_cache_mb << 20) if m.prefix_cache_mb else None
+    return Generator(LoadedModel.load(folder, threads=m.threads), prefix_cache, batch_rows=m.batch_size,
+                     batch_context=m.batch_context)
+
+
+def load_served(settings: Settings) -> Served:
+    """The models and store the settings name; the store needs the embedding model that built it."""
+    if settings.model.path is None:
+        raise EdgeError("model_unavailable", "model.path is not set: set EDGELLM_MODEL__PATH, [model] path in the "
+                        "config file, or --model")
+    generator = load_generator(settings, settings.model.path)
+    e = settings.embedding
+    embedder = Embedder(e.path, threads=e.threads) if e.path else None
+    store = None
+    if settings.store.path:
+        if embedder is None:
+            raise EdgeError("model_unavailable", "store.path needs embedding.path: the store's vectors come from it")
+        store = RetrievalStore(settings.store.path, embedder)
+    return Served(generator, embedder, store)
