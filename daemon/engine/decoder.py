@@ -33,7 +33,7 @@ class KVCache:
     arrays: list[np.ndarray]
     length: int = 0
     binding: ort.IOBinding | None = field(default=None, repr=False)
-    row: int | None = None  # its row in a batching pool (daemon/engine/batching.py)
+    row: int | None = None  # its row in the scheduler's pool (daemon/engine/scheduler.py)
 
     @property
     def capacity(self) -> int:
@@ -52,16 +52,22 @@ def copy_keys(targets: list[np.ndarray], sources: list[np.ndarray], length: int)
         target[:, :, :length] = source[:, :, :length]
 
 
+def cpu_session(model_path: Path, threads: int = 0) -> ort.InferenceSession:
+    """An onnxruntime session on the CPU with every graph optimization: `threads` intra-op threads (0: one per
+    core), ops run one after another (a decoder's graph has little to run in parallel)."""
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
+
+
 class OnnxDecoder:
     """Wraps one InferenceSession; knows the input names optimum's text-generation-with-past export uses."""
 
     def __init__(self, model_path: Path, threads: int = 0):
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.session = ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
+        self.session = cpu_session(model_path, threads)
         inputs = {i.name: i for i in self.session.get_inputs()}
         self.past_names = [n for n in inputs if n.startswith(PAST_PREFIX)]
         self.present_names = [PRESENT_PREFIX + n[len(PAST_PREFIX):] for n in self.past_names]
@@ -99,9 +105,6 @@ class OnnxDecoder:
             binding.bind_ortvalue_input(past, value)
             binding.bind_ortvalue_output(present, value)
         return binding
-
-    def release(self, cache: KVCache) -> None:
-        """Nothing to give back: a private cache is freed with its arrays (see BatchingDecoder.release)."""
 
     def decode_rows(self, binding: ort.IOBinding, tokens: np.ndarray, past: np.ndarray) -> np.ndarray:
         """One token for each row of a batch bound by `bind`; row r has `past[r]` positions before it

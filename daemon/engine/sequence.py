@@ -1,0 +1,217 @@
+"""One request's generation, as a state machine fed with logits: what to feed next, what to sample, when to stop.
+
+The same Sequence runs alone (`run_alone`: the CLI, the smoke test) or among others in the scheduler's
+batched steps (edgellm/daemon/engine/scheduler.py), so the two cannot answer differently by construction.
+
+    prompt tokens --feed--> logits --on_logits--> token (+ tokens the grammar forces) --feed--> ...
+
+Events (Delta text, then one Result, or an EdgeError) go to `events`, read by the request's own thread.
+"""
+
+from __future__ import annotations
+
+import queue
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from edgellm.daemon.engine.constrain import JsonConstraint
+from edgellm.daemon.engine.detokenize import IncrementalDecoder
+from edgellm.daemon.engine.params import GenerationParams
+from edgellm.daemon.engine.sampling import Sampler
+from edgellm.daemon.engine.stops import StopFilter
+from edgellm.daemon.errors import EdgeError
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
+
+
+@dataclass
+class Timings:
+    ttft_ms: float = 0.0
+    prefill_tps: float = 0.0
+    decode_tps: float = 0.0
+    total_ms: float = 0.0
+
+
+@dataclass
+class Delta:
+    text: str
+
+
+@dataclass
+class Result:
+    text: str
+    finish_reason: str  # stop | length
+    usage: Usage
+    timings: Timings
+    json: Any = None
+    tokens: list[int] = field(default_factory=list, repr=False)  # the generated ids, forced ones included
+    forward_passes: int = field(default=0, repr=False)
+
+
+Event = Delta | Result | EdgeError
+
+
+class Sequence:
+    """Holds everything one request's generation needs between forward passes; touched by one thread at a
+    time (the scheduler's, or the caller's in `run_alone`)."""
+
+    def __init__(self, ids: list[int], params: GenerationParams, *, context: int, eos: frozenset[int],
+                 tokenizer, constraint: JsonConstraint | None = None,
+                 cached: tuple[int, list[np.ndarray]] | None = None, split_last: bool = False,
+                 interrupt: Callable[[], None] | None = None, started: float | None = None):
+        """`cached`: a prefix-cache hit, (tokens, their keys and values), for whoever makes the cache.
+        `split_last`: without a hit, feed the prompt's last token in a pass of its own. A repeat of this prompt
+        will find all but its last token cached and compute that token alone: then the two see bit-identical
+        logits (see Generator.sequence)."""
+        cached_tokens, self.cached_keys = cached if cached is not None else (0, None)
+        self.ids, self.params = ids, params
+        self.budget = min(params.max_tokens, context - len(ids))
+        self.eos = eos
+        self.constraint = constraint
+        self.interrupt = interrupt
+        self.sampler = Sampler(params)
+        self.detokenizer = IncrementalDecoder(tokenizer)
+        self.stops = StopFilter(params.stop)
+        self.usage, self.timings = Usage(prompt_tokens=len(ids), cached_tokens=cached_tokens), Timings()
+        self.start = started or time.perf_counter()
+        self.todo: list[int] = ids[cached_tokens:]  # tokens to feed before the next logits are wanted
+        self.prefilling = True
+        self._split = split_last
+        self.split_last = split_last and not cached_tokens and len(self.todo) > 1
+        self.generated: list[int] = []
+        self.parts: list[str] = []
+        self.first_at: float | None = None
+        self.passes = 0
+        self.finished = False
+        self.abandoned = False  # set by the reading thread when it stops reading
+        self.events: queue.SimpleQueue[Event] = queue.SimpleQueue()
+
+    @property
+    def length(self) -> int:
+        """Tokens whose keys are in the cache."""
+        return len(self.ids) + len(self.generated) - len(self.todo)
+
+    def use_cached(self, tokens: int) -> None:
+        """Before the first pass: the cache now holds the keys of the prompt's first `tokens` tokens."""
+        assert self.passes == 0 and tokens < len(self.ids)
+        self.usage.cached_tokens = tokens
+        self.todo = self.ids[tokens:]
+        self.split_last = False
+
+    def next_feed(self, limit: int | None = None) -> list[int]:
+        """The tokens of the next pass (at most `limit` of a prompt)."""
+        todo = self.todo[:-1] if self.split_last else self.todo
+        return todo[:limit] if limit else list(todo)
+
+    def check(self) -> None:
+        """Before every pass: a cancelled or late request raises EdgeError here."""
+        if self.abandoned:
+            raise EdgeError("cancelled", "nobody reads this request's output any more")
+        if self.interrupt is not None:
+            self.interrupt()
+
+    def abandon(self) -> None:
+        self.abandoned = True
+
+    def fed(self, n: int, logits: np.ndarray) -> bool:
+        """`n` tokens of `todo` went through a pass; `logits` are the last position's, used once todo is
+        empty. Returns True when this pass completed the prompt: the cache then holds exactly its keys."""
+        self.passes += 1
+        self.todo = self.todo[n:]
+        if self.split_last and len(self.todo) == 1:
+            self.split_last = False
+            return False
+        if self.todo:
+            return False
+        prompt_done, self.prefilling = self.prefilling, False
+        self._on_logits(logits)
+        return prompt_done
+
+    def _on_logits(self, logits: np.ndarray) -> None:
+        params, constraint = self.params, self.constraint
+        logits = logits.copy()
+        if constraint is not None:
+            constraint.mask(logits)
+        elif params.ignore_eos:  # a grammar ends its own output, so only free text ignores EOS
+            logits[sorted(self.eos)] = -np.inf
+        recent = self.ids + self.generated if params.repetition_penalty != 1.0 else ()
+        token = self.sampler(logits, recent)
+        if self.first_at is None:
+            self.first_at = time.perf_counter()
+            self.timings.ttft_ms = (self.first_at - self.start) * 1000
+            self.timings.prefill_tps = len(self.ids) / max(self.first_at - self.start, 1e-9)
+        forced = constraint.accept(token) if constraint is not None else []
+        if token in self.eos:
+            return self._finish("stop")
+        new = [token, *forced][: self.budget - len(self.generated)]
+        self.generated.extend(new)
+        text, stopped = self.stops.push(self.detokenizer.push(new))
+        if text:
+            self.parts.append(text)
+            self.events.put(Delta(text))
+        if stopped or (constraint is not None and constraint.finished):
+            return self._finish("stop")
+        if len(self.generated) >= self.budget:
+            return self._finish("length")
+        self.todo = new
+
+    def _finish(self, reason: str) -> None:
+        tail = self.stops.flush()  # text held back for a stop string that never came
+        if tail:
+            self.parts.append(tail)
+            self.events.put(Delta(tail))
+        end = time.perf_counter()
+        self.usage.completion_tokens = len(self.generated)
+        self.timings.total_ms = (end - self.start) * 1000
+        if self.first_at is not None and len(self.generated) > 1:
+            self.timings.decode_tps = (len(self.generated) - 1) / max(end - self.first_at, 1e-9)
+        text = "".join(self.parts)
+        self.finished = True
+        self.todo = []
+        if self.constraint is not None:
+            if not self.constraint.finished:
+                return self.fail(EdgeError("bad_request", f"max_tokens: the output reached {self.budget} tokens "
+                                           "before the JSON was complete; raise max_tokens or bound the schema "
+                                           "(maxItems, maxLength)", param="max_tokens"))
+            try:
+                value = self.constraint.parse(text)
+            except EdgeError as e:
+                return self.fail(e)
+        else:
+            value = None
+        self.events.put(Result(text, reason, self.usage, self.timings, value, list(self.generated), self.passes))
+
+    def fail(self, error: EdgeError) -> None:
+        self.finished = True
+        self.todo = []
+        self.events.put(error)
+
+    def drain(self) -> Iterator[Delta | Result]:
+        """The events posted so far, without waiting; an error is raised."""
+        while True:
+            try:
+                event = self.events.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(event, EdgeError):
+                raise event
+            yield event
+
+    def follow(self) -> Iterator[Delta | Result]:
+        """Every event up to the final one, waiting for each (the scheduler posts them); an error is raised."""
+        while True:
+            event = self.events.get()
+            if isinstance(event, EdgeError):
+                raise event
+            yield event
+            if isinstance(event, Result):
+                return
