@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import time
 
 
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process's own high-water mark (VmHWM). getrusage's ru_maxrss would be wrong here: Linux carries it
+    across exec, so a worker spawned by a parent holding 800 MB reports at least 800 MB."""
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def summarize(rounds: list[dict], prompt_tokens: int, load_s: float) -> dict:
@@ -80,6 +84,116 @@ def run_edgellm_prefix(args) -> dict:
     return {"prompt_tokens": len(cold_gen.prompt_ids(messages=second)), "cached_tokens": r.usage.cached_tokens,
             "cold_ttft_ms": round(cold_ms, 1), "warm_ttft_ms": round(warm_ms, 1),
             "prefix_ttft_ratio": round(warm_ms / cold_ms, 3)}
+
+
+def run_scheduler(args) -> dict:
+    """The scheduler's latency goals, on the daemon's Generator (4 rows, prefix cache on):
+    - prefill_stall_steps: while 3 streams decode, a 4th request brings a ~500-token prompt. The streams'
+      longest wait for a token during that prompt's prefill, in decode steps beyond the usual one:
+      (max gap - median gap before it) / median gap before it.
+    - ttft_ratio_4_arriving: median time to first token of 4 requests arriving together, over that of one
+      alone, for requests sharing a system prompt (a deployment's fixed instructions) with their own
+      questions; ..._distinct: the same for 4 unrelated prompts."""
+    import threading
+
+    from edgellm.daemon.engine.chat import ChatMessage
+    from edgellm.daemon.engine.generate import Generator
+    from edgellm.daemon.engine.model import LoadedModel
+    from edgellm.daemon.engine.params import GenerationParams
+    from edgellm.daemon.engine.prefix_cache import PrefixCache
+
+    model = LoadedModel.load(args.model, threads=args.threads)
+    text = open(args.prompt_file).read().split()
+
+    def generator() -> Generator:
+        return Generator(model, PrefixCache(256 << 20), batch_rows=4, batch_context=1024)
+
+    def together(gen: Generator, prompts: list[list[int]], params: GenerationParams) -> list:
+        results: list = [None] * len(prompts)
+        start = threading.Barrier(len(prompts))
+
+        def one(i: int) -> None:
+            start.wait()
+            results[i] = gen.generate(prompts[i], params)
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return results
+
+    # -- stall: step times around a long prompt's chunked prefill --------------------------------------
+    stalls, gaps_before, gaps_during = [], [], []
+    for r in range(args.rounds):
+        gen = generator()
+        ends: list[float] = []
+        rows = gen.model.decoder.decode_rows
+
+        def timed(*a, rows=rows, ends=ends):
+            out = rows(*a)
+            ends.append(time.perf_counter())
+            return out
+
+        gen.model.decoder.decode_rows = timed
+        long_ids = gen.prompt_ids(" ".join(text[r * 7: r * 7 + 380]), raw=True)
+        streams = [threading.Thread(target=gen.generate, args=(gen.prompt_ids(f"Story {r}-{i}: a lighthouse"),
+                                                               GenerationParams(max_tokens=300, temperature=0,
+                                                                                ignore_eos=True)))
+                   for i in range(3)]
+        for t in streams:
+            t.start()
+        while len(ends) < 40:
+            time.sleep(0.005)
+        arrived = time.perf_counter()
+        first = gen.generate(long_ids, GenerationParams(max_tokens=1, temperature=0))
+        prefilled = arrived + first.timings.ttft_ms / 1000
+        for t in streams:
+            t.join()
+        gen.model.decoder.decode_rows = rows
+        gaps = [(b - a, b) for a, b in zip(ends, ends[1:], strict=False)]
+        before = statistics.median(g for g, end in gaps if end < arrived)
+        during = [g for g, end in gaps if arrived < end <= prefilled + 0.001]
+        stalls.append((max(during) - before) / before)
+        gaps_before.append(before)
+        gaps_during.append(statistics.median(during))
+
+    # -- time to first token, one alone against four arriving together ---------------------------------
+    def ttft_ratio(shared: bool) -> tuple[float, float, float]:
+        ratios, alone_ms, four_ms = [], [], []
+        for r in range(args.rounds):
+            def prompts(n: int, tag: str, r: int = r) -> list[list[int]]:
+                gen_ = generator()
+                if shared:
+                    system = ChatMessage(role="system", content=" ".join(text[r * 11: r * 11 + 120]))
+                    return [gen_.prompt_ids(messages=[system, ChatMessage(role="user", content=f"{tag} {i}: "
+                                                                          "what does this say?")])
+                            for i in range(n)]
+                return [gen_.prompt_ids(" ".join(text[40 * i + r: 40 * i + r + 100]) + f" {tag}", raw=True)
+                        for i in range(n)]
+
+            params = GenerationParams(max_tokens=1, temperature=0)
+            alone = statistics.median(generator().generate(p, params).timings.ttft_ms
+                                      for p in prompts(3, f"alone{r}"))
+            four = statistics.median(x.timings.ttft_ms for x in together(generator(), prompts(4, f"four{r}"),
+                                                                           params))
+            ratios.append(four / alone)
+            alone_ms.append(alone)
+            four_ms.append(four)
+        return statistics.median(ratios), statistics.median(alone_ms), statistics.median(four_ms)
+
+    generator().generate(model.encode("warm up the session"), GenerationParams(max_tokens=2, temperature=0))
+    shared, shared_alone, shared_four = ttft_ratio(True)
+    distinct, distinct_alone, distinct_four = ttft_ratio(False)
+    return {"prefill_stall_steps": round(statistics.median(stalls), 2),
+            "prefill_stall_steps_range": [round(min(stalls), 2), round(max(stalls), 2)],
+            "step_ms_before": round(statistics.median(gaps_before) * 1000, 1),
+            "step_ms_during_prefill": round(statistics.median(gaps_during) * 1000, 1),
+            "long_prompt_tokens": len(long_ids),
+            "ttft_ratio_4_arriving": round(shared, 3), "ttft_ms_alone": round(shared_alone, 1),
+            "ttft_ms_4_arriving": round(shared_four, 1),
+            "ttft_ratio_4_arriving_distinct": round(distinct, 3), "ttft_ms_alone_distinct": round(distinct_alone, 1),
+            "ttft_ms_4_arriving_distinct": round(distinct_four, 1)}
 
 
 def run_llamacpp(args) -> dict:
@@ -170,7 +284,8 @@ def run_concurrency(args) -> dict:
     """Aggregate tok/s of N concurrent streams through the daemon's worker queue, against one stream."""
     import threading
 
-    from edgellm.daemon.serve.served import Engine, load_served
+    from edgellm.daemon.serve.replies import TextDelta
+    from edgellm.daemon.serve.served import ServedModels, load_served
     from edgellm.daemon.serve.settings import Settings
     from edgellm.daemon.serve.stats import Stats
     from edgellm.daemon.serve.wire import GenerateRequest
@@ -178,19 +293,17 @@ def run_concurrency(args) -> dict:
 
     settings = Settings(model={"path": args.model, "threads": args.threads, "prefix_cache_mb": 0,
                                "batch_size": args.batch_size})
-    worker = Worker(Engine(load_served(settings)), Stats(), 64, 4096, concurrency=args.batch_size)
+    worker = Worker(ServedModels(load_served(settings)), Stats(), 64, 4096, concurrency=args.batch_size)
     worker.start()
 
     class Sink:
         def __init__(self):
-            self.done, self.message = threading.Event(), None
+            self.done, self.event = threading.Event(), None
 
-        def delta(self, m):
-            pass
-
-        def final(self, m):
-            self.message = m
-            self.done.set()
+        def send(self, _request_id, event):
+            if not isinstance(event, TextDelta):
+                self.event = event
+                self.done.set()
 
     def measure(n: int) -> tuple[int, float]:
         sinks = [Sink() for _ in range(n)]
@@ -201,7 +314,7 @@ def run_concurrency(args) -> dict:
                               f"c{n}-{i}-{time.time()}", sink))
         for sink in sinks:
             sink.done.wait()
-        return sum(s.message["usage"]["completion_tokens"] for s in sinks), time.perf_counter() - start
+        return sum(s.event.reply.result.usage.completion_tokens for s in sinks), time.perf_counter() - start
 
     return aggregate_rates(measure, args.new_tokens)
 
@@ -306,7 +419,7 @@ def build_genai(args) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("engine", choices=["edgellm", "edgellm-prefix", "llamacpp", "genai", "genai-build",
+    p.add_argument("engine", choices=["edgellm", "edgellm-prefix", "scheduler", "llamacpp", "genai", "genai-build",
                                       "bandwidth", "concurrency", "concurrency-llamacpp", "concurrency-genai"])
     p.add_argument("--ppl-file", help="llamacpp: also measure perplexity on this text")
     p.add_argument("--model")
@@ -318,7 +431,8 @@ def main() -> None:
     p.add_argument("--hf", help="a Hugging Face model folder")
     p.add_argument("--out")
     args = p.parse_args()
-    run = {"edgellm": run_edgellm, "edgellm-prefix": run_edgellm_prefix, "llamacpp": run_llamacpp,
+    run = {"edgellm": run_edgellm, "edgellm-prefix": run_edgellm_prefix, "scheduler": run_scheduler,
+           "llamacpp": run_llamacpp,
            "genai": run_genai, "genai-build": build_genai, "bandwidth": run_bandwidth,
            "concurrency": run_concurrency, "concurrency-llamacpp": run_concurrency_llamacpp,
            "concurrency-genai": run_concurrency_genai}

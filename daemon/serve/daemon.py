@@ -8,13 +8,14 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 
 from edgellm.daemon.errors import CommandError, EdgeError
 from edgellm.daemon.serve.journal import RequestJournal
 from edgellm.daemon.serve.mqtt_api import MqttService, UpdateHooks
 from edgellm.daemon.serve.sdnotify import Watchdog, notify
-from edgellm.daemon.serve.served import Engine, load_generator, load_served
+from edgellm.daemon.serve.served import ServedModels, load_generator, load_served
 from edgellm.daemon.serve.settings import Settings
 from edgellm.daemon.serve.stats import Stats
 from edgellm.daemon.serve.worker import Worker
@@ -38,11 +39,11 @@ class Daemon:
         served_path = self.updater.recover() if self.updater else None
         notify(f"STATUS=loading {served_path or settings.model.path}")
         try:
-            self.engine = Engine(load_served(self._serving(served_path)))
+            self.models = ServedModels(load_served(self._serving(served_path)))
         except EdgeError as e:
             raise CommandError(e.message) from None
         self.watchdog = Watchdog()
-        self.worker = Worker(self.engine, self.stats, settings.limits.queue_size, settings.limits.max_tokens,
+        self.worker = Worker(self.models, self.stats, settings.limits.queue_size, settings.limits.max_tokens,
                              heartbeat=self.watchdog.ping, store_settings=settings.store,
                              concurrency=settings.model.batch_size)
         hooks = UpdateHooks(self.updater.on_desired, lambda: self.updater.report) if self.updater else None
@@ -56,9 +57,9 @@ class Daemon:
             from edgellm.daemon.serve.http_api import HttpServer, create_app
             from edgellm.daemon.serve.metrics import Metrics
 
-            metrics = Metrics(self.stats, lambda: self.worker.depth, lambda: self.engine.served.model_info,
+            metrics = Metrics(self.stats, lambda: self.worker.depth, lambda: self.models.served.model_info,
                               update_state=lambda: (self.updater.state if self.updater else None) or "none")
-            self.http = HttpServer(create_app(settings, self.worker, self.engine, metrics, self.mqtt_health),
+            self.http = HttpServer(create_app(settings, self.worker, self.models, metrics, self.mqtt_health),
                                    settings)
 
     def _serving(self, folder: Path | None, settings: Settings | None = None) -> Settings:
@@ -90,8 +91,8 @@ class Daemon:
     def switch_model(self, folder: Path | None) -> None:
         """Serve another model folder; requests already running finish on the one they started with."""
         folder = folder or self.settings.model.path
-        self.engine.swap_generator(load_generator(self.settings, folder))
-        log.info("now serving %s from %s", self.model_status()["model"]["name"], folder)
+        self.models.swap_generator(load_generator(self.settings, folder))
+        log.info("now serving %s from %s", self.models.served.model_info.name, folder)
         self.mqtt.publish_status()
 
     def health_problem(self) -> str | None:
@@ -103,11 +104,11 @@ class Daemon:
         bundle = self.updater.slots.bundle(self.updater.slots.state().active)
         if bundle is None or not bundle.smoke.golden:
             return None
-        return golden_problem(Generator(self.engine.served.generator.model), bundle.smoke.golden[0], 1)
+        return golden_problem(Generator(self.models.served.generator.model), bundle.smoke.golden[0], 1)
 
     def model_status(self) -> dict:
-        served = self.engine.served
-        status = {"model": served.model_info}
+        served = self.models.served
+        status = {"model": asdict(served.model_info)}
         if self.updater is not None:
             status["bundle"] = self.updater.active_bundle()
             status["update_state"] = self.updater.state
@@ -176,7 +177,7 @@ class Daemon:
         if (new.model, new.embedding, new.store.path) != (old.model, old.embedding, old.store.path):
             try:
                 active = self.updater.slots.path(self.updater.slots.state().active) if self.updater else None
-                self.engine.swap(load_served(self._serving(active, new)))
+                self.models.swap(load_served(self._serving(active, new)))
                 log.info("now serving %s", self.model_status()["model"]["name"])
             except EdgeError as e:
                 log.error("reload: cannot load the new model, keeping the old one: %s", e.message)

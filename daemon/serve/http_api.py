@@ -14,6 +14,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from dataclasses import asdict
 from typing import Any, Literal
 
 import numpy as np
@@ -27,7 +28,8 @@ from starlette.datastructures import Headers
 from edgellm.daemon.engine.chat import ChatMessage
 from edgellm.daemon.errors import EdgeError
 from edgellm.daemon.serve.metrics import Metrics
-from edgellm.daemon.serve.served import Engine
+from edgellm.daemon.serve.replies import Event, Failed, Finished, Generated, Reply, TextDelta
+from edgellm.daemon.serve.served import ServedModels
 from edgellm.daemon.serve.settings import Settings
 from edgellm.daemon.serve.wire import (
     ChatRequest,
@@ -162,22 +164,20 @@ class QueueSink:
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop = loop
-        self.queue: asyncio.Queue[dict] = asyncio.Queue()
+        self.queue: asyncio.Queue[Event] = asyncio.Queue()
 
-    def delta(self, message: dict) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, message)
-
-    final = delta
+    def send(self, request_id: str, event: Event) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
 
 
-def create_app(settings: Settings, worker: Worker, engine: Engine, metrics: Metrics,
+def create_app(settings: Settings, worker: Worker, models: ServedModels, metrics: Metrics,
                mqtt_health: Callable[[], dict] = lambda: {"connected": True}) -> FastAPI:
     app = FastAPI(title="edgellm", docs_url=None, redoc_url=None, openapi_url=None)
     key = settings.http.key()
     limit = settings.limits.max_payload_bytes
 
     def model_name() -> str:
-        return engine.served.model_info["name"]
+        return models.served.model_info.name
 
     app.add_middleware(Guard, key=key, limit=limit)
 
@@ -207,23 +207,23 @@ def create_app(settings: Settings, worker: Worker, engine: Engine, metrics: Metr
         if worker.cancel(job.request_id, "the HTTP client went away"):
             metrics.stats.disconnected()
 
-    async def replies(job: Job, sink: QueueSink) -> AsyncIterator[dict]:
-        """The job's messages in order, up to its final one. Leaving early (the client hung up: Starlette
+    async def events(job: Job, sink: QueueSink) -> AsyncIterator[Event]:
+        """The job's events in order, up to its final one. Leaving early (the client hung up: Starlette
         cancels a streaming response, or the watcher below cancels a plain one) cancels the job."""
         finished = False
         try:
             while True:
-                message = await sink.queue.get()
-                finished = message.get("type") != "delta"
-                yield message
+                event = await sink.queue.get()
+                finished = not isinstance(event, TextDelta)
+                yield event
                 if finished:
                     return
         finally:
             if not finished:
                 hang_up(job)
 
-    async def final_of(job: Job, sink: QueueSink, request: Request) -> dict:
-        """The final reply of a request answered whole; a client that hangs up meanwhile cancels it at once."""
+    async def final_of(job: Job, sink: QueueSink, request: Request) -> Reply:
+        """The reply of a request answered whole; a client that hangs up meanwhile cancels it at once."""
         async def watch() -> None:
             while (await request.receive())["type"] != "http.disconnect":
                 pass
@@ -231,24 +231,23 @@ def create_app(settings: Settings, worker: Worker, engine: Engine, metrics: Metr
 
         watcher = asyncio.create_task(watch())
         try:
-            async for message in replies(job, sink):
-                if message.get("type") != "delta":
-                    if not message.get("ok"):
-                        error = message["error"]
-                        raise EdgeError(error["code"], error["message"], error.get("param"))
-                    return message
+            async for event in events(job, sink):
+                if isinstance(event, Failed):
+                    raise event.error
+                if isinstance(event, Finished):
+                    return event.reply
         finally:
             watcher.cancel()
         raise EdgeError("internal", "the request ended without a final reply")
 
-    def content_of(result: dict) -> str:
-        return json.dumps(result["json"], ensure_ascii=False) if "json" in result else result["text"]
+    def content_of(reply: Generated) -> str:
+        return json.dumps(reply.result.json, ensure_ascii=False) if reply.json_mode else reply.result.text
 
-    def usage_of(result: dict) -> dict:
-        u = result["usage"]
-        return {"prompt_tokens": u["prompt_tokens"], "completion_tokens": u["completion_tokens"],
-                "total_tokens": u["prompt_tokens"] + u["completion_tokens"],
-                "prompt_tokens_details": {"cached_tokens": u.get("cached_tokens", 0)}}
+    def usage_of(reply: Generated) -> dict:
+        u = reply.result.usage
+        return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+                "total_tokens": u.prompt_tokens + u.completion_tokens,
+                "prompt_tokens_details": {"cached_tokens": u.cached_tokens}}
 
     async def read_body(request: Request) -> bytes:
         """The body, refused with 413 as soon as it passes the limit, whether its length was declared or it
@@ -280,18 +279,19 @@ def create_app(settings: Settings, worker: Worker, engine: Engine, metrics: Metr
 
     async def stream_events(job: Job, sink: QueueSink, chunk: Callable[[dict], dict],
                             include_usage: bool) -> AsyncIterator[bytes]:
-        async for message in replies(job, sink):
-            if message.get("type") == "delta":
-                yield sse(chunk({"text": message["text"]}))
-            elif not message.get("ok"):
-                yield sse({"error": {"message": message["error"]["message"], "type": "server_error",
-                                     "code": message["error"]["code"]}})
+        async for event in events(job, sink):
+            if isinstance(event, TextDelta):
+                yield sse(chunk({"text": event.text}))
+            elif isinstance(event, Failed):
+                yield sse({"error": {"message": event.error.message, "type": "server_error",
+                                     "code": event.error.code}})
             else:
-                if "json" in message:  # constrained output is streamed whole at the end, already validated
-                    yield sse(chunk({"text": content_of(message)}))
-                yield sse(chunk({"finish_reason": message["finish_reason"]}))
+                reply = event.reply
+                if reply.json_mode:  # constrained output is streamed whole at the end, already validated
+                    yield sse(chunk({"text": content_of(reply)}))
+                yield sse(chunk({"finish_reason": reply.result.finish_reason}))
                 if include_usage:
-                    yield sse(chunk({"usage": usage_of(message)}))
+                    yield sse(chunk({"usage": usage_of(reply)}))
         yield sse("[DONE]")
 
     @app.post("/v1/chat/completions")
@@ -321,11 +321,11 @@ def create_app(settings: Settings, worker: Worker, engine: Engine, metrics: Metr
             include_usage = bool((body.stream_options or {}).get("include_usage"))
             return StreamingResponse(stream_events(job, sink, chunk, include_usage),
                                      media_type="text/event-stream")
-        result = await final_of(job, sink, request)
+        reply = await final_of(job, sink, request)
         return {"id": completion_id, "object": "chat.completion", "created": created, "model": model_name(),
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": content_of(result)},
-                             "finish_reason": result["finish_reason"], "logprobs": None}],
-                "usage": usage_of(result)}
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": content_of(reply)},
+                             "finish_reason": reply.result.finish_reason, "logprobs": None}],
+                "usage": usage_of(reply)}
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -344,33 +344,31 @@ def create_app(settings: Settings, worker: Worker, engine: Engine, metrics: Metr
             include_usage = bool((body.stream_options or {}).get("include_usage"))
             return StreamingResponse(stream_events(job, sink, chunk, include_usage),
                                      media_type="text/event-stream")
-        result = await final_of(job, sink, request)
+        reply = await final_of(job, sink, request)
         return {"id": completion_id, "object": "text_completion", "created": created, "model": model_name(),
-                "choices": [{"index": 0, "text": result["text"], "logprobs": None,
-                             "finish_reason": result["finish_reason"]}], "usage": usage_of(result)}
+                "choices": [{"index": 0, "text": reply.result.text, "logprobs": None,
+                             "finish_reason": reply.result.finish_reason}], "usage": usage_of(reply)}
 
     @app.post("/v1/embeddings")
     async def embeddings(request: Request):
         body = await parse(EmbeddingRequest, request)
-        served = engine.served
-        if served.embedder is None:
-            raise EdgeError("model_unavailable", "no embedding model is configured on this device (embedding.path)")
-        if body.model not in ("default", served.embedder.name):
+        embedder = models.served.require_embedder()
+        if body.model not in ("default", embedder.name):
             return openai_error(404, f"model '{body.model}' is not served here; embeddings come from "
-                                f"'{served.embedder.name}' (or say 'default')", "model_not_found", "model")
+                                f"'{embedder.name}' (or say 'default')", "model_not_found", "model")
         job, sink = await submit("embed", EmbedRequest(input=body.input))
-        result = await final_of(job, sink, request)
+        reply = await final_of(job, sink, request)
         data = []
-        for i, vector in enumerate(result["embeddings"]):
-            value = (base64.b64encode(np.asarray(vector, dtype=np.float32).tobytes()).decode()
-                     if body.encoding_format == "base64" else vector)
+        for i, vector in enumerate(reply.vectors):
+            value = (base64.b64encode(vector.astype(np.float32).tobytes()).decode()
+                     if body.encoding_format == "base64" else vector.tolist())
             data.append({"object": "embedding", "index": i, "embedding": value})
-        return {"object": "list", "data": data, "model": served.embedder.name,
+        return {"object": "list", "data": data, "model": reply.model.name,
                 "usage": {"prompt_tokens": 0, "total_tokens": 0}}
 
     @app.get("/v1/models")
-    async def models():
-        served = engine.served
+    async def list_models():
+        served = models.served
         names = [model_name()] + ([served.embedder.name] if served.embedder else [])
         return {"object": "list", "data": [{"id": n, "object": "model", "created": 0, "owned_by": "edgellm"}
                                            for n in names]}
@@ -379,12 +377,12 @@ def create_app(settings: Settings, worker: Worker, engine: Engine, metrics: Metr
     async def health():
         """200 when the model serves and the broker is connected; 503 naming what is wrong otherwise."""
         try:
-            model = engine.served.model_info
+            model = models.served.model_info
         except Exception as e:  # no model: the engine cannot answer
             return openai_error(503, f"no model is loaded: {e}", "model_unavailable")
         mqtt = mqtt_health()
-        body = {"status": "ok" if mqtt["connected"] else "degraded", "model": model, "queue_depth": worker.depth,
-                "mqtt": mqtt}
+        body = {"status": "ok" if mqtt["connected"] else "degraded", "model": asdict(model),
+                "queue_depth": worker.depth, "mqtt": mqtt}
         return JSONResponse(body, 200 if mqtt["connected"] else 503)
 
     @app.get("/metrics")

@@ -7,11 +7,12 @@ from collections.abc import Callable
 from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, InfoMetricFamily
 
+from edgellm.daemon.serve.replies import ModelInfo
 from edgellm.daemon.serve.stats import Histogram, Stats
 
 
 class Metrics:
-    def __init__(self, stats: Stats, queue_depth: Callable[[], int], model_info: Callable[[], dict],
+    def __init__(self, stats: Stats, queue_depth: Callable[[], int], model_info: Callable[[], ModelInfo],
                  update_state: Callable[[], str] = lambda: "none"):
         self.stats, self.queue_depth, self.model_info, self.update_state = stats, queue_depth, model_info, update_state
         self.registry = CollectorRegistry(auto_describe=False)
@@ -45,7 +46,7 @@ class Metrics:
         yield GaugeMetricFamily("edgellm_queue_depth", "Requests queued or running", value=self.queue_depth())
         model = self.model_info()
         info = InfoMetricFamily("edgellm_model", "The model being served")
-        info.add_metric([], {"name": model["name"], "version": model["version"]})
+        info.add_metric([], {"name": model.name, "version": model.version})
         yield info
         state = InfoMetricFamily("edgellm_update", "State of the model update agent")
         state.add_metric([], {"state": self.update_state()})

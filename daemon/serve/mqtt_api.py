@@ -27,9 +27,10 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from edgellm.daemon import __version__
 from edgellm.daemon.errors import CommandError, EdgeError
 from edgellm.daemon.serve.journal import Entry, RequestJournal
+from edgellm.daemon.serve.replies import Event, Failed, TextDelta
 from edgellm.daemon.serve.settings import Settings
 from edgellm.daemon.serve.stats import Stats
-from edgellm.daemon.serve.wire import Incoming, encode_json, error_reply, parse_request
+from edgellm.daemon.serve.wire import Incoming, encode_json, error_reply, parse_request, render
 from edgellm.daemon.serve.worker import Job, Worker
 from edgellm.daemon.update.states import UpdateReport
 
@@ -103,15 +104,17 @@ class MqttReply:
         if correlation is not None:
             self._props.CorrelationData = correlation
 
-    def _send(self, message: dict[str, Any]) -> mqtt.MQTTMessageInfo:
-        return self._client.publish(self._topic, encode_json(message), qos=1, properties=self._props)
-
-    def delta(self, message: dict[str, Any]) -> None:
-        self._send(message)
+    def send(self, request_id: str, event: Event) -> None:
+        """The worker's sink: render the event as MQTT JSON and publish it."""
+        self._publish(render(request_id, event), final=not isinstance(event, TextDelta))
 
     def final(self, message: dict[str, Any]) -> None:
-        info = self._send(message)
-        if self._on_final is not None:
+        """A final reply made here (status, cancel, a refused request)."""
+        self._publish(message, final=True)
+
+    def _publish(self, message: dict[str, Any], final: bool) -> None:
+        info = self._client.publish(self._topic, encode_json(message), qos=1, properties=self._props)
+        if final and self._on_final is not None:
             self._on_final(info)
 
 
@@ -356,7 +359,7 @@ class MqttService:
         except EdgeError as e:
             self.stats.request(method)
             self.stats.error(e.code)
-            job.finish(error_reply(request_id, e))
+            job.finish(Failed(e))
 
     def status(self) -> dict[str, Any]:
         return {"state": "online" if self._accepting else "stopping", "device": self.settings.device_id,

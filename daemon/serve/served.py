@@ -1,4 +1,5 @@
-"""What the daemon serves: one generation model and optionally one embedding model, swappable between requests."""
+"""The models the daemon serves: one generation model, optionally an embedding model and the retrieval store
+built with it; held together, and swapped between requests (a fleet update, a SIGHUP reload)."""
 
 from __future__ import annotations
 
@@ -12,24 +13,37 @@ from edgellm.daemon.engine.prefix_cache import PrefixCache
 from edgellm.daemon.errors import EdgeError
 from edgellm.daemon.retrieval.embedder import Embedder
 from edgellm.daemon.retrieval.store import RetrievalStore
+from edgellm.daemon.serve.replies import ModelInfo
 from edgellm.daemon.serve.settings import Settings
 
 
 @dataclass(frozen=True)
 class Served:
-    """One consistent pair; a request keeps the pair it started with, so a swap never changes it mid-way."""
+    """One consistent set; a request keeps the set it started with, so a swap never changes it mid-way."""
 
     generator: Generator
     embedder: Embedder | None
     store: RetrievalStore | None = None
 
     @property
-    def model_info(self) -> dict[str, str]:
+    def model_info(self) -> ModelInfo:
         m = self.generator.model.manifest
-        return {"name": m.name, "version": m.version}
+        return ModelInfo(m.name, m.version)
+
+    def require_embedder(self) -> Embedder:
+        if self.embedder is None:
+            raise EdgeError("model_unavailable", "no embedding model is configured on this device (embedding.path)")
+        return self.embedder
+
+    def require_store(self) -> RetrievalStore:
+        if self.store is None:
+            raise EdgeError("model_unavailable", "no retrieval store is configured on this device (store.path)")
+        return self.store
 
 
-class Engine:
+class ServedModels:
+    """Holds the current Served set for the worker and the transports."""
+
     def __init__(self, served: Served):
         self._served = served
         self._lock = threading.Lock()

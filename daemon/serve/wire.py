@@ -1,10 +1,12 @@
-"""The JSON shapes of requests and replies, shared by MQTT (docs/mqtt-api.md) and the local clients."""
+"""MQTT's JSON shapes (docs/mqtt-api.md): the requests, parsed once and strictly, and the replies, rendered
+from the worker's typed events. The OpenAI-compatible HTTP API builds the same request models."""
 
 from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from functools import singledispatch
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -12,6 +14,18 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from edgellm.daemon.engine.chat import ChatMessage
 from edgellm.daemon.engine.params import GenerationParams
 from edgellm.daemon.errors import EdgeError
+from edgellm.daemon.serve.replies import (
+    Answered,
+    Deleted,
+    Embedded,
+    Event,
+    Failed,
+    Found,
+    Generated,
+    Ingested,
+    Reply,
+    TextDelta,
+)
 
 ID_MAX = 128
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -222,3 +236,56 @@ def describe_validation(error: ValidationError) -> str:
 
 def error_reply(request_id: str | None, error: EdgeError) -> dict[str, Any]:
     return {"type": "result", "ok": False, "id": request_id, "error": error.to_dict()}
+
+
+def render(request_id: str, event: Event) -> dict[str, Any]:
+    """An event of the worker as the MQTT message docs/mqtt-api.md describes."""
+    if isinstance(event, TextDelta):
+        return {"type": "delta", "id": request_id, "seq": event.seq, "text": event.text}
+    if isinstance(event, Failed):
+        return error_reply(request_id, event.error)
+    return {"type": "result", "ok": True, "id": request_id, **reply_body(event.reply)}
+
+
+@singledispatch
+def reply_body(reply: Reply) -> dict[str, Any]:
+    raise TypeError(f"no MQTT shape for {type(reply).__name__}")
+
+
+@reply_body.register
+def _(reply: Generated) -> dict[str, Any]:
+    r = reply.result
+    body: dict[str, Any] = {"finish_reason": r.finish_reason, "usage": asdict(r.usage),
+                            "timings": {k: round(v, 2) for k, v in asdict(r.timings).items()},
+                            "model": asdict(reply.model)}
+    if reply.json_mode:
+        body["json"] = r.json
+    else:
+        body["text"] = r.text
+    return body
+
+
+@reply_body.register
+def _(reply: Embedded) -> dict[str, Any]:
+    return {"embeddings": reply.vectors.tolist(), "dimension": int(reply.vectors.shape[1]),
+            "model": asdict(reply.model)}
+
+
+@reply_body.register
+def _(reply: Ingested) -> dict[str, Any]:
+    return asdict(reply.report)
+
+
+@reply_body.register
+def _(reply: Found) -> dict[str, Any]:
+    return {"hits": [h.to_dict() for h in reply.hits]}
+
+
+@reply_body.register
+def _(reply: Answered) -> dict[str, Any]:
+    return {**asdict(reply.answer), "model": asdict(reply.model)}
+
+
+@reply_body.register
+def _(reply: Deleted) -> dict[str, Any]:
+    return {"deleted_chunks": reply.chunks}

@@ -1,7 +1,10 @@
-"""The request queue and the threads that run requests on the engine, each to exactly one final reply.
-Transport-neutral: MQTT and HTTP hand it Jobs with a sink for their replies.
+"""The request queue and the threads that run requests on the engine, each to exactly one final event.
 
-Up to `concurrency` generation requests run at once, so their decode steps batch (daemon/engine/batching.py);
+Transport-neutral: MQTT and HTTP hand it Jobs with a sink; the worker sends typed events (a delta, the
+final reply, or an error; edgellm/daemon/serve/replies.py) and each transport renders its own wire format.
+Methods are dispatched by one table, `Worker.methods`.
+
+Up to `concurrency` generation requests run at once, so their decode steps batch (the engine's scheduler);
 embedding and retrieval-store requests, and the retrieval half of ask, take turns on one lock (one SQLite
 connection, one embedder)."""
 
@@ -12,34 +15,41 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
 
 from edgellm.daemon.engine.generate import Delta, Result
 from edgellm.daemon.engine.params import GenerationParams
 from edgellm.daemon.errors import EdgeError
-from edgellm.daemon.serve.served import Engine
+from edgellm.daemon.retrieval.documents import find_files, read_pages
+from edgellm.daemon.retrieval.rag import answer, passages
+from edgellm.daemon.retrieval.store import DocumentInput
+from edgellm.daemon.serve.replies import (
+    Answered,
+    Deleted,
+    Embedded,
+    Event,
+    Failed,
+    Finished,
+    Found,
+    Generated,
+    Ingested,
+    ModelInfo,
+    Reply,
+    TextDelta,
+)
+from edgellm.daemon.serve.served import Served, ServedModels
 from edgellm.daemon.serve.settings import StoreSettings
 from edgellm.daemon.serve.stats import Stats
-from edgellm.daemon.serve.wire import (
-    AskRequest,
-    ChatRequest,
-    DeleteRequest,
-    EmbedRequest,
-    Envelope,
-    GenerateRequest,
-    IngestRequest,
-    SearchRequest,
-    error_reply,
-)
+from edgellm.daemon.serve.wire import ChatRequest, Envelope, IngestRequest
 
 log = logging.getLogger("edgellm.worker")
 PARAM_FIELDS = set(GenerationParams.model_fields)
 
 
 class ReplySink(Protocol):
-    def delta(self, message: dict[str, Any]) -> None: ...
-    def final(self, message: dict[str, Any]) -> None: ...
+    def send(self, request_id: str, event: Event) -> None: ...
 
 
 @dataclass
@@ -60,21 +70,21 @@ class Job:
         if self.deadline is not None and time.monotonic() > self.deadline:
             raise EdgeError("deadline_exceeded", "the request's deadline passed before it could be answered")
 
-    def finish(self, message: dict[str, Any]) -> bool:
-        """Send the final reply, once; later calls do nothing."""
+    def finish(self, event: Finished | Failed) -> bool:
+        """Send the final event, once; later calls do nothing."""
         with self._lock:
             if self._done:
                 return False
             self._done = True
-        self.sink.final(message)
+        self.sink.send(self.request_id, event)
         return True
 
 
 class Worker:
-    def __init__(self, engine: Engine, stats: Stats, queue_size: int, max_tokens: int,
+    def __init__(self, models: ServedModels, stats: Stats, queue_size: int, max_tokens: int,
                  heartbeat: Callable[[], None] = lambda: None, store_settings: StoreSettings | None = None,
                  concurrency: int = 1):
-        self.engine = engine
+        self.models = models
         self.store_settings = store_settings or StoreSettings()
         self.stats = stats
         self.max_tokens = max_tokens
@@ -88,6 +98,12 @@ class Worker:
         self._exclusive = threading.Lock()
         self._threads = [threading.Thread(target=self._run, name=f"edgellm-worker-{i}", daemon=True)
                          for i in range(concurrency)]
+        # method -> (handler, whether it takes the store's and embedder's turn)
+        self.methods: dict[str, tuple[Callable[[Job, Served], Reply], bool]] = {
+            "generate": (self._generate, False), "chat": (self._generate, False), "ask": (self._ask, False),
+            "embed": (self._embed, True), "ingest": (self._ingest, True), "search": (self._search, True),
+            "delete": (self._delete, True),
+        }
 
     def start(self) -> None:
         for thread in self._threads:
@@ -156,97 +172,38 @@ class Worker:
         self.stats.request(job.method)
         try:
             job.check()
-            body = self._handle(job)
-            job.finish({"type": "result", "ok": True, "id": job.request_id, **body})
+            handler, exclusive = self.methods[job.method]
+            served = self.models.served
+            if exclusive:
+                with self._exclusive:
+                    reply = handler(job, served)
+            else:
+                reply = handler(job, served)
+            job.finish(Finished(reply))
         except EdgeError as e:
             self.stats.error(e.code)
-            job.finish(error_reply(job.request_id, e))
+            job.finish(Failed(e))
         except Exception as e:  # the daemon never dies of a request
             log.exception("request %s (%s) failed", job.request_id, job.method)
             self.stats.error("internal")
-            job.finish(error_reply(job.request_id, EdgeError("internal", f"{type(e).__name__}: {e}")))
+            job.finish(Failed(EdgeError("internal", f"{type(e).__name__}: {e}")))
 
     def _params(self, request: Envelope) -> GenerationParams:
         params = GenerationParams(**request.model_dump(include=PARAM_FIELDS))
         if "max_tokens" not in request.model_fields_set:
             params.max_tokens = min(params.max_tokens, self.max_tokens)
         elif params.max_tokens > self.max_tokens:
-            raise EdgeError("bad_request", f"max_tokens: at most {self.max_tokens} on this device")
+            raise EdgeError("bad_request", f"max_tokens: at most {self.max_tokens} on this device",
+                            param="max_tokens")
         return params
-
-    def _handle(self, job: Job) -> dict[str, Any]:
-        served = self.engine.served
-        request = job.request
-        if isinstance(request, GenerateRequest | ChatRequest):
-            return self._generate(job, served)
-        if isinstance(request, AskRequest):
-            return self._ask(job, served)
-        with self._exclusive:
-            return self._handle_exclusive(job, served)
-
-    def _ask(self, job: Job, served) -> dict[str, Any]:
-        """Retrieval takes the store's turn; the answer is generated outside it, batched with other requests,
-        so embed and search requests need not wait for it."""
-        from edgellm.daemon.retrieval.rag import answer, passages
-
-        request, params, store = job.request, self._params(job.request), self._store(served)
-        with self._exclusive:
-            given = passages(served.generator, store, request.question, params, request.k,
-                             request.collection, request.filter, self.store_settings.min_similarity)
-        result = answer(served.generator, request.question, given, params, interrupt=lambda: self._interrupt(job))
-        return {**asdict(result), "model": served.model_info}
-
-    @staticmethod
-    def _store(served):
-        if served.store is None:
-            raise EdgeError("model_unavailable", "no retrieval store is configured on this device (store.path)")
-        return served.store
 
     def _interrupt(self, job: Job) -> None:
         """Before every forward pass: show the watchdog we are alive, and stop a cancelled or late request."""
         self.heartbeat()
         job.check()
 
-    def _handle_exclusive(self, job: Job, served) -> dict[str, Any]:
-        request = job.request
-        if isinstance(request, EmbedRequest):
-            if served.embedder is None:
-                raise EdgeError("model_unavailable", "no embedding model is configured on this device (embedding.path)")
-            vectors = served.embedder.embed(request.texts())
-            return {"embeddings": vectors.tolist(), "dimension": int(vectors.shape[1]),
-                    "model": {"name": served.embedder.name, "version": served.embedder.manifest.version}}
-        self._store(served)
-        if isinstance(request, IngestRequest):
-            return asdict(served.store.ingest(self._documents(request)))
-        if isinstance(request, SearchRequest):
-            hits = served.store.search(request.query, request.k, request.collection, request.filter, request.mode)
-            return {"hits": [h.to_dict() for h in hits]}
-        if isinstance(request, DeleteRequest):
-            return {"deleted_chunks": served.store.delete(request.source, request.collection)}
-        raise EdgeError("unknown_method", f"method '{job.method}' is not handled by the worker")
-
-    def _documents(self, request: IngestRequest) -> list:
-        """Inline text, or files under an allowed folder; anything else is refused before it is read."""
-        from pathlib import Path
-
-        from edgellm.daemon.retrieval.documents import find_files, read_pages
-        from edgellm.daemon.retrieval.store import DocumentInput
-
-        if (request.text is None) == (request.path is None):
-            raise EdgeError("bad_request", "give either text (with source) or path")
-        if request.text is not None:
-            if not request.source:
-                raise EdgeError("bad_request", "source: required with text; it is what citations will show")
-            return [DocumentInput(request.source, [request.text], request.collection, request.metadata)]
-        path = Path(request.path).resolve()
-        allowed = [d.resolve() for d in self.store_settings.ingest_dirs]
-        if not any(path == d or path.is_relative_to(d) for d in allowed):
-            raise EdgeError("bad_request", f"path: {request.path} is outside the folders this device may ingest "
-                            "(store.ingest_dirs)")
-        return [DocumentInput(str(f), read_pages(f), request.collection, request.metadata)
-                for f in find_files([path])]
-
-    def _generate(self, job: Job, served) -> dict[str, Any]:
+    # -- the methods -----------------------------------------------------------------------------------
+    def _generate(self, job: Job, served: Served) -> Generated:
         request = job.request
         params = self._params(request)
         generator = served.generator
@@ -255,22 +212,56 @@ class Worker:
             ids = generator.prompt_ids(messages=request.messages)
         else:
             ids = generator.prompt_ids(request.prompt, raw=request.raw)
-
         result: Result | None = None
         seq = 0
         for event in generator.stream(ids, params, interrupt=lambda: self._interrupt(job), started=started):
             if isinstance(event, Delta):
                 if request.stream:
-                    job.sink.delta({"type": "delta", "id": job.request_id, "seq": seq, "text": event.text})
+                    job.sink.send(job.request_id, TextDelta(event.text, seq))
                     seq += 1
             else:
                 result = event
         self.stats.generated(result.usage.completion_tokens, result.timings.decode_tps, result.timings.ttft_ms)
-        body: dict[str, Any] = {"finish_reason": result.finish_reason, "usage": asdict(result.usage),
-                                "timings": {k: round(v, 2) for k, v in asdict(result.timings).items()},
-                                "model": served.model_info}
-        if params.json_schema is not None:
-            body["json"] = result.json
-        else:
-            body["text"] = result.text
-        return body
+        return Generated(result, served.model_info, params.json_schema is not None)
+
+    def _ask(self, job: Job, served: Served) -> Answered:
+        """Retrieval takes the store's turn; the answer is generated outside it, batched with other requests,
+        so embed and search requests need not wait for it."""
+        request, params, store = job.request, self._params(job.request), served.require_store()
+        with self._exclusive:
+            given = passages(served.generator, store, request.question, params, request.k,
+                             request.collection, request.filter, self.store_settings.min_similarity)
+        result = answer(served.generator, request.question, given, params, interrupt=lambda: self._interrupt(job))
+        return Answered(result, served.model_info)
+
+    def _embed(self, job: Job, served: Served) -> Embedded:
+        embedder = served.require_embedder()
+        return Embedded(embedder.embed(job.request.texts()), ModelInfo(embedder.name, embedder.manifest.version))
+
+    def _ingest(self, job: Job, served: Served) -> Ingested:
+        store = served.require_store()
+        return Ingested(store.ingest(self._documents(job.request)))
+
+    def _search(self, job: Job, served: Served) -> Found:
+        r = job.request
+        return Found(served.require_store().search(r.query, r.k, r.collection, r.filter, r.mode))
+
+    def _delete(self, job: Job, served: Served) -> Deleted:
+        return Deleted(served.require_store().delete(job.request.source, job.request.collection))
+
+    def _documents(self, request: IngestRequest) -> list[DocumentInput]:
+        """Inline text, or files under an allowed folder; anything else is refused before it is read."""
+        if (request.text is None) == (request.path is None):
+            raise EdgeError("bad_request", "give either text (with source) or path")
+        if request.text is not None:
+            if not request.source:
+                raise EdgeError("bad_request", "source: required with text; it is what citations will show",
+                                param="source")
+            return [DocumentInput(request.source, [request.text], request.collection, request.metadata)]
+        path = Path(request.path).resolve()
+        allowed = [d.resolve() for d in self.store_settings.ingest_dirs]
+        if not any(path == d or path.is_relative_to(d) for d in allowed):
+            raise EdgeError("bad_request", f"path: {request.path} is outside the folders this device may ingest "
+                            "(store.ingest_dirs)", param="path")
+        return [DocumentInput(str(f), read_pages(f), request.collection, request.metadata)
+                for f in find_files([path])]

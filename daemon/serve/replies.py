@@ -1,0 +1,76 @@
+"""What the worker answers, typed. Each transport renders these in its own wire format: MQTT's JSON
+(edgellm/daemon/serve/wire.py, `reply_body`) and OpenAI's (edgellm/daemon/serve/http_api.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from edgellm.daemon.engine.sequence import Result
+from edgellm.daemon.errors import EdgeError
+from edgellm.daemon.retrieval.rag import Answer
+from edgellm.daemon.retrieval.store import Hit, IngestReport
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    version: str
+
+
+@dataclass
+class Generated:
+    result: Result
+    model: ModelInfo
+    json_mode: bool  # the request gave a json_schema: the answer is `result.json`, not the text
+
+
+@dataclass
+class Embedded:
+    vectors: np.ndarray  # [texts, dimension], unit length
+    model: ModelInfo
+
+
+@dataclass
+class Ingested:
+    report: IngestReport
+
+
+@dataclass
+class Found:
+    hits: list[Hit]
+
+
+@dataclass
+class Answered:
+    answer: Answer
+    model: ModelInfo
+
+
+@dataclass
+class Deleted:
+    chunks: int
+
+
+Reply = Generated | Embedded | Ingested | Found | Answered | Deleted
+
+
+# -- the events a request's sink receives: deltas (streaming only), then exactly one Finished or Failed ------
+@dataclass
+class TextDelta:
+    text: str
+    seq: int  # counts from 0
+
+
+@dataclass
+class Finished:
+    reply: Reply
+
+
+@dataclass
+class Failed:
+    error: EdgeError
+
+
+Event = TextDelta | Finished | Failed
