@@ -32,7 +32,7 @@ EVAL_TEXT = "eval_en.txt"
 
 
 def eval_text() -> str:
-    return files("models").joinpath("data", EVAL_TEXT).read_text()
+    return files("edgellm.models").joinpath("data", EVAL_TEXT).read_text()
 
 
 @dataclass

@@ -69,30 +69,21 @@ def sentence_transformers_layout(folder: Path, config: dict) -> Embedding:
 
 
 def _reference_vectors(folder: Path, layout: Embedding, sentences: list[str]):
+    """The source model's sentence vectors in PyTorch fp32, tokenized and pooled as the device will."""
     import numpy as np
     import torch
-    from tokenizers import Tokenizer
     from transformers import AutoModel
 
-    tok = Tokenizer.from_file(str(folder / TOKENIZER_FILE))
-    tok.no_padding()
-    tok.no_truncation()
-    tok.enable_padding(pad_id=layout.pad_token_id)
-    tok.enable_truncation(layout.max_length)
-    enc = tok.encode_batch(sentences)
+    from edgellm.daemon.retrieval.embedder import embedding_tokenizer, pool
+
+    enc = embedding_tokenizer(folder / TOKENIZER_FILE, layout).encode_batch(sentences)
     ids = torch.tensor([e.ids for e in enc])
-    mask = torch.tensor([e.attention_mask for e in enc])
+    mask = np.asarray([e.attention_mask for e in enc])
     model = AutoModel.from_pretrained(folder, dtype=torch.float32).eval()
     with torch.no_grad():
-        hidden = model(input_ids=ids, attention_mask=mask, token_type_ids=torch.zeros_like(ids)).last_hidden_state
-    if layout.pooling == "cls":
-        vectors = hidden[:, 0]
-    else:
-        vectors = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
-    vectors = vectors.numpy()
-    if layout.normalize:
-        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    return vectors
+        hidden = model(input_ids=ids, attention_mask=torch.from_numpy(mask),
+                       token_type_ids=torch.zeros_like(ids)).last_hidden_state
+    return pool(hidden.numpy(), mask, layout)
 
 
 def build_embedding(source_ref: str, out: Path, options: BuildOptions) -> ModelManifest:

@@ -2,7 +2,7 @@
 
 The optimum export spends ~450 small ops per token on SmolLM2 (rotary, attention, norms spelled out in
 primitive ops); decode on 2 cores is limited by their count and thread syncs, not by the bytes read
-(shared/NOTES.md). This graph is the shape onnxruntime-genai's builder makes: per layer one
+(docs/measured-facts.md, "The decoder graph"). This graph is the shape onnxruntime-genai's builder makes: per layer one
 SkipSimplifiedLayerNormalization, one packed QKV MatMul, one GroupQueryAttention (rotary inside), the
 output MatMul, a second skip-norm, one packed gate/up MatMul, SiLU-and-multiply and the down MatMul.
 

@@ -1,5 +1,5 @@
 """Lossless import of a GGUF file's quantized blocks into the ONNX graph, instead of rounding its
-de-quantized weights a second time (SmolLM2 int4 perplexity 23.8 -> 28.3 that way; shared/NOTES.md).
+de-quantized weights a second time (SmolLM2 int4 perplexity 23.8 -> 28.3 that way; docs/measured-facts.md).
 
 - Q4_1 (`w = d*q + m`) has no fast MatMulNBits form with float zero points, so it becomes an exact split:
   `Y = MatMulNBits(A, q, d) + blocksum(A) @ (m + 8d)^T`, where MatMulNBits without zero points computes

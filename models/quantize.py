@@ -1,6 +1,7 @@
 """Weight-only quantization with onnxruntime's MatMulNBits quantizer (int8, int4), never quantize_dynamic.
 
-quantize_dynamic costs SmolLM2 perplexity 16.5 -> 30.5; weight-only 8-bit keeps it at 16.7 (shared/NOTES.md).
+quantize_dynamic costs SmolLM2 perplexity 16.5 -> 30.5; weight-only 8-bit keeps it at 16.7
+(docs/measured-facts.md, "Quantization").
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import onnx
 
 from edgellm.models.graph_edits import output_head_is_float, output_head_name
 
-# int8 compute on CPU; the quantizer's default level ran 3.5x slower than fp32 (shared/NOTES.md).
+# int8 compute on CPU; the quantizer's default level ran 3.5x slower than fp32 (docs/measured-facts.md).
 ACCURACY_LEVEL_INT8 = 4
 
 

@@ -170,6 +170,9 @@ def main() -> None:
     prefix = worker(py, "edgellm-prefix", "--model", str(int4), "--prompt-file", str(eval_file),
                     "--threads", str(args.threads), "--rounds", str(args.rounds))
     console.print(f"prefix reuse: {json.dumps(prefix)}")
+    scheduler = worker(py, "scheduler", "--model", str(int4), "--prompt-file", str(eval_file),
+                       "--threads", str(args.threads), "--rounds", str(args.rounds))
+    console.print(f"scheduler: {json.dumps(scheduler)}")
     if "llama.cpp Q4_1" in engines:
         curves["llama.cpp Q4_1 (llama-cpp-python: one at a time)"] = worker(
             ANCHOR_PY["llamacpp"], "concurrency-llamacpp", "--model", str(gguf), *streams)["aggregate_tps"]
@@ -220,6 +223,10 @@ def main() -> None:
         "prefix_ttft_ratio": prefix["prefix_ttft_ratio"], "prefix_cached_tokens": prefix["cached_tokens"],
         "concurrency4_speedup": concurrency["concurrency4_speedup"],
         "concurrency4_speedup_range": concurrency["concurrency4_speedup_range"],
+        "prefill_stall_steps": scheduler["prefill_stall_steps"],
+        "prefill_stall_steps_range": scheduler["prefill_stall_steps_range"],
+        "ttft_ratio_4_arriving": scheduler["ttft_ratio_4_arriving"],
+        "ttft_ratio_4_arriving_distinct": scheduler["ttft_ratio_4_arriving_distinct"],
         "concurrency_aggregate_tps": curves,
         "edgellm_int4_ppl": ppl4, "llamacpp_ppl": llama and llama.get("ppl"),
         "ppl_ratio_vs_llamacpp": round(ppl4 / llama["ppl"], 3) if llama and llama.get("ppl") else None,

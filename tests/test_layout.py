@@ -7,6 +7,7 @@ import ast
 import subprocess
 import sys
 import venv
+import zipfile
 from pathlib import Path
 
 from tests.harness import ROOT
@@ -62,6 +63,10 @@ def test_the_wheel_installs_beside_python_daemon_and_generates(tmp_path, tiny_so
                           str(wheels), str(ROOT)], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     wheel = next(wheels.glob("edgellm-*.whl"))
+    with zipfile.ZipFile(wheel) as z:
+        names = set(z.namelist())
+    assert "edgellm/models/data/eval_en.txt" in names and "edgellm/daemon/engine/scheduler.py" in names
+    assert not any(n.startswith(("daemon/", "models/")) for n in names)
     fresh = tmp_path / "fresh"
     venv.create(fresh, with_pip=False)
     site = next(fresh.glob("lib/python*/site-packages"))

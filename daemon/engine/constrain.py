@@ -16,7 +16,8 @@ from llguidance.numpy import allocate_token_bitmask, fill_next_token_bitmask
 
 from edgellm.daemon.errors import EdgeError
 
-# Compact separators: more tokens are forced, so more are fast-forwarded (shared/NOTES.md: ~35% of JSON tokens).
+# Compact separators: more tokens are forced, so more are fast-forwarded (~35% of JSON tokens:
+# docs/measured-facts.md, "Constrained JSON").
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 

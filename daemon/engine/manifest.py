@@ -6,24 +6,22 @@ import hashlib
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
 from edgellm.daemon.errors import EdgeError
+from edgellm.daemon.formats import StrictModel
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "edgellm-model/1"
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
-
-class FileEntry(_Strict):
+class FileEntry(StrictModel):
     size: int = Field(ge=0)
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
 
 
-class Quantization(_Strict):
+class Quantization(StrictModel):
     scheme: Literal["fp32", "int8", "int4"]
     method: str = Field(description="how the weights were quantized, e.g. 'MatMulNBits RTN'")
     per_channel: bool | None = None
@@ -36,14 +34,14 @@ class Quantization(_Strict):
     gguf_imported: dict[str, int] | None = Field(None, description="weights taken exactly from GGUF blocks")
 
 
-class Source(_Strict):
+class Source(StrictModel):
     kind: Literal["hf_folder", "gguf", "hub"]
     ref: str = Field(description="folder path, GGUF file path or hub id, as given")
     revision: str | None = None
     sha256: str | None = Field(default=None, description="digest of a single-file source (GGUF)")
 
 
-class Generation(_Strict):
+class Generation(StrictModel):
     """Defaults the engine needs before it sees any request."""
 
     eos_token_ids: list[int]
@@ -53,7 +51,7 @@ class Generation(_Strict):
     chat_template: str | None = Field(default=None, description="file name of the Jinja chat template")
 
 
-class Quality(_Strict):
+class Quality(StrictModel):
     eval_text: str = Field(description="name of the evaluation text kept in the repo")
     eval_text_sha256: str
     eval_tokens: int
@@ -61,7 +59,7 @@ class Quality(_Strict):
     source_perplexity: float | None = Field(default=None, description="of the source model, in PyTorch fp32")
 
 
-class Embedding(_Strict):
+class Embedding(StrictModel):
     dimension: int = Field(gt=0)
     pooling: Literal["mean", "cls"] = "mean"
     normalize: bool = True
@@ -69,13 +67,13 @@ class Embedding(_Strict):
     pad_token_id: int = 0
 
 
-class EmbeddingQuality(_Strict):
+class EmbeddingQuality(StrictModel):
     sentences: int
     cosine_mean: float = Field(description="cosine to the source model in PyTorch fp32")
     cosine_min: float
 
 
-class ModelManifest(_Strict):
+class ModelManifest(StrictModel):
     format: Literal["edgellm-model/1"] = FORMAT
     name: str
     version: str = "1"

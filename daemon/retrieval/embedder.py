@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 from tokenizers import Tokenizer
 
-from edgellm.daemon.engine.manifest import ModelManifest, load_manifest
+from edgellm.daemon.engine.decoder import cpu_session
+from edgellm.daemon.engine.manifest import Embedding, ModelManifest, load_manifest
 from edgellm.daemon.engine.model import MODEL_FILE, TOKENIZER_FILE
 from edgellm.daemon.errors import EdgeError
 
@@ -18,19 +18,11 @@ class Embedder:
         folder = Path(folder)
         self.manifest: ModelManifest = load_manifest(folder, task="embedding")
         info = self.manifest.embedding
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
         try:
-            self.session = ort.InferenceSession(str(folder / MODEL_FILE), opts, providers=["CPUExecutionProvider"])
-            self.tokenizer = Tokenizer.from_file(str(folder / TOKENIZER_FILE))
+            self.session = cpu_session(folder / MODEL_FILE, threads)
+            self.tokenizer = embedding_tokenizer(folder / TOKENIZER_FILE, info)
         except Exception as e:
             raise EdgeError("model_unavailable", f"{folder}: cannot load the embedding model: {e}") from None
-        # Shipped tokenizer.json files often fix padding and truncation at 128: reset both.
-        self.tokenizer.no_padding()
-        self.tokenizer.no_truncation()
-        self.tokenizer.enable_padding(pad_id=info.pad_token_id)
-        self.tokenizer.enable_truncation(info.max_length)
         self.inputs = {i.name for i in self.session.get_inputs()}
         self.dimension = info.dimension
 
@@ -61,12 +53,28 @@ class Embedder:
         feeds = {"input_ids": ids, "attention_mask": mask}
         if "token_type_ids" in self.inputs:
             feeds["token_type_ids"] = np.zeros_like(ids)
-        hidden = self.session.run(None, feeds)[0]
-        if self.manifest.embedding.pooling == "cls":
-            vectors = hidden[:, 0]
-        else:
-            weights = mask[:, :, None].astype(np.float32)
-            vectors = (hidden * weights).sum(axis=1) / np.maximum(weights.sum(axis=1), 1e-9)
-        if self.manifest.embedding.normalize:
-            vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
-        return vectors.astype(np.float32)
+        return pool(self.session.run(None, feeds)[0], mask, self.manifest.embedding)
+
+
+def embedding_tokenizer(path: Path, layout: Embedding) -> Tokenizer:
+    """The model's tokenizer, padding and truncating as its manifest says. Shipped tokenizer.json files often
+    fix both at 128, and ids then differ from sentence-transformers': reset them first."""
+    tokenizer = Tokenizer.from_file(str(path))
+    tokenizer.no_padding()
+    tokenizer.no_truncation()
+    tokenizer.enable_padding(pad_id=layout.pad_token_id)
+    tokenizer.enable_truncation(layout.max_length)
+    return tokenizer
+
+
+def pool(hidden: np.ndarray, mask: np.ndarray, layout: Embedding) -> np.ndarray:
+    """Token states [batch, tokens, dim] to sentence vectors: the CLS state or the mean over real tokens,
+    L2-normalized where the model says so."""
+    if layout.pooling == "cls":
+        vectors = hidden[:, 0]
+    else:
+        weights = mask[:, :, None].astype(np.float32)
+        vectors = (hidden * weights).sum(axis=1) / np.maximum(weights.sum(axis=1), 1e-9)
+    if layout.normalize:
+        vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+    return vectors.astype(np.float32)

@@ -24,7 +24,7 @@ from edgellm.daemon.retrieval.embedder import Embedder
 
 RRF_K = 60
 BIT_SEARCH_ABOVE = 20_000  # chunks; below this a float scan is fast enough
-RERANK = 50  # bit candidates re-scored in float (recall@5 0.92 at 100k, shared/NOTES.md)
+RERANK = 50  # bit candidates re-scored in float (recall@5 0.92 at 100k: docs/measured-facts.md, "sqlite-vec")
 
 
 @dataclass

@@ -12,22 +12,18 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 from edgellm.daemon.errors import CommandError
+from edgellm.daemon.formats import NAME_PATTERN, StrictModel
 from edgellm.daemon.update.agent import UpdateSettings  # the update room owns its section
 
 DEFAULT_CONFIG = Path("/etc/edgellm/edgellm.toml")
 ENV_PREFIX = "EDGELLM_"
-NAME_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class TLSSettings(_Section):
+class TLSSettings(StrictModel):
     enabled: bool = False
     ca_file: Path | None = Field(None, description="CA bundle that signed the broker's certificate")
     cert_file: Path | None = Field(None, description="client certificate, for mutual TLS")
@@ -35,7 +31,7 @@ class TLSSettings(_Section):
     insecure: bool = Field(False, description="skip the broker hostname check (labs only)")
 
 
-class MQTTSettings(_Section):
+class MQTTSettings(StrictModel):
     host: str = "localhost"
     port: int = Field(1883, ge=1, le=65535)
     username: str | None = None
@@ -48,7 +44,7 @@ class MQTTSettings(_Section):
     tls: TLSSettings = TLSSettings()
 
 
-class ModelSettings(_Section):
+class ModelSettings(StrictModel):
     path: Path | None = Field(None, description="the model folder to serve")
     threads: int = Field(0, ge=0, description="onnxruntime intra-op threads (0: all cores)")
     prefix_cache_mb: int = Field(256, ge=0, description="memory for reusing prompt prefixes (0 turns it off)")
@@ -59,19 +55,19 @@ class ModelSettings(_Section):
                                "committed at start; a longer request continues unbatched")
 
 
-class EmbeddingSettings(_Section):
+class EmbeddingSettings(StrictModel):
     path: Path | None = Field(None, description="an embedding model folder, for the embed method")
     threads: int = Field(1, ge=0)
 
 
-class StoreSettings(_Section):
+class StoreSettings(StrictModel):
     path: Path | None = Field(None, description="the retrieval store (SQLite file), for ingest/search/ask")
     ingest_dirs: list[Path] = Field(default_factory=list,
                                     description="folders whose files MQTT ingest may read; nothing else is readable")
     min_similarity: float = Field(0.25, ge=-1, le=1, description="ask answers 'not found' below this cosine")
 
 
-class HttpSettings(_Section):
+class HttpSettings(StrictModel):
     enabled: bool = False
     host: str = Field("127.0.0.1", description="loopback by default; any other address needs an API key")
     port: int = Field(8080, ge=1, le=65535)
@@ -95,7 +91,7 @@ class HttpSettings(_Section):
             return False
 
 
-class LimitSettings(_Section):
+class LimitSettings(StrictModel):
     queue_size: int = Field(16, ge=1, le=10_000, description="requests waiting beyond this get 'busy'")
     max_payload_bytes: int = Field(1 << 20, ge=1024)
     max_tokens: int = Field(2048, ge=1, description="ceiling on any request's max_tokens")

@@ -18,9 +18,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field, ValidationError
 
 from edgellm.daemon.errors import EdgeError
+from edgellm.daemon.formats import StrictModel
 from edgellm.daemon.update.bundle import (
     SIGNATURE_FILE,
     BundleManifest,
@@ -42,10 +43,8 @@ log = logging.getLogger("edgellm.update")
 S = UpdateState
 
 
-class UpdateSettings(BaseModel):
+class UpdateSettings(StrictModel):
     """The [update] section of the daemon's configuration (edgellm/daemon/serve/settings.py)."""
-
-    model_config = ConfigDict(extra="forbid")
     enabled: bool = Field(False, description="follow the desired state published for our groups and device")
     state_dir: Path | None = Field(None, description="model slots and downloads (default: STATE_DIR/updates)")
     public_keys: list[Path] = Field(default_factory=list, description="Ed25519 public keys (PEM) bundles must be "

@@ -18,27 +18,24 @@ import hashlib
 import time
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator
 
 from edgellm.daemon.errors import EdgeError
+from edgellm.daemon.formats import NAME_PATTERN, StrictModel
 
 BUNDLE_FILE = "bundle.json"
 SIGNATURE_FILE = "bundle.json.sig"
 FORMAT = "edgellm-bundle/1"
-NAME_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
 SHA256 = r"^[0-9a-f]{64}$"
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
-
-class Chunk(_Strict):
+class Chunk(StrictModel):
     sha256: str = Field(pattern=SHA256)
     size: int = Field(gt=0)
 
 
-class BundleFile(_Strict):
+class BundleFile(StrictModel):
     path: str = Field(pattern=r"^[A-Za-z0-9_.-][A-Za-z0-9_./-]*$", max_length=255,
                       description="relative to the slot; no '..', '.' or empty segments")
     size: int = Field(ge=0)
@@ -54,7 +51,7 @@ class BundleFile(_Strict):
         return path
 
 
-class GoldenPrompt(_Strict):
+class GoldenPrompt(StrictModel):
     """A prompt the device must answer as the host did, greedily: exactly, or with schema-valid JSON."""
 
     prompt: str
@@ -64,13 +61,13 @@ class GoldenPrompt(_Strict):
     json_schema: dict | None = None
 
 
-class SmokeTest(_Strict):
+class SmokeTest(StrictModel):
     golden: list[GoldenPrompt] = Field(default_factory=list)
     eval_file: str | None = Field(None, description="bundle file whose perplexity is measured on the device")
     max_perplexity: float | None = Field(None, gt=0)
 
 
-class Lineage(_Strict):
+class Lineage(StrictModel):
     base_model: str | None = None
     source_sha256: str | None = None
     adapter: dict | None = None
@@ -80,7 +77,7 @@ class Lineage(_Strict):
     license: str | None = None
 
 
-class BundleManifest(_Strict):
+class BundleManifest(StrictModel):
     format: Literal["edgellm-bundle/1"] = FORMAT
     name: str = Field(pattern=NAME_PATTERN)
     version: str = Field(pattern=NAME_PATTERN)
@@ -98,12 +95,12 @@ class BundleManifest(_Strict):
         return {c.sha256: c.size for f in self.files for c in f.chunks}
 
 
-class Signature(_Strict):
+class Signature(StrictModel):
     key_id: str
     signature: str = Field(description="base64 Ed25519 signature of the bundle.json bytes")
 
 
-class DesiredState(_Strict):
+class DesiredState(StrictModel):
     """What a group (or one device) should run; published retained by `edgellm bundle publish`."""
 
     id: str = Field(pattern=NAME_PATTERN, description="one per publication; a device acts on each id once")
