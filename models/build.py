@@ -1,6 +1,13 @@
-"""`edgellm model build`: source -> fixed HF model -> optimum ONNX -> graph edits -> quantized, evaluated folder.
+"""`edgellm model build`: a source (GGUF file, Hugging Face folder or hub id) to a model folder a device runs.
 
-The folder appears at --out only when complete: everything is staged beside it and renamed at the end.
+Two ways, one result (edgellm/daemon/engine/manifest.py):
+- **the fused graph** (Llama, Mistral, Qwen2, Phi-2, Phi-3): read the weights one tensor at a time (a GGUF's
+  blocks as they are, safetensors memory-mapped) and write the graph and its weights straight to the folder.
+  No torch: a device can build from a GGUF, in memory about the size of one tensor plus the final check;
+- **optimum's export** (other architectures, or --no-fuse): load the model in transformers, export, quantize.
+
+The folder appears at --out only when complete: everything is staged beside it and renamed at the end, and a
+build killed before that leaves a staging folder the next build removes.
 """
 
 from __future__ import annotations
@@ -12,18 +19,13 @@ from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
 
-from edgellm.daemon.engine.manifest import (
-    Generation,
-    ModelManifest,
-    Quality,
-    Quantization,
-    describe_files,
-)
+from edgellm.daemon.engine.manifest import Generation, ModelManifest, Quality, Quantization, describe_files
 from edgellm.daemon.engine.manifest import Source as SourceRecord
 from edgellm.daemon.engine.model import MODEL_FILE, TOKENIZER_FILE
+from edgellm.models.errors import BuildError
 from edgellm.models.progress import Steps
 from edgellm.models.quantize import ACCURACY_LEVEL_INT8, QuantSpec
-from edgellm.models.sources import resolve_source
+from edgellm.models.sources import Source, readme_license, resolve_source
 from edgellm.models.staging import check_output, package_versions, staged_folder, write_manifest
 
 EXTERNAL_DATA = "model.onnx.data"
@@ -42,8 +44,8 @@ class BuildOptions:
     revision: str | None = None
     force: bool = False
     show_progress: bool = True
-    gguf_import: bool = True  # int4 from a GGUF (or a model merged from one): reuse its blocks exactly
-    fused: bool = True  # Llama-family graphs with GroupQueryAttention & co. (models/fused_graph.py)
+    gguf_import: bool = True  # a GGUF's quantized blocks are kept exactly (off: de-quantize and round again)
+    fused: bool = True  # edgellm's fused graph where the architecture has one (off: optimum's export)
 
 
 def build_model(source_ref: str, out: Path, options: BuildOptions) -> ModelManifest:
@@ -52,132 +54,212 @@ def build_model(source_ref: str, out: Path, options: BuildOptions) -> ModelManif
     out = Path(out)
     check_output(out, options.force)
     source = resolve_source(source_ref, options.revision)
-    check_resources(source, out)
-    with staged_folder(out) as (staged, scratch), Steps(
-            ["Checking the architecture", "Loading the weights", "Building the ONNX graph", "Quantizing",
-             "Measuring perplexity"], enabled=options.show_progress) as steps:
-        return _build(source, staged, scratch, options, steps)
+    fused = options.fused and fused_source(source)
+    check_resources(source, out, fused)
+    steps = ["Reading the source", "Building the graph", "Writing the folder", "Measuring perplexity"]
+    with staged_folder(out) as (staged, scratch), Steps(steps, enabled=options.show_progress) as progress:
+        if fused:
+            return _build_fused(source, staged, options, progress)
+        from edgellm.models.exported_build import build_exported
+
+        return build_exported(source, staged, scratch, options, progress)
 
 
-def _build(source, staged: Path, scratch: Path, options: BuildOptions, steps: Steps) -> ModelManifest:
+def fused_source(source: Source) -> bool:
+    """Whether the fused graph can be built from this source without transformers."""
+    from edgellm.models.spec import FUSED_TYPES, GGUF_ARCHS
+
+    if source.kind == "gguf":
+        from gguf import GGUFReader
+
+        arch = GGUFReader(source.folder / source.gguf_file).fields.get("general.architecture")
+        return arch is not None and arch.contents() in set(GGUF_ARCHS.values())
+    if source.kind == "hf_folder" and any(source.folder.glob("*.safetensors")):
+        config = json.loads((source.folder / "config.json").read_text())
+        return config.get("model_type") in FUSED_TYPES
+    return False
+
+
+def plan_for(spec: QuantSpec, gguf_import: bool):
+    from edgellm.models.fused_graph import Plan
+
+    return Plan(bits=spec.bits, block_size=spec.block_size, symmetric=spec.symmetric, head_bits=spec.head_bits,
+                eight_bit=spec.eight_bit, requantize=not gguf_import)
+
+
+def _build_fused(source: Source, staged: Path, options: BuildOptions, progress: Steps) -> ModelManifest:
     import onnx
 
-    from edgellm.models.export import check_architecture, export_onnx, load_source, save_tokenizer, source_perplexity
-    from edgellm.models.fused_graph import build_fused_decoder, supports
-    from edgellm.models.graph_edits import add_logit_positions, check_decoder_io, untie_output_head
-    from edgellm.models.quantize import quantize
+    from edgellm.models.fused_graph import build_fused_decoder
+    from edgellm.models.onnx_writer import ExternalData
 
-    steps.next()
-    check_architecture(source)
-    steps.next()
-    hf = load_source(source)
-    steps.next()
-    fused = options.fused and supports(hf.model_type)
-    if fused:
-        graph = build_fused_decoder(hf.model, hf.context_length)
-        tokenizer_file = save_tokenizer(hf, scratch)
-    else:
-        exported = export_onnx(hf, scratch)
-        graph = onnx.load(exported)
-        check_decoder_io(graph, hf.model_type)
-        untie_output_head(graph)
-        add_logit_positions(graph)
-        tokenizer_file = exported.parent / TOKENIZER_FILE
-    steps.next()
-    lineage = _source_lineage(source)
-    gguf = _gguf_blocks(source, lineage) if options.quant.scheme == "int4" and options.gguf_import else None
-    imported = None
-    if gguf is not None:
-        from edgellm.models.gguf_import import import_gguf
-        from edgellm.models.graph_edits import output_head_name
-
-        config = hf.model.config
-        heads = config.num_attention_heads
-        imported = import_gguf(graph, gguf, heads, getattr(config, "num_key_value_heads", None) or heads,
-                               output_head_name(graph), keep=options.quant.eight_bit)
-    graph = quantize(graph, options.quant)
-    onnx.save(graph, staged / MODEL_FILE, save_as_external_data=True, location=EXTERNAL_DATA,
-              size_threshold=1024)
+    progress.next()
+    weights, meta = _weights(source)
+    spec = weights.spec
+    progress.next()
+    data = ExternalData(staged / EXTERNAL_DATA)
+    try:
+        graph, report = build_fused_decoder(spec, weights, plan_for(options.quant, options.gguf_import), data)
+    finally:
+        data.close()
+    onnx.save(graph, staged / MODEL_FILE)
     del graph
-    shutil.copy(tokenizer_file, staged / TOKENIZER_FILE)
-    template = hf.tokenizer.chat_template
-    if isinstance(template, str) and template.strip():
-        (staged / CHAT_TEMPLATE).write_text(template)
-
-    steps.next()
-    text = eval_text()
-    from tokenizers import Tokenizer
-
-    ids = Tokenizer.from_file(str(staged / TOKENIZER_FILE)).encode(text).ids[: hf.context_length]
-    source_ppl = source_perplexity(hf, ids)
-    manifest = _manifest(source, hf, options, staged, template_written=(staged / CHAT_TEMPLATE).exists())
-    manifest.lineage = lineage
-    manifest.graph = "fused" if fused else "optimum"
-    if imported and (imported["q4_1"] or imported["q8_0"]):
-        manifest.quantization.method = (f"GGUF blocks imported exactly ({imported['q4_1']} Q4_1 as MatMulNBits + "
-                                        f"block-sum offsets, {imported['q8_0']} Q8_0 as 8-bit; {imported['partial']} "
-                                        "packed weights in part, the rest of each rounded to nearest); "
-                                        f"{imported['kept']} other weights by MatMulNBits, round to nearest")
-        manifest.quantization.gguf_imported = imported
+    progress.next()
+    generation, license_ = _write_tokenizer(source, meta, staged, spec.context)
+    names = [MODEL_FILE, EXTERNAL_DATA, TOKENIZER_FILE] + ([CHAT_TEMPLATE] if generation.chat_template else [])
+    manifest = ModelManifest(
+        name=options.name or f"{source.default_name()}-{options.quant.scheme}", architecture=spec.architecture,
+        model_type=spec.model_type, quantization=_quantization(options.quant, report), graph="fused",
+        source=SourceRecord(kind=source.kind, ref=source.ref, revision=source.revision, sha256=source.digest()),
+        license=license_, generation=generation, files=describe_files(staged, names),
+        built_with=package_versions("onnxruntime", "onnx", "gguf", "tokenizers"))
+    manifest.lineage = _lineage(source)
     write_manifest(staged, manifest)
-    from edgellm.daemon.engine.model import LoadedModel
-    from edgellm.daemon.engine.perplexity import perplexity
-
-    built_ppl, n_tokens = perplexity(LoadedModel.load(staged), text)
-    manifest.quality = Quality(eval_text=EVAL_TEXT, eval_text_sha256=hashlib.sha256(text.encode()).hexdigest(),
-                               eval_tokens=n_tokens, perplexity=round(built_ppl, 4),
-                               source_perplexity=round(source_ppl, 4))
-    write_manifest(staged, manifest)
+    progress.next()
+    _measure(source, staged, manifest)
     return manifest
 
 
-def _manifest(source, hf, options: BuildOptions, staged: Path, template_written: bool) -> ModelManifest:
-    spec = options.quant
-    quantization = Quantization(scheme=spec.scheme, method="none (fp32)")
-    if spec.bits:
-        quantization = Quantization(
-            scheme=spec.scheme, method="onnxruntime MatMulNBits, round to nearest", bits=spec.bits,
-            block_size=spec.block_size, symmetric=spec.symmetric, accuracy_level=ACCURACY_LEVEL_INT8,
-            output_head_bits=max(spec.bits, spec.head_bits), eight_bit_layers=list(spec.eight_bit) or None,
-        )
-    tokenizer = hf.tokenizer
-    names = [MODEL_FILE, EXTERNAL_DATA, TOKENIZER_FILE] + ([CHAT_TEMPLATE] if template_written else [])
-    return ModelManifest(
-        name=options.name or f"{source.default_name()}-{spec.scheme}",
-        architecture=hf.architecture,
-        model_type=hf.model_type,
-        quantization=quantization,
-        source=SourceRecord(kind=source.kind, ref=source.ref, revision=source.revision, sha256=source.digest()),
-        license=hf.license,
-        generation=Generation(eos_token_ids=hf.eos_token_ids, bos_token_id=tokenizer.bos_token_id,
-                              pad_token_id=tokenizer.pad_token_id, context_length=hf.context_length,
-                              chat_template=CHAT_TEMPLATE if template_written else None),
-        files=describe_files(staged, names),
-        built_with=package_versions("torch", "transformers", "optimum-onnx", "onnxruntime"),
-    )
-
-
-def _gguf_blocks(source, lineage: dict | None) -> Path | None:
-    """The GGUF whose quantized blocks this build can reuse: the source itself, or the base a LoRA was merged
-    into (its unchanged weights still equal the base's blocks; import_gguf checks each one)."""
-    from edgellm.models.sources import resolve_source
+def _weights(source: Source):
+    """The source's weights (and a GGUF's header). A LoRA merge of a GGUF base reuses the base's blocks for
+    every weight the merge left exactly as it was."""
+    from edgellm.models.weights import GGUFWeights, MergedWeights, SafetensorsWeights
 
     if source.kind == "gguf":
-        return source.folder / source.gguf_file
-    base = (lineage or {}).get("base")
-    if base:
-        try:
-            base_source = resolve_source(base)
-        except Exception:  # the base may be gone or on another machine: then there is nothing to reuse
-            return None
-        if base_source.kind == "gguf":
-            return base_source.folder / base_source.gguf_file
-    return None
+        weights = GGUFWeights(source.folder / source.gguf_file)
+        return weights, weights.meta
+    weights = SafetensorsWeights(source.folder)
+    base = _gguf_base(source)
+    if base is not None:
+        weights = MergedWeights(weights, GGUFWeights(base))
+    return weights, None
 
 
-def _source_lineage(source) -> dict | None:
+def _gguf_base(source: Source) -> Path | None:
+    base = (_lineage(source) or {}).get("base")
+    if not base:
+        return None
+    try:
+        found = resolve_source(base)
+    except Exception:  # the base may be gone or on another machine: then there is nothing to reuse
+        return None
+    return found.folder / found.gguf_file if found.kind == "gguf" else None
+
+
+def _lineage(source: Source) -> dict | None:
     """`lora merge` leaves the base, adapter and training-data digests beside the merged weights."""
     from edgellm.models.lora import LINEAGE_FILE
 
     path = source.folder / LINEAGE_FILE if source.kind == "hf_folder" and source.folder else None
     return json.loads(path.read_text()) if path and path.is_file() else None
+
+
+def _write_tokenizer(source: Source, meta: dict | None, staged: Path, context: int) -> tuple[Generation, str | None]:
+    """tokenizer.json, the chat template and the ids the engine needs, from the GGUF header or the HF folder."""
+    if meta is not None:
+        from edgellm.models.gguf_tokenizer import tokenizer_json
+
+        (staged / TOKENIZER_FILE).write_text(tokenizer_json(meta))
+        template = meta.get("tokenizer.chat_template")
+        eos = [meta[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id") if k in meta]
+        bos, pad = meta.get("tokenizer.ggml.bos_token_id"), meta.get("tokenizer.ggml.padding_token_id")
+        license_ = meta.get("general.license")
+    else:
+        folder = source.folder
+        if not (folder / TOKENIZER_FILE).is_file():
+            raise BuildError(f"SOURCE: {folder} has no tokenizer.json (a fast tokenizer); devices need one")
+        shutil.copy(folder / TOKENIZER_FILE, staged / TOKENIZER_FILE)
+        config = _read(folder / "config.json")
+        tok_config = _read(folder / "tokenizer_config.json")
+        gen = _read(folder / "generation_config.json")
+        template = tok_config.get("chat_template")
+        if (folder / CHAT_TEMPLATE).is_file():
+            template = (folder / CHAT_TEMPLATE).read_text()
+        vocab = json.loads((folder / TOKENIZER_FILE).read_text())
+        token_ids = {t["content"]: t["id"] for t in vocab.get("added_tokens", [])}
+
+        def token_id(key: str) -> int | None:
+            value = tok_config.get(key)
+            value = value.get("content") if isinstance(value, dict) else value
+            return token_ids.get(value, (vocab.get("model", {}).get("vocab") or {}).get(value))
+
+        eos = _ids(gen.get("eos_token_id", config.get("eos_token_id"))) + _ids(token_id("eos_token"))
+        bos = gen.get("bos_token_id", config.get("bos_token_id"))
+        pad = token_id("pad_token") if token_id("pad_token") is not None else config.get("pad_token_id")
+        license_ = readme_license(folder)
+    eos = list(dict.fromkeys(int(e) for e in eos))
+    if not eos:
+        raise BuildError(f"SOURCE: {source.ref} names no end-of-sequence token; devices could not stop")
+    written = isinstance(template, str) and bool(template.strip())
+    if written:
+        (staged / CHAT_TEMPLATE).write_text(template)
+    generation = Generation(eos_token_ids=eos, bos_token_id=bos, pad_token_id=pad if pad is not None else eos[0],
+                            context_length=context, chat_template=CHAT_TEMPLATE if written else None)
+    return generation, license_
+
+
+def _ids(value) -> list[int]:
+    if value is None:
+        return []
+    return [int(v) for v in value] if isinstance(value, list) else [int(value)]
+
+
+def _read(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _quantization(spec: QuantSpec, report) -> Quantization:
+    imported = dict(report.imported)
+    if spec.bits is None:
+        return Quantization(scheme="fp32", method="none (fp32)")
+    parts = []
+    if imported:
+        parts.append("GGUF blocks kept exactly (" + ", ".join(f"{n} {k}" for k, n in sorted(imported.items())) + ")")
+    if report.quantized:
+        parts.append(f"{report.quantized} float weights by onnxruntime's MatMulNBits quantizer, round to nearest")
+    if report.requantized:
+        parts.append(f"{report.requantized} GGUF weights de-quantized and rounded again (--no-gguf-import)")
+    if report.rounded:
+        parts.append(f"{len(report.rounded)} GGUF weights of types without an exact form rounded again: "
+                     + ", ".join(report.rounded[:8]) + (" ..." if len(report.rounded) > 8 else ""))
+    return Quantization(scheme=spec.scheme, method="; ".join(parts) or "none", bits=spec.bits,
+                        block_size=spec.block_size, symmetric=spec.symmetric, accuracy_level=ACCURACY_LEVEL_INT8,
+                        output_head_bits=max(spec.bits, spec.head_bits), eight_bit_layers=list(spec.eight_bit) or None,
+                        gguf_imported=imported or None, rounded_weights=report.rounded or None)
+
+
+def _measure(source: Source, staged: Path, manifest: ModelManifest) -> None:
+    """Perplexity of the build on the evaluation text (onnxruntime, as the device runs it), and of the source
+    in PyTorch fp32 where the host toolchain is installed and the model fits in memory twice over."""
+    from edgellm.daemon.engine.model import LoadedModel
+    from edgellm.daemon.engine.perplexity import perplexity
+
+    text = eval_text()
+    model = LoadedModel.load(staged)
+    built, n_tokens = perplexity(model, text)
+    ids = model.encode(text)[: manifest.generation.context_length]
+    del model
+    manifest.quality = Quality(eval_text=EVAL_TEXT, eval_text_sha256=hashlib.sha256(text.encode()).hexdigest(),
+                               eval_tokens=n_tokens, perplexity=round(built, 4),
+                               source_perplexity=_source_perplexity(source, ids))
+    write_manifest(staged, manifest)
+
+
+def _source_perplexity(source: Source, ids: list[int]) -> float | None:
+    from edgellm.models.preflight import available_memory, count_parameters
+
+    try:
+        import torch  # noqa: F401  (the host toolchain)
+        import transformers  # noqa: F401
+    except ImportError:
+        return None
+    params = count_parameters(source) or 0
+    if params * 4 * 2 > available_memory():
+        return None  # fp32 PyTorch would not fit: the manifest says nothing rather than swap
+    from edgellm.models.export import load_source, source_perplexity
+
+    try:
+        hf = load_source(source)
+    except BuildError:
+        return None  # e.g. a Phi-2 GGUF: transformers' GGUF loader has no phi2
+    return round(source_perplexity(hf, ids), 4)

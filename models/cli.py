@@ -20,8 +20,8 @@ def cmd_model_build(args: argparse.Namespace) -> None:
     try:
         from edgellm.models.build import BuildOptions, build_model
     except ImportError as e:
-        raise CommandError(f"model build needs the host extra ({e.name} is missing): "
-                           "run scripts/setup.sh host, or pip install 'edgellm[host]'") from None
+        raise CommandError(f"model build needs {e.name}: pip install 'edgellm[gguf]' to build from GGUF files, "
+                           "or 'edgellm[host]' for everything (scripts/setup.sh host)") from None
     eight_bit = tuple(p for p in (args.eight_bit or "").split(",") if p)
     options = BuildOptions(QuantSpec(args.quant, block_size=args.block_size, symmetric=not args.asymmetric,
                                      eight_bit=eight_bit), name=args.name, revision=args.revision, force=args.force,
@@ -36,9 +36,9 @@ def cmd_model_build(args: argparse.Namespace) -> None:
     manifest = build_model(args.source, args.out, options)
     q = manifest.quality
     size = sum(f.size for f in manifest.files.values())
+    source = f"source {q.source_perplexity:.2f}" if q.source_perplexity else "source not measured: no host toolchain"
     print(f"built {manifest.name} ({manifest.architecture}, {manifest.quantization.scheme}) at {args.out}: "
-          f"{size / 1e6:.0f} MB, perplexity {q.perplexity:.2f} (source {q.source_perplexity:.2f}) "
-          f"on {q.eval_tokens} tokens")
+          f"{size / 1e6:.0f} MB, perplexity {q.perplexity:.2f} ({source}) on {q.eval_tokens} tokens")
 
 
 def cmd_data_invoices(args: argparse.Namespace) -> None:

@@ -1,134 +1,358 @@
-"""A decoder graph built from a Llama-family model's weights with onnxruntime's fused contrib ops.
+"""The decoder graph edgellm runs: onnxruntime's fused contrib ops, built straight from a model's weights.
 
-The optimum export spends ~450 small ops per token on SmolLM2 (rotary, attention, norms spelled out in
+The optimum export spends ~450 small ops per token on SmolLM2 (rotary, attention and norms spelled out in
 primitive ops); decode on 2 cores is limited by their count and thread syncs, not by the bytes read
-(docs/measured-facts.md, "The decoder graph"). This graph is the shape onnxruntime-genai's builder makes: per layer one
-SkipSimplifiedLayerNormalization, one packed QKV MatMul, one GroupQueryAttention (rotary inside), the
-output MatMul, a second skip-norm, one packed gate/up MatMul, SiLU-and-multiply and the down MatMul.
+(docs/measured-facts.md, "The decoder graph"). This graph is the shape onnxruntime-genai's builder makes:
+- Llama, Mistral, Qwen2, Phi-3: per layer one (Skip)SimplifiedLayerNormalization, the q/k/v projection, one
+  GroupQueryAttention (rotary inside), the output projection, a second skip-norm, the gate/up projection,
+  SiLU-and-multiply, the down projection;
+- Phi-2: one (Skip)LayerNormalization feeding attention and the MLP side by side (partial rotary, biases
+  everywhere, FastGelu for gelu_new), both added to the residual.
 
-Its inputs and outputs are the optimum export's (input_ids, attention_mask, past_key_values.N.key/value ->
-logits, present.N.key/value) plus logit_positions, so the engine, the prefix cache and the quantizers need
-no second code path. Projections keep optimum-style node names (`.../self_attn/qkv_proj/MatMul`), with fp32
-weights the quantizers then replace.
+Weights come one tensor at a time from a Weights source (models/weights.py) and go straight to the external
+data file (models/onnx_writer.py). A GGUF's blocks become MatMulNBits nodes as they are (models/blocks.py);
+float weights are quantized here with onnxruntime's own block quantizer. Inputs and outputs are the optimum
+export's (input_ids, attention_mask, past_key_values.N.key/value -> logits, present.N.key/value) plus
+logit_positions, and GroupQueryAttention writes its keys into the buffers it reads (edgellm.kv_cache =
+in_place), which the engine binds once.
 """
 
 from __future__ import annotations
 
-import re
+from collections import Counter
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
 from edgellm.daemon.engine.decoder import KV_CACHE_KEY, KV_IN_PLACE
+from edgellm.models.blocks import Blocks, stack
+from edgellm.models.errors import BuildError
 from edgellm.models.graph_edits import LOGIT_POSITIONS
+from edgellm.models.onnx_writer import ExternalData
+from edgellm.models.spec import FUSED_TYPES, ModelSpec
+from edgellm.models.weights import Tensor
 
-FUSED_TYPES = ("llama", "mistral", "qwen2")
-EMBEDDING = "model.embed_tokens.weight"
 OPSET = 21
-
-
-class _Builder:
-    def __init__(self):
-        self.nodes: list[onnx.NodeProto] = []
-        self.inits: list[onnx.TensorProto] = []
-
-    def const(self, name: str, array: np.ndarray) -> str:
-        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
-        return name
-
-    def op(self, op_type: str, inputs: list[str], name: str, outputs: int | list[str] = 1, **attrs) -> list[str]:
-        names = outputs if isinstance(outputs, list) else [f"{name}/output_{i}" for i in range(outputs)]
-        domain = "com.microsoft" if op_type in ("SkipSimplifiedLayerNormalization", "GroupQueryAttention") else ""
-        self.nodes.append(helper.make_node(op_type, inputs, names, name=name, domain=domain, **attrs))
-        return names
-
-    def linear(self, x: str, weight: np.ndarray, name: str, bias: np.ndarray | None = None) -> str:
-        """x @ weight.T (torch Linear layout), as a MatMul with a constant [in, out] weight the quantizer finds.
-        Node names follow optimum's (`model.layers.3.mlp.down_proj` -> `/model/layers.3/mlp/down_proj/MatMul`)."""
-        node = "/" + re.sub(r"(layers)/(\d+)", r"\1.\2", name.replace(".", "/"))
-        (y,) = self.op("MatMul", [x, self.const(f"{name}.weight", weight.T)], f"{node}/MatMul")
-        if bias is not None:
-            (y,) = self.op("Add", [y, self.const(f"{name}.bias", bias)], f"{node}/Add")
-        return y
+MS = "com.microsoft"
+ACCURACY_LEVEL = 4  # int8 activations in MatMulNBits (docs/measured-facts.md, "Quantization")
 
 
 def supports(model_type: str) -> bool:
     return model_type in FUSED_TYPES
 
 
-def _rotary_caches(model, length: int) -> tuple[np.ndarray, np.ndarray]:
-    """cos/sin [positions, head_dim/2] from the model's own rotary module (so rope_scaling variants hold)."""
-    rotary = model.model.rotary_emb
-    inv_freq = rotary.inv_freq.detach().float().numpy().astype(np.float64)
-    scale = float(getattr(rotary, "attention_scaling", 1.0))
-    angles = np.arange(length, dtype=np.float64)[:, None] * inv_freq[None, :]
-    return (np.cos(angles) * scale).astype(np.float32), (np.sin(angles) * scale).astype(np.float32)
+@dataclass
+class Plan:
+    """How float weights are stored: fp32, or MatMulNBits blocks of `bits` (the head at `head_bits`, names in
+    `eight_bit` at 8). Quantized GGUF blocks are kept as they are unless `requantize`."""
+
+    bits: int | None  # None: fp32
+    block_size: int = 32
+    symmetric: bool = True
+    head_bits: int = 8
+    eight_bit: tuple[str, ...] = ()
+    requantize: bool = False
 
 
-def build_fused_decoder(model, context_length: int) -> onnx.ModelProto:
-    """The fused graph of a transformers Llama/Mistral/Qwen2 causal LM (fp32 weights)."""
-    config = model.config
-    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    eps = float(config.rms_norm_eps)
-    state = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
-    b = _Builder()
+@dataclass
+class Report:
+    """What the build did with each weight, for the manifest."""
+
+    imported: Counter = field(default_factory=Counter)  # GGUF type -> weights taken exactly
+    quantized: int = 0  # float weights quantized here (round to nearest)
+    rounded: list[str] = field(default_factory=list)  # GGUF weights with no exact form, rounded again
+    requantized: int = 0  # GGUF weights de-quantized and quantized again (--no-gguf-import)
+
+
+def quantize_blocks(w: np.ndarray, bits: int, block: int, symmetric: bool) -> Blocks:
+    """A float [N, K] matrix as blocks, rounded to nearest by onnxruntime's own quantizer (C++)."""
+    from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
+
+    n, k = w.shape
+    if k % block:
+        raise BuildError(f"a weight with {k} inputs does not split into blocks of {block}")
+    per = 8 // bits
+    packed = np.zeros((n, k // block, block // per), dtype=np.uint8)
+    scales = np.zeros((n, k // block), dtype=np.float32)
+    zeros = np.zeros((n, -(-(k // block) // per)), dtype=np.uint8)
+    fn = quantize_matmul_4bits if bits == 4 else quantize_matmul_8bits
+    fn(packed, np.ascontiguousarray(w.T, dtype=np.float32), scales, zeros, block, n, k, symmetric)
+    q = packed if bits == 8 else np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(n, k // block, block)
+    offsets = None
+    if not symmetric:  # w = s (q - zp) = s (q - zero) + s (zero - zp)
+        zp = zeros if bits == 8 else np.stack([zeros & 0x0F, zeros >> 4], axis=-1).reshape(n, -1)[:, : k // block]
+        offsets = scales * ((1 << (bits - 1)) - zp.astype(np.float32))
+    return Blocks(bits, block, q, scales, offsets, "round to nearest")
+
+
+class _Graph:
+    def __init__(self, data: ExternalData):
+        self.data = data
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+        self.block_sums: dict[tuple[str, int], str] = {}
+
+    def const(self, name: str, array: np.ndarray) -> str:
+        self.inits.append(self.data.tensor(name, array))
+        return name
+
+    def op(self, op_type: str, inputs: list[str], name: str, outputs: int | list[str] = 1, domain: str = "",
+           **attrs) -> list[str]:
+        names = outputs if isinstance(outputs, list) else [f"{name}/output_{i}" for i in range(outputs)]
+        self.nodes.append(helper.make_node(op_type, inputs, names, name=name, domain=domain, **attrs))
+        return names
+
+    def block_sum(self, x: str, k: int, block: int) -> str:
+        """x summed over each block of K (one per input and block size, shared by the projections reading it)."""
+        key = (x, block)
+        if key not in self.block_sums:
+            base = f"/edgellm/blocksum/{len(self.block_sums)}"
+            shape = self.const(f"{base}/shape", np.array([0, 0, k // block, block], np.int64))
+            axes = self.const(f"{base}/axes", np.array([-1], np.int64))
+            (r,) = self.op("Reshape", [x, shape], f"{base}/Reshape")
+            (self.block_sums[key],) = self.op("ReduceSum", [r, axes], f"{base}/ReduceSum", keepdims=0)
+        return self.block_sums[key]
+
+
+class _Builder:
+    def __init__(self, spec: ModelSpec, weights, plan: Plan, data: ExternalData):
+        self.spec, self.weights, self.plan = spec, weights, plan
+        self.g = _Graph(data)
+        self.report = Report()
+        self.stored: dict[int, tuple[Blocks, dict[str, str]]] = {}  # id -> (blocks, initializer names): shared
+
+    # -- weights --------------------------------------------------------------------------------------
+    def matrix(self, name: str) -> Tensor:
+        value = self.weights.get(name)
+        if value is None:
+            raise BuildError(f"SOURCE: the model has no tensor {name}")
+        return value
+
+    def vector(self, name: str) -> np.ndarray | None:
+        value = self.weights.get(name)
+        return None if value is None else np.asarray(value, dtype=np.float32).reshape(-1)
+
+    def _as_stored(self, value: Tensor, name: str, head: bool = False) -> Tensor:
+        """A weight in the form the plan stores it: blocks (imported or quantized here) or float."""
+        plan = self.plan
+        if isinstance(value, Blocks):
+            if plan.bits is None:
+                return value.dequantize()
+            if not plan.requantize:
+                self.report.imported[value.kind] += 1
+                return value
+            self.report.requantized += 1
+            value = value.dequantize()
+        if plan.bits is None:
+            return value
+        bits = plan.bits
+        if head or any(part in name for part in plan.eight_bit):
+            bits = max(bits, plan.head_bits if head else 8)
+        self.report.quantized += 1
+        return quantize_blocks(value, bits, plan.block_size, plan.symmetric)
+
+    # -- projections ----------------------------------------------------------------------------------
+    def linear(self, x: str, names: list[str], node: str, bias: np.ndarray | None = None,
+               head: bool = False) -> str:
+        """x @ W^T (+ bias) for the rows of the named matrices stacked: one node where they share a form."""
+        parts = [self._as_stored(self.matrix(n), n, head) for n in names]
+        groups: list[list[Tensor]] = []
+        for p in parts:  # neighbours that can stack share a node (Q4_K_M mixes widths within q/k/v)
+            last = groups[-1][-1] if groups else None
+            if last is not None and _stackable(last, p):
+                groups[-1].append(p)
+            else:
+                groups.append([p])
+        outs, start = [], 0
+        for i, group in enumerate(groups):
+            rows = sum(_rows(p) for p in group)
+            part_bias = None if bias is None else bias[start:start + rows]
+            start += rows
+            suffix = "" if len(groups) == 1 else f"/part{i}"
+            outs.append(self._emit(x, group, node + suffix, part_bias))
+        if len(outs) == 1:
+            return outs[0]
+        (y,) = self.g.op("Concat", outs, f"{node}/Concat", axis=-1)
+        return y
+
+    def _emit(self, x: str, group: list[Tensor], node: str, bias: np.ndarray | None) -> str:
+        g = self.g
+        if not isinstance(group[0], Blocks):
+            w = np.concatenate(group) if len(group) > 1 else group[0]
+            (y,) = g.op("MatMul", [x, g.const(f"{node}/weight", np.ascontiguousarray(w.T))], f"{node}/MatMul")
+            if bias is not None:
+                (y,) = g.op("Add", [y, g.const(f"{node}/bias", bias)], f"{node}/Add")
+            return y
+        blocks = stack(group) if len(group) > 1 else group[0]
+        names = self._store_blocks(blocks, node)
+        n, k = blocks.shape
+        inputs = [x, names["q"], names["scales"]]
+        if bias is not None:
+            inputs += ["", "", g.const(f"{node}/bias", bias)]
+        main = f"{node}/main" if blocks.offsets is not None else f"{node}/output"
+        g.op("MatMulNBits", inputs, f"{node}/MatMulNBits", outputs=[main], domain=MS, K=k, N=n, bits=blocks.bits,
+             block_size=blocks.block, accuracy_level=ACCURACY_LEVEL)
+        if blocks.offsets is None:
+            return main
+        sums = g.block_sum(x, k, blocks.block)
+        (corr,) = g.op("MatMul", [sums, names["offsets_t"]], f"{node}/Offsets")
+        (y,) = g.op("Add", [main, corr], f"{node}/Add")
+        return y
+
+    def _store_blocks(self, blocks: Blocks, node: str) -> dict[str, str]:
+        """Initializers of a block matrix, written once even when two nodes use it (a tied embedding and head)."""
+        entry = self.stored.get(id(blocks))
+        if entry is not None and entry[0] is blocks:  # (the Blocks is kept alive here, so its id is not reused)
+            return entry[1]
+        g = self.g
+        names = {"q": g.const(f"{node}/q{blocks.bits}", blocks.packed()),
+                 "scales": g.const(f"{node}/scales", blocks.scales)}
+        if blocks.offsets is not None:
+            names["offsets_t"] = g.const(f"{node}/offsets", np.ascontiguousarray(blocks.offsets.T))  # [K/b, N]
+        self.stored[id(blocks)] = (blocks, names)
+        return names
+
+    # -- the embedding --------------------------------------------------------------------------------
+    def embedding(self, table: Tensor) -> str:
+        """Rows of the embedding table for input_ids. A block table is de-quantized row by row, only the rows
+        looked up, from the same initializers a tied head reads."""
+        g = self.g
+        if not isinstance(table, Blocks):
+            (x,) = g.op("Gather", [g.const("model.embed_tokens.weight", table), "input_ids"],
+                        "/model/embed_tokens/Gather")
+            return x
+        names = self._store_blocks(table, "/model/embed_tokens")
+        p = "/model/embed_tokens"
+        (q,) = g.op("Gather", [names["q"], "input_ids"], f"{p}/GatherQ", axis=0)  # [b, s, K/blk, packed]
+        if table.bits == 4:
+            (lo,) = g.op("BitwiseAnd", [q, g.const(f"{p}/low", np.array(15, np.uint8))], f"{p}/Low")
+            (hi,) = g.op("BitShift", [q, g.const(f"{p}/four", np.array(4, np.uint8))], f"{p}/High",
+                         direction="RIGHT")
+            axis = g.const(f"{p}/last", np.array([-1], np.int64))
+            (lo,) = g.op("Unsqueeze", [lo, axis], f"{p}/LowAxis")
+            (hi,) = g.op("Unsqueeze", [hi, axis], f"{p}/HighAxis")
+            (pairs,) = g.op("Concat", [lo, hi], f"{p}/Interleave", axis=-1)
+            shape = g.const(f"{p}/block_shape", np.array([0, 0, 0, table.block], np.int64))
+            (q,) = g.op("Reshape", [pairs, shape], f"{p}/Unpack")
+        (qf,) = g.op("Cast", [q], f"{p}/Cast", to=TensorProto.FLOAT)
+        (centred,) = g.op("Sub", [qf, g.const(f"{p}/zero", np.array(table.zero, np.float32))], f"{p}/Centre")
+        (s,) = g.op("Gather", [names["scales"], "input_ids"], f"{p}/GatherScales", axis=0)
+        unsq = g.const(f"{p}/unsqueeze", np.array([-1], np.int64))
+        (s,) = g.op("Unsqueeze", [s, unsq], f"{p}/ScalesAxis")
+        (w,) = g.op("Mul", [centred, s], f"{p}/Scale")
+        if table.offsets is not None:
+            (o,) = g.op("Gather", [names["offsets_t"], "input_ids"], f"{p}/GatherOffsets", axis=1)  # [K/b, b, s]
+            (o,) = g.op("Transpose", [o], f"{p}/OffsetsOrder", perm=[1, 2, 0])
+            (o,) = g.op("Unsqueeze", [o, unsq], f"{p}/OffsetsAxis")
+            (w,) = g.op("Add", [w, o], f"{p}/Offset")
+        flat = g.const(f"{p}/flat", np.array([0, 0, -1], np.int64))
+        (x,) = g.op("Reshape", [w, flat], f"{p}/Rows")
+        return x
+
+
+def _rows(t: Tensor) -> int:
+    return t.shape[0]
+
+
+def _stackable(a: Tensor, b: Tensor) -> bool:
+    if isinstance(a, Blocks) and isinstance(b, Blocks):
+        return (a.bits, a.block, a.q.shape[1:]) == (b.bits, b.block, b.q.shape[1:])
+    return not isinstance(a, Blocks) and not isinstance(b, Blocks)
+
+
+def build_fused_decoder(spec: ModelSpec, weights, plan: Plan, data: ExternalData) -> tuple[onnx.ModelProto, Report]:
+    """The fused graph of `spec`, its weights written to `data` as it goes."""
+    b = _Builder(spec, weights, plan, data)
+    g = b.g
+    heads, kv_heads, head_dim = spec.heads, spec.kv_heads, spec.head_dim
+    eps = spec.norm_eps
 
     # GroupQueryAttention's sequence bookkeeping, as onnxruntime-genai computes it from the mask.
-    (mask_sum,) = b.op("ReduceSum", ["attention_mask", b.const("/seqlens/axes", np.array([1], np.int64))],
+    (mask_sum,) = g.op("ReduceSum", ["attention_mask", g.const("/seqlens/axes", np.array([1], np.int64))],
                        "/seqlens/ReduceSum", keepdims=0)
-    (last,) = b.op("Sub", [mask_sum, b.const("/seqlens/one", np.array(1, np.int64))], "/seqlens/Sub")
-    (seqlens_k,) = b.op("Cast", [last], "/seqlens/Cast", to=TensorProto.INT32)
-    (mask_shape,) = b.op("Shape", ["attention_mask"], "/total/Shape")
-    (total,) = b.op("Gather", [mask_shape, b.const("/total/index", np.array(1, np.int64))], "/total/Gather")
-    (total_len,) = b.op("Cast", [total], "/total/Cast", to=TensorProto.INT32)
-    cos, sin = _rotary_caches(model, context_length)
-    cos_cache, sin_cache = b.const("rotary.cos_cache", cos), b.const("rotary.sin_cache", sin)
-    window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
+    (last,) = g.op("Sub", [mask_sum, g.const("/seqlens/one", np.array(1, np.int64))], "/seqlens/Sub")
+    (seqlens_k,) = g.op("Cast", [last], "/seqlens/Cast", to=TensorProto.INT32)
+    (mask_shape,) = g.op("Shape", ["attention_mask"], "/total/Shape")
+    (total,) = g.op("Gather", [mask_shape, g.const("/total/index", np.array(1, np.int64))], "/total/Gather")
+    (total_len,) = g.op("Cast", [total], "/total/Cast", to=TensorProto.INT32)
+    cos, sin = spec.rope.caches(spec.context)
+    cos_cache, sin_cache = g.const("rotary.cos_cache", cos), g.const("rotary.sin_cache", sin)
+    window = spec.sliding_window or -1
 
-    (x,) = b.op("Gather", [b.const(EMBEDDING, state[EMBEDDING]), "input_ids"], "/model/embed_tokens/Gather")
+    embed = b._as_stored(b.matrix("model.embed_tokens.weight"), "model.embed_tokens")
+    x = b.embedding(embed)
+    phi = spec.parallel
     residual = None
-    for i in range(config.num_hidden_layers):
-        p = f"model.layers.{i}"
-        norm = b.const(f"{p}.input_layernorm.weight", state[f"{p}.input_layernorm.weight"])
+    for i in range(spec.layers):
+        p, node = f"model.layers.{i}", f"/model/layers.{i}"
+        norm = g.const(f"{p}.input_layernorm.weight", b.vector(f"{p}.input_layernorm.weight"))
+        norm_inputs = [norm] + ([g.const(f"{p}.input_layernorm.bias", b.vector(f"{p}.input_layernorm.bias"))]
+                                if phi else [])
+        kind = "LayerNormalization" if phi else "SimplifiedLayerNormalization"
         if residual is None:
-            (h,) = b.op("SimplifiedLayerNormalization", [x, norm], f"/model/layers.{i}/input_layernorm",
-                        axis=-1, epsilon=eps)
+            (h,) = g.op(kind, [x, *norm_inputs], f"{node}/input_layernorm", axis=-1, epsilon=eps)
             residual = x
         else:
-            h, _, _, residual = b.op("SkipSimplifiedLayerNormalization", [x, residual, norm],
-                                     f"/model/layers.{i}/input_layernorm", outputs=4, epsilon=eps)
+            skip = "SkipLayerNormalization" if phi else "SkipSimplifiedLayerNormalization"
+            h, _, _, residual = g.op(skip, [x, residual, *norm_inputs], f"{node}/input_layernorm", outputs=4,
+                                     domain=MS, epsilon=eps)
         a = f"{p}.self_attn"
-        qkv_w = np.concatenate([state[f"{a}.{n}_proj.weight"] for n in "qkv"])
-        qkv_b = (np.concatenate([state[f"{a}.{n}_proj.bias"] for n in "qkv"])
-                 if f"{a}.q_proj.bias" in state else None)
-        qkv = b.linear(h, qkv_w, f"{a}.qkv_proj", qkv_b)
-        attn, present_k, present_v = b.op(
+        if b.weights.has(f"{a}.qkv_proj.weight"):
+            qkv_names = [f"{a}.qkv_proj.weight"]
+            bias = b.vector(f"{a}.qkv_proj.bias")
+        else:
+            qkv_names = [f"{a}.{n}_proj.weight" for n in "qkv"]
+            biases = [b.vector(f"{a}.{n}_proj.bias") for n in "qkv"]
+            bias = np.concatenate(biases) if all(v is not None for v in biases) else None
+        qkv = b.linear(h, qkv_names, f"{node}/self_attn/qkv_proj", bias)
+        attn, _, _ = g.op(
             "GroupQueryAttention",
             [qkv, "", "", f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens_k, total_len,
              cos_cache, sin_cache],
-            f"/model/layers.{i}/self_attn/GroupQueryAttention",
-            outputs=[f"/model/layers.{i}/self_attn/output", f"present.{i}.key", f"present.{i}.value"],
-            num_heads=heads, kv_num_heads=kv_heads, do_rotary=1, rotary_interleaved=0,
-            local_window_size=int(window) if window else -1)
-        x = b.linear(attn, state[f"{a}.o_proj.weight"], f"{a}.o_proj")
-        norm = b.const(f"{p}.post_attention_layernorm.weight", state[f"{p}.post_attention_layernorm.weight"])
-        h, _, _, residual = b.op("SkipSimplifiedLayerNormalization", [x, residual, norm],
-                                 f"/model/layers.{i}/post_attention_layernorm", outputs=4, epsilon=eps)
+            f"{node}/self_attn/GroupQueryAttention",
+            outputs=[f"{node}/self_attn/output", f"present.{i}.key", f"present.{i}.value"], domain=MS,
+            num_heads=heads, kv_num_heads=kv_heads, do_rotary=1, rotary_interleaved=0, local_window_size=window)
+        if phi:
+            o = b.linear(attn, [f"{a}.dense.weight"], f"{node}/self_attn/dense", b.vector(f"{a}.dense.bias"))
+            m = f"{p}.mlp"
+            up = b.linear(h, [f"{m}.fc1.weight"], f"{node}/mlp/fc1")
+            (act,) = g.op("FastGelu", [up, g.const(f"{m}.fc1.bias", b.vector(f"{m}.fc1.bias"))],
+                          f"{node}/mlp/FastGelu", domain=MS)
+            down = b.linear(act, [f"{m}.fc2.weight"], f"{node}/mlp/fc2", b.vector(f"{m}.fc2.bias"))
+            (x,) = g.op("Add", [o, down], f"{node}/ParallelAdd")
+            continue
+        o = b.linear(attn, [f"{a}.o_proj.weight"], f"{node}/self_attn/o_proj")
+        norm = g.const(f"{p}.post_attention_layernorm.weight", b.vector(f"{p}.post_attention_layernorm.weight"))
+        h, _, _, residual = g.op("SkipSimplifiedLayerNormalization", [o, residual, norm],
+                                 f"{node}/post_attention_layernorm", outputs=4, domain=MS, epsilon=eps)
         m = f"{p}.mlp"
-        gate_up = b.linear(h, np.concatenate([state[f"{m}.gate_proj.weight"], state[f"{m}.up_proj.weight"]]),
-                           f"{m}.gate_up_proj")
-        gate, up = b.op("Split", [gate_up], f"/model/layers.{i}/mlp/Split", outputs=2, axis=-1, num_outputs=2)
-        (sig,) = b.op("Sigmoid", [gate], f"/model/layers.{i}/mlp/Sigmoid")
-        (silu,) = b.op("Mul", [gate, sig], f"/model/layers.{i}/mlp/SiLU")
-        (act,) = b.op("Mul", [silu, up], f"/model/layers.{i}/mlp/Mul")
-        x = b.linear(act, state[f"{m}.down_proj.weight"], f"{m}.down_proj")
-    norm = b.const("model.norm.weight", state["model.norm.weight"])
-    h, _, _, _ = b.op("SkipSimplifiedLayerNormalization", [x, residual, norm], "/model/norm", outputs=4, epsilon=eps)
-    (picked,) = b.op("Gather", [h, LOGIT_POSITIONS], "/edgellm/logit_positions/Gather", axis=1)
-    head = state.get("lm_head.weight", state[EMBEDDING])  # tied models share the embedding table
-    b.op("MatMul", [picked, b.const("lm_head.weight_stored", head.T)], "/lm_head/MatMul", outputs=["logits"])
+        packed = b.weights.has(f"{m}.gate_up_proj.weight")
+        gate_up = b.linear(h, [f"{m}.gate_up_proj.weight"] if packed else [f"{m}.gate_proj.weight",
+                                                                         f"{m}.up_proj.weight"],
+                           f"{node}/mlp/gate_up_proj")
+        gate, up = g.op("Split", [gate_up], f"{node}/mlp/Split", outputs=2, axis=-1, num_outputs=2)
+        (sig,) = g.op("Sigmoid", [gate], f"{node}/mlp/Sigmoid")
+        (silu,) = g.op("Mul", [gate, sig], f"{node}/mlp/SiLU")
+        (act,) = g.op("Mul", [silu, up], f"{node}/mlp/Mul")
+        x = b.linear(act, [f"{m}.down_proj.weight"], f"{node}/mlp/down_proj")
+
+    final = "model.final_layernorm" if phi else "model.norm"
+    norm_inputs = [g.const(f"{final}.weight", b.vector(f"{final}.weight"))]
+    if phi:
+        norm_inputs.append(g.const(f"{final}.bias", b.vector(f"{final}.bias")))
+    skip = "SkipLayerNormalization" if phi else "SkipSimplifiedLayerNormalization"
+    h, _, _, _ = g.op(skip, [x, residual, *norm_inputs], "/model/norm", outputs=4, domain=MS, epsilon=eps)
+    (picked,) = g.op("Gather", [h, LOGIT_POSITIONS], "/edgellm/logit_positions/Gather", axis=1)
+    head_bias = b.vector("lm_head.bias")
+    if b.weights.has("lm_head.weight"):
+        logits = b.linear(picked, ["lm_head.weight"], "/lm_head", head_bias, head=True)
+    elif isinstance(embed, Blocks) and embed.kind != "round to nearest":  # tied to GGUF blocks: share them
+        logits = b._emit(picked, [embed], "/lm_head", head_bias)
+    else:  # tied to a float table: the head gets its own, wider blocks (it reads every token's state)
+        logits = b.linear(picked, ["model.embed_tokens.weight"], "/lm_head", head_bias, head=True)
+    (logits,) = g.op("Identity", [logits], "/logits", outputs=["logits"])
 
     f = TensorProto.FLOAT
     cache_shape = ["batch_size", kv_heads, "past_sequence_length", head_dim]
@@ -136,15 +360,15 @@ def build_fused_decoder(model, context_length: int) -> onnx.ModelProto:
               helper.make_tensor_value_info("attention_mask", TensorProto.INT64,
                                             ["batch_size", "total_sequence_length"]),
               helper.make_tensor_value_info(LOGIT_POSITIONS, TensorProto.INT64, ["num_logits"])]
-    outputs = [helper.make_tensor_value_info("logits", f, ["batch_size", "num_logits", head.shape[0]])]
-    for i in range(config.num_hidden_layers):
+    outputs = [helper.make_tensor_value_info("logits", f, ["batch_size", "num_logits", spec.vocab])]
+    for i in range(spec.layers):
         for kind in ("key", "value"):
             inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", f, cache_shape))
             outputs.append(helper.make_tensor_value_info(
                 f"present.{i}.{kind}", f, ["batch_size", kv_heads, "total_sequence_length", head_dim]))
-    graph = helper.make_graph(b.nodes, "edgellm_fused_decoder", inputs, outputs, b.inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET),
-                                                    helper.make_opsetid("com.microsoft", 1)],
+    graph = helper.make_graph(g.nodes, "edgellm_fused_decoder", inputs, outputs, g.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)],
                               producer_name="edgellm")
     helper.set_model_props(model, {KV_CACHE_KEY: KV_IN_PLACE})
-    return model
+    b.report.rounded = list(getattr(weights, "rounded", []))
+    return model, b.report

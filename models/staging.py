@@ -13,18 +13,35 @@ from pathlib import Path
 from edgellm.daemon.engine.manifest import MANIFEST_NAME, ModelManifest
 from edgellm.models.errors import BuildError
 
+OWNER = "owner.pid"
+
 
 def check_output(out: Path, force: bool) -> None:
     if out.exists() and not force:
         raise BuildError(f"--out: {out} already exists; pass --force to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
+    remove_abandoned(out)
+
+
+def remove_abandoned(out: Path) -> None:
+    """Staging folders of builds that were killed (SIGKILL, the OOM killer) before they could clean up."""
+    for work in out.parent.glob(f".{out.name}.building-*"):
+        try:
+            os.kill(int((work / OWNER).read_text()), 0)
+            continue  # its build is still running
+        except PermissionError:
+            continue  # running, as another user
+        except (OSError, ValueError):  # no such process, or no pid written
+            shutil.rmtree(work, ignore_errors=True)
 
 
 @contextmanager
 def staged_folder(out: Path) -> Iterator[tuple[Path, Path]]:
     """Yield (staged, scratch) beside `out`. On success `staged` replaces `out` in one rename; either way
-    both vanish, and an existing `out` is swapped out only once the new folder is complete."""
+    both vanish, and an existing `out` is swapped out only once the new folder is complete. A build killed
+    here leaves its folder with the pid it ran as, which the next build removes (remove_abandoned)."""
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
+    (work / OWNER).write_text(str(os.getpid()))
     try:
         staged, scratch = work / "model", work / "scratch"
         staged.mkdir()

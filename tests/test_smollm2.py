@@ -27,13 +27,13 @@ def test_manifest_describes_the_build(smollm2_int4):
     assert m.generation.context_length == 8192
     assert {"model.onnx", "model.onnx.data", "tokenizer.json", "chat_template.jinja"} <= set(m.files)
     assert m.quantization.bits == 4 and m.quantization.block_size == 32
-    # every GGUF block reused exactly: 30 layers x 4 Q4_1 MatMuls (q/k/v and gate/up packed in the fused
-    # graph), and the Q8_0 embedding and head
+    # every GGUF tensor reused exactly: 30 layers x 7 Q4_1 matrices (stacked into q/k/v and gate/up nodes in
+    # the fused graph), and the Q8_0 embedding, which the tied head reads from the same initializers
     assert m.graph == "fused"
-    assert m.quantization.gguf_imported == {"q4_1": 120, "q8_0": 2, "partial": 0, "kept": 0}
-    # 4-bit projections (24 bytes per 32 weights in the exact split form), 8-bit embedding and head:
-    # well under the 538 MB fp32 export
-    assert sum(f.size for f in m.files.values()) < 160e6
+    assert m.quantization.gguf_imported == {"Q4_1": 210, "Q8_0": 1} and m.quantization.rounded_weights is None
+    # 4-bit projections (24 bytes per 32 weights in the exact split form), one 8-bit embedding-and-head:
+    # 116 MB, against the GGUF's 98 MB and the 538 MB fp32 export
+    assert sum(f.size for f in m.files.values()) < 125e6
 
 
 def test_int8_perplexity_within_3_percent_of_source(smollm2_int8):

@@ -31,7 +31,9 @@ class Quantization(StrictModel):
     accuracy_level: int | None = None
     output_head_bits: int | None = None
     eight_bit_layers: list[str] | None = Field(None, description="MatMuls kept at 8 bits in a 4-bit build")
-    gguf_imported: dict[str, int] | None = Field(None, description="weights taken exactly from GGUF blocks")
+    gguf_imported: dict[str, int] | None = Field(None, description="weights taken exactly from GGUF blocks, by type")
+    rounded_weights: list[str] | None = Field(None, description="GGUF weights of a type with no exact form here, "
+                                              "de-quantized and rounded again")
 
 
 class Source(StrictModel):

@@ -1,0 +1,199 @@
+"""Where a build reads its weights, one tensor at a time: a GGUF file or a folder of safetensors.
+
+Both are memory-mapped and hand out tensors under transformers' names (`model.layers.3.mlp.down_proj.weight`),
+so the fused graph has one way to ask. A GGUF hands out its quantized blocks as they are (models/blocks.py);
+safetensors hand out float32. Neither imports torch: a device can build from a GGUF.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from pathlib import Path
+
+import numpy as np
+
+from edgellm.models.blocks import Blocks, decode
+from edgellm.models.errors import BuildError
+from edgellm.models.spec import ModelSpec
+
+Tensor = Blocks | np.ndarray
+
+# transformers' per-layer names -> GGUF's, per architecture (as llama.cpp's convert_hf_to_gguf.py writes them)
+_LLAMA = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+          "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+          "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+_LAYER = {
+    "llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA,
+    "phi": {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+            "self_attn.qkv_proj": "attn_qkv", "self_attn.dense": "attn_output", "mlp.fc1": "ffn_up",
+            "mlp.fc2": "ffn_down", "input_layernorm": "attn_norm"},
+    "phi3": {"self_attn.qkv_proj": "attn_qkv", "self_attn.o_proj": "attn_output", "mlp.gate_up_proj": "ffn_up",
+             "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"},
+}
+_GLOBAL = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "model.final_layernorm": "output_norm",
+           "lm_head": "output"}
+_HF_NAME = re.compile(r"^model\.layers\.(\d+)\.(.+)\.(weight|bias)$")
+
+
+class GGUFWeights:
+    """A GGUF file's tensors, under transformers' names. Its q and k rows (Llama architecture) are put back in
+    transformers' order: llama.cpp's converter interleaves the rotary halves."""
+
+    def __init__(self, path: Path):
+        from gguf import GGUFReader
+
+        self.path = Path(path)
+        self.reader = GGUFReader(self.path)
+        self.meta = {k: _field(f) for k, f in self.reader.fields.items() if not k.startswith("GGUF.")}
+        self._tensors = {t.name: t for t in self.reader.tensors}
+        freqs = self._tensors.get("rope_freqs.weight")
+        self.spec = ModelSpec.from_gguf(self.meta, set(self._tensors),
+                                        np.asarray(freqs.data, dtype=np.float32) if freqs is not None else None)
+        self.rounded: list[str] = []  # tensors whose GGUF type has no exact form here
+
+    def gguf_name(self, name: str) -> str | None:
+        match = _HF_NAME.match(name)
+        if match:
+            layer, part, kind = match.groups()
+            table = _LAYER[self.spec.model_type]
+            return f"blk.{layer}.{table[part]}.{kind}" if part in table else None
+        stem, _, kind = name.rpartition(".")
+        return f"{_GLOBAL[stem]}.{kind}" if stem in _GLOBAL else None
+
+    def has(self, name: str) -> bool:
+        gguf = self.gguf_name(name)
+        if gguf in self._tensors:
+            return True
+        return self._split_qkv(name) is not None
+
+    def get(self, name: str) -> Tensor | None:
+        """The tensor transformers would hold under `name`: [out, in] matrices, 1-D vectors as float32."""
+        gguf = self.gguf_name(name)
+        if gguf not in self._tensors:
+            return self._split_qkv(name)
+        t = self._tensors[gguf]
+        rows = int(t.shape[-1]) if len(t.shape) > 1 else 1
+        value = decode(t.tensor_type.name, t.data, rows)
+        if value is None:  # a type with no exact form (IQ*, Q2_K, Q3_K): de-quantize; the build rounds it again
+            from gguf.quants import dequantize
+
+            value = dequantize(np.asarray(t.data), t.tensor_type).reshape(rows, -1).astype(np.float32)
+            self.rounded.append(f"{gguf} ({t.tensor_type.name})")
+        if len(t.shape) == 1:
+            return np.asarray(value, dtype=np.float32).reshape(-1)
+        if self.spec.model_type in ("llama", "mistral") and gguf.endswith(("attn_q.weight", "attn_k.weight")):
+            heads = self.spec.heads if "attn_q" in gguf else self.spec.kv_heads
+            order = unpermute_rows(rows, heads)
+            value = value.rows(order) if isinstance(value, Blocks) else value[order]
+        return value
+
+    def dequantized(self, name: str) -> np.ndarray | None:
+        """The float32 weight gguf's own de-quantizer gives (what transformers loads), in transformers' row order."""
+        from gguf.quants import dequantize
+
+        gguf = self.gguf_name(name)
+        if gguf not in self._tensors:
+            return None
+        t = self._tensors[gguf]
+        rows = int(t.shape[-1]) if len(t.shape) > 1 else 1
+        value = dequantize(np.asarray(t.data), t.tensor_type).reshape(rows, -1).astype(np.float32)
+        if self.spec.model_type in ("llama", "mistral") and gguf.endswith(("attn_q.weight", "attn_k.weight")):
+            value = value[unpermute_rows(rows, self.spec.heads if "attn_q" in gguf else self.spec.kv_heads)]
+        return value
+
+    def _split_qkv(self, name: str) -> Tensor | None:
+        """Phi-2 GGUFs made from its first checkpoints hold one attn_qkv; transformers wants q, k and v."""
+        match = _HF_NAME.match(name)
+        if not match or match.group(2) not in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
+            return None
+        fused = f"blk.{match.group(1)}.attn_qkv.{match.group(3)}"
+        if fused not in self._tensors:
+            return None
+        whole = self.get(f"model.layers.{match.group(1)}.self_attn.qkv_proj.{match.group(3)}")
+        s = self.spec
+        sizes = [s.heads * s.head_dim, s.kv_heads * s.head_dim, s.kv_heads * s.head_dim]
+        which = "qkv".index(match.group(2).split(".")[1][0])
+        rows = np.arange(sum(sizes[:which]), sum(sizes[: which + 1]))
+        if isinstance(whole, Blocks):
+            return whole.rows(rows)
+        return whole[rows]
+
+
+def unpermute_rows(n: int, heads: int) -> np.ndarray:
+    """llama.cpp's converter interleaves the rotary halves of q/k rows; this is the row order that undoes it
+    (transformers' `_reverse_permute_weights`, applied to row indices)."""
+    dim = n // heads // 2
+    return np.arange(n).reshape(heads, dim, 2).swapaxes(1, 2).reshape(n)
+
+
+def _field(field):
+    try:
+        return field.contents()
+    except Exception:  # a value type the gguf package cannot render: not one a build needs
+        return None
+
+
+# -- safetensors --------------------------------------------------------------------------------------------
+_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64}
+
+
+class SafetensorsWeights:
+    """A Hugging Face folder's *.safetensors, memory-mapped and read by hand (its header is JSON), so that bf16
+    tensors need neither torch nor a float32 copy of the whole model."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        config = json.loads((self.folder / "config.json").read_text())
+        self.spec = ModelSpec.from_config(config)
+        self._index: dict[str, tuple[Path, dict, int]] = {}
+        files = sorted(self.folder.glob("*.safetensors"))
+        if not files:
+            raise BuildError(f"SOURCE: {self.folder} has no *.safetensors files")
+        for path in files:
+            with open(path, "rb") as f:
+                size = struct.unpack("<Q", f.read(8))[0]
+                header = json.loads(f.read(size))
+            for name, info in header.items():
+                if name != "__metadata__":
+                    self._index[name] = (path, info, 8 + size)
+        self.rounded: list[str] = []
+
+    def has(self, name: str) -> bool:
+        return name in self._index
+
+    def get(self, name: str) -> np.ndarray | None:
+        if name not in self._index:
+            return None
+        path, info, start = self._index[name]
+        if info["dtype"] not in _DTYPES:
+            raise BuildError(f"SOURCE: {path.name}: tensor {name} is {info['dtype']}; expected float weights")
+        begin, end = info["data_offsets"]
+        raw = np.memmap(path, dtype=np.uint8, mode="r", offset=start + begin, shape=(end - begin,))
+        if info["dtype"] == "BF16":
+            values = (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+        else:
+            values = raw.view(_DTYPES[info["dtype"]]).astype(np.float32)
+        return values.reshape(info["shape"])
+
+
+class MergedWeights:
+    """A LoRA merge of a GGUF base (safetensors beside an edgellm-lineage.json naming the base): every weight the
+    merge left exactly as it was is the base's own blocks; the ones it changed are float, for the plan to round."""
+
+    def __init__(self, merged: SafetensorsWeights, base: GGUFWeights):
+        self.merged, self.base, self.spec = merged, base, merged.spec
+        self.rounded: list[str] = []
+
+    def has(self, name: str) -> bool:
+        return self.merged.has(name)
+
+    def get(self, name: str) -> Tensor | None:
+        value = self.merged.get(name)
+        if value is None or value.ndim != 2 or not self.base.has(name):
+            return value
+        reference = self.base.dequantized(name)  # as transformers de-quantized the base before the merge
+        if reference is not None and reference.shape == value.shape and np.array_equal(reference, value):
+            return self.base.get(name)
+        return value
