@@ -103,9 +103,10 @@ def _build_fused(source: Source, staged: Path, options: BuildOptions, progress: 
     finally:
         data.close()
     onnx.save(graph, staged / MODEL_FILE)
-    del graph
+    del graph, weights  # the source's pages and the graph leave before the built model is loaded to measure it
     progress.next()
     generation, license_ = _write_tokenizer(source, meta, staged, spec.context)
+    del meta
     names = [MODEL_FILE, EXTERNAL_DATA, TOKENIZER_FILE] + ([CHAT_TEMPLATE] if generation.chat_template else [])
     manifest = ModelManifest(
         name=options.name or f"{source.default_name()}-{options.quant.scheme}", architecture=spec.architecture,

@@ -121,7 +121,7 @@ class _Builder:
         self.spec, self.weights, self.plan = spec, weights, plan
         self.g = _Graph(data)
         self.report = Report()
-        self.stored: dict[int, tuple[Blocks, dict[str, str]]] = {}  # id -> (blocks, initializer names): shared
+        self.shared: dict[int, tuple[Blocks, dict[str, str]]] = {}  # id -> (blocks, initializer names)
 
     # -- weights --------------------------------------------------------------------------------------
     def matrix(self, name: str) -> Tensor:
@@ -201,9 +201,11 @@ class _Builder:
         (y,) = g.op("Add", [main, corr], f"{node}/Add")
         return y
 
-    def _store_blocks(self, blocks: Blocks, node: str) -> dict[str, str]:
-        """Initializers of a block matrix, written once even when two nodes use it (a tied embedding and head)."""
-        entry = self.stored.get(id(blocks))
+    def _store_blocks(self, blocks: Blocks, node: str, share: bool = False) -> dict[str, str]:
+        """Initializers of a block matrix. One stored with `share` (a tied embedding) is written once and its
+        names handed to the next node that uses the same Blocks (the head); the others are let go once written,
+        so a build holds one layer, not the model."""
+        entry = self.shared.get(id(blocks))
         if entry is not None and entry[0] is blocks:  # (the Blocks is kept alive here, so its id is not reused)
             return entry[1]
         g = self.g
@@ -211,7 +213,8 @@ class _Builder:
                  "scales": g.const(f"{node}/scales", blocks.scales)}
         if blocks.offsets is not None:
             names["offsets_t"] = g.const(f"{node}/offsets", np.ascontiguousarray(blocks.offsets.T))  # [K/b, N]
-        self.stored[id(blocks)] = (blocks, names)
+        if share:
+            self.shared[id(blocks)] = (blocks, names)
         return names
 
     # -- the embedding --------------------------------------------------------------------------------
@@ -223,7 +226,7 @@ class _Builder:
             (x,) = g.op("Gather", [g.const("model.embed_tokens.weight", table), "input_ids"],
                         "/model/embed_tokens/Gather")
             return x
-        names = self._store_blocks(table, "/model/embed_tokens")
+        names = self._store_blocks(table, "/model/embed_tokens", share=True)
         p = "/model/embed_tokens"
         (q,) = g.op("Gather", [names["q"], "input_ids"], f"{p}/GatherQ", axis=0)  # [b, s, K/blk, packed]
         if table.bits == 4:

@@ -8,6 +8,7 @@ safetensors hand out float32. Neither imports torch: a device can build from a G
 from __future__ import annotations
 
 import json
+import mmap
 import re
 import struct
 from pathlib import Path
@@ -73,6 +74,7 @@ class GGUFWeights:
         gguf = self.gguf_name(name)
         if gguf not in self._tensors:
             return self._split_qkv(name)
+        self._drop_pages()
         t = self._tensors[gguf]
         rows = int(t.shape[-1]) if len(t.shape) > 1 else 1
         value = decode(t.tensor_type.name, t.data, rows)
@@ -88,6 +90,13 @@ class GGUFWeights:
             order = unpermute_rows(rows, heads)
             value = value.rows(order) if isinstance(value, Blocks) else value[order]
         return value
+
+    def _drop_pages(self) -> None:
+        """Let go of the file pages earlier tensors touched, so a build's memory is one tensor's, not the file's
+        (the mapping is read-only and shared: a page touched again is read again from the page cache)."""
+        mapped = getattr(self.reader.data, "_mmap", None)  # numpy.memmap's mmap object
+        if mapped is not None and hasattr(mmap, "MADV_DONTNEED"):
+            mapped.madvise(mmap.MADV_DONTNEED)
 
     def dequantized(self, name: str) -> np.ndarray | None:
         """The float32 weight gguf's own de-quantizer gives (what transformers loads), in transformers' row order."""

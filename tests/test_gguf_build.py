@@ -111,6 +111,38 @@ def test_smollm2s_raw_prompt_starts_as_llama_cpp_does(smollm2_int4):
     assert first == " calculated"
 
 
+RESIDENT_WEIGHTS = """
+import sys, onnxruntime as ort
+from pathlib import Path
+from edgellm.daemon.engine.decoder import cpu_session, release_mapped_weights
+folder = Path(sys.argv[1]).resolve()
+def resident():  # kB of this process's resident pages of files in the model folder
+    kb, inside = 0, False
+    for line in open("/proc/self/smaps"):
+        if "-" in line.split(" ")[0] and len(line.split()) >= 5 and not line.split()[0].endswith(":"):
+            inside = line.rstrip().endswith(str(folder / "model.onnx.data"))
+        elif inside and line.startswith("Rss:"):
+            kb += int(line.split()[1])
+    return kb
+session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+before = resident()
+release_mapped_weights(folder)
+print(before, resident())
+"""
+
+
+def test_a_loaded_model_keeps_only_what_it_reads_resident(smollm2_int4):
+    """onnxruntime keeps the weights file mapped after packing the matrices (their scales stay resident); the
+    engine's sessions let those pages go, so a model's memory is its packed weights and little else."""
+    done = subprocess.run([sys.executable, "-c", RESIDENT_WEIGHTS, str(smollm2_int4)], capture_output=True,
+                          text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    before, after = (int(x) for x in done.stdout.split())
+    data_kb = (smollm2_int4 / "model.onnx.data").stat().st_size // 1024
+    assert before > data_kb * 0.1  # what onnxruntime alone keeps (the scales, the tied table it touched)
+    assert after < data_kb * 0.02
+
+
 def test_a_killed_build_leaves_a_staging_folder_the_next_build_removes(tmp_path, tiny_wide_llama):
     gguf, _ = write_gguf(tiny_wide_llama, tmp_path / "k.gguf", {}, default="Q4_K")
     out = tmp_path / "models" / "m"

@@ -9,6 +9,9 @@ Two cache layouts, chosen by the graph:
 
 from __future__ import annotations
 
+import ctypes
+import os
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,7 +63,41 @@ def cpu_session(model_path: Path, threads: int = 0) -> ort.InferenceSession:
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
+    release_mapped_weights(Path(model_path).parent)
+    return session
+
+
+def release_mapped_weights(folder: Path) -> int:
+    """Ask the kernel to drop this process's resident pages of the model's memory-mapped external data.
+
+    onnxruntime maps the weights file and MatMulNBits packs each weight into its own buffer, but it keeps the
+    original block scales mapped beside the packed copy (docs/measured-facts.md): at 1B parameters that is
+    ~135 MB of pages that are never read again. MADV_PAGEOUT (Linux 5.4) is only advice: a page read again (an
+    embedding row, a norm) comes back from the page cache. Returns the number of mappings advised."""
+    madvise = _libc_madvise()
+    if madvise is None:
+        return 0
+    folder = str(Path(folder).resolve()) + os.sep
+    advised = 0
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            parts = line.split(maxsplit=5)
+            if len(parts) == 6 and parts[5].rstrip("\n").startswith(folder):
+                start, end = (int(x, 16) for x in parts[0].split("-"))
+                advised += madvise(start, end - start, _MADV_PAGEOUT) == 0
+    return advised
+
+
+_MADV_PAGEOUT = 21  # linux/mman.h
+
+
+def _libc_madvise():
+    if not sys.platform.startswith("linux"):
+        return None
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return libc.madvise
 
 
 class OnnxDecoder:
