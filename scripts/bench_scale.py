@@ -68,6 +68,18 @@ def tokenizer_fields(reader) -> dict:
     return {k: f for k, f in reader.fields.items() if k.startswith("tokenizer.")}
 
 
+def copy_field(w, key: str, field, value) -> None:
+    """Write one header field read from another GGUF, with its own type."""
+    import gguf
+
+    add = {gguf.GGUFValueType.ARRAY: w.add_array, gguf.GGUFValueType.STRING: w.add_string,
+           gguf.GGUFValueType.BOOL: w.add_bool, gguf.GGUFValueType.FLOAT32: w.add_float32}.get(field.types[0])
+    if add is None:
+        w.add_uint32(key, int(value))
+    else:
+        add(key, value)
+
+
 def write_random_gguf(shape: Shape, path: Path, smollm2: Path, seed: int = 0) -> None:
     """An F16 GGUF of `shape` with random weights, streamed tensor by tensor (a 3B model is 6 GB)."""
     import gguf
@@ -90,16 +102,7 @@ def write_random_gguf(shape: Shape, path: Path, smollm2: Path, seed: int = 0) ->
         w.add_layer_norm_rms_eps(1e-5)
     w.add_file_type(1)  # F16
     for key, field in tokenizer_fields(source).items():
-        value = field.contents()
-        kind = field.types[0]
-        if kind == gguf.GGUFValueType.ARRAY:
-            w.add_array(key, value)
-        elif kind == gguf.GGUFValueType.STRING:
-            w.add_string(key, value)
-        elif kind == gguf.GGUFValueType.BOOL:
-            w.add_bool(key, value)
-        else:
-            w.add_uint32(key, int(value))
+        copy_field(w, key, field, field.contents())
     tensors = list(_tensor_shapes(shape, vocab, head_dim))
     for name, dims in tensors:
         dtype = np.float32 if len(dims) == 1 else np.float16
@@ -166,19 +169,7 @@ def smollm2_f16(work: Path) -> Path:
     for key, field in reader.fields.items():
         if key.startswith("GGUF.") or key == "general.architecture":
             continue
-        value, kind = field.contents(), field.types[0]
-        if key == "general.file_type":
-            value = 1
-        if kind == gguf.GGUFValueType.ARRAY:
-            w.add_array(key, value)
-        elif kind == gguf.GGUFValueType.STRING:
-            w.add_string(key, value)
-        elif kind == gguf.GGUFValueType.BOOL:
-            w.add_bool(key, value)
-        elif kind == gguf.GGUFValueType.FLOAT32:
-            w.add_float32(key, value)
-        else:
-            w.add_uint32(key, int(value))
+        copy_field(w, key, field, 1 if key == "general.file_type" else field.contents())
     for t in reader.tensors:
         rows = int(t.shape[-1]) if len(t.shape) > 1 else 1
         value = dequantize(np.asarray(t.data), t.tensor_type).reshape(rows, -1)
