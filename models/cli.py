@@ -44,16 +44,19 @@ def cmd_model_build(args: argparse.Namespace) -> None:
 def cmd_data_invoices(args: argparse.Namespace) -> None:
     import json
 
-    from edgellm.models.invoices import LANGUAGES, SCHEMA, generate, write_jsonl
+    from edgellm.models.invoices import FAMILIES, LANGUAGES, SCHEMA, generate, write_jsonl
 
     langs = tuple(args.languages.split(",")) if args.languages else LANGUAGES
+    families = tuple(args.families.split(","))
     unknown = set(langs) - set(LANGUAGES)
     if unknown or args.n < 1:
         raise CommandError(f"--languages: choose from {','.join(LANGUAGES)}" if unknown else "--n: at least 1")
-    write_jsonl(generate(args.n, args.seed, langs), args.out)
+    if set(families) - set(FAMILIES):
+        raise CommandError(f"--families: choose from {','.join(FAMILIES)}")
+    write_jsonl(generate(args.n, args.seed, langs, families), args.out)
     if args.schema_out:
         args.schema_out.write_text(json.dumps(SCHEMA, indent=2) + "\n")
-    print(f"wrote {args.n} invoices ({', '.join(langs)}, seed {args.seed}) to {args.out}")
+    print(f"wrote {args.n} invoices ({', '.join(langs)}; {', '.join(families)}; seed {args.seed}) to {args.out}")
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -75,7 +78,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
         plot(reports, args.plot)
     for r in reports:
         langs = ", ".join(f"{k} {v['field_accuracy']:.1%}" for k, v in r["per_language"].items())
-        print(f"{r['model']}: field accuracy {r['field_accuracy']:.1%} ({langs}); valid JSON "
+        families = ", ".join(f"{k} {v['field_accuracy']:.1%}" for k, v in r["per_family"].items())
+        print(f"{r['model']}: field accuracy {r['field_accuracy']:.1%} ({langs}; {families}); valid JSON "
               f"{r['json_valid_rate']:.1%}; median latency {r['latency_ms_p50']} ms on {r['n']} invoices")
 
 
@@ -249,11 +253,13 @@ def register(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--n", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--languages", help="comma-separated subset of en,es,fr")
+    p.add_argument("--families", default="classic",
+                   help="comma-separated layout families: classic,letterhead,form,receipt,email (default classic)")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--schema-out", type=Path, help="also write the invoice JSON Schema here")
     p.set_defaults(func=cmd_data_invoices)
 
-    p = commands.add_parser("eval", help="field accuracy of JSON extraction, per language and field")
+    p = commands.add_parser("eval", help="field accuracy of JSON extraction, per language, layout family and field")
     p.add_argument("--model", type=Path, action="append", required=True, help="model folder (repeat to compare)")
     p.add_argument("--data", type=Path, required=True, help="JSONL with text, gold and optionally lang")
     p.add_argument("--schema", type=Path, help="JSON Schema (default: the invoice schema)")

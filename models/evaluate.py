@@ -29,9 +29,10 @@ def normalise(field: str, value: Any) -> Any:
 
 
 def score(examples: list[dict], predictions: list[dict | None], schema: dict) -> dict:
-    """examples: {"gold", "lang"}; predictions: the parsed JSON, or None where the output was not valid JSON."""
+    """examples: {"gold", "lang", "family"}; predictions: the parsed JSON, or None where the output was not
+    valid JSON. Accuracy overall, per field, and per language and layout family."""
     per_field = {f: [] for f in FIELDS}
-    per_lang: dict[str, dict[str, list]] = {}
+    groups: dict[str, dict[str, dict[str, list]]] = {"per_language": {}, "per_family": {}}
     valid = []
     for ex, pred in zip(examples, predictions, strict=True):
         ok = pred is not None
@@ -41,20 +42,22 @@ def score(examples: list[dict], predictions: list[dict | None], schema: dict) ->
             except jsonschema.ValidationError:
                 ok = False
         valid.append(ok)
-        lang = per_lang.setdefault(ex.get("lang", "unknown"), {"fields": [], "valid": []})
-        lang["valid"].append(ok)
-        for f in FIELDS:
-            hit = ok and normalise(f, pred.get(f)) == normalise(f, ex["gold"][f])
+        hits = [ok and normalise(f, pred.get(f)) == normalise(f, ex["gold"][f]) for f in FIELDS]
+        for f, hit in zip(FIELDS, hits, strict=True):
             per_field[f].append(hit)
-            lang["fields"].append(hit)
+        for group, key in (("per_language", ex.get("lang", "unknown")), ("per_family", ex.get("family", "classic"))):
+            entry = groups[group].setdefault(key, {"fields": [], "valid": []})
+            entry["valid"].append(ok)
+            entry["fields"] += hits
     everything = [h for hits in per_field.values() for h in hits]
     return {
         "n": len(examples),
         "field_accuracy": _mean(everything),
         "json_valid_rate": _mean(valid),
         "per_field": {f: _mean(h) for f, h in per_field.items()},
-        "per_language": {lang: {"n": len(v["valid"]), "field_accuracy": _mean(v["fields"]),
-                                "json_valid_rate": _mean(v["valid"])} for lang, v in sorted(per_lang.items())},
+        **{group: {key: {"n": len(v["valid"]), "field_accuracy": _mean(v["fields"]),
+                         "json_valid_rate": _mean(v["valid"])} for key, v in sorted(entries.items())}
+           for group, entries in groups.items()},
     }
 
 

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from datetime import date, timedelta
 from pathlib import Path
 
+from edgellm.models.invoice_layouts import FAMILIES, Facts, invoice_number, render, vendor_name
+
 LANGUAGES = ("en", "es", "fr")
 FIELDS = ("vendor", "invoice_number", "date", "total", "currency", "vat")
 INSTRUCTION = "Extract the invoice fields as JSON."
@@ -28,6 +30,12 @@ SCHEMA = {
     "required": list(FIELDS),
     "additionalProperties": False,
 }
+
+# The same fields, with the vendor and the invoice number copied verbatim from the invoice (x-edgellm-copy:
+# daemon/engine/copy_grammar.py); a copied field carries no length bound of its own.
+COPY_SCHEMA = {**SCHEMA, "properties": {
+    **SCHEMA["properties"], "vendor": {"type": "string", "x-edgellm-copy": True},
+    "invoice_number": {"type": "string", "x-edgellm-copy": True}}}
 
 VENDORS = {
     "en": ["Acme Tools Ltd", "Northwind Traders Inc", "Oak & Pine Carpentry", "Highland Wool Ltd",
@@ -91,16 +99,23 @@ class Invoice:
     lang: str
     text: str
     gold: dict
+    family: str = "classic"
 
     def to_json(self) -> str:
-        return json.dumps({"lang": self.lang, "text": self.text, "gold": self.gold}, ensure_ascii=False)
+        return json.dumps({"lang": self.lang, "family": self.family, "text": self.text, "gold": self.gold},
+                          ensure_ascii=False)
 
 
-def make_invoice(rng: random.Random, lang: str) -> Invoice:
+def make_invoice(rng: random.Random, lang: str, family: str = "classic") -> Invoice:
+    """One invoice in `family`'s layout (models/invoice_layouts.py). `classic` draws exactly as it always
+    has, so a seed still gives the invoices it gave before families existed."""
     L = LABELS[lang]
-    vendor = rng.choice(VENDORS[lang])
-    prefix = {"en": "INV", "es": "F", "fr": "FA"}[lang]
-    number = f"{prefix}-{rng.randint(2024, 2026)}-{rng.randint(1, 9999):04d}"
+    if family == "classic":
+        vendor = rng.choice(VENDORS[lang])
+        prefix = {"en": "INV", "es": "F", "fr": "FA"}[lang]
+        number = f"{prefix}-{rng.randint(2024, 2026)}-{rng.randint(1, 9999):04d}"
+    else:
+        vendor, number = vendor_name(rng, lang), invoice_number(rng)
     day = date(2025, 1, 1) + timedelta(days=rng.randint(0, 700))
     currency = "EUR" if lang != "en" else rng.choice(["USD", "GBP", "EUR"])
     items = [(rng.choice(ITEMS[lang]), rng.randint(1, 12), round(rng.uniform(5, 900), 2))
@@ -114,6 +129,13 @@ def make_invoice(rng: random.Random, lang: str) -> Invoice:
     def money(v: float) -> str:
         return format_amount(v, currency, lang, style)
 
+    gold = {"vendor": vendor, "invoice_number": number, "date": day.isoformat(), "total": total,
+            "currency": currency, "vat": vat}
+    if family != "classic":
+        facts = Facts(lang, vendor, number, day, currency, items, subtotal, rate, vat, total)
+        date_style = rng.randint(0, 1)
+        return Invoice(lang, render(family, rng, facts, money, lambda d: format_date(d, lang, date_style)), gold,
+                       family)
     lines = [f"{name} | {q} | {money(p)}" for name, q, p in items]
     header = [f"{L['title']}", f"{L['from']}: {vendor}", f"{L['number']} {number}",
               f"{L['date']}: {format_date(day, lang, rng.randint(0, 1))}"]
@@ -124,14 +146,18 @@ def make_invoice(rng: random.Random, lang: str) -> Invoice:
               f"{L['total']}: {money(total)}"]
     price = {"en": "Price", "es": "Precio", "fr": "Prix"}[lang]
     text = "\n".join([*header, "", f"{L['item']} | {L['qty']} | {price}", *lines, "", *totals])
-    gold = {"vendor": vendor, "invoice_number": number, "date": day.isoformat(), "total": total,
-            "currency": currency, "vat": vat}
     return Invoice(lang, text, gold)
 
 
-def generate(n: int, seed: int, languages: tuple[str, ...] = LANGUAGES) -> list[Invoice]:
+def generate(n: int, seed: int, languages: tuple[str, ...] = LANGUAGES,
+             families: tuple[str, ...] = ("classic",)) -> list[Invoice]:
+    """`n` invoices, languages in turn and, within each language, the families in turn."""
+    unknown = set(families) - set(FAMILIES)
+    if unknown:
+        raise ValueError(f"unknown layout families {sorted(unknown)}; known: {', '.join(FAMILIES)}")
     rng = random.Random(seed)
-    return [make_invoice(rng, languages[i % len(languages)]) for i in range(n)]
+    return [make_invoice(rng, languages[i % len(languages)], families[i // len(languages) % len(families)])
+            for i in range(n)]
 
 
 def write_jsonl(invoices: list[Invoice], path: Path) -> None:

@@ -4,11 +4,16 @@
 2. a LoRA on SmolLM2-135M (`--modules`, `--epochs`), merged;
 3. builds of the merged model: fp32, int8, int4 (block 32 symmetric), int4 asymmetric, int4 block 16, and
    int4 with the adapted projections kept at 8 bits;
-4. each build, and the untuned int4 base, evaluated on the held-out set with the schema enforced.
+4. each build, and the untuned int4 base, evaluated with the schema enforced on two held-out sets: invoices
+   in the layout families it trained on (`--train-families`, same-family), and invoices in families it never
+   saw (`--test-families`, leave-family-out: models/invoice_layouts.py), the latter also with the vendor and
+   invoice number copied from the text (x-edgellm-copy).
 
     .venv/bin/python scripts/study_invoices.py --work .cache/study [--modules q_proj,v_proj] [--epochs 1]
 
-Prints one JSON line: field accuracy and valid-JSON rate per build, and writes report.json and plot.png.
+Prints one JSON line: field accuracy and valid-JSON rate per build and split, the leave-family-out accuracy
+of the tuned int4 build per language, field and family, the copy constraint's gain, and the int4 build's
+perplexity against its fp32 source; writes report.json and plot.png.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from edgellm.models.build import BuildOptions, build_model  # noqa: E402
 from edgellm.models.evaluate import evaluate_model, load_examples, plot  # noqa: E402
-from edgellm.models.invoices import SCHEMA, generate, write_jsonl  # noqa: E402
+from edgellm.models.invoices import COPY_SCHEMA, SCHEMA, generate, write_jsonl  # noqa: E402
 from edgellm.models.lora import LoraOptions, merge_lora, train_lora  # noqa: E402
 from edgellm.models.quantize import QuantSpec  # noqa: E402
 
@@ -45,6 +50,9 @@ def main() -> None:
     p.add_argument("--work", type=Path, default=ROOT / ".cache/study")
     p.add_argument("--train", type=int, default=120)
     p.add_argument("--test", type=int, default=30)
+    p.add_argument("--lfo-test", type=int, default=60, help="leave-family-out test invoices")
+    p.add_argument("--train-families", default="classic")
+    p.add_argument("--test-families", default="letterhead,form,receipt,email")
     p.add_argument("--modules", default="q_proj,v_proj")
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--epochs", type=float, default=1.0)
@@ -55,11 +63,19 @@ def main() -> None:
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
     modules = args.modules.split(",")
-    tag = f"{'-'.join(m.removesuffix('_proj') for m in modules)}-r{args.rank}-e{args.epochs:g}-n{args.train}"
-    train, test = work / f"train-{args.train}.jsonl", work / f"test-{args.test}.jsonl"
+    trained_on, held_out = tuple(args.train_families.split(",")), tuple(args.test_families.split(","))
+    if set(trained_on) & set(held_out):
+        sys.exit("--train-families and --test-families must not share a family")
+    families = "-".join(trained_on)
+    tag = (f"{'-'.join(m.removesuffix('_proj') for m in modules)}-r{args.rank}-e{args.epochs:g}-n{args.train}"
+           + ("" if trained_on == ("classic",) else f"-{families}"))
+    train, test = work / f"train-{args.train}-{families}.jsonl", work / f"test-{args.test}-{families}.jsonl"
+    lfo = work / f"lfo-{args.lfo_test}-{'-'.join(held_out)}.jsonl"
     if not train.exists():
-        write_jsonl(generate(args.train, seed=1), train)
-        write_jsonl(generate(args.test, seed=999), test)
+        write_jsonl(generate(args.train, seed=1, families=trained_on), train)
+        write_jsonl(generate(args.test, seed=999, families=trained_on), test)
+    if not lfo.exists():
+        write_jsonl(generate(args.lfo_test, seed=998, families=held_out), lfo)
     adapter, merged = work / f"adapter-{tag}", work / f"merged-{tag}"
     timings = {}
     if not (adapter / "adapter_config.json").exists():
@@ -71,27 +87,56 @@ def main() -> None:
         print(f"trained {r.steps} steps, loss {r.first_loss} -> {r.last_loss}", file=sys.stderr)
     if not (merged / "config.json").exists():
         merge_lora("smollm2", adapter, merged)
-    examples = load_examples(test)
-    reports = {}
+    splits = {"same_family": load_examples(test), "leave_family_out": load_examples(lfo)}
+    reports: dict[str, dict] = {}
+
+    def evaluate(name: str, folder: Path) -> None:
+        for split, examples in splits.items():
+            reports[f"{name} {split}"] = evaluate_model(folder, examples, SCHEMA, args.threads, 200)
+        reports[f"{name} leave_family_out copy"] = evaluate_model(folder, splits["leave_family_out"], COPY_SCHEMA,
+                                                                 args.threads, 200)
+        for key in (f"{name} same_family", f"{name} leave_family_out", f"{name} leave_family_out copy"):
+            r = reports[key]
+            print(f"{key}: field accuracy {r['field_accuracy']:.1%}, valid JSON {r['json_valid_rate']:.1%}",
+                  file=sys.stderr)
+
     base = work / "base-int4"
     if not (base / "manifest.json").exists():
         build_model("smollm2", base, BuildOptions(QuantSpec("int4")))
-    reports["base-int4"] = evaluate_model(base, examples, SCHEMA, args.threads, 200)
+    evaluate("base-int4", base)
     only = args.only.split(",") if args.only else None
+    perplexity = {}
     for name, spec in variants(modules).items():
         if only and name not in only:
             continue
         out = work / f"tuned-{tag}-{name}"
         if not (out / "manifest.json").exists():
             build_model(str(merged), out, BuildOptions(spec, name=f"tuned-{name}"))
-        reports[name] = evaluate_model(out, examples, SCHEMA, args.threads, 200)
-        print(f"{name}: field accuracy {reports[name]['field_accuracy']:.1%}, valid JSON "
-              f"{reports[name]['json_valid_rate']:.1%}", file=sys.stderr)
+        quality = json.loads((out / "manifest.json").read_text())["quality"]
+        perplexity[name] = {"built": quality["perplexity"], "source": quality.get("source_perplexity")}
+        evaluate(name, out)
     (work / f"report-{tag}.json").write_text(json.dumps(reports, indent=2, ensure_ascii=False) + "\n")
-    plot(list(reports.values()), work / f"plot-{tag}.png")
-    summary = {"lora": tag, **timings, **{f"{k}_field_accuracy": r["field_accuracy"] for k, r in reports.items()},
-               **{f"{k}_json_valid": r["json_valid_rate"] for k, r in reports.items()},
-               "per_language_best": max(reports.values(), key=lambda r: r["field_accuracy"])["per_language"]}
+    plot([dict(r, model=k) for k, r in reports.items()], work / f"plot-{tag}.png")
+    summary = {"lora": tag, "train_families": list(trained_on), "test_families": list(held_out), **timings,
+               **{f"{k} field_accuracy": r["field_accuracy"] for k, r in reports.items()},
+               **{f"{k} json_valid": r["json_valid_rate"] for k, r in reports.items()}}
+    tuned = "int4" if "int4 leave_family_out" in reports else next((n for n in perplexity), None)
+    if tuned is not None:
+        lfo_report = reports[f"{tuned} leave_family_out"]
+        summary.update({
+            "leave_family_out_field_accuracy": lfo_report["field_accuracy"],
+            "leave_family_out_with_copy_field_accuracy": reports[f"{tuned} leave_family_out copy"]["field_accuracy"],
+            "same_family_field_accuracy": reports[f"{tuned} same_family"]["field_accuracy"],
+            "per_language": lfo_report["per_language"], "per_field": lfo_report["per_field"],
+            "per_family": lfo_report["per_family"],
+            "json_valid_rate": min(r["json_valid_rate"] for r in reports.values()),
+            "copy_constraint_gain": round(reports[f"{tuned} leave_family_out copy"]["field_accuracy"]
+                                          - lfo_report["field_accuracy"], 4),
+            "base_copy_constraint_gain": round(reports["base-int4 leave_family_out copy"]["field_accuracy"]
+                                               - reports["base-int4 leave_family_out"]["field_accuracy"], 4)})
+        p = perplexity[tuned]
+        if p["source"]:
+            summary["int4_ppl_ratio_vs_fp32"] = round(p["built"] / p["source"], 4)
     print(json.dumps(summary, ensure_ascii=False))
 
 

@@ -75,6 +75,24 @@ def test_json_schema_response_format_fails_closed(client):
     assert "json_schema" in str(err.value)
 
 
+def test_a_copied_field_comes_from_the_prompt_over_http(client, api):
+    text = "Invoice RX-88-QT from Brightwater Tiling Ltd, total 340.00 GBP."
+    schema = {"type": "object", "required": ["vendor", "number"], "additionalProperties": False,
+              "properties": {"vendor": {"type": "string", "x-edgellm-copy": True},
+                             "number": {"type": "string", "x-edgellm-copy": True}}}
+    r = client.chat.completions.create(model="default", temperature=0, max_tokens=60, messages=[
+        {"role": "user", "content": f"{text}\nGive vendor and invoice number as JSON."}],
+        response_format={"type": "json_schema", "json_schema": {"name": "invoice", "schema": schema}})
+    value = json.loads(r.choices[0].message.content)
+    assert value["vendor"] in text and value["number"] in text
+    schema["properties"]["number"] = {"type": "integer", "x-edgellm-copy": True}
+    r = httpx.post(f"{api}/v1/chat/completions", headers=auth(), json={
+        "model": "default", "messages": [{"role": "user", "content": text}],
+        "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "response_format", r.text
+    assert "x-edgellm-copy" in r.json()["error"]["message"]
+
+
 def test_completions_and_embeddings(client):
     r = client.completions.create(model="default", prompt="The capital of France is", max_tokens=5, temperature=0)
     assert r.choices[0].text.strip() and r.usage.prompt_tokens > 0

@@ -7,7 +7,7 @@ import re
 from datetime import date
 
 from edgellm.models.evaluate import normalise, score
-from edgellm.models.invoices import FIELDS, MONTHS, SCHEMA, format_amount, generate
+from edgellm.models.invoices import FAMILIES, FIELDS, MONTHS, SCHEMA, format_amount, format_date, generate
 
 
 def parse_local_amount(text: str) -> float:
@@ -33,6 +33,30 @@ def test_gold_json_matches_the_rendered_text():
             assert gold["currency"] == "EUR" and re.search(r"\d,\d{2}", total_line)  # local decimal comma
 
 
+def test_the_classic_family_gives_the_invoices_it_always_gave():
+    """Families came later: seed 1's classic invoices are still byte for byte those the README measured."""
+    import hashlib
+
+    digest = hashlib.sha256("".join(i.text + str(i.gold) for i in generate(60, 1)).encode()).hexdigest()
+    assert digest == "15d54f3de12ba515636837cffe49eafc72c870be52356cbb15f16f8288b65b7f"
+
+
+def test_every_family_states_its_gold_values_beside_hard_negatives():
+    invoices = generate(120, seed=7, families=FAMILIES)
+    assert {(i.lang, i.family) for i in invoices} == {(lang, f) for lang in ("en", "es", "fr") for f in FAMILIES}
+    for inv in invoices:
+        gold, text, folded = inv.gold, inv.text, inv.text.casefold()
+        assert gold["vendor"].casefold() in folded and gold["invoice_number"] in text, text
+        day = date.fromisoformat(gold["date"])
+        assert any(format_date(day, inv.lang, style) in text for style in (0, 1)), text
+        for amount in (gold["total"], gold["vat"]):
+            assert any(format_amount(amount, gold["currency"], inv.lang, style) in text for style in (0, 1)), text
+        if inv.family != "classic":  # another reference number and another date than the invoice's own
+            others = [n for n in re.findall(r"[A-Z]*\d[\d/-]*\d", text) if n != gold["invoice_number"]]
+            assert len(others) >= 2, text
+    assert len({i.gold["vendor"] for i in invoices if i.family != "classic"}) > 20  # not the classic eight
+
+
 def test_generation_is_seeded_and_covers_three_languages():
     a, b = generate(30, seed=11), generate(30, seed=11)
     assert [x.to_json() for x in a] == [x.to_json() for x in b]
@@ -45,7 +69,8 @@ def test_generation_is_seeded_and_covers_three_languages():
 def test_evaluation_arithmetic_on_hand_made_cases():
     gold = {"vendor": "Garage Lefèvre", "invoice_number": "FA-1", "date": "2026-03-03", "total": 120.0,
             "currency": "EUR", "vat": 20.0}
-    examples = [{"gold": gold, "lang": "fr"}, {"gold": gold, "lang": "fr"}, {"gold": gold, "lang": "en"}]
+    examples = [{"gold": gold, "lang": "fr", "family": "form"}, {"gold": gold, "lang": "fr"},
+                {"gold": gold, "lang": "en", "family": "form"}]
     perfect = dict(gold, vendor="  garage   LEFÈVRE ", total="120.00")  # normalisation: case, spaces, cents
     half = dict(gold, total=121.0, vat=19.0, date="2026-03-04")  # 3 of 6 fields right
     report = score(examples, [perfect, half, None], SCHEMA | {"properties": {
@@ -54,6 +79,8 @@ def test_evaluation_arithmetic_on_hand_made_cases():
     assert report["field_accuracy"] == round((6 + 3 + 0) / 18, 4)
     assert report["per_language"]["fr"] == {"n": 2, "field_accuracy": 0.75, "json_valid_rate": 1.0}
     assert report["per_language"]["en"]["field_accuracy"] == 0.0
+    assert report["per_family"] == {"classic": {"n": 1, "field_accuracy": 0.5, "json_valid_rate": 1.0},
+                                    "form": {"n": 2, "field_accuracy": 0.5, "json_valid_rate": 0.5}}
     assert report["per_field"]["vendor"] == round(2 / 3, 4) and report["per_field"]["total"] == round(1 / 3, 4)
     assert set(report) >= {"field_accuracy", "json_valid_rate", "per_language", "per_field"}
     assert normalise("total", "abc") is None and set(FIELDS) == set(report["per_field"])
@@ -69,15 +96,18 @@ def test_edgellm_eval_writes_a_report_and_a_plot(tiny_sources, tmp_path):
     model = build(tiny_sources["llama"], tmp_path / "tiny", "int8")
     run = lambda *a: subprocess.run([*EDGELLM, *a], cwd=ROOT, capture_output=True,  # noqa: E731
                                     text=True, timeout=300)
-    r = run("data", "invoices", "--n", "3", "--seed", "1", "--out", str(tmp_path / "test.jsonl"),
-            "--schema-out", str(tmp_path / "schema.json"))
+    r = run("data", "invoices", "--n", "6", "--seed", "1", "--out", str(tmp_path / "test.jsonl"),
+            "--schema-out", str(tmp_path / "schema.json"), "--families", "classic,email")
     assert r.returncode == 0, r.stderr
     r = run("eval", "--model", str(model), "--model", str(model), "--data", str(tmp_path / "test.jsonl"),
             "--schema", str(tmp_path / "schema.json"), "--report", str(tmp_path / "r.json"),
             "--plot", str(tmp_path / "r.png"), "--max-tokens", "40")
     assert r.returncode == 0, r.stderr
     report = json.loads((tmp_path / "r.json").read_text())
-    assert len(report["models"]) == 2 and report["models"][0]["n"] == 3
+    assert len(report["models"]) == 2 and report["models"][0]["n"] == 6
+    assert set(report["models"][0]["per_family"]) == {"classic", "email"}
+    r = run("data", "invoices", "--n", "3", "--out", str(tmp_path / "x.jsonl"), "--families", "classic,poster")
+    assert r.returncode == 2 and "--families: choose from classic,letterhead" in r.stderr
     assert 0 <= report["models"][0]["field_accuracy"] <= 1
     assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     (tmp_path / "bad.jsonl").write_text('{"text": 1}\n')

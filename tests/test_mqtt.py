@@ -59,6 +59,18 @@ def test_chat_and_json_schema(client):
     assert isinstance(r["json"]["total"], (int, float)) and "text" not in r
 
 
+def test_a_copied_field_comes_from_the_prompt_over_mqtt(client):
+    text = "Rechnung Nr. 2024-ZK-17 von Zeller Kältetechnik GmbH, Summe 99,00 EUR."
+    r = client.call(TOPIC + "generate", {"prompt": f"{text}\nVendor as JSON.", "temperature": 0, "json_schema": {
+        "type": "object", "required": ["vendor"], "additionalProperties": False,
+        "properties": {"vendor": {"type": "string", "x-edgellm-copy": True}}}})
+    assert r["ok"], r
+    assert r["json"]["vendor"] and r["json"]["vendor"] in text
+    r = client.call(TOPIC + "generate", {"prompt": text, "json_schema": {
+        "type": "object", "properties": {"vendor": {"type": "string", "x-edgellm-copy": 1}}}})
+    assert r["error"]["code"] == "bad_request" and "x-edgellm-copy must be true or false" in r["error"]["message"]
+
+
 def test_embed_status_and_cancel_of_nothing(client):
     r = client.call(TOPIC + "embed", {"input": ["an invoice", "a contract"]})
     assert r["ok"] and r["dimension"] == 384 and len(r["embeddings"]) == 2

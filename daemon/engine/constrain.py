@@ -14,6 +14,7 @@ import llguidance
 import numpy as np
 from llguidance.numpy import allocate_token_bitmask, fill_next_token_bitmask
 
+from edgellm.daemon.engine.copy_grammar import copied_values, copy_grammar, has_copied_fields
 from edgellm.daemon.errors import EdgeError
 
 # Compact separators: more tokens are forced, so more are fast-forwarded (~35% of JSON tokens:
@@ -41,14 +42,18 @@ def grammar_tokenizer(tokenizer_json: str, eos_ids: list[int], vocab_size: int) 
     return lltok
 
 
-def compile_json_schema(schema: dict[str, Any], lltok: llguidance.LLTokenizer) -> str:
+def compile_json_schema(schema: dict[str, Any], lltok: llguidance.LLTokenizer, document: str = "") -> str:
+    """llguidance's grammar for `schema`; fields marked x-edgellm-copy take their values from `document`."""
     try:
         jsonschema.validators.validator_for(schema).check_schema(schema)
     except jsonschema.SchemaError as e:
         raise EdgeError("bad_request", f"json_schema: not a valid JSON Schema: {e.message}",
                         param="json_schema") from None
     try:
-        grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS)
+        if has_copied_fields(schema):
+            grammar = llguidance.LLMatcher.grammar_from_lark(copy_grammar(schema, document, JSON_OPTIONS))
+        else:
+            grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS)
     except ValueError as e:
         raise EdgeError("bad_request", f"json_schema: {e}", param="json_schema") from None
     is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, lltok)
@@ -60,8 +65,9 @@ def compile_json_schema(schema: dict[str, Any], lltok: llguidance.LLTokenizer) -
 class JsonConstraint:
     """Masks logits to tokens the schema allows, and tells which tokens the schema forces next."""
 
-    def __init__(self, lltok: llguidance.LLTokenizer, schema: dict[str, Any], grammar: str):
+    def __init__(self, lltok: llguidance.LLTokenizer, schema: dict[str, Any], grammar: str, document: str = ""):
         self.schema = schema
+        self.document = document
         self.matcher = llguidance.LLMatcher(lltok, grammar)
         self._bitmask = allocate_token_bitmask(1, lltok.vocab_size)
         fill_next_token_bitmask(self.matcher, self._bitmask)  # a grammar that allows no first token fails here
@@ -103,6 +109,9 @@ class JsonConstraint:
             jsonschema.validate(value, self.schema)
         except (json.JSONDecodeError, jsonschema.ValidationError) as e:
             raise EdgeError("internal", f"constrained output failed validation: {e}") from None
+        for copied in copied_values(self.schema, value):
+            if copied not in self.document:
+                raise EdgeError("internal", f"constrained output failed validation: {copied!r} is not in the prompt")
         return value
 
 

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 
 from edgellm.daemon.engine.chat import ChatMessage
 from edgellm.daemon.engine.constrain import JsonConstraint, compile_json_schema, grammar_tokenizer
+from edgellm.daemon.engine.copy_grammar import has_copied_fields
 from edgellm.daemon.engine.decoder import KVCache
 from edgellm.daemon.engine.model import LoadedModel
 from edgellm.daemon.engine.params import GenerationParams
@@ -50,11 +51,13 @@ class Generator:
         return self.model.encode(self.model.render_chat([ChatMessage(role="user", content=prompt)]),
                                  add_special_tokens=False)
 
-    def _constraint(self, schema: dict) -> JsonConstraint:
+    def _constraint(self, schema: dict, ids: list[int]) -> JsonConstraint:
+        """The schema's grammar. Fields marked x-edgellm-copy copy from the prompt the model reads."""
         if self._lltok is None:
             m = self.model
             self._lltok = grammar_tokenizer(m.tokenizer_json(), sorted(m.eos_token_ids), m.decoder.vocab_size)
-        return JsonConstraint(self._lltok, schema, compile_json_schema(schema, self._lltok))
+        document = self.model.tokenizer.decode(ids, skip_special_tokens=True) if has_copied_fields(schema) else ""
+        return JsonConstraint(self._lltok, schema, compile_json_schema(schema, self._lltok, document), document)
 
     def generate(self, ids: list[int], params: GenerationParams,
                  interrupt: Callable[[], None] | None = None) -> Result:
@@ -69,7 +72,7 @@ class Generator:
         if len(ids) >= context:
             raise EdgeError("bad_request", f"prompt: is {len(ids)} tokens; the model's context is {context} "
                             "tokens. Shorten the prompt", param="prompt")
-        constraint = self._constraint(params.json_schema) if params.json_schema is not None else None
+        constraint = self._constraint(params.json_schema, ids) if params.json_schema is not None else None
         hit = self._cached_prefix(ids) if self.scheduler is None else None  # the scheduler looks when it runs it
         # A repeat of a cacheable prompt computes its last token alone, on top of the cached rest. onnxruntime
         # computes one row and many rows with different kernels, so the cold request does the same: then the

@@ -1,0 +1,134 @@
+"""Layout families for the synthetic invoices: the same facts written the ways real invoices write them.
+
+`classic` is the generator's original layout (vendor, number, date, a `|` table, totals). The others are
+what invoices in the three countries also look like, and what a model trained on `classic` alone has never
+seen: a letterhead with the customer's name, a tax ID and an order number beside the invoice's own
+(`letterhead`), a form of `label ..... value` lines in any order (`form`), a till receipt (`receipt`), and an
+invoice told in an e-mail (`email`). Each family has its own labels, invoice-number patterns and vendor
+names, and puts in hard negatives: a second company, a quote or order number, a due date, a VAT ID.
+Training on some families and testing on the others (leave-family-out) measures what a model learned about
+invoices rather than about our templates.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from datetime import date, timedelta
+
+FAMILIES = ("classic", "letterhead", "form", "receipt", "email")
+
+
+@dataclass
+class Facts:
+    """What an invoice says, whatever its layout; `money` and `day` render amounts and dates locally."""
+
+    lang: str
+    vendor: str
+    number: str
+    day: date
+    currency: str
+    items: list[tuple[str, int, float]]
+    subtotal: float
+    rate: float
+    vat: float
+    total: float
+
+
+SURNAMES = {"en": ["Hartley", "Brennan", "Whitfield", "Okafor", "Lindqvist", "Marsh", "Callahan", "Pryce"],
+            "es": ["Navarro", "Iglesias", "Castillo", "Fuentes", "Morales", "Vidal", "Herrera", "Soler"],
+            "fr": ["Lambert", "Fontaine", "Chevalier", "Renaud", "Mercier", "Gauthier", "Perrin", "Roux"]}
+TRADES = {"en": ["Roofing", "Catering", "Logistics", "Joinery", "Software", "Plumbing", "Signs", "Dairy"],
+          "es": ["Reformas", "Catering", "Logística", "Carpintería", "Informática", "Fontanería", "Rótulos",
+                 "Lácteos"],
+          "fr": ["Toitures", "Traiteur", "Logistique", "Menuiserie", "Informatique", "Plomberie", "Enseignes",
+                 "Laiterie"]}
+FORMS = {"en": ["Ltd", "LLP", "& Sons", "Group plc"], "es": ["S.L.", "S.A.", "e Hijos S.L.", "S.L.U."],
+         "fr": ["SARL", "SAS", "et Fils", "EURL"]}
+CUSTOMERS = {"en": "Greenfield Dental Practice", "es": "Gestoría Álvarez y Asociados",
+             "fr": "Pharmacie du Centre"}
+
+
+def vendor_name(rng: random.Random, lang: str) -> str:
+    surname, trade, form = rng.choice(SURNAMES[lang]), rng.choice(TRADES[lang]), rng.choice(FORMS[lang])
+    return f"{surname} {trade} {form}" if lang == "en" else f"{trade} {surname} {form}"
+
+
+def invoice_number(rng: random.Random) -> str:
+    year = rng.randint(2024, 2026)
+    return rng.choice([f"{year}/{rng.randint(1, 999):03d}", f"A{rng.randint(10000, 99999)}",
+                       f"{rng.randint(100, 999)}-{rng.randint(1000, 9999)}",
+                       f"FV{year % 100}{rng.randint(1, 9999):04d}"])
+
+
+LABELS = {
+    "en": {"number": ["Invoice #", "Invoice number:", "Our ref. (invoice):", "Tax invoice no."],
+           "date": ["Invoice date:", "Issued:", "Date of issue:"], "due": "Due date:", "order": "PO number:",
+           "taxid": "VAT reg. no.", "bill": "Bill to:", "vat": ["VAT", "Tax", "Sales tax"],
+           "total": ["Amount due", "Balance due", "TOTAL", "Grand total"], "net": ["Net", "Subtotal"],
+           "receipt": "Receipt", "thanks": "Thank you for your business"},
+    "es": {"number": ["Factura núm.", "Número de factura:", "N.º factura:", "Factura:"],
+           "date": ["Fecha de emisión:", "Fecha factura:", "Emitida el"], "due": "Vencimiento:",
+           "order": "Pedido n.º", "taxid": "CIF:", "bill": "Cliente:", "vat": ["IVA", "Cuota IVA", "I.V.A."],
+           "total": ["TOTAL FACTURA", "Importe total", "Total"], "net": ["Base imponible", "Subtotal"],
+           "receipt": "Ticket", "thanks": "Gracias por su visita"},
+    "fr": {"number": ["Facture N°", "Numéro de facture :", "Réf. facture :", "Facture :"],
+           "date": ["Date de facturation :", "Émise le", "Date :"], "due": "Échéance :",
+           "order": "Bon de commande n°", "taxid": "N° TVA intracom. :", "bill": "Client :",
+           "vat": ["TVA", "Montant TVA", "T.V.A."], "total": ["Net à payer", "Total TTC", "Montant TTC"],
+           "net": ["Total HT", "Montant HT"], "receipt": "Ticket de caisse", "thanks": "Merci de votre visite"},
+}
+TAX_IDS = {"en": "GB{}", "es": "B{}", "fr": "FR{}"}
+
+
+def render(family: str, rng: random.Random, f: Facts, money, day) -> str:
+    """The invoice's text in one of the non-classic families (classic stays in models/invoices.py)."""
+    L = LABELS[f.lang]
+    pick = rng.choice
+    other = invoice_number(rng)  # a second number: an order or quote reference beside the invoice's own
+    tax_id = TAX_IDS[f.lang].format(rng.randint(10_000_000, 99_999_999))
+    due = f.day + timedelta(days=pick([15, 30, 45]))
+    percent = f"{f.rate * 100:g}" if f.lang == "en" else f"{f.rate * 100:g}".replace(".", ",")
+    lines = [(name, q, money(p)) for name, q, p in f.items]
+    if family == "letterhead":
+        sep = pick(["  ", "\t", " - "])
+        return "\n".join([
+            f.vendor.upper() if rng.random() < 0.5 else f.vendor, f"{L['taxid']} {tax_id}", "",
+            L["bill"], CUSTOMERS[f.lang], "", f"{pick(L['number'])} {f.number}", f"{L['order']} {other}",
+            f"{pick(L['date'])} {day(f.day)}", f"{L['due']} {day(due)}", "",
+            *[f"{q}{sep}{name}{sep}{p}" for name, q, p in lines], "",
+            f"{pick(L['net'])}: {money(f.subtotal)}", f"{pick(L['vat'])} ({percent}%): {money(f.vat)}",
+            f"{pick(L['total'])}: {money(f.total)}"])
+    if family == "form":
+        fields = [(L["taxid"].rstrip(" :"), tax_id), (pick(L["number"]).rstrip(" :#"), f.number),
+                  (L["order"].rstrip(" :°nº.").rstrip(), other), (pick(L["date"]).rstrip(" :"), day(f.day)),
+                  (L["due"].rstrip(" :"), day(due)), (pick(L["vat"]), money(f.vat)),
+                  (pick(L["total"]), money(f.total))]
+        rng.shuffle(fields)
+        dots = pick([" ..... ", ": ", " = ", " | "])
+        return "\n".join([f.vendor, "", *[f"{k}{dots}{v}" for k, v in fields]])
+    if family == "receipt":
+        width = 32
+        body = [f"{name[:18]:<18}{p:>14}" for name, q, p in lines]
+        return "\n".join([f.vendor.upper().center(width), tax_id.center(width), "-" * width,
+                          f"{L['receipt']} {f.number}", day(f.day), "-" * width, *body, "-" * width,
+                          f"{pick(L['total']).upper():<16}{money(f.total):>16}",
+                          f"{pick(L['vat']) + ' ' + percent + '%':<16}{money(f.vat):>16}", "",
+                          L["thanks"]])
+    if family == "email":
+        text = {
+            "en": (f"Subject: {pick(L['number']).rstrip(':')} {f.number}\n\nDear {CUSTOMERS['en']},\n\nPlease find "
+                   f"our invoice {f.number} dated {day(f.day)} for your order {other}. The amount of "
+                   f"{money(f.total)} (including {money(f.vat)} VAT) is due by {day(due)}.\n\nKind regards,\n"
+                   f"{f.vendor}"),
+            "es": (f"Asunto: factura {f.number}\n\nEstimados señores de {CUSTOMERS['es']}:\n\nLes adjuntamos la "
+                   f"factura {f.number} con fecha {day(f.day)}, correspondiente al pedido {other}, por un importe "
+                   f"total de {money(f.total)} (IVA incluido: {money(f.vat)}), con vencimiento el {day(due)}."
+                   f"\n\nAtentamente,\n{f.vendor}"),
+            "fr": (f"Objet : facture {f.number}\n\nMadame, Monsieur,\n\nVeuillez trouver ci-joint la facture "
+                   f"{f.number} du {day(f.day)} relative à votre commande {other}, d'un montant de "
+                   f"{money(f.total)} TTC (dont TVA {money(f.vat)}), payable avant le {day(due)}.\n\n"
+                   f"Cordialement,\n{f.vendor}"),
+        }
+        return text[f.lang]
+    raise ValueError(f"unknown layout family {family!r}; known: {', '.join(FAMILIES)}")

@@ -1,0 +1,91 @@
+"""Copied fields (`"x-edgellm-copy": true`): a string field whose value must come verbatim from the prompt,
+enforced by the grammar while decoding, on the real SmolLM2 tokenizer and model."""
+
+from __future__ import annotations
+
+import json
+
+import llguidance
+import pytest
+
+from edgellm.daemon.engine.constrain import JsonConstraint, compile_json_schema
+from edgellm.daemon.engine.generate import Generator
+from edgellm.daemon.engine.model import LoadedModel
+from edgellm.daemon.engine.params import GenerationParams
+from edgellm.daemon.errors import EdgeError
+
+DOCUMENT = ('FACTURA\nEmisor: "Talleres Ebro" S.L., Zaragoza\nFactura n.º TE-2024/0871   Presupuesto P-552\n'
+            "Fecha: 05/03/2024\nTotal: 1.210,00 EUR")
+SCHEMA = {"type": "object", "additionalProperties": False, "required": ["vendor", "invoice_number", "total"],
+          "properties": {"vendor": {"type": "string", "x-edgellm-copy": True},
+                         "invoice_number": {"type": "string", "x-edgellm-copy": True},
+                         "total": {"type": "number"}, "currency": {"enum": ["EUR", "USD"]}}}
+
+
+@pytest.fixture(scope="module")
+def generator(smollm2_int4):
+    return Generator(LoadedModel.load(smollm2_int4, threads=2))
+
+
+def constraint(generator, schema, document=DOCUMENT) -> JsonConstraint:
+    ids = generator.model.encode(document, add_special_tokens=False)
+    return generator._constraint(schema, ids)
+
+
+def accepts(c: JsonConstraint, generator, text: str) -> bool:
+    """Whether the grammar lets `text` be produced (fed token by token, as decoding would)."""
+    for token in generator.model.encode(text, add_special_tokens=False):
+        if not c.matcher.consume_token(token):
+            return False
+    return not c.matcher.is_error()
+
+
+@pytest.mark.parametrize(("output", "allowed"), [
+    ('{"vendor": "\\"Talleres Ebro\\" S.L.", "invoice_number": "TE-2024/0871", "total": 1210}', True),
+    ('{"vendor": "Talleres Ebro", "invoice_number": "P-552", "total": 1210, "currency": "EUR"}', True),
+    ('{"vendor": "Talleres Ebro", "invoice_number": "TE-2024/0872", "total": 1210}', False),  # not in the text
+    ('{"vendor": "Talleres Ebro SL", "invoice_number": "TE-2024/0871", "total": 1210}', False),
+    ('{"vendor": "Ebro", "total": 1210}', False),  # a required field left out
+    ('{"vendor": "Ebro", "invoice_number": "TE", "total": 1, "extra": 2}', False),  # no other properties
+])
+def test_a_copied_field_takes_only_text_of_the_prompt(generator, output, allowed):
+    assert accepts(constraint(generator, SCHEMA), generator, output) is allowed
+    json.loads(output)  # each case is valid JSON: only the copy rule decides
+
+
+def test_a_copied_field_is_whole_words_and_other_fields_are_still_json_schema(generator):
+    c = constraint(generator, SCHEMA)
+    assert not accepts(c, generator, '{"vendor": "alleres')  # starts inside a word
+    c = constraint(generator, SCHEMA)
+    assert not accepts(c, generator, '{"vendor": "Talleres Ebro", "invoice_number": "P-552", "total": "1210"')
+
+
+def test_generation_copies_and_the_output_is_checked_again(generator):
+    prompt = "Extract vendor, invoice_number and total as JSON.\n\n" + DOCUMENT
+    ids = generator.prompt_ids(prompt)
+    r = generator.generate(ids, GenerationParams(max_tokens=80, temperature=0, json_schema=SCHEMA))
+    value = json.loads(r.text)
+    assert value["vendor"] and value["vendor"] in DOCUMENT and value["invoice_number"] in DOCUMENT
+    c = constraint(generator, SCHEMA)
+    with pytest.raises(EdgeError, match="is not in the prompt"):  # the final check a parsed output passes
+        c.parse('{"vendor": "Acme", "invoice_number": "TE", "total": 1}')
+
+
+@pytest.mark.parametrize(("schema", "message"), [
+    ({"type": "object", "properties": {"n": {"type": "integer", "x-edgellm-copy": True}}}, "plain string field"),
+    ({"type": "object", "properties": {"n": {"type": "string", "x-edgellm-copy": "yes"}}}, "must be true or false"),
+    ({"type": "object", "properties": {"n": {"type": "array", "items": {"type": "string", "x-edgellm-copy": True}}}},
+     "only in string fields of objects"),
+])
+def test_a_misplaced_copy_mark_is_a_bad_request_naming_the_field(generator, schema, message):
+    with pytest.raises(EdgeError, match=message) as err:
+        constraint(generator, schema)
+    assert err.value.code == "bad_request" and err.value.param == "json_schema" and "json_schema.n" in str(err.value)
+
+
+def test_definitions_travel_with_the_parts_the_grammar_compiles_alone(generator):
+    schema = {"$defs": {"money": {"type": "number"}}, "type": "object", "required": ["vendor", "total"],
+              "properties": {"vendor": {"type": "string", "x-edgellm-copy": True}, "total": {"$ref": "#/$defs/money"}}}
+    lltok = generator._lltok
+    assert llguidance.LLMatcher.validate_grammar(compile_json_schema(schema, lltok, DOCUMENT), lltok) == ""
+    assert accepts(constraint(generator, schema), generator, '{"vendor": "Talleres", "total": 3.5}')
