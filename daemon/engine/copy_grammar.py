@@ -57,6 +57,9 @@ class _LarkWriter:
         self.count = 0
 
     def grammar(self) -> str:
+        if has_copied_fields(self.defs):  # a $ref'd part is compiled by llguidance alone, which ignores the mark
+            raise _bad(f"json_schema.$defs: {COPY} may not sit in definitions reached by $ref; put the field "
+                       "in the object's own properties")
         start = self.value(self.root, "json_schema")
         return "%llguidance {}\n" + f"start: {start}\n" + "\n".join(self.rules) + "\n"
 
