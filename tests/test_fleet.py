@@ -359,7 +359,13 @@ def test_an_older_version_is_refused_unless_a_release_key_allows_the_downgrade(t
     try:
         v2 = publish(fleet, broker, "tiny", "2", "gw-down")
         watch.wait("gw-down", v2, ("SUCCEEDED",))
-        status = json.loads(retained(broker.port, "edgellm/v1/gw-down/status"))
+        # the retained status is refreshed right after the report; a reader may see it a moment later
+        deadline = time.monotonic() + 10
+        while True:
+            status = json.loads(retained(broker.port, "edgellm/v1/gw-down/status"))
+            if status["update_state"] == "SUCCEEDED" or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
         assert status["update_state"] == "SUCCEEDED" and status["bundle"]["version"] == "2"  # refreshed, retained
         metrics = httpx.get(f"http://127.0.0.1:{http_port}/metrics").text
         assert 'edgellm_update_info{state="SUCCEEDED"} 1.0' in metrics
