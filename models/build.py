@@ -46,6 +46,7 @@ class BuildOptions:
     show_progress: bool = True
     gguf_import: bool = True  # a GGUF's quantized blocks are kept exactly (off: de-quantize and round again)
     fused: bool = True  # edgellm's fused graph where the architecture has one (off: optimum's export)
+    keep_base: bool = False  # a LoRA merge of a GGUF: the base's blocks exact, the change beside them (low rank)
 
 
 def build_model(source_ref: str, out: Path, options: BuildOptions) -> ModelManifest:
@@ -55,6 +56,8 @@ def build_model(source_ref: str, out: Path, options: BuildOptions) -> ModelManif
     check_output(out, options.force)
     source = resolve_source(source_ref, options.revision)
     fused = options.fused and fused_source(source)
+    if options.keep_base:
+        _check_keep_base(source, options, fused)
     check_resources(source, out, fused)
     steps = ["Reading the source", "Building the graph", "Writing the folder", "Measuring perplexity"]
     with staged_folder(out) as (staged, scratch), Steps(steps, enabled=options.show_progress) as progress:
@@ -63,6 +66,15 @@ def build_model(source_ref: str, out: Path, options: BuildOptions) -> ModelManif
         from edgellm.models.exported_build import build_exported
 
         return build_exported(source, staged, scratch, options, progress)
+
+
+def _check_keep_base(source: Source, options: BuildOptions, fused: bool) -> None:
+    if options.quant.bits is None:
+        raise BuildError("--keep-base: an fp32 build has no base blocks to keep; use --quant int4")
+    if not fused or not options.gguf_import or _gguf_base(source) is None:
+        raise BuildError(f"--keep-base: {source.ref} is not a LoRA merge of a GGUF base that the fused graph can "
+                         "build (`edgellm lora merge` of a .gguf or 'smollm2', the base still on this machine)")
+    _keep_base_rank(source)
 
 
 def fused_source(source: Source) -> bool:
@@ -94,7 +106,7 @@ def _build_fused(source: Source, staged: Path, options: BuildOptions, progress: 
     from edgellm.models.onnx_writer import ExternalData
 
     progress.next()
-    weights, meta = _weights(source)
+    weights, meta = _weights(source, options)
     spec = weights.spec
     progress.next()
     data = ExternalData(staged / EXTERNAL_DATA)
@@ -121,9 +133,9 @@ def _build_fused(source: Source, staged: Path, options: BuildOptions, progress: 
     return manifest
 
 
-def _weights(source: Source):
+def _weights(source: Source, options: BuildOptions):
     """The source's weights (and a GGUF's header). A LoRA merge of a GGUF base reuses the base's blocks for
-    every weight the merge left exactly as it was."""
+    every weight the merge left exactly as it was, and with --keep-base for the changed ones too."""
     from edgellm.models.weights import GGUFWeights, MergedWeights, SafetensorsWeights
 
     if source.kind == "gguf":
@@ -132,8 +144,16 @@ def _weights(source: Source):
     weights = SafetensorsWeights(source.folder)
     base = _gguf_base(source)
     if base is not None:
-        weights = MergedWeights(weights, GGUFWeights(base))
+        weights = MergedWeights(weights, GGUFWeights(base), _keep_base_rank(source) if options.keep_base else None)
     return weights, None
+
+
+def _keep_base_rank(source: Source) -> int:
+    rank = ((_lineage(source) or {}).get("training") or {}).get("options", {}).get("rank")
+    if not isinstance(rank, int) or rank < 1:
+        raise BuildError(f"--keep-base: {source.folder} does not record its LoRA's rank (edgellm-lineage.json, "
+                         "written by `edgellm lora merge`); build it without --keep-base")
+    return rank
 
 
 def _gguf_base(source: Source) -> Path | None:
@@ -218,6 +238,9 @@ def _quantization(spec: QuantSpec, report) -> Quantization:
         parts.append("GGUF blocks kept exactly (" + ", ".join(f"{n} {k}" for k, n in sorted(imported.items())) + ")")
     if report.quantized:
         parts.append(f"{report.quantized} float weights by onnxruntime's MatMulNBits quantizer, round to nearest")
+    if report.low_rank:
+        parts.append(f"{report.low_rank} tuned weights as their GGUF base's blocks plus the LoRA's change in fp32 "
+                     "beside them (--keep-base)")
     if report.requantized:
         parts.append(f"{report.requantized} GGUF weights de-quantized and rounded again (--no-gguf-import)")
     if report.rounded:

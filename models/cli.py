@@ -25,7 +25,7 @@ def cmd_model_build(args: argparse.Namespace) -> None:
     eight_bit = tuple(p for p in (args.eight_bit or "").split(",") if p)
     options = BuildOptions(QuantSpec(args.quant, block_size=args.block_size, symmetric=not args.asymmetric,
                                      eight_bit=eight_bit), name=args.name, revision=args.revision, force=args.force,
-                           gguf_import=not args.no_gguf_import, fused=not args.no_fuse)
+                           gguf_import=not args.no_gguf_import, fused=not args.no_fuse, keep_base=args.keep_base)
     if args.task == "embedding":
         from edgellm.models.embedding_build import build_embedding
 
@@ -242,6 +242,9 @@ def register(commands: argparse._SubParsersAction) -> None:
                    "instead of edgellm's fused one (GroupQueryAttention; about 2x faster decode)")
     p.add_argument("--no-gguf-import", action="store_true", help="with int4 from a GGUF: re-quantize its "
                    "de-quantized weights instead of reusing its blocks exactly (smaller, faster, less accurate)")
+    p.add_argument("--keep-base", action="store_true", help="with a LoRA merge of a GGUF base: keep the base's "
+                   "blocks exactly and run the LoRA's change beside them in fp32, instead of rounding the merged "
+                   "weights to 4 bits again, which erases much of the tuning (a little slower, a little larger)")
     p.add_argument("--name", help="model name for the manifest (default: from the source)")
     p.add_argument("--revision", help="hub revision (branch, tag or commit) to pin")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")

@@ -32,7 +32,7 @@ from edgellm.models.errors import BuildError
 from edgellm.models.graph_edits import LOGIT_POSITIONS
 from edgellm.models.onnx_writer import ExternalData
 from edgellm.models.spec import FUSED_TYPES, ModelSpec
-from edgellm.models.weights import Tensor
+from edgellm.models.weights import LowRank, Tensor
 
 OPSET = 21
 MS = "com.microsoft"
@@ -64,6 +64,7 @@ class Report:
     quantized: int = 0  # float weights quantized here (round to nearest)
     rounded: list[str] = field(default_factory=list)  # GGUF weights with no exact form, rounded again
     requantized: int = 0  # GGUF weights de-quantized and quantized again (--no-gguf-import)
+    low_rank: int = 0  # tuned weights kept as their base's blocks plus a float low-rank change (--keep-base)
 
 
 def quantize_blocks(w: np.ndarray, bits: int, block: int, symmetric: bool) -> Blocks:
@@ -157,7 +158,10 @@ class _Builder:
     def linear(self, x: str, names: list[str], node: str, bias: np.ndarray | None = None,
                head: bool = False) -> str:
         """x @ W^T (+ bias) for the rows of the named matrices stacked: one node where they share a form."""
-        parts = [self._as_stored(self.matrix(n), n, head) for n in names]
+        values = [self.matrix(n) for n in names]
+        changes = [v if isinstance(v, LowRank) else None for v in values]
+        parts = [self._as_stored(v.base if isinstance(v, LowRank) else v, n, head)
+                 for v, n in zip(values, names, strict=True)]
         groups: list[list[Tensor]] = []
         for p in parts:  # neighbours that can stack share a node (Q4_K_M mixes widths within q/k/v)
             last = groups[-1][-1] if groups else None
@@ -173,8 +177,30 @@ class _Builder:
             suffix = "" if len(groups) == 1 else f"/part{i}"
             outs.append(self._emit(x, group, node + suffix, part_bias))
         if len(outs) == 1:
-            return outs[0]
-        (y,) = self.g.op("Concat", outs, f"{node}/Concat", axis=-1)
+            y = outs[0]
+        else:
+            (y,) = self.g.op("Concat", outs, f"{node}/Concat", axis=-1)
+        if any(c is not None for c in changes):
+            y = self._add_change(x, y, changes, [_rows(p) for p in parts], node)
+        return y
+
+    def _add_change(self, x: str, y: str, changes: list[LowRank | None], rows: list[int], node: str) -> str:
+        """y + (x down^T) up^T: the tuned change of each stacked matrix that has one, in two thin float MatMuls
+        (the ups sit block-diagonally, so an unchanged matrix, e.g. k of a q/v LoRA, gets zero)."""
+        g = self.g
+        down = np.concatenate([c.down for c in changes if c is not None])
+        up = np.zeros((sum(rows), len(down)), np.float32)
+        row = col = 0
+        for change, n in zip(changes, rows, strict=True):
+            if change is not None:
+                rank = len(change.down)
+                up[row:row + n, col:col + rank] = change.up
+                col += rank
+                self.report.low_rank += 1
+            row += n
+        (t,) = g.op("MatMul", [x, g.const(f"{node}/lora_down", np.ascontiguousarray(down.T))], f"{node}/LoraDown")
+        (d,) = g.op("MatMul", [t, g.const(f"{node}/lora_up", np.ascontiguousarray(up.T))], f"{node}/LoraUp")
+        (y,) = g.op("Add", [y, d], f"{node}/LoraAdd")
         return y
 
     def _emit(self, x: str, group: list[Tensor], node: str, bias: np.ndarray | None) -> str:

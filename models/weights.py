@@ -11,6 +11,7 @@ import json
 import mmap
 import re
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -187,22 +188,53 @@ class SafetensorsWeights:
         return values.reshape(info["shape"])
 
 
+@dataclass(frozen=True)
+class LowRank:
+    """A tuned weight as its base's exact blocks plus the tuning's change as a product of two thin float
+    matrices: W = base + up @ down. A LoRA's change is smaller than a 4-bit step, so rounding the merged weight
+    again loses much of it (docs/measured-facts.md, "A tuned model at 4 bits"); kept beside the base, none is lost."""
+
+    base: Blocks
+    down: np.ndarray  # float32 [rank, in]
+    up: np.ndarray  # float32 [out, rank]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.base.shape
+
+
+def low_rank(delta: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
+    """(up, down) with up @ down the best rank-`rank` approximation of `delta` (exact for a LoRA's change of
+    that rank, up to float rounding)."""
+    u, s, vt = np.linalg.svd(delta.astype(np.float64), full_matrices=False)
+    root = np.sqrt(s[:rank])
+    return (u[:, :rank] * root).astype(np.float32), (root[:, None] * vt[:rank]).astype(np.float32)
+
+
 class MergedWeights:
     """A LoRA merge of a GGUF base (safetensors beside an edgellm-lineage.json naming the base): every weight the
-    merge left exactly as it was is the base's own blocks; the ones it changed are float, for the plan to round."""
+    merge left exactly as it was is the base's own blocks. A changed one is float, for the plan to round, or
+    with `keep_base_rank` the base's blocks plus the change at that rank (LowRank)."""
 
-    def __init__(self, merged: SafetensorsWeights, base: GGUFWeights):
+    def __init__(self, merged: SafetensorsWeights, base: GGUFWeights, keep_base_rank: int | None = None):
         self.merged, self.base, self.spec = merged, base, merged.spec
+        self.keep_base_rank = keep_base_rank
         self.rounded: list[str] = []
 
     def has(self, name: str) -> bool:
         return self.merged.has(name)
 
-    def get(self, name: str) -> Tensor | None:
+    def get(self, name: str) -> Tensor | LowRank | None:
         value = self.merged.get(name)
         if value is None or value.ndim != 2 or not self.base.has(name):
             return value
         reference = self.base.dequantized(name)  # as transformers de-quantized the base before the merge
-        if reference is not None and reference.shape == value.shape and np.array_equal(reference, value):
+        if reference is None or reference.shape != value.shape:
+            return value
+        if np.array_equal(reference, value):
             return self.base.get(name)
+        base = self.base.get(name)
+        if self.keep_base_rank and isinstance(base, Blocks) and name != "model.embed_tokens.weight":
+            up, down = low_rank(value - reference, self.keep_base_rank)
+            return LowRank(base, down, up)
         return value

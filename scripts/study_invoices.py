@@ -2,8 +2,10 @@
 
 1. seeded invoices: a training set and a held-out test set (different seeds; no text in both);
 2. a LoRA on SmolLM2-135M (`--modules`, `--epochs`), merged;
-3. builds of the merged model: fp32, int8, int4 (block 32 symmetric), int4 asymmetric, int4 block 16, and
-   int4 with the adapted projections kept at 8 bits;
+3. builds of the merged model: fp32, int8, int4 (block 32 symmetric), int4 asymmetric, int4 block 16,
+   int4 with the adapted projections kept at 8 bits, and int4 keeping the base (`--keep-base`: the GGUF's
+   blocks exact, the LoRA's change beside them in fp32; scripts/study_quantizers.py compares it with HQQ and
+   GPTQ);
 4. each build, and the untuned int4 base, evaluated with the schema enforced on two held-out sets: invoices
    in the layout families it trained on (`--train-families`, same-family), and invoices in families it never
    saw (`--test-families`, leave-family-out: models/invoice_layouts.py), the latter also with the vendor and
@@ -34,15 +36,16 @@ from edgellm.models.lora import LoraOptions, merge_lora, train_lora  # noqa: E40
 from edgellm.models.quantize import QuantSpec  # noqa: E402
 
 
-def variants(modules: list[str]) -> dict[str, QuantSpec]:
-    return {
+def variants(modules: list[str]) -> dict[str, BuildOptions]:
+    return {name: BuildOptions(spec, name=f"tuned-{name}", keep_base=name == "int4-keep-base") for name, spec in {
         "fp32": QuantSpec("fp32"),
         "int8": QuantSpec("int8"),
         "int4": QuantSpec("int4"),
         "int4-asym": QuantSpec("int4", symmetric=False),
         "int4-block16": QuantSpec("int4", block_size=16),
         "int4-8bit-adapted": QuantSpec("int4", eight_bit=tuple(modules)),
-    }
+        "int4-keep-base": QuantSpec("int4"),  # the base's blocks exact, the LoRA's change beside them in fp32
+    }.items()}
 
 
 def main() -> None:
@@ -106,12 +109,12 @@ def main() -> None:
     evaluate("base-int4", base)
     only = args.only.split(",") if args.only else None
     perplexity = {}
-    for name, spec in variants(modules).items():
+    for name, options in variants(modules).items():
         if only and name not in only:
             continue
         out = work / f"tuned-{tag}-{name}"
         if not (out / "manifest.json").exists():
-            build_model(str(merged), out, BuildOptions(spec, name=f"tuned-{name}"))
+            build_model(str(merged), out, options)
         quality = json.loads((out / "manifest.json").read_text())["quality"]
         perplexity[name] = {"built": quality["perplexity"], "source": quality.get("source_perplexity")}
         evaluate(name, out)
@@ -120,7 +123,8 @@ def main() -> None:
     summary = {"lora": tag, "train_families": list(trained_on), "test_families": list(held_out), **timings,
                **{f"{k} field_accuracy": r["field_accuracy"] for k, r in reports.items()},
                **{f"{k} json_valid": r["json_valid_rate"] for k, r in reports.items()}}
-    tuned = "int4" if "int4 leave_family_out" in reports else next((n for n in perplexity), None)
+    tuned = next((n for n in ("int4-keep-base", "int4") if f"{n} leave_family_out" in reports),
+                 next(iter(perplexity), None))
     if tuned is not None:
         lfo_report = reports[f"{tuned} leave_family_out"]
         summary.update({
