@@ -80,14 +80,15 @@ def _load(args: argparse.Namespace):
     return Generator(LoadedModel.load(args.model, threads=args.threads))
 
 
-def _print_stream(events, verbose: bool, as_json: bool = False):
-    """Print deltas as they come; return the final Result."""
+def _print_stream(events, verbose: bool, as_json: bool = False, whole: bool = False):
+    """Print deltas as they come (or, with `whole`, the text once it is complete: schema-constrained output is
+    valid JSON or nothing, never a prefix cut off by an error); return the final Result."""
     from edgellm.daemon.engine.generate import Delta
 
     result = None
     for event in events:
         if isinstance(event, Delta):
-            if not as_json:
+            if not (as_json or whole):
                 sys.stdout.write(event.text)
                 sys.stdout.flush()
             continue
@@ -95,7 +96,7 @@ def _print_stream(events, verbose: bool, as_json: bool = False):
             print(json.dumps({"text": event.text, "json": event.json, "finish_reason": event.finish_reason,
                               "usage": vars(event.usage), "timings": vars(event.timings)}, ensure_ascii=False))
         else:
-            sys.stdout.write("\n")
+            sys.stdout.write((event.text if whole else "") + "\n")
         if verbose:
             t, u = event.timings, event.usage
             print(f"[{u.prompt_tokens} prompt + {u.completion_tokens} new tokens, finish {event.finish_reason}; "
@@ -109,7 +110,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     params = params_from_args(args)
     generator = _load(args)
     ids = generator.prompt_ids(prompt=args.prompt, raw=args.raw)
-    _print_stream(generator.stream(ids, params), args.verbose, as_json=args.json)
+    _print_stream(generator.stream(ids, params), args.verbose, as_json=args.json,
+                  whole=params.json_schema is not None)
 
 
 def cmd_chat(args: argparse.Namespace) -> None:

@@ -35,6 +35,19 @@ def test_generate_with_a_json_schema_file(smollm2_int4, tmp_path):
     assert out["finish_reason"] == "stop" and out["usage"]["completion_tokens"] > 0
 
 
+def test_json_output_is_valid_json_or_nothing(smollm2_int4, tmp_path):
+    """Out of tokens mid-object: stdout stays empty (no prefix to parse), the error goes to stderr."""
+    schema = {"type": "object", "properties": {"vendor": {"type": "string"}, "note": {"type": "string"}},
+              "required": ["vendor", "note"], "additionalProperties": False}
+    (tmp_path / "s.json").write_text(json.dumps(schema))
+    args = ["generate", "--model", str(smollm2_int4), "--temperature", "0", "--json-schema", str(tmp_path / "s.json")]
+    r = edgellm(*args, "--max-tokens", "6", "Invoice from ACME Tools Ltd, thanks for your order")
+    assert r.returncode != 0 and r.stdout == "" and r.stderr.strip()
+    r = edgellm(*args, "--max-tokens", "120", "Invoice from ACME Tools Ltd, thanks for your order")
+    assert r.returncode == 0, r.stderr
+    assert set(json.loads(r.stdout)) == {"vendor", "note"}
+
+
 def test_chat_keeps_history(smollm2_int4):
     r = edgellm("chat", "--model", str(smollm2_int4), "--temperature", "0", "--max-tokens", "30",
                 stdin="The secret word is pineapple.\nRepeat the secret word.\n/exit\n")
