@@ -193,8 +193,10 @@ def cmd_request(args: argparse.Namespace) -> int:
 
     with RpcClient(settings) as client:
         reply = client.call(topic, payload, timeout=args.timeout, on_delta=show)
-    if args.stream:
+    if args.stream and reply.get("ok"):  # the text was printed as it came: the rest of the result, once
         sys.stdout.write("\n")
+        print(json.dumps({k: v for k, v in reply.items() if k != "text"}, ensure_ascii=False), file=sys.stderr)
+        return 0
     print(json.dumps(reply, ensure_ascii=False))
     return 0 if reply.get("ok") else 1
 
@@ -342,7 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
     target = p.add_mutually_exclusive_group()
     target.add_argument("--device", help="device id (default: this device's device_id)")
     target.add_argument("--group", help="send to a group: one member answers")
-    p.add_argument("--stream", action="store_true", help="print text deltas as they arrive")
+    p.add_argument("--stream", action="store_true", help="print the text as it arrives (stdout), then the rest "
+                   "of the result (usage, timings) on stderr")
     p.add_argument("--timeout", type=float, default=120.0)
     p.set_defaults(func=cmd_request)
 
