@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable
 from importlib.metadata import entry_points
@@ -365,6 +366,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         status = args.func(args)
+        sys.stdout.flush()  # inside the try: a closed pipe is found here, not at exit
     except CommandError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -373,6 +375,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2 if e.code == "bad_request" else 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `edgellm search --json | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (Python docs, "Note on SIGPIPE")
+        return 141
     except ModuleNotFoundError as e:
         if e.name and e.name.split(".")[0] in HOST_PACKAGES:
             print(f"error: `{args.command}` runs on the central host and needs {e.name}: run scripts/setup.sh "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import time
 import zlib
@@ -152,3 +153,9 @@ def test_cli_search_and_ask_json_carry_source_paths(tmp_path, minilm_int8, smoll
     assert out["citations"][0]["source"] == str(docs / "es/alquiler.md")
     r = edgellm("search", "x", "--filter", "novalue")
     assert r.returncode == 2 and "--filter" in r.stderr
+    # a reader that stops before the output comes (`| head`, here `| true`) ends the command quietly
+    cmd = [*EDGELLM, "search", "bail", "--json", "--k", "5", "--store", str(tmp_path / "s.db"),
+           "--embedding-model", str(minilm_int8)]
+    piped = subprocess.run(" ".join(map(shlex.quote, cmd)) + " | true",
+                           shell=True, executable="/bin/bash", cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert "Traceback" not in piped.stderr and "BrokenPipe" not in piped.stderr, piped.stderr
