@@ -47,6 +47,7 @@ def staged_folder(out: Path) -> Iterator[tuple[Path, Path]]:
         staged.mkdir()
         scratch.mkdir()
         yield staged, scratch
+        readable(staged)
         fsync_tree(staged)
         if out.exists():
             os.rename(out, work / "replaced")
@@ -54,6 +55,14 @@ def staged_folder(out: Path) -> Iterator[tuple[Path, Path]]:
         fsync_tree(out.parent)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def readable(folder: Path) -> None:
+    """Files 0644, the folder 0755: a model built by one user is loaded by the service's own (the quantizer's
+    temporary files are 0600)."""
+    folder.chmod(0o755)
+    for path in folder.iterdir():
+        path.chmod(0o755 if path.is_dir() else 0o644)
 
 
 def fsync_tree(folder: Path) -> None:

@@ -82,6 +82,19 @@ def test_a_rebuild_replaces_the_folder_whole(tiny_sources, tmp_path):
     assert leftovers(tmp_path) == []
 
 
+@pytest.mark.parametrize("fuse", [[], ["--no-fuse"]])
+def test_a_built_folder_is_readable_by_another_user(tiny_sources, tmp_path, fuse):
+    """The service runs as its own user: every built file is 0644 whatever the builder's umask or the
+    quantizer's temporary files."""
+    out = tmp_path / "m"
+    r = subprocess.run([*EDGELLM, "model", "build", str(tiny_sources["llama"]), "--out", str(out), *fuse],
+                       capture_output=True, text=True, preexec_fn=lambda: os.umask(0o077))
+    assert r.returncode == 0, r.stderr
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in out.iterdir()} == {
+        p.name: "0o644" for p in out.iterdir()}
+    assert oct(out.stat().st_mode & 0o777) == "0o755"
+
+
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([*EDGELLM, *args], capture_output=True, text=True)
 
