@@ -151,6 +151,8 @@ def settings_from_args(args: argparse.Namespace):
         overrides["groups"] = args.groups
     if getattr(args, "log_level", None):
         overrides["log_level"] = args.log_level
+    if getattr(args, "log_format", None):
+        overrides["log_format"] = args.log_format
     if getattr(args, "topic_root", None):
         overrides["topic_root"] = args.topic_root
     mqtt = {k: v for k, v in (("host", args.mqtt_host), ("port", args.mqtt_port)) if v is not None}
@@ -311,6 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device-id")
     p.add_argument("--group", dest="groups", action="append", help="take load-balanced requests of this group")
     p.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument("--log-format", choices=["text", "json"], help="text (no timestamp under journald), or one "
+                   "JSON object per line")
     p.set_defaults(func=cmd_serve)
 
     p = commands.add_parser("ingest", help="add files or folders (txt, md, html, pdf) to a retrieval store")

@@ -50,6 +50,17 @@ def test_generate_round_trip(client):
     assert r["timings"]["ttft_ms"] > 0 and r["model"]["name"] == "SmolLM2-135M-Instruct-int4"
 
 
+def test_each_request_is_one_log_line(client, daemon):
+    r = client.call(TOPIC + "generate", {"prompt": CAPITAL, "max_tokens": 5, "temperature": 0, "id": "logged"})
+    bad = client.call(TOPIC + "generate", {"prompt": 7, "id": "badly"})
+    assert r["ok"] and bad["error"]["code"] == "bad_request"
+    lines = daemon.log.read_text().splitlines()
+    done = [line for line in lines if "generate id=logged " in line]
+    tokens = f"tokens={r['usage']['prompt_tokens']}+{r['usage']['completion_tokens']}"
+    assert len(done) == 1 and " INFO edgellm.worker: " in done[0] and tokens in done[0] and " ok " in done[0]
+    assert [line for line in lines if "generate id=badly error=bad_request" in line]
+
+
 def test_chat_and_json_schema(client):
     r = client.call(TOPIC + "chat", {"messages": [{"role": "user", "content": "Total due: 42.50 EUR. As JSON."}],
                                      "temperature": 0, "json_schema": {

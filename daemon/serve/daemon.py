@@ -13,6 +13,7 @@ from pathlib import Path
 
 from edgellm.daemon.errors import CommandError, EdgeError
 from edgellm.daemon.serve.journal import RequestJournal
+from edgellm.daemon.serve.logs import configure_logging
 from edgellm.daemon.serve.mqtt_api import MqttService, UpdateHooks
 from edgellm.daemon.serve.sdnotify import Watchdog, notify
 from edgellm.daemon.serve.served import ServedModels, load_generator, load_served
@@ -200,7 +201,7 @@ class Daemon:
 
 
 def serve(settings: Settings, reload_settings: Callable[[], Settings]) -> int:
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings.log_level, settings.log_format)
     if settings.model.path is None:
         raise CommandError("model.path is not set: pass --model, set EDGELLM_MODEL__PATH, or [model] path in the "
                            "config file")

@@ -340,6 +340,7 @@ class MqttService:
         if incoming.error is not None:
             self.stats.error(incoming.error.code)
             reply.final(error_reply(incoming.id, incoming.error))
+            log.info("%s id=%s error=%s", method, incoming.id or "-", incoming.error.code)
             return
         request = incoming.request
         request_id = request.id or uuid.uuid4().hex[:16]

@@ -110,6 +110,8 @@ class Settings(BaseSettings):
     topic_root: str = "edgellm/v1"
     telemetry_interval: float = Field(30.0, gt=0)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["text", "json"] = Field("text", description="text (no timestamp under journald, "
+                                                 "which adds its own), or one JSON object per line")
     mqtt: MQTTSettings = MQTTSettings()
     model: ModelSettings = ModelSettings()
     embedding: EmbeddingSettings = EmbeddingSettings()

@@ -61,6 +61,7 @@ class Job:
     deadline: float | None = None  # time.monotonic()
     cancelled: threading.Event = field(default_factory=threading.Event)
     cancel_reason: str = "cancelled by request"
+    received: float = field(default_factory=time.monotonic)
     _done: bool = False
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -77,7 +78,20 @@ class Job:
                 return False
             self._done = True
         self.sink.send(self.request_id, event)
+        log.info("%s", request_line(self, event))
         return True
+
+
+def request_line(job: Job, event: Finished | Failed) -> str:
+    """The operator's one line per request: method, id, tokens, milliseconds, outcome."""
+    ms = (time.monotonic() - job.received) * 1000
+    if isinstance(event, Failed):
+        return f"{job.method} id={job.request_id} ms={ms:.0f} error={event.error.code}"
+    if isinstance(event.reply, Generated):
+        r = event.reply.result
+        return (f"{job.method} id={job.request_id} tokens={r.usage.prompt_tokens}+{r.usage.completion_tokens} "
+                f"ms={ms:.0f} ok finish={r.finish_reason}")
+    return f"{job.method} id={job.request_id} ms={ms:.0f} ok"
 
 
 class Worker:
