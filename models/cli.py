@@ -157,6 +157,22 @@ def cmd_bundle_serve(args: argparse.Namespace) -> None:
     serve_store(args.store, args.host, args.port)
 
 
+def cmd_fleet_forget(args: argparse.Namespace) -> None:
+    from edgellm.models.fleet import forget_device
+
+    import re
+
+    from edgellm.daemon.formats import NAME_PATTERN
+
+    settings = settings_from_args(args)
+    for device in args.device:
+        if not re.match(NAME_PATTERN, device):
+            raise CommandError(f"DEVICE: {device!r} is not a device id (letters, digits, '-', '_', '.')")
+    for device in args.device:
+        forget_device(settings, device)
+        print(f"forgot {device} (a device still running publishes itself again)")
+
+
 def cmd_fleet_status(args: argparse.Namespace) -> None:
     import time
 
@@ -372,3 +388,7 @@ def _register_fleet(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="with --once: print the rows as JSON")
     _add_mqtt_args(p)
     p.set_defaults(func=cmd_fleet_status)
+    p = sub.add_parser("forget", help="clear a retired device's retained status and update report")
+    p.add_argument("device", nargs="+", help="device id(s)")
+    _add_mqtt_args(p)
+    p.set_defaults(func=cmd_fleet_forget)

@@ -14,6 +14,11 @@ from edgellm.daemon.update.bundle import DesiredState
 
 def publish_desired(settings: Settings, topic: str, desired: DesiredState | None, timeout: float = 10.0) -> None:
     """Publish (or, with None, clear) a retained desired state and wait for the broker's acknowledgement."""
+    publish_retained(settings, {topic: desired.model_dump_json().encode() if desired else b""}, timeout)
+
+
+def publish_retained(settings: Settings, messages: dict[str, bytes], timeout: float = 10.0) -> None:
+    """Retained messages (an empty one clears its topic), each acknowledged by the broker."""
     from edgellm.daemon.errors import CommandError
     from edgellm.daemon.serve.mqtt_api import connect_client, make_client
 
@@ -21,15 +26,22 @@ def publish_desired(settings: Settings, topic: str, desired: DesiredState | None
     connect_client(client, settings)
     client.loop_start()
     try:
-        payload = desired.model_dump_json().encode() if desired else b""
-        info = client.publish(topic, payload, qos=1, retain=True)
-        info.wait_for_publish(timeout)
-        if not info.is_published():
-            raise CommandError(f"the broker at {settings.mqtt.host}:{settings.mqtt.port} did not acknowledge the "
-                               f"desired state within {timeout:g} s")
+        for topic, payload in messages.items():
+            info = client.publish(topic, payload, qos=1, retain=True)
+            info.wait_for_publish(timeout)
+            if not info.is_published():
+                raise CommandError(f"the broker at {settings.mqtt.host}:{settings.mqtt.port} did not acknowledge "
+                                   f"{topic} within {timeout:g} s")
     finally:
         client.disconnect()
         client.loop_stop()
+
+
+def forget_device(settings: Settings, device: str) -> None:
+    """Clear a retired device's retained presence and update report, so `fleet status` and Home Assistant stop
+    listing it (a device still running publishes them again)."""
+    root = settings.topic_root
+    publish_retained(settings, {f"{root}/{device}/status": b"", f"{root}/{device}/update": b""})
 
 
 @dataclass
@@ -99,16 +111,29 @@ def describe(name: str, row: DeviceRow) -> dict:
 
 
 def render(rows: list[dict]):
+    """The fleet as a table that fits 80 columns: model and version in one cell, the update cut to fit."""
+    from rich import box
     from rich.table import Table
 
-    table = Table(title=f"edgellm fleet ({len(rows)} devices)")
-    for column in ("device", "state", "model", "version", "target", "update", "last seen"):
-        table.add_column(column)
+    table = Table(title=f"edgellm fleet ({len(rows)} devices)", box=box.SIMPLE_HEAD, pad_edge=False,
+                  expand=True)
+    for column, ratio in (("device", 2), ("model", 3), ("update", 3)):  # these share what the console has left
+        table.add_column(column, no_wrap=True, overflow="ellipsis", ratio=ratio)
+    table.add_column("state", width=7, no_wrap=True)
+    table.add_column("seen", width=5, no_wrap=True, justify="right")
     now = time.time()
     for r in rows:
-        seen = f"{now - r['last_seen']:.0f} s ago" if r["last_seen"] else "-"
-        table.add_row(r["device"], r["state"], r["model"], r["version"], r["target"], r["update"], seen)
+        target = f" -> {r['target']}" if r["target"] != "-" and r["update"] not in ("SUCCEEDED", "-") else ""
+        table.add_row(r["device"], f"{r['model']} v{r['version']}", r["update"] + target, r["state"],
+                      _ago(now - r["last_seen"]) if r["last_seen"] else "-")
     return table
+
+
+def _ago(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size:.0f}{unit}"
+    return f"{max(seconds, 0):.0f}s"
 
 
 def serve_store(store: Path, host: str, port: int) -> None:

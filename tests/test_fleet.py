@@ -5,6 +5,7 @@ tiny Llama, built to int4, chunked and signed with Ed25519."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -382,3 +383,38 @@ def test_an_older_version_is_refused_unless_a_release_key_allows_the_downgrade(t
         assert serving(broker, "gw-down")["bundle"] == {"name": "tiny", "version": "1"}
     finally:
         d.stop()
+
+
+def test_fleet_status_fits_80_columns_and_forgets_a_retired_device(broker):
+    """Retained presence as devices publish it; `fleet forget` clears a retired one on the real broker."""
+    mqtt = ["--mqtt-host", "127.0.0.1", "--mqtt-port", str(broker.port)]
+    now = time.time()
+    presence = {
+        "warehouse-gateway-east-07": {"state": "online", "ts": now, "bundle": {"version": "2026.11.30-rc1"},
+                                      "model": {"name": "invoices-smollm2-135m-keep-base", "version": "3"}},
+        "gw-old": {"state": "offline", "ts": now - 90000, "model": {"name": "smollm2", "version": "1"}},
+    }
+    updates = {"warehouse-gateway-east-07": {"state": "FAILED", "name": "invoices", "version": "4",
+                                             "reason": "smoke test: perplexity 81.2 above the bundle's limit 40"}}
+    messages = {f"edgellm/v1/{d}/status": json.dumps(p) for d, p in presence.items()}
+    messages.update({f"edgellm/v1/{d}/update": json.dumps(u) for d, u in updates.items()})
+    for topic, payload in messages.items():
+        subprocess.run(["mosquitto_pub", "-p", str(broker.port), "-q", "1", "-r", "-t", topic, "-m", payload],
+                       check=True, timeout=10)
+
+    def status(*flags):
+        out = subprocess.run([*EDGELLM, "fleet", "status", "--once", "--wait", "1", *flags, *mqtt], cwd=ROOT,
+                             capture_output=True, text=True, timeout=60, env={**os.environ, "COLUMNS": "80"})
+        assert out.returncode == 0, out.stderr
+        return out.stdout
+
+    table = status().splitlines()
+    assert max(map(len, table)) <= 80, "\n".join(table)
+    assert sum("warehouse-" in line for line in table) == 1 and sum("gw-old" in line for line in table) == 1
+    assert any("FAILED" in line and "1d" not in line for line in table) and any("1d" in line for line in table)
+    out = subprocess.run([*EDGELLM, "fleet", "forget", "gw-old", *mqtt], cwd=ROOT, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0 and "forgot gw-old" in out.stdout, out.stderr
+    assert [r["device"] for r in json.loads(status("--json"))] == ["warehouse-gateway-east-07"]
+    out = subprocess.run([*EDGELLM, "fleet", "forget", "gw/+", *mqtt], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 2 and "DEVICE" in out.stderr
