@@ -158,11 +158,10 @@ def cmd_bundle_serve(args: argparse.Namespace) -> None:
 
 
 def cmd_fleet_forget(args: argparse.Namespace) -> None:
-    from edgellm.models.fleet import forget_device
-
     import re
 
     from edgellm.daemon.formats import NAME_PATTERN
+    from edgellm.models.fleet import forget_device
 
     settings = settings_from_args(args)
     for device in args.device:
