@@ -240,7 +240,8 @@ def cmd_ingest(args: argparse.Namespace) -> None:
 
     store, _ = _open_store(args)
     metadata = _key_values(args.meta, "--meta")
-    docs = [DocumentInput(str(f), read_pages(f), args.collection, metadata) for f in find_files(args.paths)]
+    # sources are absolute: the same folder ingested from another directory is the same documents
+    docs = [DocumentInput(str(f.resolve()), read_pages(f), args.collection, metadata) for f in find_files(args.paths)]
     with Progress(transient=True, disable=not sys.stderr.isatty()) as bar:
         task = bar.add_task("Embedding chunks", total=None)
         report = store.ingest(docs, progress=lambda done, total: bar.update(task, completed=done, total=total))

@@ -158,3 +158,12 @@ def test_pdf_pages_html_headings_and_unreadable_files(tmp_path, embedder):
     (tmp_path / "broken.pdf").write_bytes(b"%PDF-1.4 garbage")
     with pytest.raises(EdgeError, match="not a readable PDF"):
         read_pages(tmp_path / "broken.pdf")
+
+
+def test_html_navigation_header_and_footer_are_not_text():
+    from edgellm.daemon.retrieval.documents import html_to_text
+
+    page = ("<html><head><title>t</title></head><body><header><a href='/'>Home</a> | <a>About</a></header>"
+            "<nav><ul><li>Contracts</li><li>Invoices</li></ul></nav><main><h1>Lease</h1>"
+            "<p>The lease ends on 30 June 2027.</p></main><footer>© 2026 Example &amp; Co</footer></body></html>")
+    assert html_to_text(page) == "# Lease\n\nThe lease ends on 30 June 2027."

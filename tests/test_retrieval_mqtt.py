@@ -159,3 +159,28 @@ def test_cli_search_and_ask_json_carry_source_paths(tmp_path, minilm_int8, smoll
     piped = subprocess.run(" ".join(map(shlex.quote, cmd)) + " | true",
                            shell=True, executable="/bin/bash", cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert "Traceback" not in piped.stderr and "BrokenPipe" not in piped.stderr, piped.stderr
+
+
+def test_the_same_folder_from_another_directory_is_stored_once(tmp_path, minilm_int8, docs):
+    """Sources are absolute paths; a store written when they were relative is adopted, not doubled."""
+    from edgellm.daemon.retrieval.embedder import Embedder
+    from edgellm.daemon.retrieval.store import DocumentInput, RetrievalStore
+
+    store = tmp_path / "s.db"
+    old = RetrievalStore(store, Embedder(minilm_int8))  # as the CLI stored it before: the path as typed
+    old.ingest([DocumentInput("fr/bail.md", [(docs / "fr/bail.md").read_text()], "default", {})])
+    old.close()
+
+    def ingest(cwd, path):
+        r = subprocess.run([*EDGELLM, "ingest", path, "--store", str(store), "--embedding-model", str(minilm_int8)],
+                           cwd=cwd, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        return r.stdout
+
+    first = ingest(docs, "fr")
+    assert "1 unchanged" in first and "store now holds 6 documents" in first, first
+    again = ingest(docs.parent, f"{docs.name}/fr")
+    assert "ingested 0 document(s)" in again and "store now holds 6 documents" in again, again
+    hits = subprocess.run([*EDGELLM, "search", "bail", "--json", "--store", str(store), "--embedding-model",
+                           str(minilm_int8)], capture_output=True, text=True, timeout=300)
+    assert {h["source"] for h in json.loads(hits.stdout)} <= {str(p) for p in (docs / "fr").glob("*.md")}

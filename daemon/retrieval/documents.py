@@ -19,6 +19,8 @@ class _HTMLText(HTMLParser):
     """Visible text with block breaks; headings become Markdown headings so chunking breaks at them."""
 
     BLOCKS = {"p", "div", "section", "article", "li", "tr", "br", "table", "ul", "ol", "blockquote", "pre"}
+    # not text: code and styling, and the page's chrome ("Home | About" would become a chunk of its own)
+    SKIPPED = {"script", "style", "head", "noscript", "nav", "header", "footer"}
 
     def __init__(self) -> None:
         super().__init__(convert_charrefs=True)
@@ -26,7 +28,7 @@ class _HTMLText(HTMLParser):
         self._skip = 0
 
     def handle_starttag(self, tag, attrs):
-        if tag in ("script", "style", "head", "noscript"):
+        if tag in self.SKIPPED:
             self._skip += 1
         elif re.fullmatch(r"h[1-6]", tag):
             self.parts.append("\n\n" + "#" * int(tag[1]) + " ")
@@ -34,7 +36,7 @@ class _HTMLText(HTMLParser):
             self.parts.append("\n\n")
 
     def handle_endtag(self, tag):
-        if tag in ("script", "style", "head", "noscript"):
+        if tag in self.SKIPPED:
             self._skip = max(0, self._skip - 1)
         elif re.fullmatch(r"h[1-6]", tag) or tag in self.BLOCKS:
             self.parts.append("\n\n")

@@ -148,6 +148,7 @@ class RetrievalStore:
         planned = []
         for doc in docs:
             digest = hashlib.sha256("\f".join(doc.pages).encode()).hexdigest()
+            self._adopt_relative(doc, digest)
             row = self.conn.execute("SELECT sha256 FROM documents WHERE collection = ? AND source = ?",
                                     (doc.collection, doc.source)).fetchone()
             if row and row[0] == digest:
@@ -193,6 +194,22 @@ class RetrievalStore:
                 report.documents += 1
                 report.chunks += len(spans)
         return report
+
+    def _adopt_relative(self, doc: DocumentInput, digest: str) -> None:
+        """Stores written before sources were absolute hold paths as typed (`docs/a.md`). A document now
+        ingested as `/srv/docs/a.md` with the same text takes over such a row instead of being stored twice."""
+        if not doc.source.startswith("/"):
+            return
+        with self.conn:
+            for row_id, source in self.conn.execute(
+                    "SELECT id, source FROM documents WHERE collection = ? AND sha256 = ? AND source NOT LIKE '/%'",
+                    (doc.collection, digest)).fetchall():
+                tail = "/" + "/".join(part for part in Path(source).parts if part != ".")
+                if doc.source.endswith(tail) and not self.conn.execute(
+                        "SELECT 1 FROM documents WHERE collection = ? AND source = ?",
+                        (doc.collection, doc.source)).fetchone():
+                    self.conn.execute("UPDATE documents SET source = ? WHERE id = ?", (doc.source, row_id))
+                    return
 
     def _delete(self, source: str, collection: str) -> int:
         ids = [r[0] for r in self.conn.execute(
