@@ -99,6 +99,10 @@ def test_completions_and_embeddings(client):
     e = client.embeddings.create(model="default", input=["an invoice", "a contract"])  # the SDK asks for base64
     assert len(e.data) == 2 and len(e.data[0].embedding) == 384
     assert abs(sum(x * x for x in e.data[0].embedding) - 1) < 1e-3
+    with pytest.raises(openai.BadRequestError) as refused:  # what LangChain's OpenAIEmbeddings sends by default
+        client.embeddings.create(model="default", input=[[15339, 1917]])
+    error = refused.value.body
+    assert error["param"] == "input" and "check_embedding_ctx_length=False" in error["message"], error
 
 
 def test_errors_have_openai_shape_and_status(client, api):

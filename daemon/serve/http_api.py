@@ -22,7 +22,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 from starlette.datastructures import Headers
 
 from edgellm.daemon.engine.chat import ChatMessage
@@ -131,6 +131,18 @@ class EmbeddingRequest(_OpenAI):
     model: str = "default"
     input: str | list[str]
     encoding_format: Literal["float", "base64"] = "float"
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _text_not_token_ids(cls, value):
+        """Token ids are the client's tokenizer's (OpenAI's tiktoken), not the embedding model's: refused with
+        the fix rather than embedded as nonsense."""
+        items = value if isinstance(value, list) else [value]
+        if any(isinstance(v, int) or (isinstance(v, list) and v and all(isinstance(t, int) for t in v))
+               for v in items):
+            raise ValueError("send text, not token ids (they are the client's tokenizer's, not this model's); "
+                             "with LangChain: OpenAIEmbeddings(..., check_embedding_ctx_length=False)")
+        return value
 
 
 class Guard:
