@@ -39,12 +39,13 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_param_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-tokens", type=int)
-    p.add_argument("--temperature", type=float, help="0 for greedy decoding")
-    p.add_argument("--top-p", type=float)
-    p.add_argument("--top-k", type=int)
-    p.add_argument("--repetition-penalty", type=float)
-    p.add_argument("--seed", type=int)
+    p.add_argument("--max-tokens", type=int, help="new tokens at most (default 256)")
+    p.add_argument("--temperature", type=float, help="0 for greedy decoding (default 0.7)")
+    p.add_argument("--top-p", type=float, help="nucleus sampling: keep the likeliest tokens up to this "
+                   "probability mass (default 0.9)")
+    p.add_argument("--top-k", type=int, help="sample among the k likeliest tokens; 0 turns it off (default 40)")
+    p.add_argument("--repetition-penalty", type=float, help="above 1 discourages repeating tokens (default 1)")
+    p.add_argument("--seed", type=int, help="sampling seed, for repeatable output")
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
     p.add_argument("--json-schema", type=Path, help="a JSON Schema file; the output will validate against it")
     p.add_argument("--ignore-eos", action="store_true", default=None,
@@ -155,7 +156,8 @@ def settings_from_args(args: argparse.Namespace):
         overrides["log_format"] = args.log_format
     if getattr(args, "topic_root", None):
         overrides["topic_root"] = args.topic_root
-    mqtt = {k: v for k, v in (("host", args.mqtt_host), ("port", args.mqtt_port)) if v is not None}
+    mqtt = {k: v for k, v in (("host", getattr(args, "mqtt_host", None)), ("port", getattr(args, "mqtt_port", None)))
+            if v is not None}
     if mqtt:
         overrides["mqtt"] = mqtt
     if getattr(args, "model", None):
@@ -163,10 +165,12 @@ def settings_from_args(args: argparse.Namespace):
     return load_settings(args.config, overrides)
 
 
-def add_settings_args(p: argparse.ArgumentParser) -> None:
+def add_settings_args(p: argparse.ArgumentParser, mqtt: bool = True) -> None:
+    """--config, and the broker's address for the commands that talk MQTT (local ones do not list it)."""
     p.add_argument("--config", type=Path, help="TOML file (default /etc/edgellm/edgellm.toml if present)")
-    p.add_argument("--mqtt-host")
-    p.add_argument("--mqtt-port", type=int)
+    if mqtt:
+        p.add_argument("--mqtt-host", help="the MQTT broker's host (mqtt.host)")
+        p.add_argument("--mqtt-port", type=int, help="the MQTT broker's port (mqtt.port)")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -282,10 +286,10 @@ def cmd_ask(args: argparse.Namespace) -> None:
 
 
 def _add_store_args(p: argparse.ArgumentParser) -> None:
-    add_settings_args(p)
+    add_settings_args(p, mqtt=False)
     p.add_argument("--store", type=Path, help="the retrieval store file (store.path)")
     p.add_argument("--embedding-model", type=Path, help="embedding model folder (embedding.path)")
-    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: all cores)")
     p.add_argument("--collection", help="limit to, or ingest into, this collection")
 
 
@@ -297,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("generate", help="complete one prompt (wrapped in the model's chat template)")
     _add_model_args(p)
     _add_param_args(p)
-    p.add_argument("prompt")
+    p.add_argument("prompt", help="the prompt (rendered with the model's chat template unless --raw)")
     p.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
     p.add_argument("--json", action="store_true", help="print one JSON object with text, usage and timings")
     p.set_defaults(func=cmd_generate)
@@ -311,34 +315,35 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("serve", help="run the daemon: answer requests over MQTT")
     add_settings_args(p)
     p.add_argument("--model", type=Path, help="the model folder (model.path)")
-    p.add_argument("--device-id")
+    p.add_argument("--device-id", help="this device's id in MQTT topics (device_id; default: the host name)")
     p.add_argument("--group", dest="groups", action="append", help="take load-balanced requests of this group")
-    p.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log_level (default INFO)")
     p.add_argument("--log-format", choices=["text", "json"], help="text (no timestamp under journald), or one "
                    "JSON object per line")
     p.set_defaults(func=cmd_serve)
 
     p = commands.add_parser("ingest", help="add files or folders (txt, md, html, pdf) to a retrieval store")
     _add_store_args(p)
-    p.add_argument("paths", nargs="+", type=Path)
+    p.add_argument("paths", nargs="+", type=Path, help="files or folders (.txt, .md, .html, .pdf)")
     p.add_argument("--meta", action="append", help="KEY=VALUE metadata for these documents (repeatable)")
     p.set_defaults(func=cmd_ingest, collection="default")
 
     p = commands.add_parser("search", help="hybrid (vector + keyword) search of a retrieval store")
     _add_store_args(p)
-    p.add_argument("query")
-    p.add_argument("--k", type=int, default=5)
+    p.add_argument("query", help="what to look for, in any of the stored languages")
+    p.add_argument("--k", type=int, default=5, help="passages to return (default 5)")
     p.add_argument("--filter", action="append", help="KEY=VALUE metadata filter (repeatable)")
-    p.add_argument("--mode", choices=["auto", "float", "bit"], default="auto")
+    p.add_argument("--mode", choices=["auto", "float", "bit"], default="auto", help="vector search: float, "
+                   "1-bit with float re-ranking, or auto (bit for large stores)")
     p.add_argument("--json", action="store_true", help="one JSON list of hits, each with its source path")
     p.set_defaults(func=cmd_search)
 
     p = commands.add_parser("ask", help="answer a question from a retrieval store, with citations")
     _add_store_args(p)
     _add_param_args(p)
-    p.add_argument("question")
+    p.add_argument("question", help="the question; the answer cites the passages it used")
     p.add_argument("--model", type=Path, help="the generation model folder (model.path)")
-    p.add_argument("--k", type=int, default=4)
+    p.add_argument("--k", type=int, default=4, help="passages given to the model (default 4)")
     p.add_argument("--filter", action="append", help="KEY=VALUE metadata filter (repeatable)")
     p.add_argument("--json", action="store_true", help="one JSON object: answer and citations with source paths")
     p.set_defaults(func=cmd_ask)
@@ -352,7 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--group", help="send to a group: one member answers")
     p.add_argument("--stream", action="store_true", help="print the text as it arrives (stdout), then the rest "
                    "of the result (usage, timings) on stderr")
-    p.add_argument("--timeout", type=float, default=120.0)
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the reply; also the "
+                   "request's MQTT message expiry (default 120)")
     p.set_defaults(func=cmd_request)
 
     for ep in entry_points(group="edgellm.commands"):

@@ -48,6 +48,26 @@ def test_json_output_is_valid_json_or_nothing(smollm2_int4, tmp_path):
     assert set(json.loads(r.stdout)) == {"vendor", "note"}
 
 
+def test_every_flag_has_help_and_local_commands_have_no_broker_flags():
+    import argparse
+
+    from edgellm.daemon.cli import build_parser
+
+    def walk(parser, path):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    yield from walk(sub, [*path, name])
+            elif not isinstance(action, argparse._HelpAction):
+                yield " ".join(path), action
+
+    actions = list(walk(build_parser(), ["edgellm"]))
+    assert [(c, a.option_strings or a.dest) for c, a in actions if not a.help] == []
+    local = {c: [o for _, a in actions if _ == c for o in a.option_strings] for c in ("edgellm search", "edgellm ask",
+                                                                                    "edgellm ingest")}
+    assert all("--mqtt-host" not in flags for flags in local.values()), local
+
+
 def test_chat_keeps_history(smollm2_int4):
     r = edgellm("chat", "--model", str(smollm2_int4), "--temperature", "0", "--max-tokens", "30",
                 stdin="The secret word is pineapple.\nRepeat the secret word.\n/exit\n")
