@@ -361,10 +361,22 @@ def build_parser() -> argparse.ArgumentParser:
                    "request's MQTT message expiry (default 120)")
     p.set_defaults(func=cmd_request)
 
+    p = commands.add_parser("completion", help="print a shell completion script: "
+                            "edgellm completion bash > /etc/bash_completion.d/edgellm")
+    p.add_argument("shell", choices=["bash", "zsh"], help="the shell to complete in")
+    p.set_defaults(func=cmd_completion)
+
     for ep in entry_points(group="edgellm.commands"):
         register: Callable[[argparse._SubParsersAction], None] = ep.load()
         register(commands)
     return parser
+
+
+def cmd_completion(args: argparse.Namespace) -> None:
+    """shtab turns the parser (host commands included, where installed) into the shell's completion script."""
+    import shtab
+
+    print(shtab.complete(build_parser(), shell=args.shell))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -100,3 +100,16 @@ def test_host_commands_without_the_host_extra_say_what_to_install(tmp_path):
             f"'{tmp_path / 'm'}']))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "edgellm[host]" in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
+def test_bash_completion_completes_commands_and_flags(tmp_path):
+    script = edgellm("completion", "bash")
+    assert script.returncode == 0, script.stderr
+    (tmp_path / "edgellm.bash").write_text(script.stdout)
+    probe = ('source "$1"; f=$(complete -p edgellm | sed -E "s/.*-F ([^ ]+).*/\\1/"); '
+             'COMP_WORDS=(edgellm mo); COMP_CWORD=1; $f; echo "${COMPREPLY[@]}"; '
+             'COMP_WORDS=(edgellm model build x --qu); COMP_CWORD=4; $f; echo "${COMPREPLY[@]}"')
+    out = subprocess.run(["bash", "-c", probe, "-", str(tmp_path / "edgellm.bash")], capture_output=True,
+                         text=True, timeout=30)
+    assert out.stdout.split("\n")[:2] == ["model", "--quant"], out
+    assert edgellm("completion", "zsh").stdout.startswith("#compdef edgellm")
