@@ -124,22 +124,79 @@ def cmd_chat(args: argparse.Namespace) -> None:
     history = [ChatMessage(role="system", content=args.system)] if args.system else []
     interactive = sys.stdin.isatty()
     if interactive:
-        print(f"Chatting with {generator.model.manifest.name}. /reset clears the history, /exit or Ctrl-D quits.",
-              file=sys.stderr)
+        _line_editing()
+        print(f"Chatting with {generator.model.manifest.name}. /reset clears the history, /save FILE and /load FILE "
+              "keep a conversation, /exit or Ctrl-D quits.", file=sys.stderr)
     while True:
-        if interactive:
-            print(">>> ", end="", file=sys.stderr, flush=True)
-        line = sys.stdin.readline()
+        try:
+            line = input(">>> ") if interactive else sys.stdin.readline()
+        except EOFError:
+            return
         if not line or line.strip() == "/exit":
             return
-        if line.strip() == "/reset":
+        command, _, argument = line.strip().partition(" ")
+        if command == "/reset":
             history = history[:1] if args.system else []
+            continue
+        if command in ("/save", "/load"):
+            history = _save_or_load(command, argument.strip(), history)
             continue
         if not line.strip():
             continue
         history.append(ChatMessage(role="user", content=line.rstrip("\n")))
         result = _print_stream(generator.stream(generator.prompt_ids(messages=history), params), args.verbose)
         history.append(ChatMessage(role="assistant", content=result.text))
+
+
+def _line_editing() -> None:
+    """Arrow keys, Ctrl-R and a history kept between sessions (GNU readline, where Python has it)."""
+    try:
+        import readline
+    except ImportError:
+        return
+    import atexit
+
+    path = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local/state") / "edgellm/chat_history"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        readline.read_history_file(path)
+    except OSError:
+        pass
+    readline.set_history_length(1000)
+    atexit.register(lambda: _quietly(readline.write_history_file, path))
+
+
+def _quietly(fn, *args) -> None:
+    try:
+        fn(*args)
+    except OSError:
+        pass
+
+
+def _save_or_load(command: str, path: str, history: list):
+    """/save FILE writes the conversation as JSON (OpenAI's messages); /load FILE replaces it with one."""
+    from pydantic import TypeAdapter
+
+    from edgellm.daemon.engine.chat import ChatMessage
+
+    if not path:
+        print(f"{command} needs a file name, e.g. {command} invoice-chat.json", file=sys.stderr)
+        return history
+    try:
+        if command == "/save":
+            Path(path).write_text(json.dumps([m.model_dump() for m in history], ensure_ascii=False, indent=1))
+            print(f"saved {len(history)} messages to {path}", file=sys.stderr)
+            return history
+        loaded = TypeAdapter(list[ChatMessage]).validate_json(Path(path).read_text())
+    except OSError as e:
+        print(f"{command}: {path}: {e.strerror}", file=sys.stderr)
+        return history
+    except ValidationError as e:
+        print(f"/load: {path} is not a saved conversation ({e.error_count()} problems, e.g. "
+              f"{e.errors()[0]['msg']})", file=sys.stderr)
+        return history
+    print(f"loaded {len(loaded)} messages from {path}", file=sys.stderr)
+    return loaded
 
 
 def settings_from_args(args: argparse.Namespace):

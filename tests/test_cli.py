@@ -76,6 +76,19 @@ def test_chat_keeps_history(smollm2_int4):
     assert "pineapple" in second.lower()  # only the history holds the word
 
 
+def test_chat_saves_and_loads_a_conversation(smollm2_int4, tmp_path):
+    saved, bad = tmp_path / "talk.json", tmp_path / "bad.json"
+    bad.write_text('[{"role": "robot", "content": "hi"}]')
+    r = edgellm("chat", "--model", str(smollm2_int4), "--temperature", "0", "--max-tokens", "30",
+                stdin=f"The secret word is pineapple.\n/save {saved}\n/reset\n/load {bad}\n/load {saved}\n"
+                      "Repeat the secret word.\n/exit\n")
+    assert r.returncode == 0, r.stderr
+    assert [m["role"] for m in json.loads(saved.read_text())] == ["user", "assistant"]
+    assert "is not a saved conversation" in r.stderr and "loaded 2 messages" in r.stderr
+    second = [line for line in r.stdout.splitlines() if line.strip()][-1]
+    assert "pineapple" in second.lower()  # only the loaded conversation holds the word
+
+
 def test_bad_flags_name_the_flag_and_exit_2(smollm2_int4, tmp_path):
     model = str(smollm2_int4)
     r = edgellm("generate", "--model", model, "--temperature", "9", "hi")
