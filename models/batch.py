@@ -85,14 +85,28 @@ def _paraphrase(examples: list[dict], variants: int, seed: int, max_tokens: int)
 
 
 # -- jobs (run on the client) -------------------------------------------------------------------------
+def _gather(client: Client, futures: list, sizes: list[int], description: str) -> list:
+    """The futures' results in order, with a bar that counts items as batches finish anywhere on the cluster."""
+    from distributed import as_completed
+
+    from edgellm.models.progress import counting
+
+    size_of = {f.key: n for f, n in zip(futures, sizes, strict=True)}
+    with counting(description, sum(sizes)) as done:
+        for future in as_completed(futures):
+            done(size_of[future.key])
+    return client.gather(futures)
+
+
 def batch_eval(client: Client, model_dir: Path, examples: list[dict], schema: dict, max_tokens: int = 200,
                batch_size: int = 4, threads: int = 1) -> dict:
     from edgellm.daemon.engine.manifest import load_manifest
     from edgellm.models.evaluate import report_for
 
     client.register_plugin(ModelOnWorker(str(model_dir), "generation", threads))
-    futures = client.map(_extract, _batches(examples, batch_size), schema=schema, max_tokens=max_tokens, pure=False)
-    results = [r for batch in client.gather(futures) for r in batch]
+    batches = _batches(examples, batch_size)
+    futures = client.map(_extract, batches, schema=schema, max_tokens=max_tokens, pure=False)
+    results = [r for batch in _gather(client, futures, list(map(len, batches)), "Evaluating") for r in batch]
     report = report_for(load_manifest(model_dir).name, examples, results, schema)
     report["workers"] = len(client.scheduler_info()["workers"])
     return report
@@ -102,8 +116,9 @@ def batch_embed(client: Client, model_dir: Path, texts: list[str], batch_size: i
     import numpy as np
 
     client.register_plugin(ModelOnWorker(str(model_dir), "embedding", threads))
-    futures = client.map(_embed, _batches(texts, batch_size), pure=False)
-    parts = client.gather(futures)
+    batches = _batches(texts, batch_size)
+    futures = client.map(_embed, batches, pure=False)
+    parts = _gather(client, futures, list(map(len, batches)), "Embedding chunks")
     return np.concatenate(parts) if parts else np.zeros((0, 0), dtype=np.float32)
 
 
@@ -116,7 +131,7 @@ def batch_ingest(client: Client, model_dir: Path, store_path: Path, paths: list[
 
     store = RetrievalStore(store_path, Embedder(model_dir, threads=1))
     try:
-        docs = [DocumentInput(str(f), read_pages(f), collection, {}) for f in find_files(paths)]
+        docs = [DocumentInput(str(f.resolve()), read_pages(f), collection, {}) for f in find_files(paths)]
         return store.ingest(docs, embed_all=lambda texts: batch_embed(client, model_dir, texts, threads=threads))
     finally:
         store.close()
@@ -128,8 +143,8 @@ def batch_paraphrase(client: Client, model_dir: Path, examples: list[dict], vari
     from edgellm.models.invoices import values_present
 
     client.register_plugin(ModelOnWorker(str(model_dir), "generation", threads))
-    futures = client.map(_paraphrase, _batches(examples, 2), variants=variants, seed=seed, max_tokens=max_tokens,
-                         pure=False)
-    written = [v for batch in client.gather(futures) for v in batch]
+    batches = _batches(examples, 2)
+    futures = client.map(_paraphrase, batches, variants=variants, seed=seed, max_tokens=max_tokens, pure=False)
+    written = [v for batch in _gather(client, futures, list(map(len, batches)), "Paraphrasing") for v in batch]
     kept = [v for v in written if values_present(v["text"], v["gold"], v.get("lang", "en"))]
     return kept, written

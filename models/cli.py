@@ -70,7 +70,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
         schema = json.loads(args.schema.read_text()) if args.schema else SCHEMA
     except (OSError, ValueError) as e:
         raise CommandError(f"--data/--schema: {e}") from None
-    reports = [evaluate_model(m, examples, schema, args.threads, args.max_tokens) for m in args.model]
+    reports = [evaluate_model(m, examples, schema, args.threads, args.max_tokens, show_progress=True)
+               for m in args.model]
     out = reports[0] if len(reports) == 1 else {"models": reports}
     if args.report:
         args.report.write_text(json.dumps(out, indent=2, ensure_ascii=False) + "\n")

@@ -7,6 +7,7 @@ import json
 import statistics
 import time
 import unicodedata
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -77,7 +78,8 @@ def load_examples(path: Path) -> list[dict]:
     return examples
 
 
-def extract(generator, examples: list[dict], schema: dict, max_tokens: int) -> list[tuple[dict | None, float]]:
+def extract(generator, examples: list[dict], schema: dict, max_tokens: int,
+            done: Callable[[int], None] | None = None) -> list[tuple[dict | None, float]]:
     """(prediction, latency ms) per example, greedy and constrained to the schema; None where the model could
     not complete valid JSON within max_tokens (counted as invalid)."""
     from edgellm.daemon.engine.params import GenerationParams
@@ -93,6 +95,8 @@ def extract(generator, examples: list[dict], schema: dict, max_tokens: int) -> l
         except EdgeError:
             prediction = None
         out.append((prediction, (time.perf_counter() - start) * 1000))
+        if done:
+            done(1)
     return out
 
 
@@ -104,14 +108,17 @@ def report_for(model_name: str, examples: list[dict], results: list[tuple[dict |
 
 
 def evaluate_model(model_dir: Path, examples: list[dict], schema: dict, threads: int = 0,
-                   max_tokens: int = 200) -> dict:
+                   max_tokens: int = 200, show_progress: bool = False) -> dict:
     """Run the model on every example through the real engine, constrained to the schema."""
     from edgellm.daemon.engine.generate import Generator
     from edgellm.daemon.engine.model import LoadedModel
+    from edgellm.models.progress import counting
 
     generator = Generator(LoadedModel.load(model_dir, threads=threads))
-    return report_for(generator.model.manifest.name, examples, extract(generator, examples, schema, max_tokens),
-                      schema)
+    name = generator.model.manifest.name
+    with counting(f"Evaluating {name}", len(examples), enabled=show_progress) as done:
+        results = extract(generator, examples, schema, max_tokens, done)
+    return report_for(name, examples, results, schema)
 
 
 def plot(reports: list[dict], path: Path) -> None:

@@ -2,8 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 
 class Steps:
@@ -27,3 +38,14 @@ class Steps:
     def next(self) -> None:
         self._done += 1
         self._progress.update(self._task, completed=self._done, description=self._names[self._done])
+
+
+@contextmanager
+def counting(description: str, total: int, enabled: bool = True) -> Iterator[Callable[[int], None]]:
+    """A bar over `total` items (invoices, chunks) on stderr, with the time left; yields advance(n)."""
+    progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TimeElapsedColumn(), TimeRemainingColumn(), console=Console(stderr=True),
+                        disable=not enabled)
+    task = progress.add_task(description, total=total)
+    with progress:
+        yield lambda n=1: progress.advance(task, n)

@@ -89,3 +89,4 @@ def test_cli_runs_on_an_existing_scheduler(client, tiny_int4, tmp_path):
     assert out.returncode == 0, out.stderr
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["workers"] == 2 and report["n"] == 4 and "2 workers" in out.stdout
+    assert "Evaluating" in out.stderr and "4/4" in out.stderr  # progress as batches finish on the cluster

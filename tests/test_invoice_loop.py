@@ -28,9 +28,12 @@ def test_tiny_loop(tiny_sources, tmp_path):
     edgellm("lora", "merge", "--base", base_src, "--adapter", tmp_path / "adapter", "--out", tmp_path / "merged")
     edgellm("model", "build", base_src, "--out", tmp_path / "base-int4", "--name", "base")
     edgellm("model", "build", tmp_path / "merged", "--out", tmp_path / "tuned-int4", "--name", "tuned")
-    edgellm("eval", "--model", tmp_path / "base-int4", "--model", tmp_path / "tuned-int4", "--data",
-            tmp_path / "test.jsonl", "--schema", tmp_path / "schema.json", "--max-tokens", 40,
-            "--report", tmp_path / "report.json", "--plot", tmp_path / "report.png")
+    evaluated = subprocess.run([*EDGELLM, "eval", "--model", tmp_path / "base-int4", "--model", tmp_path / "tuned-int4",
+                                "--data", tmp_path / "test.jsonl", "--schema", tmp_path / "schema.json",
+                                "--max-tokens", "40", "--report", tmp_path / "report.json", "--plot",
+                                tmp_path / "report.png"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert "Evaluating tuned" in evaluated.stderr and "3/3" in evaluated.stderr  # progress, on stderr
     report = json.loads((tmp_path / "report.json").read_text())
     assert [m["model"] for m in report["models"]] == ["base", "tuned"]
     assert all(0 <= m["field_accuracy"] <= 1 and m["n"] == 3 for m in report["models"])
