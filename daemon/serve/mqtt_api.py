@@ -246,9 +246,23 @@ class MqttService:
         self.client.publish(self.topics.update, report.model_dump_json().encode(), qos=1, retain=True)
 
     def publish_telemetry(self) -> None:
+        """Retained, so a dashboard (Home Assistant) has the last values the moment it subscribes."""
         body = {"device": self.settings.device_id, "ts": time.time(), "queue_depth": self.worker.depth,
                 **self.stats.snapshot()}
-        self.client.publish(self.topics.telemetry, encode_json(body), qos=0)
+        self.client.publish(self.topics.telemetry, encode_json(body), qos=0, retain=True)
+
+    def publish_discovery(self) -> None:
+        ha = self.settings.homeassistant
+        if not ha.enabled:
+            return
+        from edgellm.daemon.serve.homeassistant import discovery_messages
+
+        t = self.topics
+        messages = discovery_messages(ha.discovery_prefix, self.settings.device_id,
+                                      {"status": t.status, "telemetry": t.telemetry, "update": t.update},
+                                      updates=self.updates is not None)
+        for topic, payload in messages.items():
+            self.client.publish(topic, payload, qos=1, retain=True)
 
     # -- paho callbacks (network thread) ---------------------------------------------------------------
     def _on_connect(self, client, _userdata, flags, reason_code, _props) -> None:
@@ -264,6 +278,8 @@ class MqttService:
             subs += [(t, SubscribeOptions(qos=1)) for t in self.topics.desired]
         client.subscribe(subs)
         self.publish_status()
+        self.publish_discovery()
+        self.publish_telemetry()
         if self.updates is not None and (report := self.updates.report()) is not None:
             self.publish_update(report)
         self.last_error, self._failed_attempts = None, 0

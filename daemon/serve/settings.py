@@ -67,6 +67,11 @@ class StoreSettings(StrictModel):
     min_similarity: float = Field(0.25, ge=-1, le=1, description="ask answers 'not found' below this cosine")
 
 
+class HomeAssistantSettings(StrictModel):
+    enabled: bool = Field(False, description="publish Home Assistant MQTT discovery configs (retained)")
+    discovery_prefix: str = Field("homeassistant", pattern=r"^[A-Za-z0-9_./-]{1,64}$")
+
+
 class HttpSettings(StrictModel):
     enabled: bool = False
     host: str = Field("127.0.0.1", description="loopback by default; any other address needs an API key")
@@ -117,6 +122,7 @@ class Settings(BaseSettings):
     embedding: EmbeddingSettings = EmbeddingSettings()
     store: StoreSettings = StoreSettings()
     http: HttpSettings = HttpSettings()
+    homeassistant: HomeAssistantSettings = HomeAssistantSettings()
     limits: LimitSettings = LimitSettings()
     update: UpdateSettings = UpdateSettings()
 

@@ -1,0 +1,148 @@
+"""Home Assistant discovery over a real mosquitto, read as Home Assistant reads it: subscribe to the discovery
+prefix, check each config against the MQTT sensor schema Home Assistant documents, then render each sensor's
+value_template (Jinja, as Home Assistant does) on the retained message of its state topic."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from typing import Literal
+
+import jinja2
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from pydantic import BaseModel, ConfigDict
+
+from tests.harness import Broker, DaemonProcess, retained
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Availability(_Strict):
+    topic: str
+    value_template: str | None = None
+    payload_available: str = "online"
+    payload_not_available: str = "offline"
+
+
+class Device(_Strict):
+    identifiers: list[str]
+    name: str
+    manufacturer: str | None = None
+    model: str | None = None
+    sw_version: str | None = None
+
+
+class Origin(_Strict):
+    name: str
+    sw_version: str | None = None
+
+
+class SensorConfig(_Strict):
+    """The keys of Home Assistant's MQTT sensor that edgellm uses (home-assistant.io/integrations/sensor.mqtt)."""
+
+    name: str
+    unique_id: str
+    object_id: str
+    state_topic: str
+    value_template: str
+    availability: list[Availability]
+    device: Device
+    origin: Origin
+    unit_of_measurement: str | None = None
+    state_class: Literal["measurement", "total", "total_increasing"] | None = None
+    icon: str | None = None
+
+
+def retained_under(port: int, pattern: str, settle: float = 2.0) -> dict[str, bytes]:
+    got: dict[str, bytes] = {}
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=MQTTProtocolVersion.MQTTv5)
+    client.on_connect = lambda c, *_: c.subscribe(pattern, qos=1)
+    client.on_message = lambda _c, _u, msg: got.__setitem__(msg.topic, msg.payload) if msg.retain else None
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    time.sleep(settle)
+    client.disconnect()
+    client.loop_stop()
+    return got
+
+
+def render(template: str, payload: bytes) -> str:
+    return jinja2.Environment().from_string(template).render(value_json=json.loads(payload)).strip()
+
+
+def node_red_flow_round_trip(port: int, device: str) -> None:
+    """The MQTT messages docs/node-red-flow.json sends (its inject payload, topic, Response Topic, Correlation
+    Data and expiry, read from the flow itself) get the reply its debug node shows. Node-RED is not run here."""
+    import re
+
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    from tests.harness import ROOT
+
+    nodes = {n["id"]: n for n in json.loads((ROOT / "docs/node-red-flow.json").read_text())}
+    func = nodes["edgellm_request"]["func"]
+    topic = re.search(r"msg.topic = '([^']+)'", func).group(1).replace("dev-a", device)
+    reply_topic = re.search(r"msg.responseTopic = '([^']+)'", func).group(1)
+    assert nodes["edgellm_replies"]["topic"] == reply_topic and nodes["edgellm_broker"]["protocolVersion"] == "5"
+    got, event = [], threading.Event()
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=MQTTProtocolVersion.MQTTv5)
+    client.on_message = lambda _c, _u, msg: (got.append(msg), event.set())
+    client.connect("127.0.0.1", port)
+    client.subscribe(reply_topic, qos=1)
+    client.loop_start()
+    props = Properties(PacketTypes.PUBLISH)
+    props.ResponseTopic, props.CorrelationData, props.MessageExpiryInterval = reply_topic, b"1764500000000", 120
+    client.publish(topic, nodes["edgellm_ask"]["payload"], qos=1, properties=props)
+    try:
+        assert event.wait(60), "no reply on the flow's reply topic"
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    reply = json.loads(got[0].payload)
+    assert reply["ok"] and reply["text"].strip() and got[0].properties.CorrelationData == b"1764500000000"
+
+
+@pytest.fixture
+def broker(tmp_path):
+    b = Broker(tmp_path).start()
+    yield b
+    b.stop()
+
+
+def test_discovery_configs_and_the_values_they_read(broker, smollm2_int4, tmp_path):
+    d = DaemonProcess(tmp_path, broker.port, smollm2_int4, device="gw-7",
+                      env={"EDGELLM_HOMEASSISTANT__ENABLED": "true", "EDGELLM_TELEMETRY_INTERVAL": "600"}).start()
+    try:
+        configs = {t: SensorConfig.model_validate_json(p) for t, p in retained_under(broker.port,
+                                                                                       "homeassistant/#").items()}
+        assert {t.split("/")[-2] for t in configs} == {"model", "model_version", "queue_depth", "tokens_per_second",
+                                                         "requests"}  # no update sensor: updates are off
+        assert all(t.startswith("homeassistant/sensor/edgellm_gw_7/") for t in configs)
+        assert len({c.unique_id for c in configs.values()}) == len(configs)
+        values = {}
+        for topic, c in configs.items():
+            # telemetry is every 600 s here: the sensors read the retained one published at connect
+            values[topic.split("/")[-2]] = render(c.value_template, retained(broker.port, c.state_topic))
+            (a,) = c.availability
+            assert render(a.value_template, retained(broker.port, a.topic)) == a.payload_available
+        assert values["model"] == "SmolLM2-135M-Instruct-int4" and values["queue_depth"] == "0"
+        assert float(values["tokens_per_second"]) >= 0 and values["model_version"]
+        node_red_flow_round_trip(broker.port, "gw-7")
+    finally:
+        assert d.stop() == 0
+    (a,) = next(iter(configs.values())).availability
+    assert render(a.value_template, retained(broker.port, a.topic)) == a.payload_not_available
+
+
+def test_discovery_is_opt_in(broker, smollm2_int4, tmp_path):
+    d = DaemonProcess(tmp_path, broker.port, smollm2_int4, device="gw-8").start()
+    try:
+        assert retained_under(broker.port, "homeassistant/#", settle=1.0) == {}
+    finally:
+        d.stop()
