@@ -92,3 +92,18 @@ def test_definitions_travel_with_the_parts_the_grammar_compiles_alone(generator)
     lltok = generator._lltok
     assert llguidance.LLMatcher.validate_grammar(compile_json_schema(schema, lltok, DOCUMENT), lltok) == ""
     assert accepts(constraint(generator, schema), generator, '{"vendor": "Talleres", "total": 3.5}')
+
+
+@pytest.mark.parametrize(("total", "allowed"), [
+    ("1210", True), ("1210.5", True), ("-0.125", True), ("123456.123456", True),
+    ("20.00000000000000015315", False),  # a small model's runaway digits, unbounded until max_tokens before
+    ("2000000000000000", False),  # more than 15 digits before the point
+    ("1e3", False),
+])
+def test_numbers_are_bounded_unless_the_schema_says(generator, total, allowed):
+    schema = {"type": "object", "properties": {"total": {"type": "number"}}, "required": ["total"],
+              "additionalProperties": False}
+    assert accepts(constraint(generator, schema, ""), generator, f'{{"total": {total}}}') is allowed
+    wide = {**schema, "properties": {"total": {"type": "number", "maximum": 1e16}}}
+    if total == "2000000000000000":  # a schema's own bounds are kept
+        assert accepts(constraint(generator, wide, ""), generator, f'{{"total": {total}}}')

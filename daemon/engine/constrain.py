@@ -42,13 +42,51 @@ def grammar_tokenizer(tokenizer_json: str, eos_ids: list[int], vocab_size: int) 
     return lltok
 
 
+# What a JSON number means in practice, where the schema does not say: at most 6 fractional digits and 15
+# before the point. Unbounded, a small model can write 20.00000000000000015315... until max_tokens.
+NUMBER_STEP = 1e-6
+NUMBER_LIMIT = 1e15
+_DATA_KEYS = {"const", "enum", "default", "examples", "x-guidance"}
+
+
+def bounded_numbers(schema: Any) -> Any:
+    """A copy of `schema` whose number and integer schemas carry multipleOf and minimum/maximum where they
+    had none (llguidance enforces both in the grammar). The output is still validated against the original."""
+    if isinstance(schema, list):
+        return [bounded_numbers(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: v if k in _DATA_KEYS else bounded_numbers(v) for k, v in schema.items()}
+    types = out.get("type")
+    types = types if isinstance(types, list) else [types]
+    if "number" in types or "integer" in types:
+        if "number" in types and "multipleOf" not in out:
+            out["multipleOf"] = NUMBER_STEP
+        if "minimum" not in out and "exclusiveMinimum" not in out:
+            out["minimum"] = -NUMBER_LIMIT
+        if "maximum" not in out and "exclusiveMaximum" not in out:
+            out["maximum"] = NUMBER_LIMIT
+    return out
+
+
 def compile_json_schema(schema: dict[str, Any], lltok: llguidance.LLTokenizer, document: str = "") -> str:
-    """llguidance's grammar for `schema`; fields marked x-edgellm-copy take their values from `document`."""
+    """llguidance's grammar for `schema`; fields marked x-edgellm-copy take their values from `document`;
+    numbers are bounded (bounded_numbers)."""
     try:
         jsonschema.validators.validator_for(schema).check_schema(schema)
     except jsonschema.SchemaError as e:
         raise EdgeError("bad_request", f"json_schema: not a valid JSON Schema: {e.message}",
                         param="json_schema") from None
+    bounded = bounded_numbers(schema)
+    if bounded != schema:
+        try:
+            return _compile(bounded, lltok, document)
+        except EdgeError:  # bounds llguidance cannot turn into a regex (e.g. a schema's own maximum of 1e20)
+            pass
+    return _compile(schema, lltok, document)
+
+
+def _compile(schema: dict[str, Any], lltok: llguidance.LLTokenizer, document: str) -> str:
     try:
         if has_copied_fields(schema):
             grammar = llguidance.LLMatcher.grammar_from_lark(copy_grammar(schema, document, JSON_OPTIONS))
