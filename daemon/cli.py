@@ -34,7 +34,8 @@ def explain_validation(error: ValidationError, flags: dict[str, str]) -> str:
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, type=Path, help="an edgellm model folder (from `model build`)")
+    p.add_argument("--model", required=True, help="a model name from `edgellm models list`, or a model folder "
+                   "(from `model build`)")
     p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: all cores)")
 
 
@@ -76,10 +77,11 @@ def params_from_args(args: argparse.Namespace):
 def _load(args: argparse.Namespace):
     from edgellm.daemon.engine.generate import Generator
     from edgellm.daemon.engine.model import LoadedModel
+    from edgellm.daemon.library import resolve_model
 
     if args.threads < 0:
         raise CommandError("--threads: must be 0 (all cores) or more")
-    return Generator(LoadedModel.load(args.model, threads=args.threads))
+    return Generator(LoadedModel.load(resolve_model(args.model), threads=args.threads))
 
 
 def _print_stream(events, verbose: bool, as_json: bool = False, whole: bool = False):
@@ -330,10 +332,13 @@ def cmd_ask(args: argparse.Namespace) -> None:
     store, settings = _open_store(args)
     model = args.model or settings.model.path
     if model is None:
-        raise CommandError("--model: give the generation model folder (or set model.path)")
+        raise CommandError("--model: give the generation model's name or folder (or set model.path)")
     params = params_from_args(args)
-    answer = ask(Generator(LoadedModel.load(model, threads=args.threads)), store, args.question, params, args.k,
-                 args.collection, _key_values(args.filter, "--filter"), settings.store.min_similarity)
+    from edgellm.daemon.library import resolve_model
+
+    generator = Generator(LoadedModel.load(resolve_model(model), threads=args.threads))
+    answer = ask(generator, store, args.question, params, args.k, args.collection,
+                 _key_values(args.filter, "--filter"), settings.store.min_similarity)
     if args.json:
         print(json.dumps({"answer": answer.answer, "citations": answer.citations}, ensure_ascii=False))
         return
@@ -371,7 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("serve", help="run the daemon: answer requests over MQTT")
     add_settings_args(p)
-    p.add_argument("--model", type=Path, help="the model folder (model.path)")
+    p.add_argument("--model", help="the model to serve: a library name or a folder (model.path)")
     p.add_argument("--device-id", help="this device's id in MQTT topics (device_id; default: the host name)")
     p.add_argument("--group", dest="groups", action="append", help="take load-balanced requests of this group")
     p.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log_level (default INFO)")
@@ -399,7 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_store_args(p)
     _add_param_args(p)
     p.add_argument("question", help="the question; the answer cites the passages it used")
-    p.add_argument("--model", type=Path, help="the generation model folder (model.path)")
+    p.add_argument("--model", help="the generation model: a library name or a folder (model.path)")
     p.add_argument("--k", type=int, default=4, help="passages given to the model (default 4)")
     p.add_argument("--filter", action="append", help="KEY=VALUE metadata filter (repeatable)")
     p.add_argument("--json", action="store_true", help="one JSON object: answer and citations with source paths")
@@ -418,6 +423,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "request's MQTT message expiry (default 120)")
     p.set_defaults(func=cmd_request)
 
+    models = commands.add_parser("models", help="the local model library: list, show, rm")
+    sub = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
+    sub.add_parser("list", help="models by name, with scheme, size and architecture").set_defaults(func=cmd_models)
+    for action, text in (("show", "one model's manifest"), ("rm", "remove a model from the library")):
+        q = sub.add_parser(action, help=text)
+        q.add_argument("name", help="the model's name (edgellm models list)")
+        q.set_defaults(func=cmd_models)
+
     p = commands.add_parser("completion", help="print a shell completion script: "
                             "edgellm completion bash > /etc/bash_completion.d/edgellm")
     p.add_argument("shell", choices=["bash", "zsh"], help="the shell to complete in")
@@ -427,6 +440,32 @@ def build_parser() -> argparse.ArgumentParser:
         register: Callable[[argparse._SubParsersAction], None] = ep.load()
         register(commands)
     return parser
+
+
+def cmd_models(args: argparse.Namespace) -> None:
+    """The local library: what is there, one model's manifest, removing one."""
+    from edgellm.daemon.engine.manifest import load_manifest
+    from edgellm.daemon.library import entries, library_folder, library_home, remove
+
+    if args.models_command == "rm":
+        remove(args.name)
+        print(f"removed {args.name}")
+        return
+    if args.models_command == "show":
+        folder = library_folder(args.name)
+        if not (folder / "manifest.json").is_file():
+            raise CommandError(f"NAME: no model called {args.name} in {library_home()}")
+        print(load_manifest(folder).model_dump_json(indent=2, exclude_none=True))
+        return
+    found = entries()
+    if not found:
+        print(f"no models in {library_home()}; `edgellm pull smollm2` builds the built-in one")
+        return
+    for e in found:
+        m = load_manifest(e.folder)
+        size = sum(f.size for f in m.files.values()) / 1e6
+        task = "embedding" if m.embedding else m.architecture
+        print(f"{e.name:<28} {m.quantization.scheme:<5} {size:>7.0f} MB  {task}  ({m.name})")
 
 
 def cmd_completion(args: argparse.Namespace) -> None:

@@ -205,7 +205,9 @@ def serve(settings: Settings, reload_settings: Callable[[], Settings]) -> int:
     if settings.model.path is None:
         raise CommandError("model.path is not set: pass --model, set EDGELLM_MODEL__PATH, or [model] path in the "
                            "config file")
-    if not Path(settings.model.path).is_dir():
+    from edgellm.daemon.library import resolve_model
+
+    if not resolve_model(settings.model.path).is_dir():  # a library name works as well as a folder
         raise CommandError(f"model.path: {settings.model.path} is not a folder; build one with "
                            "`edgellm model build`")
     return Daemon(settings, reload_settings).run()

@@ -65,6 +65,10 @@ class ServedModels:
 
 
 def load_generator(settings: Settings, folder: Path) -> Generator:
+    """`folder` may be a model name from the local library (edgellm/daemon/library.py)."""
+    from edgellm.daemon.library import resolve_model
+
+    folder = resolve_model(folder)
     m = settings.model
     prefix_cache = PrefixCache(m.prefix_cache_mb << 20) if m.prefix_cache_mb else None
     return Generator(LoadedModel.load(folder, threads=m.threads), prefix_cache, batch_rows=m.batch_size,

@@ -45,7 +45,8 @@ class MQTTSettings(StrictModel):
 
 
 class ModelSettings(StrictModel):
-    path: Path | None = Field(None, description="the model folder to serve")
+    path: Path | None = Field(None, description="the model to serve: a folder, or a name in the local library "
+                              "(edgellm models list)")
     threads: int = Field(0, ge=0, description="onnxruntime intra-op threads (0: all cores)")
     prefix_cache_mb: int = Field(256, ge=0, description="memory for reusing prompt prefixes (0 turns it off)")
     batch_size: int = Field(4, ge=1, le=64, description="generation requests decoded together (continuous "
