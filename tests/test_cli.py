@@ -120,9 +120,9 @@ def test_bash_completion_completes_commands_and_flags(tmp_path):
     assert script.returncode == 0, script.stderr
     (tmp_path / "edgellm.bash").write_text(script.stdout)
     probe = ('source "$1"; f=$(complete -p edgellm | sed -E "s/.*-F ([^ ]+).*/\\1/"); '
-             'COMP_WORDS=(edgellm mo); COMP_CWORD=1; $f; echo "${COMPREPLY[@]}"; '
+             'COMP_WORDS=(edgellm ing); COMP_CWORD=1; $f; echo "${COMPREPLY[@]}"; '
              'COMP_WORDS=(edgellm model build x --qu); COMP_CWORD=4; $f; echo "${COMPREPLY[@]}"')
     out = subprocess.run(["bash", "-c", probe, "-", str(tmp_path / "edgellm.bash")], capture_output=True,
                          text=True, timeout=30)
-    assert out.stdout.split("\n")[:2] == ["model", "--quant"], out
+    assert out.stdout.split("\n")[:2] == ["ingest", "--quant"], out
     assert edgellm("completion", "zsh").stdout.startswith("#compdef edgellm")
