@@ -445,17 +445,14 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_models(args: argparse.Namespace) -> None:
     """The local library: what is there, one model's manifest, removing one."""
     from edgellm.daemon.engine.manifest import load_manifest
-    from edgellm.daemon.library import entries, library_folder, library_home, remove
+    from edgellm.daemon.library import entries, library_home, library_model, remove
 
     if args.models_command == "rm":
         remove(args.name)
         print(f"removed {args.name}")
         return
     if args.models_command == "show":
-        folder = library_folder(args.name)
-        if not (folder / "manifest.json").is_file():
-            raise CommandError(f"NAME: no model called {args.name} in {library_home()}")
-        print(load_manifest(folder).model_dump_json(indent=2, exclude_none=True))
+        print(load_manifest(library_model(args.name)).model_dump_json(indent=2, exclude_none=True))
         return
     found = entries()
     if not found:

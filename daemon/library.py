@@ -60,8 +60,13 @@ def library_folder(name: str) -> Path:
     return library_home() / name
 
 
-def remove(name: str) -> None:
+def library_model(name: str) -> Path:
+    """The folder of a model that is in the library, or an error naming the library."""
     folder = library_folder(name)
     if not is_model_folder(folder):
         raise CommandError(f"NAME: no model called {name} in {library_home()}")
-    shutil.rmtree(folder)
+    return folder
+
+
+def remove(name: str) -> None:
+    shutil.rmtree(library_model(name))

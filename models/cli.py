@@ -82,13 +82,12 @@ def pull(source: str, name: str | None = None, quant: str = "int4", force: bool 
         print(f"{name} is already in the library ({out})", file=sys.stderr)
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    task_quant = "int8" if source == "minilm" else quant
     if source == "minilm":
         from edgellm.models.embedding_build import build_embedding
 
-        build_embedding(source, out, BuildOptions(QuantSpec(task_quant), name=name, force=True))
+        build_embedding(source, out, BuildOptions(QuantSpec("int8"), name=name, force=True))
     else:
-        build_model(source, out, BuildOptions(QuantSpec(task_quant), name=name, force=True))
+        build_model(source, out, BuildOptions(QuantSpec(quant), name=name, force=True))
     print(f"pulled {name} into {out}", file=sys.stderr)
     return out
 
