@@ -103,7 +103,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     folder = Path(args.model)
     if not is_model_folder(folder):
-        folder = library_folder(args.model)
+        folder = library_folder(library_name(args.model))  # a .gguf path is looked up under the name pull gives it
         if not is_model_folder(folder):
             folder = pull(args.model)
     command = ["generate", "--model", str(folder), args.prompt] if args.prompt else ["chat", "--model", str(folder)]

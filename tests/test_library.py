@@ -29,6 +29,12 @@ def test_pull_list_use_by_name_run_and_remove(tmp_path):
                 "What is the capital city of Italy? Answer in one word.")
     assert r.returncode == 0 and "Rome" in r.stdout, r.stderr
     assert "already in the library" in edgellm(home, "pull", "smollm2").stderr  # no second build
+    from edgellm.models.sources import builtin_gguf
+
+    gguf = tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    gguf.symlink_to(builtin_gguf())
+    r = edgellm(home, "run", str(gguf), "Say hi.", "--max-tokens", "5")  # a .gguf path, pulled under its stem
+    assert r.returncode == 0 and (home / "models/smollm2-135m-instruct/manifest.json").is_file(), r.stderr
     assert '"name": "smollm2"' in edgellm(home, "models", "show", "smollm2").stdout
     broker = Broker(tmp_path).start()  # the service's model.path may be a name too
     daemon = DaemonProcess(tmp_path, broker.port, Path("smollm2"), env={"EDGELLM_HOME": str(home)})
@@ -38,6 +44,7 @@ def test_pull_list_use_by_name_run_and_remove(tmp_path):
         daemon.stop()
         broker.stop()
     assert edgellm(home, "models", "rm", "smollm2").returncode == 0
+    assert edgellm(home, "models", "rm", "smollm2-135m-instruct").returncode == 0
     assert "no models in" in edgellm(home, "models", "list").stdout
     r = edgellm(home, "models", "rm", "../etc")
     assert r.returncode == 2 and "NAME" in r.stderr
