@@ -3,8 +3,9 @@
 `classic` is the generator's original layout (vendor, number, date, a `|` table, totals). The others are
 what invoices in the three countries also look like, and what a model trained on `classic` alone has never
 seen: a letterhead with the customer's name, a tax ID and an order number beside the invoice's own
-(`letterhead`), a form of `label ..... value` lines in any order (`form`), a till receipt (`receipt`), and an
-invoice told in an e-mail (`email`). Each family has its own labels, invoice-number patterns and vendor
+(`letterhead`), a form of `label ..... value` lines in any order (`form`), a till receipt (`receipt`), an
+invoice told in an e-mail (`email`), and a posted cover letter that states the invoice in prose under the
+vendor's letterhead (`letter`). Each family has its own labels, invoice-number patterns and vendor
 names, and puts in hard negatives: a second company, a quote or order number, a due date, a VAT ID.
 Training on some families and testing on the others (leave-family-out) measures what a model learned about
 invoices rather than about our templates.
@@ -16,7 +17,7 @@ import random
 from dataclasses import dataclass
 from datetime import date, timedelta
 
-FAMILIES = ("classic", "letterhead", "form", "receipt", "email")
+FAMILIES = ("classic", "letterhead", "form", "receipt", "email", "letter")
 
 
 @dataclass
@@ -129,6 +130,27 @@ def render(family: str, rng: random.Random, f: Facts, money, day) -> str:
                    f"{f.number} du {day(f.day)} relative à votre commande {other}, d'un montant de "
                    f"{money(f.total)} TTC (dont TVA {money(f.vat)}), payable avant le {day(due)}.\n\n"
                    f"Cordialement,\n{f.vendor}"),
+        }
+        return text[f.lang]
+    if family == "letter":
+        city = {"en": "Leeds", "es": "Valencia", "fr": "Lyon"}[f.lang]
+        text = {
+            "en": (f"{f.vendor}\n12 Mill Lane, {city}\n{L['taxid']} {tax_id}\n\n{CUSTOMERS['en']}\n\n"
+                   f"Our ref.: {f.number}    Your ref.: {other}\n{city}, {day(f.day)}\n\nDear Sirs,\n\nWe "
+                   f"enclose invoice {f.number} of {day(f.day)}: net {money(f.subtotal)}, VAT at {percent}% "
+                   f"{money(f.vat)}, total {money(f.total)}, payable by {day(due)}.\n\nYours faithfully,"
+                   f"\nAccounts Department"),
+            "es": (f"{f.vendor}\nC/ Mayor 12, {city}\n{L['taxid']} {tax_id}\n\n{CUSTOMERS['es']}\n\n"
+                   f"N/Ref.: {f.number}    S/Ref.: {other}\n{city}, {day(f.day)}\n\nMuy señores nuestros:"
+                   f"\n\nLes remitimos la factura {f.number} de fecha {day(f.day)}: base imponible "
+                   f"{money(f.subtotal)}, IVA {percent}% {money(f.vat)}, total {money(f.total)}, a pagar antes "
+                   f"del {day(due)}.\n\nUn cordial saludo,\nDepartamento de Administración"),
+            "fr": (f"{f.vendor}\n12 rue de la Gare, {city}\n{L['taxid']} {tax_id}\n\n{CUSTOMERS['fr']}\n\n"
+                   f"N/Réf. : {f.number}    V/Réf. : {other}\n{city}, le {day(f.day)}\n\nMadame, Monsieur,"
+                   f"\n\nNous vous adressons la facture {f.number} du {day(f.day)} : total HT "
+                   f"{money(f.subtotal)}, TVA {percent} % {money(f.vat)}, net à payer {money(f.total)}, "
+                   f"à régler avant le {day(due)}.\n\nVeuillez agréer nos salutations distinguées,"
+                   f"\nService comptabilité"),
         }
         return text[f.lang]
     raise ValueError(f"unknown layout family {family!r}; known: {', '.join(FAMILIES)}")

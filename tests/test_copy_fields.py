@@ -8,6 +8,7 @@ import json
 import llguidance
 import pytest
 
+from edgellm.daemon.engine.chat import ChatMessage
 from edgellm.daemon.engine.constrain import JsonConstraint, compile_json_schema
 from edgellm.daemon.engine.generate import Generator
 from edgellm.daemon.engine.model import LoadedModel
@@ -107,3 +108,14 @@ def test_numbers_are_bounded_unless_the_schema_says(generator, total, allowed):
     wide = {**schema, "properties": {"total": {"type": "number", "maximum": 1e16}}}
     if total == "2000000000000000":  # a schema's own bounds are kept
         assert accepts(constraint(generator, wide, ""), generator, f'{{"total": {total}}}')
+
+
+def test_a_copied_field_never_copies_the_chat_template_s_own_system_prompt(generator):
+    """The template adds "You are a helpful AI assistant named SmolLM..." around the user's text; a copied
+    vendor taken from it was a real miss on receipts whose vendor line the model did not find."""
+    c = generator._constraint(SCHEMA, generator.prompt_ids("Extract the fields.\n\n" + DOCUMENT))
+    assert "helpful AI assistant" not in c.document and DOCUMENT in c.document
+    assert not accepts(c, generator, '{"vendor": "You are a helpful AI assistant"')
+    own = generator.prompt_ids(messages=[ChatMessage(role="system", content="Vendor: Acme Widgets"),
+                                         ChatMessage(role="user", content=DOCUMENT)])
+    assert "Acme Widgets" in generator._constraint(SCHEMA, own).document  # a system prompt the caller wrote counts

@@ -34,6 +34,7 @@ class Generator:
         self.model = model
         self.prefix_cache = prefix_cache
         self._lltok = None
+        self._template_ends: tuple[list[int], list[int]] | None = None
         self.scheduler = None
         if batch_rows > 1 and model.decoder.in_place:
             self.scheduler = Scheduler(model.decoder, batch_rows, min(batch_context, model.context_length),
@@ -56,8 +57,26 @@ class Generator:
         if self._lltok is None:
             m = self.model
             self._lltok = grammar_tokenizer(m.tokenizer_json(), sorted(m.eos_token_ids), m.decoder.vocab_size)
-        document = self.model.tokenizer.decode(ids, skip_special_tokens=True) if has_copied_fields(schema) else ""
+        document = self._copy_source(ids) if has_copied_fields(schema) else ""
         return JsonConstraint(self._lltok, schema, compile_json_schema(schema, self._lltok, document), document)
+
+    def _copy_source(self, ids: list[int]) -> str:
+        """The text copied fields may copy from: the prompt without what the chat template wrote itself around
+        a user's message (its default system prompt, the role markers). Otherwise a model could answer
+        "vendor": "You are a helpful AI assistant named SmolLM", which is in the prompt but in no document."""
+        if self._template_ends is None:
+            self._template_ends = ([], [])
+            if self.model.template is not None:
+                marker = "\x00"
+                head, _, tail = self.model.render_chat([ChatMessage(role="user", content=marker)]).partition(marker)
+                self._template_ends = (self.model.encode(head, add_special_tokens=False),
+                                       self.model.encode(tail, add_special_tokens=False))
+        head, tail = self._template_ends
+        if head and ids[:len(head)] == head:
+            ids = ids[len(head):]
+        if tail and ids[-len(tail):] == tail:
+            ids = ids[:-len(tail)]
+        return self.model.tokenizer.decode(ids, skip_special_tokens=True)
 
     def generate(self, ids: list[int], params: GenerationParams,
                  interrupt: Callable[[], None] | None = None) -> Result:
