@@ -339,7 +339,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="generator seed: the same seed writes the same invoices")
     p.add_argument("--languages", help="comma-separated subset of en,es,fr")
     p.add_argument("--families", default="classic",
-                   help="comma-separated layout families: classic,letterhead,form,receipt,email,letter (default classic)")
+                   help="comma-separated layout families: classic,letterhead,form,receipt,email,letter "
+                   "(default classic)")
     p.add_argument("--out", type=Path, required=True, help="the JSONL file to write")
     p.add_argument("--schema-out", type=Path, help="also write the invoice JSON Schema here")
     p.set_defaults(func=cmd_data_invoices)

@@ -174,6 +174,88 @@ def test_langchain_chat_openai_invoke_stream_and_structured_output(api):
     assert isinstance(invoice, Invoice) and invoice.currency in ("EUR", "USD", "GBP")
 
 
+TOOLS = [{"type": "function", "function": {
+    "name": "close_valve", "description": "Close a water valve",
+    "parameters": {"type": "object", "properties": {"valve": {"type": "integer"}}, "required": ["valve"]}}},
+    {"type": "function", "function": {
+        "name": "get_temperature", "description": "Read the temperature of a room",
+        "parameters": {"type": "object", "properties": {"room": {"type": "string"}}, "required": ["room"]}}}]
+
+
+def test_tool_calls_with_the_openai_sdk(client):
+    """tools and tool_choice as OpenAI takes them; the call's arguments validate against its schema."""
+    ask = [{"role": "user", "content": "Close valve 3"}]
+    r = client.chat.completions.create(model="default", temperature=0, messages=ask, tools=TOOLS,
+                                       tool_choice="required")
+    choice = r.choices[0]
+    [call] = choice.message.tool_calls
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    assert call.type == "function" and call.function.name == "close_valve"
+    assert json.loads(call.function.arguments) == {"valve": 3}
+    r = client.chat.completions.create(model="default", temperature=0, messages=ask, tools=TOOLS,
+                                       tool_choice={"type": "function", "function": {"name": "get_temperature"}})
+    [forced] = r.choices[0].message.tool_calls
+    assert forced.function.name == "get_temperature"
+    assert set(json.loads(forced.function.arguments)) == {"room"}  # only the declared parameter, a string
+    assert isinstance(json.loads(forced.function.arguments)["room"], str)
+    # the call and its result go back into the history; with tool_choice none the model answers in text
+    history = [*ask, choice.message.model_dump(exclude_none=True),
+               {"role": "tool", "tool_call_id": call.id, "content": "Valve 3 is closed."}]
+    r = client.chat.completions.create(model="default", temperature=0, max_tokens=20, messages=history,
+                                       tools=TOOLS, tool_choice="none")
+    assert r.choices[0].message.content.strip() and not r.choices[0].message.tool_calls
+    assert r.choices[0].finish_reason in ("stop", "length")
+
+
+def test_tool_calls_stream_as_openai_streams_them(client):
+    stream = client.chat.completions.create(model="default", temperature=0, stream=True, tools=TOOLS,
+                                            tool_choice="required",
+                                            messages=[{"role": "user", "content": "Close valve 3"}])
+    ids, names, arguments, finish = [], [], "", None
+    for chunk in stream:
+        choice = chunk.choices[0]
+        for delta in choice.delta.tool_calls or []:
+            assert delta.index == 0
+            ids += [delta.id] if delta.id else []
+            names += [delta.function.name] if delta.function.name else []
+            arguments += delta.function.arguments or ""
+        finish = choice.finish_reason or finish
+    assert len(ids) == 1 and names == ["close_valve"] and json.loads(arguments) == {"valve": 3}
+    assert finish == "tool_calls"
+
+
+def test_langchain_bind_tools(api):
+    from langchain_core.tools import tool
+    from langchain_openai import ChatOpenAI
+
+    @tool
+    def close_valve(valve: int) -> str:
+        """Close a water valve."""
+        return f"valve {valve} closed"
+
+    llm = ChatOpenAI(base_url=f"{api}/v1", api_key=KEY, model="default", temperature=0, max_retries=0)
+    message = llm.bind_tools([close_valve], tool_choice="close_valve").invoke("Close valve 3")
+    assert [(c["name"], c["args"]) for c in message.tool_calls] == [("close_valve", {"valve": 3})]
+    assert close_valve.invoke(message.tool_calls[0]).content == "valve 3 closed"  # what the agent runs next
+
+
+def test_bad_tools_get_openai_shaped_400s(api):
+    chat = f"{api}/v1/chat/completions"
+    hi = [{"role": "user", "content": "hi"}]
+    r = httpx.post(chat, headers=auth(), json={"model": "default", "messages": hi, "tools": TOOLS,
+                                               "tool_choice": {"type": "function", "function": {"name": "x"}}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tool_choice", r.text
+    bad = [{"type": "function", "function": {"name": "f", "parameters": {"type": "objekt"}}}]
+    r = httpx.post(chat, headers=auth(), json={"model": "default", "messages": hi, "tools": bad})
+    assert r.status_code == 400 and "not a valid JSON Schema" in r.json()["error"]["message"], r.text
+    r = httpx.post(chat, headers=auth(), json={"model": "default", "messages": hi, "tools": [{"function": {}}]})
+    assert r.status_code == 400 and r.json()["error"]["param"].startswith("tools"), r.text
+    broken = [*hi, {"role": "assistant", "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "close_valve", "arguments": "{valve"}}]}]
+    r = httpx.post(chat, headers=auth(), json={"model": "default", "messages": broken})
+    assert r.status_code == 400 and "messages.1.tool_calls.0.function.arguments" in r.json()["error"]["message"]
+
+
 def auth() -> dict:
     return {"authorization": f"Bearer {KEY}"}
 

@@ -82,6 +82,29 @@ def test_a_copied_field_comes_from_the_prompt_over_mqtt(client):
     assert r["error"]["code"] == "bad_request" and "x-edgellm-copy must be true or false" in r["error"]["message"]
 
 
+VALVE_TOOL = {"type": "function", "function": {"name": "close_valve", "description": "Close a water valve",
+                                             "parameters": {"type": "object", "required": ["valve"],
+                                                            "properties": {"valve": {"type": "integer"}}}}}
+
+
+def test_chat_with_tools_answers_a_call_over_mqtt(client):
+    """An IoT gateway's request: "close valve 3" becomes a call it can execute, with typed arguments."""
+    r = client.call(TOPIC + "chat", {"messages": [{"role": "user", "content": "Close valve 3"}], "temperature": 0,
+                                     "tools": [VALVE_TOOL], "tool_choice": "required", "stream": True})
+    assert r["ok"], r
+    [call] = r["tool_calls"]
+    assert call["name"] == "close_valve" and call["arguments"] == {"valve": 3} and call["id"].startswith("call_")
+    assert r["finish_reason"] == "tool_calls" and r["text"] == ""
+    history = [{"role": "user", "content": "Close valve 3"}, {"role": "assistant", "tool_calls": [call]},
+               {"role": "tool", "tool_call_id": call["id"], "name": "close_valve", "content": "valve 3 closed"}]
+    r = client.call(TOPIC + "chat", {"messages": history, "temperature": 0, "max_tokens": 20,
+                                     "tools": [VALVE_TOOL], "tool_choice": "none"})
+    assert r["ok"] and r["text"].strip() and "tool_calls" not in r, r
+    r = client.call(TOPIC + "chat", {"messages": history[:1], "tools": [VALVE_TOOL],
+                                     "tool_choice": {"type": "function", "function": {"name": "open_valve"}}})
+    assert r["error"]["code"] == "bad_request" and "'open_valve' is not one of the tools" in r["error"]["message"]
+
+
 def test_embed_status_and_cancel_of_nothing(client):
     r = client.call(TOPIC + "embed", {"input": ["an invoice", "a contract"]})
     assert r["ok"] and r["dimension"] == 384 and len(r["embeddings"]) == 2

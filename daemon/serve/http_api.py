@@ -25,7 +25,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 from starlette.datastructures import Headers
 
-from edgellm.daemon.engine.chat import ChatMessage
+from edgellm.daemon.engine.chat import ChatMessage, ToolCall
+from edgellm.daemon.engine.tools import Tool, ToolChoice
 from edgellm.daemon.errors import EdgeError
 from edgellm.daemon.serve.metrics import Metrics
 from edgellm.daemon.serve.replies import Event, Failed, Finished, Generated, Reply, TextDelta
@@ -57,9 +58,33 @@ class _OpenAI(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)  # unknown fields pass, as OpenAI's; wrong types do not
 
 
+class FunctionCallIn(_OpenAI):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCallIn(_OpenAI):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallIn
+
+    def parsed(self, where: str) -> ToolCall:
+        try:
+            arguments = json.loads(self.function.arguments or "{}")
+        except json.JSONDecodeError as e:
+            raise EdgeError("bad_request", f"{where}.function.arguments: not JSON ({e.msg})",
+                            param="messages") from None
+        if not isinstance(arguments, dict):
+            raise EdgeError("bad_request", f"{where}.function.arguments: must be a JSON object", param="messages")
+        return ToolCall(id=self.id, name=self.function.name, arguments=arguments)
+
+
 class MessageIn(_OpenAI):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
+    tool_calls: list[ToolCallIn] | None = None
+    tool_call_id: str | None = None
+    name: str | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -91,13 +116,12 @@ class _Sampling(_OpenAI):
 class ChatCompletionRequest(_Sampling):
     messages: list[MessageIn]
     response_format: dict[str, Any] | None = None
-    tools: list[Any] | None = None
+    tools: list[Tool] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None  # at most one call per turn is made either way
 
     def to_wire(self) -> ChatRequest:
-        if self.tools:
-            raise EdgeError("bad_request", "tools: function calling is not supported; use response_format",
-                            param="tools")
-        extra: dict[str, Any] = {}
+        extra: dict[str, Any] = {"tools": self.tools or [], "tool_choice": self.tool_choice}
         fmt = self.response_format or {"type": "text"}
         kind = fmt.get("type")
         if kind == "json_schema":
@@ -112,9 +136,20 @@ class ChatCompletionRequest(_Sampling):
         elif kind != "text":  # anything else would silently be free text: fail closed
             raise EdgeError("bad_request", f"response_format.type: {kind!r} is not supported; use 'text', "
                             "'json_object' or 'json_schema'", param="response_format.type")
-        messages = [ChatMessage(role="system" if m.role == "developer" else m.role, content=m.text())
-                    for m in self.messages]
-        return ChatRequest(messages=messages, **self.params(), **extra)
+        return ChatRequest(messages=self.history(), **self.params(), **extra)
+
+    def history(self) -> list[ChatMessage]:
+        """OpenAI's messages as the engine's: a call's arguments parsed, a tool result named after its call."""
+        called: dict[str, str] = {}
+        out = []
+        for i, m in enumerate(self.messages):
+            calls = [c.parsed(f"messages.{i}.tool_calls.{j}") for j, c in enumerate(m.tool_calls or [])]
+            called.update((c.id, c.name) for c in calls)
+            name = m.name or called.get(m.tool_call_id or "") if m.role == "tool" else None
+            out.append(ChatMessage(role="system" if m.role == "developer" else m.role, content=m.text(),
+                                   tool_calls=calls or None, tool_call_id=m.tool_call_id if m.role == "tool" else None,
+                                   name=name))
+        return out
 
 
 class CompletionRequest(_Sampling):
@@ -252,8 +287,15 @@ def create_app(settings: Settings, worker: Worker, models: ServedModels, metrics
             watcher.cancel()
         raise EdgeError("internal", "the request ended without a final reply")
 
-    def content_of(reply: Generated) -> str:
+    def content_of(reply: Generated) -> str | None:
+        if reply.tool_calls and not reply.result.text:
+            return None
         return json.dumps(reply.result.json, ensure_ascii=False) if reply.json_mode else reply.result.text
+
+    def tool_calls_of(reply: Generated, streamed: bool = False) -> list[dict]:
+        return [{**({"index": i} if streamed else {}), "id": c.id, "type": "function",
+                 "function": {"name": c.name, "arguments": json.dumps(c.arguments, ensure_ascii=False)}}
+                for i, c in enumerate(reply.tool_calls)]
 
     def usage_of(reply: Generated) -> dict:
         u = reply.result.usage
@@ -301,6 +343,12 @@ def create_app(settings: Settings, worker: Worker, models: ServedModels, metrics
                 reply = event.reply
                 if reply.json_mode:  # constrained output is streamed whole at the end, already validated
                     yield sse(chunk({"text": content_of(reply)}))
+                elif reply.tool_calls:  # as OpenAI streams a call: its id and name, then its arguments
+                    for call in tool_calls_of(reply, streamed=True):
+                        arguments = call["function"]["arguments"]
+                        yield sse(chunk({"tool_calls": [{**call, "function": {**call["function"], "arguments": ""}}]}))
+                        yield sse(chunk({"tool_calls": [{"index": call["index"],
+                                                         "function": {"arguments": arguments}}]}))
                 yield sse(chunk({"finish_reason": reply.result.finish_reason}))
                 if include_usage:
                     yield sse(chunk({"usage": usage_of(reply)}))
@@ -312,7 +360,7 @@ def create_app(settings: Settings, worker: Worker, models: ServedModels, metrics
         if (refused := check_model(body.model)) is not None:
             return refused
         wire = wire_of(body)
-        if wire.json_schema is not None:
+        if wire.json_schema is not None or (wire.tools and wire.tool_choice != "none"):
             wire.stream = False  # deltas of constrained output are not validated yet: send it whole
         job, sink = await submit("chat", wire)
         completion_id, created = f"chatcmpl-{job.request_id}", int(time.time())
@@ -320,7 +368,8 @@ def create_app(settings: Settings, worker: Worker, models: ServedModels, metrics
             first = [True]
 
             def chunk(part: dict) -> dict:
-                delta = {"content": part["text"]} if "text" in part else {}
+                delta = ({"content": part["text"]} if "text" in part else
+                         {"tool_calls": part["tool_calls"]} if "tool_calls" in part else {})
                 if first[0] and delta:
                     delta, first[0] = {"role": "assistant", **delta}, False
                 out = {"id": completion_id, "object": "chat.completion.chunk", "created": created,
@@ -335,7 +384,9 @@ def create_app(settings: Settings, worker: Worker, models: ServedModels, metrics
                                      media_type="text/event-stream")
         reply = await final_of(job, sink, request)
         return {"id": completion_id, "object": "chat.completion", "created": created, "model": model_name(),
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": content_of(reply)},
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": content_of(reply),
+                                                     **({"tool_calls": tool_calls_of(reply)} if reply.tool_calls
+                                                        else {})},
                              "finish_reason": reply.result.finish_reason, "logprobs": None}],
                 "usage": usage_of(reply)}
 

@@ -3,10 +3,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
+from edgellm.daemon.engine.chat import ToolCall
 from edgellm.daemon.engine.sequence import Result
 from edgellm.daemon.errors import EdgeError
 from edgellm.daemon.retrieval.rag import Answer
@@ -24,6 +25,7 @@ class Generated:
     result: Result
     model: ModelInfo
     json_mode: bool  # the request gave a json_schema: the answer is `result.json`, not the text
+    tool_calls: list[ToolCall] = field(default_factory=list)  # then `result.text` is "" and the finish "tool_calls"
 
 
 @dataclass

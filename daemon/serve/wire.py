@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from edgellm.daemon.engine.chat import ChatMessage
 from edgellm.daemon.engine.params import GenerationParams
+from edgellm.daemon.engine.tools import Tool, ToolChoice
 from edgellm.daemon.errors import EdgeError
 from edgellm.daemon.serve.replies import (
     Answered,
@@ -50,6 +51,10 @@ class GenerateRequest(Envelope, GenerationParams):
 class ChatRequest(Envelope, GenerationParams):
     messages: list[ChatMessage] = Field(min_length=1, max_length=1000)
     stream: bool = False
+    tools: list[Tool] = Field(default_factory=list, max_length=128,
+                              description="functions the model may call (edgellm/daemon/engine/tools.py)")
+    tool_choice: ToolChoice | None = Field(None, description="auto (default with tools), none, required, or "
+                                           '{"type": "function", "function": {"name": ...}}')
 
 
 class EmbedRequest(Envelope):
@@ -262,6 +267,8 @@ def _(reply: Generated) -> dict[str, Any]:
         body["json"] = r.json
     else:
         body["text"] = r.text
+    if reply.tool_calls:
+        body["tool_calls"] = [c.model_dump() for c in reply.tool_calls]
     return body
 
 

@@ -15,12 +15,13 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
 from edgellm.daemon.engine.generate import Delta, Result
 from edgellm.daemon.engine.params import GenerationParams
+from edgellm.daemon.engine.tools import ToolUse
 from edgellm.daemon.errors import EdgeError
 from edgellm.daemon.retrieval.documents import find_files, read_pages
 from edgellm.daemon.retrieval.rag import answer, passages
@@ -222,20 +223,35 @@ class Worker:
         params = self._params(request)
         generator = served.generator
         started = time.perf_counter()
+        tools = None
         if isinstance(request, ChatRequest):
-            ids = generator.prompt_ids(messages=request.messages)
+            tools = ToolUse(request.tools, request.tool_choice)
+            ids = generator.prompt_ids(messages=tools.messages(request.messages))
+            if tools.active:
+                if params.json_schema is not None:
+                    raise EdgeError("bad_request", "json_schema: give tools or a json_schema, not both; or set "
+                                    "tool_choice to 'none'", param="json_schema")
+                params.json_schema = tools.schema()
         else:
             ids = generator.prompt_ids(request.prompt, raw=request.raw)
         result: Result | None = None
         seq = 0
+        stream = request.stream and not (tools and tools.active)  # the JSON of a tool answer is not its text
         for event in generator.stream(ids, params, interrupt=lambda: self._interrupt(job), started=started):
             if isinstance(event, Delta):
-                if request.stream:
+                if stream:
                     job.sink.send(job.request_id, TextDelta(event.text, seq))
                     seq += 1
             else:
                 result = event
         self.stats.generated(result.usage.completion_tokens, result.timings.decode_tps, result.timings.ttft_ms)
+        if tools and tools.active:
+            said = tools.read(result.json)
+            result = replace(result, text=said.text, json=None,
+                             finish_reason="tool_calls" if said.call else result.finish_reason)
+            if stream and said.text:
+                job.sink.send(job.request_id, TextDelta(said.text, 0))
+            return Generated(result, served.model_info, False, [said.call] if said.call else [])
         return Generated(result, served.model_info, params.json_schema is not None)
 
     def _ask(self, job: Job, served: Served) -> Answered:
