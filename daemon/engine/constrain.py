@@ -15,6 +15,7 @@ import numpy as np
 from llguidance.numpy import allocate_token_bitmask, fill_next_token_bitmask
 
 from edgellm.daemon.engine.copy_grammar import copied_values, copy_grammar, has_copied_fields
+from edgellm.daemon.engine.json_close import shortest_completion
 from edgellm.daemon.errors import EdgeError
 
 # Compact separators: more tokens are forced, so more are fast-forwarded (~35% of JSON tokens:
@@ -44,6 +45,8 @@ def grammar_tokenizer(tokenizer_json: str, eos_ids: list[int], vocab_size: int) 
 
 # What a JSON number means in practice, where the schema does not say: at most 6 fractional digits and 15
 # before the point. Unbounded, a small model can write 20.00000000000000015315... until max_tokens.
+CLOSE_HORIZON = 96  # tokens left at which budget-aware closing starts to look (it costs a parse per token)
+CLOSE_MARGIN = 4  # force the completion this many tokens early: one sampled token can lengthen it by several
 NUMBER_STEP = 1e-6
 NUMBER_LIMIT = 1e15
 _DATA_KEYS = {"const", "enum", "default", "examples", "x-guidance"}
@@ -104,6 +107,7 @@ class JsonConstraint:
     """Masks logits to tokens the schema allows, and tells which tokens the schema forces next."""
 
     def __init__(self, lltok: llguidance.LLTokenizer, schema: dict[str, Any], grammar: str, document: str = ""):
+        self.lltok = lltok
         self.schema = schema
         self.document = document
         self.matcher = llguidance.LLMatcher(lltok, grammar)
@@ -139,6 +143,30 @@ class JsonConstraint:
     @property
     def finished(self) -> bool:
         return self.matcher.is_stopped()
+
+    @property
+    def complete(self) -> bool:
+        """The output so far is a whole document (it may still go on, as a number may)."""
+        return self.matcher.is_stopped() or self.matcher.is_accepting()
+
+    def closing(self, generated: list[int], left: int) -> list[int] | None:
+        """Budget-aware closing: when the shortest valid completion of the output so far needs all but
+        CLOSE_MARGIN of the `left` tokens, that completion's tokens, checked by the grammar and consumed;
+        otherwise None (and nothing changes). See edgellm/daemon/engine/json_close.py."""
+        if left > CLOSE_HORIZON:
+            return None
+        tail = shortest_completion(self.lltok.decode_str(generated), self.schema, JSON_OPTIONS["item_separator"],
+                                   JSON_OPTIONS["key_separator"])
+        if not tail:
+            return None
+        tokens = self.lltok.tokenize_str(tail)
+        if not left - CLOSE_MARGIN <= len(tokens) <= left:
+            return None
+        trial = self.matcher.deep_copy()
+        if trial.try_consume_tokens(tokens) != len(tokens) or not (trial.is_accepting() or trial.is_stopped()):
+            return None
+        self.matcher.consume_tokens(tokens)
+        return tokens
 
     def parse(self, text: str) -> Any:
         """The final check: the text must parse and validate, or the request fails."""

@@ -138,6 +138,9 @@ class Sequence:
 
     def _on_logits(self, logits: np.ndarray) -> None:
         params, constraint = self.params, self.constraint
+        left = self.budget - len(self.generated)
+        if constraint is not None and (closing := constraint.closing(self.generated, left)):
+            return self._close(closing)
         logits = logits.copy()
         if constraint is not None:
             constraint.mask(logits)
@@ -164,6 +167,19 @@ class Sequence:
             return self._finish("length")
         self.todo = new
 
+    def _close(self, tokens: list[int]) -> None:
+        """Budget-aware closing: the shortest valid completion, forced where the budget would cut the JSON
+        short; the answer is valid, shorter, and finishes with `length`."""
+        if self.first_at is None:
+            self.first_at = time.perf_counter()
+            self.timings.ttft_ms = (self.first_at - self.start) * 1000
+        self.generated.extend(tokens)
+        text, _ = self.stops.push(self.detokenizer.push(tokens))
+        if text:
+            self.parts.append(text)
+            self.events.put(Delta(text))
+        self._finish("length")
+
     def _finish(self, reason: str) -> None:
         tail = self.stops.flush()  # text held back for a stop string that never came
         if tail:
@@ -178,7 +194,7 @@ class Sequence:
         self.finished = True
         self.todo = []
         if self.constraint is not None:
-            if not self.constraint.finished:
+            if not self.constraint.complete:
                 return self.fail(EdgeError("bad_request", f"max_tokens: the output reached {self.budget} tokens "
                                            "before the JSON was complete; raise max_tokens or bound the schema "
                                            "(maxItems, maxLength)", param="max_tokens"))
