@@ -67,17 +67,20 @@ LABELS = {
            "date": ["Invoice date:", "Issued:", "Date of issue:"], "due": "Due date:", "order": "PO number:",
            "taxid": "VAT reg. no.", "bill": "Bill to:", "vat": ["VAT", "Tax", "Sales tax"],
            "total": ["Amount due", "Balance due", "TOTAL", "Grand total"], "net": ["Net", "Subtotal"],
-           "receipt": "Receipt", "thanks": "Thank you for your business"},
+           "receipt": "Receipt", "thanks": "Thank you for your business", "title": "INVOICE",
+           "office": "Registered office"},
     "es": {"number": ["Factura núm.", "Número de factura:", "N.º factura:", "Factura:"],
            "date": ["Fecha de emisión:", "Fecha factura:", "Emitida el"], "due": "Vencimiento:",
            "order": "Pedido n.º", "taxid": "CIF:", "bill": "Cliente:", "vat": ["IVA", "Cuota IVA", "I.V.A."],
            "total": ["TOTAL FACTURA", "Importe total", "Total"], "net": ["Base imponible", "Subtotal"],
-           "receipt": "Ticket", "thanks": "Gracias por su visita"},
+           "receipt": "Ticket", "thanks": "Gracias por su visita", "title": "FACTURA",
+           "office": "Domicilio social"},
     "fr": {"number": ["Facture N°", "Numéro de facture :", "Réf. facture :", "Facture :"],
            "date": ["Date de facturation :", "Émise le", "Date :"], "due": "Échéance :",
            "order": "Bon de commande n°", "taxid": "N° TVA intracom. :", "bill": "Client :",
            "vat": ["TVA", "Montant TVA", "T.V.A."], "total": ["Net à payer", "Total TTC", "Montant TTC"],
-           "net": ["Total HT", "Montant HT"], "receipt": "Ticket de caisse", "thanks": "Merci de votre visite"},
+           "net": ["Total HT", "Montant HT"], "receipt": "Ticket de caisse", "thanks": "Merci de votre visite",
+           "title": "FACTURE", "office": "Siège social"},
 }
 TAX_IDS = {"en": "GB{}", "es": "B{}", "fr": "FR{}"}
 
@@ -91,15 +94,21 @@ def render(family: str, rng: random.Random, f: Facts, money, day) -> str:
     due = f.day + timedelta(days=pick([15, 30, 45]))
     percent = f"{f.rate * 100:g}" if f.lang == "en" else f"{f.rate * 100:g}".replace(".", ",")
     lines = [(name, q, money(p)) for name, q, p in f.items]
+    # letterhead and form: half of them name the vendor only in the legal footer, as many European invoices
+    # do (drawn for these two families alone, so receipts and e-mails of a seed stay what they were)
+    footer = family in ("letterhead", "form") and rng.random() < 0.5
+    legal = f"{L['office']}: {f.vendor}, {L['taxid']} {tax_id}"
     if family == "letterhead":
         sep = pick(["  ", "\t", " - "])
+        top = [L["title"]] if footer else [f.vendor.upper() if rng.random() < 0.5 else f.vendor,
+                                           f"{L['taxid']} {tax_id}"]
         return "\n".join([
-            f.vendor.upper() if rng.random() < 0.5 else f.vendor, f"{L['taxid']} {tax_id}", "",
+            *top, "",
             L["bill"], CUSTOMERS[f.lang], "", f"{pick(L['number'])} {f.number}", f"{L['order']} {other}",
             f"{pick(L['date'])} {day(f.day)}", f"{L['due']} {day(due)}", "",
             *[f"{q}{sep}{name}{sep}{p}" for name, q, p in lines], "",
             f"{pick(L['net'])}: {money(f.subtotal)}", f"{pick(L['vat'])} ({percent}%): {money(f.vat)}",
-            f"{pick(L['total'])}: {money(f.total)}"])
+            f"{pick(L['total'])}: {money(f.total)}", *(["", legal] if footer else [])])
     if family == "form":
         fields = [(L["taxid"].rstrip(" :"), tax_id), (pick(L["number"]).rstrip(" :#"), f.number),
                   (L["order"].rstrip(" :°nº.").rstrip(), other), (pick(L["date"]).rstrip(" :"), day(f.day)),
@@ -107,6 +116,8 @@ def render(family: str, rng: random.Random, f: Facts, money, day) -> str:
                   (pick(L["total"]), money(f.total))]
         rng.shuffle(fields)
         dots = pick([" ..... ", ": ", " = ", " | "])
+        if footer:
+            return "\n".join([L["title"], "", *[f"{k}{dots}{v}" for k, v in fields], "", legal])
         return "\n".join([f.vendor, "", *[f"{k}{dots}{v}" for k, v in fields]])
     if family == "receipt":
         width = 32
