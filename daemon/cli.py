@@ -431,6 +431,26 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("name", help="the model's name (edgellm models list)")
         q.set_defaults(func=cmd_models)
 
+    p = commands.add_parser("pull", help="put a model into the local library by name: a signed bundle from a "
+                            "store URL (verified, fetched by chunks; works on a device), or, with the host "
+                            "toolchain, a .gguf file, a Hugging Face folder or hub id, or 'smollm2' / 'minilm'")
+    p.add_argument("source", help="http(s):// or file:// URL of a bundle (.../bundles/NAME/VERSION) or of a "
+                   "store (its latest bundle); or a .gguf file, Hugging Face folder or hub id, smollm2, minilm")
+    p.add_argument("--name", help="the library name (default: the bundle's name, or from the source)")
+    p.add_argument("--key", action="append", default=[], type=Path,
+                   help="a release public key (KEY.pub from `edgellm keygen`) to verify a bundle with; repeatable")
+    p.add_argument("--quant", choices=("int4", "int8", "fp32"), default="int4",
+                   help="when building: default int4 (int8 for minilm)")
+    p.add_argument("--force", action="store_true", help="replace a model already in the library")
+    p.set_defaults(func=cmd_pull)
+    p = commands.add_parser("run", help="answer a prompt with a model by name, pulling it first if missing; "
+                            "without a prompt, chat")
+    p.add_argument("model", help="a library name (e.g. smollm2), something `pull` takes, or a model folder")
+    p.add_argument("prompt", nargs="?", help="answer this and exit (default: chat)")
+    p.add_argument("--key", action="append", default=[], type=Path, help="as for pull, when it pulls a bundle")
+    p.add_argument("--max-tokens", type=int, help="new tokens at most")
+    p.set_defaults(func=cmd_run)
+
     p = commands.add_parser("completion", help="print a shell completion script: "
                             "edgellm completion bash > /etc/bash_completion.d/edgellm")
     p.add_argument("shell", choices=["bash", "zsh"], help="the shell to complete in")
@@ -440,6 +460,45 @@ def build_parser() -> argparse.ArgumentParser:
         register: Callable[[argparse._SubParsersAction], None] = ep.load()
         register(commands)
     return parser
+
+
+def pull(source: str, name: str | None = None, keys: list[Path] | None = None, quant: str = "int4",
+         force: bool = False) -> Path:
+    """A bundle from a store URL is fetched here; anything else is built by the host toolchain's builder
+    (the `edgellm.builders` entry point), so this module never imports models/."""
+    from edgellm.daemon.library import library_folder
+    from edgellm.daemon.update.pull import is_store_url, pull_bundle
+
+    if is_store_url(source):
+        manifest, folder = pull_bundle(source, keys or [], lambda bundle: library_folder(name or bundle), force)
+        print(f"pulled {manifest.name} {manifest.version} into {folder} (signature and every file verified)",
+              file=sys.stderr)
+        return folder
+    builders = {ep.name: ep for ep in entry_points(group="edgellm.builders")}
+    if "pull" not in builders:
+        raise CommandError(f"{source}: building a model needs the host toolchain (pip install 'edgellm[host]'); "
+                           "on a device, pull a signed bundle by its store URL")
+    return builders["pull"].load()(source, name, quant, force)
+
+
+def cmd_pull(args: argparse.Namespace) -> None:
+    pull(args.source, args.name, args.key, args.quant, args.force)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """`ollama run`: pull when missing, then answer PROMPT or chat."""
+    from edgellm.daemon.library import is_model_folder, library_folder, library_name
+    from edgellm.daemon.update.pull import is_store_url, parse_address
+
+    folder = Path(args.model)
+    if not is_model_folder(folder):
+        address = parse_address(args.model) if is_store_url(args.model) else None
+        name = address.name if address else library_name(args.model)  # a .gguf is looked up under its pull name
+        folder = library_folder(name) if name else Path()
+        if not is_model_folder(folder):
+            folder = pull(args.model, keys=args.key)
+    command = ["generate", "--model", str(folder), args.prompt] if args.prompt else ["chat", "--model", str(folder)]
+    return main(command + (["--max-tokens", str(args.max_tokens)] if args.max_tokens else []))
 
 
 def cmd_models(args: argparse.Namespace) -> None:

@@ -53,6 +53,12 @@ def entries() -> list[Entry]:
     return [Entry(p.name, p) for p in sorted(home.iterdir()) if p.is_dir() and is_model_folder(p)]
 
 
+def library_name(source: str) -> str:
+    """The name a pulled model gets: a built-in's own, a GGUF's or folder's stem, a hub id's model part."""
+    stem = Path(source.rstrip("/")).name
+    return (stem.removesuffix(".gguf").split(".")[0] if stem.endswith(".gguf") else stem).lower()
+
+
 def library_folder(name: str) -> Path:
     """Where a model called `name` lives (it need not exist yet)."""
     if not MODEL_NAME.match(name):

@@ -60,19 +60,10 @@ def cmd_data_invoices(args: argparse.Namespace) -> None:
     print(f"wrote {args.n} invoices ({', '.join(langs)}; {', '.join(families)}; seed {args.seed}) to {args.out}")
 
 
-def library_name(source: str) -> str:
-    """The name a pulled model gets: a built-in's own, a GGUF's or folder's stem, a hub id's model part."""
-    from edgellm.models.sources import BUILTINS
-
-    if source in BUILTINS:
-        return source
-    stem = Path(source.rstrip("/")).name
-    return (stem.removesuffix(".gguf").split(".")[0] if stem.endswith(".gguf") else stem).lower()
-
-
 def pull(source: str, name: str | None = None, quant: str = "int4", force: bool = False) -> Path:
-    """Build `source` into the library as `name`, unless it is there already."""
-    from edgellm.daemon.library import is_model_folder, library_folder
+    """Build `source` into the library as `name`, unless it is there already: what `edgellm pull` runs
+    (edgellm/daemon/cli.py, through the `edgellm.builders` entry point) for anything but a store URL."""
+    from edgellm.daemon.library import is_model_folder, library_folder, library_name
     from edgellm.models.build import BuildOptions, build_model
     from edgellm.models.quantize import QuantSpec
 
@@ -90,24 +81,6 @@ def pull(source: str, name: str | None = None, quant: str = "int4", force: bool 
         build_model(source, out, BuildOptions(QuantSpec(quant), name=name, force=True))
     print(f"pulled {name} into {out}", file=sys.stderr)
     return out
-
-
-def cmd_pull(args: argparse.Namespace) -> None:
-    pull(args.source, args.name, args.quant, args.force)
-
-
-def cmd_run(args: argparse.Namespace) -> int:
-    """`ollama run`: pull when missing, then answer PROMPT or chat."""
-    from edgellm.daemon.cli import main as daemon_main
-    from edgellm.daemon.library import is_model_folder, library_folder
-
-    folder = Path(args.model)
-    if not is_model_folder(folder):
-        folder = library_folder(library_name(args.model))  # a .gguf path is looked up under the name pull gives it
-        if not is_model_folder(folder):
-            folder = pull(args.model)
-    command = ["generate", "--model", str(folder), args.prompt] if args.prompt else ["chat", "--model", str(folder)]
-    return daemon_main(command + (["--max-tokens", str(args.max_tokens)] if args.max_tokens else []))
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -317,20 +290,6 @@ def register(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--revision", help="hub revision (branch, tag or commit) to pin")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=cmd_model_build)
-
-    p = commands.add_parser("pull", help="build a model into the local library by name (a .gguf file, a "
-                            "Hugging Face folder or hub id, or 'smollm2' / 'minilm')")
-    p.add_argument("source", help="a .gguf file, a Hugging Face folder or hub id, or a built-in: smollm2, minilm")
-    p.add_argument("--name", help="the library name (default: from the source, e.g. smollm2)")
-    p.add_argument("--quant", choices=QUANT_SCHEMES, default="int4", help="default int4 (int8 for minilm)")
-    p.add_argument("--force", action="store_true", help="rebuild a model already in the library")
-    p.set_defaults(func=cmd_pull)
-    p = commands.add_parser("run", help="answer a prompt with a model by name, pulling it first if missing; "
-                            "without a prompt, chat")
-    p.add_argument("model", help="a library name (e.g. smollm2), a built-in or a .gguf to pull, or a folder")
-    p.add_argument("prompt", nargs="?", help="answer this and exit (default: chat)")
-    p.add_argument("--max-tokens", type=int, help="new tokens at most")
-    p.set_defaults(func=cmd_run)
 
     data = commands.add_parser("data", help="make synthetic training and test data (host side)")
     sub = data.add_subparsers(dest="data_command", required=True, metavar="KIND")

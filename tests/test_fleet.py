@@ -418,3 +418,36 @@ def test_fleet_status_fits_80_columns_and_forgets_a_retired_device(broker):
     assert [r["device"] for r in json.loads(status("--json"))] == ["warehouse-gateway-east-07"]
     out = subprocess.run([*EDGELLM, "fleet", "forget", "gw/+", *mqtt], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 2 and "DEVICE" in out.stderr
+
+
+def test_pull_a_signed_bundle_by_url_into_the_library_without_torch(tmp_path, fleet):
+    """`edgellm pull URL --key KEY.pub` on a device: verified, fetched by chunks, no host packages imported."""
+    env = {**os.environ, "EDGELLM_HOME": str(tmp_path / "home")}
+    no_host = ("import sys\nfor m in ('torch', 'transformers', 'optimum', 'gguf', 'peft', 'onnx', 'dask'):\n"
+               "    sys.modules[m] = None  # importing one of them now fails\n"
+               "from edgellm.daemon.cli import main\nsys.exit(main(sys.argv[1:]))")
+
+    def edgellm(*args, device_only=False):
+        command = [sys.executable, "-c", no_host] if device_only else EDGELLM
+        return subprocess.run([*command, *args], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+
+    key = ["--key", str(fleet["public"])]
+    out = edgellm("pull", f"{fleet['url']}/main/bundles/tiny/2", *key, device_only=True)
+    assert out.returncode == 0 and "pulled tiny 2" in out.stderr, out.stderr
+    listed = edgellm("models", "list", device_only=True)
+    assert listed.returncode == 0 and "tiny" in listed.stdout, listed.stderr
+    model = tmp_path / "home/models/tiny"
+    assert (model / "bundle.json.sig").is_file() and not list((tmp_path / "home/models").glob(".pull-*"))
+    assert edgellm("run", "tiny", "Say invoice.", "--max-tokens", "3", device_only=True).returncode == 0
+    out = edgellm("pull", f"{fleet['url']}/main/", *key, "--name", "newest", device_only=True)  # latest.json
+    assert out.returncode == 0 and "pulled tiny 2" in out.stderr and (tmp_path / "home/models/newest").is_dir()
+    out = edgellm("pull", f"{fleet['url']}/main/bundles/tiny/1", *key, device_only=True)
+    assert out.returncode == 2 and "--force" in out.stderr  # tiny is there already
+    out = edgellm("pull", f"{fleet['url']}/tamper/bundles/tampered/1", *key, device_only=True)
+    assert out.returncode != 0 and "sha256" in out.stderr and not (tmp_path / "home/models/tampered").exists()
+    out = edgellm("pull", f"{fleet['url']}/other/bundles/rogue/1", *key, device_only=True)
+    assert out.returncode != 0 and "key" in out.stderr and not (tmp_path / "home/models/rogue").exists()
+    out = edgellm("pull", f"{fleet['url']}/main/bundles/tiny/2", "--name", "again", device_only=True)
+    assert out.returncode == 2 and "--key" in out.stderr
+    out = edgellm("pull", "some-org/some-model", device_only=True)  # a hub id is built on the host
+    assert out.returncode == 2 and "central host" in out.stderr and "Traceback" not in out.stderr, out.stderr
