@@ -38,10 +38,15 @@ def publish_retained(settings: Settings, messages: dict[str, bytes], timeout: fl
 
 
 def forget_device(settings: Settings, device: str) -> None:
-    """Clear a retired device's retained presence and update report, so `fleet status` and Home Assistant stop
-    listing it (a device still running publishes them again)."""
+    """Clear a retired device's retained presence, telemetry and update report, and its Home Assistant discovery
+    configs, so `fleet status` and Home Assistant stop listing it (a device still running publishes them
+    again)."""
+    from edgellm.daemon.serve.homeassistant import discovery_topics
+
     root = settings.topic_root
-    publish_retained(settings, {f"{root}/{device}/status": b"", f"{root}/{device}/update": b""})
+    topics = [f"{root}/{device}/{kind}" for kind in ("status", "telemetry", "update")]
+    topics += discovery_topics(settings.homeassistant.discovery_prefix, device)
+    publish_retained(settings, dict.fromkeys(topics, b""))
 
 
 @dataclass

@@ -5,6 +5,7 @@ value_template (Jinja, as Home Assistant does) on the retained message of its st
 from __future__ import annotations
 
 import json
+import subprocess
 import threading
 import time
 from typing import Literal
@@ -15,7 +16,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from pydantic import BaseModel, ConfigDict
 
-from tests.harness import Broker, DaemonProcess, retained
+from tests.harness import EDGELLM, ROOT, Broker, DaemonProcess, retained
 
 
 class _Strict(BaseModel):
@@ -138,6 +139,12 @@ def test_discovery_configs_and_the_values_they_read(broker, smollm2_int4, tmp_pa
         assert d.stop() == 0
     (a,) = next(iter(configs.values())).availability
     assert render(a.value_template, retained(broker.port, a.topic)) == a.payload_not_available
+    # retired for good: `fleet forget` removes its entities from Home Assistant too
+    out = subprocess.run([*EDGELLM, "fleet", "forget", "gw-7", "--mqtt-host", "127.0.0.1", "--mqtt-port",
+                          str(broker.port)], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert retained_under(broker.port, "homeassistant/#", settle=1.0) == {}
+    assert retained_under(broker.port, "edgellm/v1/gw-7/#", settle=1.0) == {}
 
 
 def test_discovery_is_opt_in(broker, smollm2_int4, tmp_path):

@@ -36,10 +36,24 @@ SENSORS = (
 )
 
 
+def node_id(device_id: str) -> str:
+    return f"edgellm_{device_id.replace('.', '_').replace('-', '_')}"
+
+
+def config_topic(prefix: str, device_id: str, sensor: Sensor) -> str:
+    return f"{prefix}/sensor/{node_id(device_id)}/{sensor.key}/config"
+
+
+def discovery_topics(prefix: str, device_id: str) -> list[str]:
+    """Every config topic a device may have published: what `fleet forget` clears (an empty retained message
+    removes the entity from Home Assistant)."""
+    return [config_topic(prefix, device_id, s) for s in SENSORS]
+
+
 def discovery_messages(prefix: str, device_id: str, topics: dict[str, str], updates: bool) -> dict[str, bytes]:
     """topic -> retained config payload. `topics` maps status, telemetry and update to the device's topics; the
     update sensor exists only where the update agent runs (its report is retained only there)."""
-    node = f"edgellm_{device_id.replace('.', '_').replace('-', '_')}"
+    node = node_id(device_id)
     device = {"identifiers": [node], "name": f"edgellm {device_id}", "manufacturer": "edgellm",
               "model": "edgellm daemon", "sw_version": __version__}
     # 'lost' (the Last Will after a crash) and 'stopping' are unavailable too, not unknown
@@ -59,5 +73,5 @@ def discovery_messages(prefix: str, device_id: str, topics: dict[str, str], upda
             config["state_class"] = "measurement"
         if s.icon:
             config["icon"] = s.icon
-        out[f"{prefix}/sensor/{node}/{s.key}/config"] = json.dumps(config).encode()
+        out[config_topic(prefix, device_id, s)] = json.dumps(config).encode()
     return out
