@@ -320,7 +320,7 @@ def cmd_search(args: argparse.Namespace) -> None:
         return
     for h in hits:
         sim = f"{h.similarity:.2f}" if h.similarity is not None else "-"
-        print(f"{h.score:.4f}  cos {sim}  {h.source}:{h.page} [{h.start}:{h.end}]\n    "
+        print(f"rank {h.score:.4f}  cosine {sim}  {h.source}:{h.page} [{h.start}:{h.end}]\n    "
               + " ".join(h.text.split())[:240])
 
 

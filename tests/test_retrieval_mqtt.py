@@ -147,6 +147,8 @@ def test_cli_search_and_ask_json_carry_source_paths(tmp_path, minilm_int8, smoll
     r = edgellm("search", "Quand le bail prend-il fin ?", "--json", "--k", "3")
     hits = json.loads(r.stdout)
     assert hits[0]["source"] == str(docs / "fr/bail.md") and len(hits) == 3
+    table = edgellm("search", "Quand le bail prend-il fin ?", "--k", "1").stdout  # both scores, each labelled
+    assert table.startswith(f"rank {hits[0]['score']:.4f}  cosine {hits[0]['similarity']:.2f}  "), table
     r = edgellm("ask", "¿Cuánto cuesta el alquiler del almacén?", "--json", "--model", str(smollm2_int4),
                 "--temperature", "0", "--max-tokens", "40")
     out = json.loads(r.stdout)
