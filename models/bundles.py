@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import itertools
 import json
 import os
 import tempfile
@@ -23,6 +24,7 @@ from edgellm.daemon.update.bundle import (
     BundleFile,
     BundleManifest,
     Chunk,
+    Delta,
     DesiredState,
     GoldenPrompt,
     Lineage,
@@ -30,6 +32,7 @@ from edgellm.daemon.update.bundle import (
     SmokeTest,
     bundle_path,
     chunk_path,
+    delta_path,
     downgrade_statement,
     key_id,
     public_raw,
@@ -38,6 +41,7 @@ from edgellm.daemon.update.slots import write_atomic
 from edgellm.models.errors import BuildError
 
 CHUNK_MAX = 4 << 20
+DELTA_MAX_SHARE = 0.8  # a delta is kept only where it saves a fifth of the chunk or more
 CHUNK_MIN = 4 << 10  # tensors smaller than this (norms, biases) share a chunk with their neighbours
 SMOKE_FILE = "smoke_eval.txt"
 SMOKE_TOKENS = 256
@@ -85,17 +89,29 @@ def sign(manifest_bytes: bytes, key) -> bytes:
 
 # -- chunking ---------------------------------------------------------------------------------------
 def tensor_starts(folder: Path) -> dict[str, set[int]]:
-    """Offsets where a tensor begins, per external data file of every ONNX model in the folder."""
+    """Offsets where a tensor begins, per external data file of every ONNX model in the folder, and inside a
+    weight that stacks several matrices (the fused graph's q/k/v and gate/up, ROW_SLICES_KEY), where each
+    matrix's rows begin."""
     import onnx
     from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
+    from edgellm.models.fused_graph import ROW_SLICES_KEY
+
     starts: dict[str, set[int]] = {}
     for model_path in folder.glob("*.onnx"):
-        graph = onnx.load(str(model_path), load_external_data=False).graph
-        for tensor in graph.initializer:
+        model = onnx.load(str(model_path), load_external_data=False)
+        meta = {p.key: p.value for p in model.metadata_props}
+        slices: dict[str, list[int]] = json.loads(meta.get(ROW_SLICES_KEY, "{}"))
+        for tensor in model.graph.initializer:
             if uses_external_data(tensor):
                 info = ExternalDataInfo(tensor)
-                starts.setdefault(info.location, set()).add(int(info.offset or 0))
+                offset = int(info.offset or 0)
+                found = starts.setdefault(info.location, set())
+                found.add(offset)
+                rows = slices.get(tensor.name.rsplit("/", 1)[0])
+                if rows and tensor.dims and tensor.dims[0] == sum(rows) and info.length:
+                    row_bytes = int(info.length) // sum(rows)
+                    found.update(offset + row_bytes * r for r in itertools.accumulate(rows[:-1]))
     return starts
 
 
@@ -124,6 +140,33 @@ def chunk_file(path: Path, starts: set[int], store: Path) -> BundleFile:
             write_once(store / chunk_path(digest), data)
             chunks.append(Chunk(sha256=digest, size=len(data)))
     return BundleFile(path=path.name, size=size, sha256=whole.hexdigest(), chunks=chunks)
+
+
+def add_deltas(files: list[BundleFile], parent: BundleManifest, store: Path) -> None:
+    """For each chunk the parent does not have, a delta against the parent's chunk at the same place in the
+    same file, where that is much smaller than the chunk (edgellm/daemon/update/delta.py)."""
+    from edgellm.daemon.update.delta import make_delta
+
+    have = parent.unique_chunks()
+    for f in files:
+        old = next((p for p in parent.files if p.path == f.path), None)
+        if old is None:
+            continue
+        at = {}
+        offset = 0
+        for c in old.chunks:
+            at[(offset, c.size)] = c.sha256
+            offset += c.size
+        offset = 0
+        for c in f.chunks:
+            base = at.get((offset, c.size))
+            offset += c.size
+            if c.sha256 in have or base is None:
+                continue
+            delta = make_delta((store / chunk_path(c.sha256)).read_bytes(), (store / chunk_path(base)).read_bytes())
+            if len(delta) < DELTA_MAX_SHARE * c.size:
+                write_once(store / delta_path(c.sha256, base), delta)
+                c.delta = Delta(base=base, size=len(delta))
 
 
 def write_once(path: Path, data: bytes) -> None:
@@ -159,6 +202,8 @@ def build_bundle(model_dir: Path, store: Path, key_path: Path, options: BundleOp
         starts = tensor_starts(model_dir)
         files = [chunk_file(model_dir / n, starts.get(n, set()), store) for n in [*model.files, MANIFEST_NAME]]
         files.append(chunk_file(Path(tmp) / SMOKE_FILE, set(), store))
+    if parent and (store / bundle_path(name, parent)).is_file():
+        add_deltas(files, read_bundle(store, name, parent), store)
     manifest = BundleManifest(name=name, version=version, parent=parent, files=files, smoke=smoke,
                               lineage=_lineage(model, options))
     body = manifest.model_dump_json(indent=2).encode() + b"\n"

@@ -19,6 +19,7 @@ in_place), which the engine binds once.
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -34,6 +35,9 @@ from edgellm.models.onnx_writer import ExternalData
 from edgellm.models.spec import FUSED_TYPES, ModelSpec
 from edgellm.models.weights import LowRank, Tensor
 
+# model metadata: {node: [rows, ...]} for weights that stack several matrices' rows (q/k/v, gate/up), so a
+# bundle cuts chunks where each matrix starts and an update that changes q and v leaves k's chunks alone
+ROW_SLICES_KEY = "edgellm.row_slices"
 OPSET = 21
 MS = "com.microsoft"
 ACCURACY_LEVEL = 4  # int8 activations in MatMulNBits (docs/measured-facts.md, "Quantization")
@@ -123,6 +127,7 @@ class _Builder:
         self.g = _Graph(data)
         self.report = Report()
         self.shared: dict[int, tuple[Blocks, dict[str, str]]] = {}  # id -> (blocks, initializer names)
+        self.row_slices: dict[str, list[int]] = {}  # node -> rows of each matrix stacked in its weights
 
     # -- weights --------------------------------------------------------------------------------------
     def matrix(self, name: str) -> Tensor:
@@ -212,6 +217,8 @@ class _Builder:
                 (y,) = g.op("Add", [y, g.const(f"{node}/bias", bias)], f"{node}/Add")
             return y
         blocks = stack(group) if len(group) > 1 else group[0]
+        if len(group) > 1:
+            self.row_slices[node] = [_rows(p) for p in group]
         names = self._store_blocks(blocks, node)
         n, k = blocks.shape
         inputs = [x, names["q"], names["scales"]]
@@ -398,6 +405,6 @@ def build_fused_decoder(spec: ModelSpec, weights, plan: Plan, data: ExternalData
     graph = helper.make_graph(g.nodes, "edgellm_fused_decoder", inputs, outputs, g.inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)],
                               producer_name="edgellm")
-    helper.set_model_props(model, {KV_CACHE_KEY: KV_IN_PLACE})
+    helper.set_model_props(model, {KV_CACHE_KEY: KV_IN_PLACE, ROW_SLICES_KEY: json.dumps(b.row_slices)})
     b.report.rounded = list(getattr(weights, "rounded", []))
     return model, b.report

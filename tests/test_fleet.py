@@ -4,6 +4,7 @@ tiny Llama, built to int4, chunked and signed with Ed25519."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -14,9 +15,10 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from edgellm.daemon.update.bundle import DesiredState, chunk_path, in_rollout
+from edgellm.daemon.update.bundle import BundleManifest, DesiredState, chunk_path, in_rollout
 from tests.conftest import build
 from tests.harness import EDGELLM, ROOT, Broker, DaemonProcess, UpdateWatch, free_port, retained, rpc, wait_for_port
 
@@ -178,7 +180,12 @@ def test_group_update_staged_rollout_and_delta(tmp_path, broker, fleet, watch):
         signed = sum(len((fleet["main"] / f"bundles/tiny/2/{f}").read_bytes()) for f in ("bundle.json",
                                                                                           "bundle.json.sig"))
         assert 0 < changed < sum(new.values())
-        assert delta[late]["bytes_transferred"] == changed + signed  # exactly the chunks it did not hold
+        # exactly the chunks it did not hold, each as its delta against the old chunk where the store has one
+        manifest = BundleManifest.model_validate_json((fleet["main"] / "bundles/tiny/2/bundle.json").read_bytes())
+        sent = sum(manifest.deltas()[sha].size if sha in manifest.deltas() else size
+                   for sha, size in new.items() if sha not in old)
+        assert manifest.deltas() and sent < changed
+        assert delta[late]["bytes_transferred"] == sent + signed
         state = tmp_path / f"state-{late}"
         assert sorted(p.name for p in (state / "slots").iterdir()) == ["tiny-1", "tiny-2"]  # active + previous
         assert list((state / "downloads").iterdir()) == []
@@ -268,9 +275,23 @@ def test_kill_during_grace_period_rolls_back_to_a_complete_model(tmp_path, broke
         d.stop()
 
 
-def test_bundle_manifest_records_lineage(fleet):
-    import hashlib
+def test_a_chunk_delta_rebuilds_the_chunk_or_nothing():
+    from edgellm.daemon.update.delta import apply_delta, make_delta
 
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 256, 1 << 16, dtype=np.uint8).tobytes()
+    new = bytearray(base)
+    for i in rng.choice(len(base), 500, replace=False):  # a merge moves a few bits of some weights
+        new[i] ^= 1 << int(rng.integers(0, 4))
+    new = bytes(new)
+    delta = make_delta(new, base)
+    assert len(delta) < len(new) / 4
+    assert apply_delta(delta, base, hashlib.sha256(new).hexdigest()) == new
+    assert apply_delta(delta, base[::-1], hashlib.sha256(new).hexdigest()) is None  # another base: refused
+    assert apply_delta(delta[:-3], base, hashlib.sha256(new).hexdigest()) is None  # cut short: refused
+
+
+def test_bundle_manifest_records_lineage(fleet):
     lineage = json.loads((fleet["main"] / "bundles/tiny/2/bundle.json").read_text())["lineage"]
     data = (fleet["root"] / "train.jsonl").read_bytes()
     assert lineage["training_data_sha256"] == hashlib.sha256(data).hexdigest()

@@ -25,9 +25,11 @@ from edgellm.daemon.formats import StrictModel
 from edgellm.daemon.update.bundle import (
     SIGNATURE_FILE,
     BundleManifest,
+    Delta,
     DesiredState,
     bundle_path,
     chunk_path,
+    delta_path,
     downgrade_statement,
     in_rollout,
     is_older,
@@ -35,8 +37,9 @@ from edgellm.daemon.update.bundle import (
     verify_bundle,
     verify_signature,
 )
+from edgellm.daemon.update.delta import apply_delta
 from edgellm.daemon.update.fetch import Fetcher, FetchError, FetchOptions, Stopped
-from edgellm.daemon.update.slots import ActiveState, SlotStore
+from edgellm.daemon.update.slots import ActiveState, SlotStore, write_atomic
 from edgellm.daemon.update.states import UpdateReport, UpdateState, check_transition
 
 log = logging.getLogger("edgellm.update")
@@ -276,7 +279,12 @@ class UpdateAgent:
 
         fetcher.on_bytes = on_bytes
         report(force=True)
+        deltas, local = manifest.deltas(), self.slots.local_chunks()
         for sha, size in missing.items():
+            delta = deltas.get(sha)
+            if delta is not None and delta.base in local and self._from_delta(fetcher, sha, size, delta, local):
+                progress["done"] += size - delta.size  # the delta's bytes were counted as they came
+                continue
             part = self.slots.downloads / f"{sha}.part"
             progress["done"] -= part.stat().st_size if part.exists() else 0  # resumed bytes count once
             try:
@@ -286,6 +294,25 @@ class UpdateAgent:
             progress["done"] += part.stat().st_size if part.exists() else 0
         progress["done"] = total
         report(force=True)
+
+    def _from_delta(self, fetcher: Fetcher, sha: str, size: int, delta: Delta, local: dict) -> bool:
+        """Rebuild a changed chunk from its delta and the chunk this device holds; False (then the whole chunk
+        is fetched) when the delta is missing or does not rebuild it."""
+        try:
+            data = fetcher.get_bytes(delta_path(sha, delta.base), limit=delta.size)
+        except FetchError as e:
+            log.warning("delta for chunk %s…: %s; fetching the chunk whole", sha[:12], e)
+            return False
+        path, offset = local[delta.base]
+        with open(path, "rb") as f:
+            f.seek(offset)
+            base = f.read(size)  # a delta joins chunks of one size
+        chunk = apply_delta(data, base, sha)
+        if chunk is None:
+            log.warning("delta for chunk %s… does not rebuild it; fetching the chunk whole", sha[:12])
+            return False
+        write_atomic(self.slots.downloads / sha, chunk)
+        return True
 
     def _smoke_test(self, slot: Path) -> str | None:
         """Run edgellm.daemon.update.smoke in a child process; its crash or hang is the model's failure, not

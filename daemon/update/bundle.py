@@ -3,6 +3,7 @@
 A store is static files, so any web server (or a plain folder, for air-gapped sites) can serve it:
 
     chunks/ab/abcdef...            content-addressed: the name is the sha256 of the bytes
+    deltas/ab/abcdef....BASE.zst   a changed chunk as its XOR with the parent's chunk BASE, zstd (optional)
     bundles/NAME/VERSION/bundle.json       the manifest (these exact bytes are signed)
     bundles/NAME/VERSION/bundle.json.sig   {"key_id", "signature"}: Ed25519, base64
     latest.json                            the last bundle built into this store
@@ -18,7 +19,7 @@ import hashlib
 import time
 from typing import Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_serializer
 
 from edgellm.daemon.errors import EdgeError
 from edgellm.daemon.formats import NAME_PATTERN, StrictModel
@@ -30,9 +31,25 @@ SHA256 = r"^[0-9a-f]{64}$"
 
 
 
+class Delta(StrictModel):
+    """The chunk is also in the store as a delta (edgellm/daemon/update/delta.py) against `base`, the chunk at
+    the same place in the parent version: a device that holds `base` fetches `size` bytes instead."""
+
+    base: str = Field(pattern=SHA256)
+    size: int = Field(gt=0)
+
+
 class Chunk(StrictModel):
     sha256: str = Field(pattern=SHA256)
     size: int = Field(gt=0)
+    delta: Delta | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_empty_delta(self, handler):  # most chunks have none: keep the manifest as it was
+        out = handler(self)
+        if out.get("delta") is None:
+            out.pop("delta", None)
+        return out
 
 
 class BundleFile(StrictModel):
@@ -94,6 +111,9 @@ class BundleManifest(StrictModel):
     def unique_chunks(self) -> dict[str, int]:
         return {c.sha256: c.size for f in self.files for c in f.chunks}
 
+    def deltas(self) -> dict[str, Delta]:
+        return {c.sha256: c.delta for f in self.files for c in f.chunks if c.delta is not None}
+
 
 class Signature(StrictModel):
     key_id: str
@@ -131,6 +151,10 @@ def is_older(candidate: BundleManifest, active: BundleManifest) -> bool:
 
 def bundle_path(name: str, version: str, file: str = BUNDLE_FILE) -> str:
     return f"bundles/{name}/{version}/{file}"
+
+
+def delta_path(sha256: str, base: str) -> str:
+    return f"deltas/{sha256[:2]}/{sha256}.{base[:16]}.zst"
 
 
 def chunk_path(sha256: str) -> str:
