@@ -21,6 +21,7 @@ class HFModel:
     eos_token_ids: list[int]
     context_length: int
     license: str | None
+    tokenizer_json: str | None = None  # a GGUF source's tokenizer as llama.cpp reads it: saved as is beside merges
 
 
 def supported_model_types() -> list[str]:
@@ -55,13 +56,19 @@ def check_architecture(source: Source) -> str:
 
 
 def _gguf_header(source: Source) -> dict:
-    """The two header fields the build needs, from one parse of the GGUF."""
+    """The header fields the build needs, from one parse of the GGUF: EOS, license, and the tokenizer as
+    llama.cpp reads it (edgellm/models/gguf_tokenizer.py)."""
     from gguf import GGUFReader
+
+    from edgellm.models.gguf_tokenizer import tokenizer_json
+    from edgellm.models.weights import _field
 
     fields = GGUFReader(source.folder / source.gguf_file).fields
     eos, license_ = fields.get("tokenizer.ggml.eos_token_id"), fields.get("general.license")
+    meta = {k: _field(f) for k, f in fields.items() if k.startswith("tokenizer.")}
     return {"eos": int(eos.contents()) if eos is not None else None,
-            "license": str(license_.contents()) if license_ is not None else None}
+            "license": str(license_.contents()) if license_ is not None else None,
+            "tokenizer_json": tokenizer_json(meta)}
 
 
 def quiet_libraries() -> None:
@@ -91,10 +98,18 @@ def load_source(source: Source) -> HFModel:
     eos = config.eos_token_id
     eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
     license_ = readme_license(source.folder) if source.folder else None
+    faithful = None
     if source.kind == "gguf":
         # transformers' GGUF tokenizer gets eos_token=<|im_start|> for SmolLM2; the GGUF header is right.
         header = _gguf_header(source)
         license_, gguf_eos = header["license"], header["eos"]
+        # transformers' own GGUF conversion loses the split rules of `tokenizer.ggml.pre` (SmolLM2 writes each
+        # digit as its own token; transformers' version merges "2024" into one): train and export with the
+        # tokenizer the base model was trained with, the one a GGUF build and llama.cpp use
+        from tokenizers import Tokenizer
+
+        faithful = header["tokenizer_json"]
+        tokenizer._tokenizer = Tokenizer.from_str(faithful)
         if gguf_eos is not None:
             eos_ids = [gguf_eos]
             tokenizer.eos_token = tokenizer.convert_ids_to_tokens(gguf_eos)
@@ -112,7 +127,7 @@ def load_source(source: Source) -> HFModel:
     context = next((getattr(config, k) for k in ("max_position_embeddings", "n_positions", "max_sequence_length")
                     if getattr(config, k, None)), 2048)
     architecture = (config.architectures or [type(model).__name__])[0]
-    return HFModel(model, tokenizer, config.model_type, architecture, eos_ids, int(context), license_)
+    return HFModel(model, tokenizer, config.model_type, architecture, eos_ids, int(context), license_, faithful)
 
 
 def export_onnx(hf: HFModel, work: Path) -> Path:

@@ -191,6 +191,8 @@ def merge_lora(base_ref: str, adapter: Path, out: Path, force: bool = False) -> 
     with staged_folder(out) as (staged, _scratch):
         merged.save_pretrained(staged)
         hf.tokenizer.save_pretrained(staged)
+        if hf.tokenizer_json:  # the same bytes a build of the GGUF base writes: an update need not ship them
+            (staged / "tokenizer.json").write_text(hf.tokenizer_json)
         if hf.license and not (staged / "README.md").exists():
             (staged / "README.md").write_text(f"---\nlicense: {hf.license}\n---\n")
         (staged / LINEAGE_FILE).write_text(json.dumps(lineage, indent=2) + "\n")

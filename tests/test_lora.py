@@ -45,3 +45,19 @@ def test_bad_training_input_names_the_flag(tiny_sources, tmp_path):
                    LoraOptions(target_modules=["no_such_proj"], show_progress=False))
     with pytest.raises(BuildError, match="--adapter"):
         merge_lora(str(tiny_sources["llama"]), tmp_path, tmp_path / "m")
+
+
+def test_training_on_a_gguf_base_tokenizes_as_the_base_model_and_its_build_do(smollm2_int4):
+    """transformers' GGUF tokenizer merges "2024" into one token where SmolLM2 (and llama.cpp, and the GGUF
+    build) write each digit alone; a LoRA trained on the former learns numbers in a form the model never saw."""
+    from tokenizers import Tokenizer
+
+    from edgellm.models.export import load_source
+    from edgellm.models.sources import resolve_source
+
+    hf = load_source(resolve_source("smollm2"))
+    built = Tokenizer.from_file(str(smollm2_int4 / "tokenizer.json"))
+    text = "Factura 2024/0871 del 05/03/2024: total 1.210,00 EUR"
+    assert hf.tokenizer(text, add_special_tokens=False)["input_ids"] == built.encode(text).ids
+    assert hf.tokenizer.tokenize("2024") == ["2", "0", "2", "4"]
+    assert hf.tokenizer_json == (smollm2_int4 / "tokenizer.json").read_text()  # merges ship the same bytes
