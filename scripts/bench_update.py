@@ -1,11 +1,14 @@
-"""Fleet update benchmark: SmolLM2-135M int4, then the same model with a merged q_proj/v_proj LoRA (r=8).
+"""Fleet update benchmark: SmolLM2-135M int4, then the same model with a merged q_proj/v_proj LoRA (r=8), and
+the same LoRA as an adapter beside the base (`model build --keep-base`).
 
 Real parts throughout: `edgellm lora train/merge`, `model build`, `bundle build` (signed), `bundle serve`
 (HTTP), mosquitto, and one `edgellm serve` device that starts on the base model as a factory install.
 
 1. publish bundle 1 (the base): the device downloads it in full (its factory model was no bundle);
 2. publish bundle 2 (the LoRA update) while a client keeps sending generate requests; measure the bytes
-   fetched against the full bundle, the time from publish to SUCCEEDED, and the requests that failed.
+   fetched against the full bundle, the time from publish to SUCCEEDED, and the requests that failed;
+3. a second device takes bundle 1, then bundle 3 (the same LoRA built --keep-base, so the base's blocks are
+   the bundle-1 bytes and only the adapter and the graph are new): `adapter_delta_ratio`.
 
     .venv/bin/python scripts/bench_update.py        # models are cached in .cache/bench
 """
@@ -37,8 +40,9 @@ def run(*args: str) -> None:
     subprocess.run([*EDGELLM, *args], cwd=ROOT, check=True)
 
 
-def models(cache: Path, train_n: int) -> tuple[Path, Path]:
-    """The base int4 build and the LoRA-merged int4 build, made once."""
+def models(cache: Path, train_n: int) -> tuple[Path, Path, Path]:
+    """The base int4 build, the LoRA-merged int4 build and the same merge built --keep-base (the base's
+    blocks exact, the adapter beside them), made once."""
     base, tuned = cached_build(cache / "smollm2-int4", "smollm2", "--quant", "int4"), cache / "smollm2-lora-qv-int4"
     if stale(tuned):
         data, adapter, merged = cache / "invoices-train.jsonl", cache / "lora-qv", cache / "smollm2-lora-qv"
@@ -48,13 +52,17 @@ def models(cache: Path, train_n: int) -> tuple[Path, Path]:
                 "--target-modules", "q_proj,v_proj")
         run("lora", "merge", "--base", "smollm2", "--adapter", str(adapter), "--out", str(merged), "--force")
         run("model", "build", str(merged), "--out", str(tuned), "--quant", "int4", "--force")
-    return base, tuned
+    adapter_build = cache / "smollm2-lora-qv-keep-base"
+    if stale(adapter_build):
+        run("model", "build", str(cache / "smollm2-lora-qv"), "--out", str(adapter_build), "--quant", "int4",
+            "--keep-base", "--force")
+    return base, tuned, adapter_build
 
 
-def publish(store: Path, url: str, port: int, version: str) -> str:
-    run("bundle", "publish", "--store", str(store), "--url", url, "--group", "bench", "--name", "smollm2",
+def publish(store: Path, url: str, port: int, version: str, group: str = "bench") -> str:
+    run("bundle", "publish", "--store", str(store), "--url", url, "--group", group, "--name", "smollm2",
         "--version", version, "--mqtt-host", "127.0.0.1", "--mqtt-port", str(port))
-    return DesiredState.model_validate_json(retained(port, "edgellm/v1/groups/bench/desired")).id
+    return DesiredState.model_validate_json(retained(port, f"edgellm/v1/groups/{group}/desired")).id
 
 
 class Load:
@@ -87,7 +95,7 @@ def main() -> None:
     p.add_argument("--cache", type=Path, default=ROOT / ".cache/bench")
     p.add_argument("--train-examples", type=int, default=32)
     args = p.parse_args()
-    base, tuned = models(args.cache, args.train_examples)
+    base, tuned, adapter_build = models(args.cache, args.train_examples)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         store, key = tmp / "store", tmp / "signing.key"
@@ -96,6 +104,8 @@ def main() -> None:
             "--version", "1")
         run("bundle", "build", str(tuned), "--store", str(store), "--key", str(key), "--name", "smollm2",
             "--version", "2")
+        run("bundle", "build", str(adapter_build), "--store", str(store), "--key", str(key), "--name", "smollm2",
+            "--version", "3", "--parent", "1")
         http_port = free_port()
         server = subprocess.Popen([*EDGELLM, "bundle", "serve", "--store", str(store), "--port", str(http_port)],
                                   cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -123,6 +133,19 @@ def main() -> None:
             load.stop.set()
             load.thread.join(90)
             assert update["state"] == "SUCCEEDED", update
+            # a second device takes the base, then the same LoRA as an adapter beside the base's exact blocks
+            other = DaemonProcess(tmp, broker.port, base, device="bench-adapter",
+                                  env={**env, "EDGELLM_GROUPS": '["bench-adapter"]',
+                                       "EDGELLM_UPDATE__STATE_DIR": str(tmp / "adapter-state")}).start()
+            try:
+                first_a = publish(store, url, broker.port, "1", "bench-adapter")
+                assert watch.wait("bench-adapter", first_a, ("SUCCEEDED", "FAILED", "ROLLED_BACK"),
+                                  timeout=600)["state"] == "SUCCEEDED"
+                third = publish(store, url, broker.port, "3", "bench-adapter")
+                adapter = watch.wait("bench-adapter", third, ("SUCCEEDED", "FAILED", "ROLLED_BACK"), timeout=600)
+                assert adapter["state"] == "SUCCEEDED", adapter
+            finally:
+                other.stop()
         finally:
             watch.close()
             device.stop()
@@ -141,6 +164,9 @@ def main() -> None:
             "switch_and_grace_s": round(h["SUCCEEDED"] - h["ACTIVATING"], 2),
             "requests_during_swap": load.ok + load.failed,
             "failed_requests_during_swap": load.failed,
+            "adapter_bundle_bytes": adapter["full_bytes"],
+            "adapter_update_bytes_transferred": adapter["bytes_transferred"],
+            "adapter_delta_ratio": round(adapter["bytes_transferred"] / full["full_bytes"], 4),
         }
     print(f"LoRA update: {summary['update_bytes_transferred'] / 1e6:.1f} MB of a "
           f"{summary['full_bundle_bytes'] / 1e6:.1f} MB bundle ({summary['delta_ratio']:.1%}); publish to SUCCEEDED "
