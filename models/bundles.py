@@ -89,7 +89,7 @@ def sign(manifest_bytes: bytes, key) -> bytes:
 
 # -- chunking ---------------------------------------------------------------------------------------
 def tensor_starts(folder: Path) -> dict[str, set[int]]:
-    """Offsets where a tensor begins, per external data file of every ONNX model in the folder, and inside a
+    """Offsets where a tensor begins and ends, per external data file of every ONNX model in the folder, and inside a
     weight that stacks several matrices (the fused graph's q/k/v and gate/up, ROW_SLICES_KEY), where each
     matrix's rows begin."""
     import onnx
@@ -108,6 +108,8 @@ def tensor_starts(folder: Path) -> dict[str, set[int]]:
                 offset = int(info.offset or 0)
                 found = starts.setdefault(info.location, set())
                 found.add(offset)
+                if info.length:  # and where it ends: the alignment padding after it is then no part of its
+                    found.add(offset + int(info.length))  # chunk, which stays the same when what follows changes
                 rows = slices.get(tensor.name.rsplit("/", 1)[0])
                 if rows and tensor.dims and tensor.dims[0] == sum(rows) and info.length:
                     row_bytes = int(info.length) // sum(rows)

@@ -203,10 +203,17 @@ class _Builder:
                 col += rank
                 self.report.low_rank += 1
             row += n
-        (t,) = g.op("MatMul", [x, g.const(f"{node}/lora_down", np.ascontiguousarray(down.T))], f"{node}/LoraDown")
-        (d,) = g.op("MatMul", [t, g.const(f"{node}/lora_up", np.ascontiguousarray(up.T))], f"{node}/LoraUp")
+        (t,) = g.op("MatMul", [x, self._half(f"{node}/lora_down", down.T)], f"{node}/LoraDown")
+        (d,) = g.op("MatMul", [t, self._half(f"{node}/lora_up", up.T)], f"{node}/LoraUp")
         (y,) = g.op("Add", [y, d], f"{node}/LoraAdd")
         return y
+
+    def _half(self, name: str, array: np.ndarray) -> str:
+        """A LoRA factor stored in fp16 and read in fp32: an adapter update ships half the bytes (onnxruntime
+        folds the Cast when it loads the model, so decoding does not pay for it)."""
+        (out,) = self.g.op("Cast", [self.g.const(name, np.ascontiguousarray(array, dtype=np.float16))],
+                           f"{name}/Cast", to=TensorProto.FLOAT)
+        return out
 
     def _emit(self, x: str, group: list[Tensor], node: str, bias: np.ndarray | None) -> str:
         g = self.g
