@@ -249,7 +249,7 @@ class Worker:
             said = tools.read(result.json)
             result = replace(result, text=said.text, json=None,
                              finish_reason="tool_calls" if said.call else result.finish_reason)
-            if stream and said.text:
+            if request.stream and said.text:  # the answer's text, once it is known to be text
                 job.sink.send(job.request_id, TextDelta(said.text, 0))
             return Generated(result, served.model_info, False, [said.call] if said.call else [])
         return Generated(result, served.model_info, params.json_schema is not None)
