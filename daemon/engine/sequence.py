@@ -140,7 +140,11 @@ class Sequence:
         params, constraint = self.params, self.constraint
         left = self.budget - len(self.generated)
         if constraint is not None and (closing := constraint.closing(self.generated, left)):
-            return self._close(closing)
+            # budget-aware closing: the shortest valid completion, forced where the budget would cut the JSON
+            # short; the answer is valid, shorter, and finishes with `length`
+            self._first_token()
+            self._emit(closing)
+            return self._finish("length")
         logits = logits.copy()
         if constraint is not None:
             constraint.mask(logits)
@@ -148,37 +152,32 @@ class Sequence:
             logits[sorted(self.eos)] = -np.inf
         recent = self.ids + self.generated if params.repetition_penalty != 1.0 else ()
         token = self.sampler(logits, recent)
-        if self.first_at is None:
-            self.first_at = time.perf_counter()
-            self.timings.ttft_ms = (self.first_at - self.start) * 1000
-            self.timings.prefill_tps = len(self.ids) / max(self.first_at - self.start, 1e-9)
+        self._first_token()
         forced = constraint.accept(token) if constraint is not None else []
         if token in self.eos:
             return self._finish("stop")
         new = [token, *forced][: self.budget - len(self.generated)]
-        self.generated.extend(new)
-        text, stopped = self.stops.push(self.detokenizer.push(new))
-        if text:
-            self.parts.append(text)
-            self.events.put(Delta(text))
+        stopped = self._emit(new)
         if stopped or (constraint is not None and constraint.finished):
             return self._finish("stop")
         if len(self.generated) >= self.budget:
             return self._finish("length")
         self.todo = new
 
-    def _close(self, tokens: list[int]) -> None:
-        """Budget-aware closing: the shortest valid completion, forced where the budget would cut the JSON
-        short; the answer is valid, shorter, and finishes with `length`."""
+    def _first_token(self) -> None:
         if self.first_at is None:
             self.first_at = time.perf_counter()
             self.timings.ttft_ms = (self.first_at - self.start) * 1000
+            self.timings.prefill_tps = len(self.ids) / max(self.first_at - self.start, 1e-9)
+
+    def _emit(self, tokens: list[int]) -> bool:
+        """Append generated tokens and post their text; True when a stop string was reached."""
         self.generated.extend(tokens)
-        text, _ = self.stops.push(self.detokenizer.push(tokens))
+        text, stopped = self.stops.push(self.detokenizer.push(tokens))
         if text:
             self.parts.append(text)
             self.events.put(Delta(text))
-        self._finish("length")
+        return stopped
 
     def _finish(self, reason: str) -> None:
         tail = self.stops.flush()  # text held back for a stop string that never came
