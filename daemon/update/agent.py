@@ -23,18 +23,16 @@ from pydantic import Field, ValidationError
 from edgellm.daemon.errors import EdgeError
 from edgellm.daemon.formats import StrictModel
 from edgellm.daemon.update.bundle import (
-    SIGNATURE_FILE,
     BundleManifest,
     Delta,
     DesiredState,
-    bundle_path,
     chunk_path,
     delta_path,
     downgrade_statement,
+    fetch_signed,
     in_rollout,
     is_older,
     load_public_key,
-    verify_bundle,
     verify_signature,
 )
 from edgellm.daemon.update.delta import apply_delta
@@ -227,18 +225,11 @@ class UpdateAgent:
 
     def _verified_manifest(self, fetcher: Fetcher, desired: DesiredState) -> tuple[BundleManifest, bytes, bytes]:
         try:
-            body = fetcher.get_bytes(bundle_path(desired.name, desired.version))
-            signature = fetcher.get_bytes(bundle_path(desired.name, desired.version, SIGNATURE_FILE))
+            return fetch_signed(fetcher.get_bytes, desired.name, desired.version, self.trusted)
         except FetchError as e:
             raise UpdateFailed(S.FAILED, f"download: {e}") from None
-        try:
-            manifest = verify_bundle(body, signature, self.trusted)
         except EdgeError as e:
             raise UpdateFailed(S.FAILED, e.message) from None
-        if (manifest.name, manifest.version) != (desired.name, desired.version):
-            raise UpdateFailed(S.FAILED, f"bundle.json: signed for {manifest.name} {manifest.version}, but the "
-                               f"desired state names {desired.name} {desired.version}")
-        return manifest, body, signature
 
     def _refuse_downgrade(self, manifest: BundleManifest, desired: DesiredState) -> None:
         """An old signed bundle stays validly signed forever: replaying its desired state must not take the

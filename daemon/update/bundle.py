@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import time
+from collections.abc import Callable
 from typing import Literal
 
 from pydantic import Field, ValidationError, field_validator, model_serializer
@@ -224,3 +225,15 @@ def verify_bundle(manifest_bytes: bytes, signature_bytes: bytes, trusted: list) 
         return BundleManifest.model_validate_json(manifest_bytes)
     except ValidationError as e:
         raise EdgeError("bad_request", f"bundle.json: signed but not a valid manifest: {e}") from None
+def fetch_signed(get_bytes: Callable[[str], bytes], name: str, version: str,
+                 trusted: list) -> tuple[BundleManifest, bytes, bytes]:
+    """A store's bundle.json for NAME VERSION and its signature, verified before anything else is fetched, and
+    signed for that name and version (a validly signed manifest of another bundle is refused too). What the
+    update agent and `edgellm pull URL` both start with; `get_bytes` fetches a store path."""
+    body = get_bytes(bundle_path(name, version))
+    signature = get_bytes(bundle_path(name, version, SIGNATURE_FILE))
+    manifest = verify_bundle(body, signature, trusted)
+    if (manifest.name, manifest.version) != (name, version):
+        raise EdgeError("bad_request", f"bundle.json: signed for {manifest.name} {manifest.version}, not for "
+                        f"{name} {version}")
+    return manifest, body, signature

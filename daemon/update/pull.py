@@ -17,15 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgellm.daemon.errors import CommandError, EdgeError
-from edgellm.daemon.update.bundle import (
-    BUNDLE_FILE,
-    SIGNATURE_FILE,
-    BundleManifest,
-    bundle_path,
-    chunk_path,
-    load_public_key,
-    verify_bundle,
-)
+from edgellm.daemon.update.bundle import BUNDLE_FILE, BundleManifest, chunk_path, fetch_signed, load_public_key
 from edgellm.daemon.update.fetch import Fetcher, FetchError, FetchOptions
 from edgellm.daemon.update.slots import SlotStore, fsync_dir
 
@@ -71,16 +63,11 @@ def pull_bundle(url: str, keys: list[Path], library_folder, force: bool = False,
         if name is None:
             latest = json.loads(fetcher.get_bytes("latest.json"))
             name, version = latest["name"], latest["version"]
-        body = fetcher.get_bytes(bundle_path(name, version))
-        signature = fetcher.get_bytes(bundle_path(name, version, SIGNATURE_FILE))
+        manifest, body, signature = fetch_signed(fetcher.get_bytes, name, version, trusted)
     except FetchError as e:
         raise EdgeError("model_unavailable", f"{url}: {e}") from None
     except (ValueError, KeyError, TypeError):
         raise EdgeError("bad_request", f"{url}: latest.json is not a store's {{name, version}}") from None
-    manifest = verify_bundle(body, signature, trusted)
-    if (manifest.name, manifest.version) != (name, version):
-        raise EdgeError("bad_request", f"{url}: bundle.json is signed for {manifest.name} {manifest.version}, "
-                        f"not {name} {version}")
     dest = library_folder(manifest.name)
     if dest.exists() and not force:
         raise CommandError(f"{manifest.name} is already in the library ({dest}); --force replaces it")
