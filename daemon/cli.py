@@ -494,8 +494,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not is_model_folder(folder):
         address = parse_address(args.model) if is_store_url(args.model) else None
         name = address.name if address else library_name(args.model)  # a .gguf is looked up under its pull name
-        folder = library_folder(name) if name else Path()
-        if not is_model_folder(folder):
+        # a store URL without a bundle name (its latest) is always pulled: the name comes with the bundle
+        if name is None or not is_model_folder(folder := library_folder(name)):
             folder = pull(args.model, keys=args.key)
     command = ["generate", "--model", str(folder), args.prompt] if args.prompt else ["chat", "--model", str(folder)]
     return main(command + (["--max-tokens", str(args.max_tokens)] if args.max_tokens else []))
