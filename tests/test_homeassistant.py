@@ -59,14 +59,24 @@ class SensorConfig(_Strict):
     icon: str | None = None
 
 
-def retained_under(port: int, pattern: str, settle: float = 2.0) -> dict[str, bytes]:
+def retained_under(port: int, pattern: str, settle: float = 2.0, at_least: int = 0,
+                   timeout: float = 60.0) -> dict[str, bytes]:
+    """The retained messages under `pattern`: what arrives within `settle` seconds, or, with `at_least`, once
+    that many have arrived (waiting up to `timeout`: a daemon on a loaded machine publishes its discovery
+    configs a while after it is up) and `settle` more seconds have passed without a new one."""
     got: dict[str, bytes] = {}
     client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=MQTTProtocolVersion.MQTTv5)
     client.on_connect = lambda c, *_: c.subscribe(pattern, qos=1)
     client.on_message = lambda _c, _u, msg: got.__setitem__(msg.topic, msg.payload) if msg.retain else None
     client.connect("127.0.0.1", port)
     client.loop_start()
-    time.sleep(settle)
+    deadline = time.monotonic() + timeout
+    while len(got) < at_least and time.monotonic() < deadline:
+        time.sleep(0.1)
+    seen = -1
+    while seen != len(got):  # settle: until nothing new came for `settle` seconds
+        seen = len(got)
+        time.sleep(settle)
     client.disconnect()
     client.loop_stop()
     return got
@@ -120,8 +130,8 @@ def test_discovery_configs_and_the_values_they_read(broker, smollm2_int4, tmp_pa
     d = DaemonProcess(tmp_path, broker.port, smollm2_int4, device="gw-7",
                       env={"EDGELLM_HOMEASSISTANT__ENABLED": "true", "EDGELLM_TELEMETRY_INTERVAL": "600"}).start()
     try:
-        configs = {t: SensorConfig.model_validate_json(p) for t, p in retained_under(broker.port,
-                                                                                       "homeassistant/#").items()}
+        configs = {t: SensorConfig.model_validate_json(p)
+                   for t, p in retained_under(broker.port, "homeassistant/#", at_least=5).items()}
         assert {t.split("/")[-2] for t in configs} == {"model", "model_version", "queue_depth", "tokens_per_second",
                                                          "requests"}  # no update sensor: updates are off
         assert all(t.startswith("homeassistant/sensor/edgellm_gw_7/") for t in configs)
