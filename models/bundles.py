@@ -13,6 +13,7 @@ import itertools
 import json
 import os
 import tempfile
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -297,6 +298,18 @@ def desired_state(store: Path, store_url: str, name: str | None, version: str | 
         raise BuildError(f"--version: {store} has no bundle {name} {version}")
     desired = DesiredState(id=uuid.uuid4().hex[:16], store_url=store_url.rstrip("/"), name=name, version=version,
                            percent=percent)
+    return _allowing_downgrade(desired, downgrade_key)
+
+
+def reissue(desired: DesiredState, downgrade_key: Path | None = None) -> DesiredState:
+    """The same desired state as a new publication (a new id, so every device acts on it again): how an
+    aborted rollout puts a group back. With `downgrade_key`, devices that moved past it may go back."""
+    again = desired.model_copy(update={"id": uuid.uuid4().hex[:16], "published_at": time.time(),
+                                       "allow_downgrade": None})
+    return _allowing_downgrade(again, downgrade_key)
+
+
+def _allowing_downgrade(desired: DesiredState, downgrade_key: Path | None) -> DesiredState:
     if downgrade_key is not None:
         desired.allow_downgrade = Signature.model_validate_json(sign(downgrade_statement(desired),
                                                                      load_private_key(downgrade_key)))

@@ -208,22 +208,78 @@ def cmd_fleet_status(args: argparse.Namespace) -> None:
     watch = FleetWatch(settings_from_args(args)).start()
     try:
         if args.once:
+            watch.sync()
             time.sleep(args.wait)
             if args.json:
                 import json
 
-                print(json.dumps(watch.rows()))
+                print(json.dumps({"devices": watch.rows(), "rollouts": watch.rollout_rows()}))
             else:
-                Console().print(render(watch.rows()))
+                Console().print(render(watch.rows(), watch.rollout_rows()))
             return
-        with Live(render(watch.rows()), refresh_per_second=2) as live:
+        with Live(render(watch.rows(), watch.rollout_rows()), refresh_per_second=2) as live:
             while True:
                 time.sleep(0.5)
-                live.update(render(watch.rows()))
+                live.update(render(watch.rows(), watch.rollout_rows()))
     except KeyboardInterrupt:
         pass
     finally:
         watch.stop()
+
+
+def cmd_fleet_rollout(args: argparse.Namespace) -> None:
+    import logging
+
+    from edgellm.models.bundles import desired_state
+    from edgellm.models.fleet import run_rollout
+    from edgellm.models.rollout import RolloutHistory, RolloutPlan, RolloutState
+
+    try:
+        stages = tuple(float(s) for s in args.stages.split(","))
+    except ValueError:
+        raise CommandError(f"--stages: {args.stages!r} is not a list of percentages, e.g. 5,25,100") from None
+    plan = RolloutPlan(stages, args.soak, args.abort_percent, args.abort_min_reports, args.stage_timeout)
+    url = args.url or Path(args.store).resolve().as_uri()
+    desired = desired_state(args.store, url, args.name, args.version, plan.stages[0])
+    history = RolloutHistory(args.history)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    shown: list = [None]
+
+    def show(status) -> None:
+        c = status.counts
+        line = (f"stage {status.stage + 1}/{len(status.stages)} ({status.percent:g}% of {status.group}): "
+                f"{c.in_stage} devices, {c.succeeded} succeeded, {c.bad} failed or rolled back, {c.pending} updating"
+                f" - {status.state}: {status.reason or ''}")
+        if line != shown[0]:
+            shown[0] = line
+            print(line, flush=True)
+
+    status = run_rollout(settings_from_args(args), args.group, desired, plan, history, args.key, on_status=show)
+    if status.state is RolloutState.ABORTED:  # exit status 3: the release was stopped (2 is bad input)
+        print(f"rollout of {desired.name} {desired.version} to {args.group} aborted in stage {status.stage + 1}: "
+              f"{status.reason}", file=sys.stderr)
+        raise SystemExit(3)
+    print(f"rollout of {desired.name} {desired.version} to {args.group} completed; history in {args.history}")
+
+
+def cmd_fleet_history(args: argparse.Namespace) -> None:
+    import datetime
+    import json
+
+    from edgellm.models.rollout import RolloutHistory
+
+    if not args.history.is_file():
+        raise CommandError(f"--history: {args.history} does not exist yet; `edgellm fleet rollout` writes it")
+    events = RolloutHistory(args.history).events(args.group)
+    if args.json:
+        print(json.dumps(events))
+        return
+    for e in events:
+        c = e["counts"]
+        when = datetime.datetime.fromtimestamp(e["ts"]).strftime("%Y-%m-%d %H:%M:%S")
+        print(f"{when} {e['group']} {e['name']} v{e['version']} {e['event']:<9} stage {e['stage'] + 1} "
+              f"{e['percent']:g}%: {c['succeeded']} ok, {c['failed'] + c['rolled_back']} bad"
+              + (f" - {e['reason']}" if e["event"] in ("aborted", "completed") and e["reason"] else ""))
 
 
 def cmd_batch(args: argparse.Namespace) -> None:
@@ -347,6 +403,8 @@ def _register_batch(commands: argparse._SubParsersAction) -> None:
 
 
 def _register_fleet(commands: argparse._SubParsersAction) -> None:
+    from edgellm.models.rollout import default_history_path
+
     lora = commands.add_parser("lora", help="fine-tune with LoRA and merge the adapter (host side)")
     sub = lora.add_subparsers(dest="lora_command", required=True, metavar="ACTION")
     p = sub.add_parser("train", help="train a LoRA adapter with peft on the CPU")
@@ -416,6 +474,31 @@ def _register_fleet(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="with --once: print the rows as JSON")
     _add_mqtt_args(p)
     p.set_defaults(func=cmd_fleet_status)
+    p = sub.add_parser("rollout", help="publish a bundle to a group in stages, soak each, abort on failures")
+    p.add_argument("--group", required=True, help="the device group to roll out to")
+    p.add_argument("--store", required=True, type=Path, help="the store folder holding the bundle")
+    p.add_argument("--url", help="the store's URL as devices reach it (default: file:// of --store)")
+    p.add_argument("--name", help="bundle name (default: the store's latest)")
+    p.add_argument("--version", help="bundle version (default: the latest of --name)")
+    p.add_argument("--stages", default="5,25,100", help="percentages of the group, rising to 100 (default 5,25,100)")
+    p.add_argument("--soak", type=float, default=600.0, help="minimum seconds per stage (default 600)")
+    p.add_argument("--abort-percent", type=float, default=10.0,
+                   help="abort when this share of finished updates failed or rolled back (default 10)")
+    p.add_argument("--abort-min-reports", type=int, default=3,
+                   help="judge failures only after this many updates finished (default 3)")
+    p.add_argument("--stage-timeout", type=float, default=3600.0,
+                   help="abort when a stage's online devices have not finished after this many seconds (default 3600)")
+    p.add_argument("--key", type=Path, help="the release key: on abort, devices that took the release go back to "
+                   "the previous version (a signed downgrade); without it they keep it")
+    p.add_argument("--history", type=Path, default=default_history_path(),
+                   help=f"the rollout history (SQLite, appended; default {default_history_path()})")
+    _add_mqtt_args(p)
+    p.set_defaults(func=cmd_fleet_rollout)
+    p = sub.add_parser("history", help="every rollout's stages, aborts and completions, from the history file")
+    p.add_argument("--group", help="only this group's rollouts")
+    p.add_argument("--json", action="store_true", help="print the events as JSON")
+    p.add_argument("--history", type=Path, default=default_history_path(), help="the rollout history file")
+    p.set_defaults(func=cmd_fleet_history)
     p = sub.add_parser("forget", help="clear a retired device's retained status and update report")
     p.add_argument("device", nargs="+", help="device id(s)")
     _add_mqtt_args(p)

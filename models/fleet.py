@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
-from dataclasses import dataclass, field
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+
+from pydantic import ValidationError
 
 from edgellm.daemon.serve.settings import Settings
 from edgellm.daemon.update.bundle import DesiredState
+from edgellm.models.rollout import Rollout, RolloutHistory, RolloutPlan, RolloutStatus
+
+log = logging.getLogger("edgellm.fleet")
 
 
 def publish_desired(settings: Settings, topic: str, desired: DesiredState | None, timeout: float = 10.0) -> None:
@@ -19,7 +27,6 @@ def publish_desired(settings: Settings, topic: str, desired: DesiredState | None
 
 def publish_retained(settings: Settings, messages: dict[str, bytes], timeout: float = 10.0) -> None:
     """Retained messages (an empty one clears its topic), each acknowledged by the broker."""
-    from edgellm.daemon.errors import CommandError
     from edgellm.daemon.serve.mqtt_api import connect_client, make_client
 
     client = make_client(settings, f"edgellm-publish-{int(time.time() * 1000) % 10**8}")
@@ -27,14 +34,21 @@ def publish_retained(settings: Settings, messages: dict[str, bytes], timeout: fl
     client.loop_start()
     try:
         for topic, payload in messages.items():
-            info = client.publish(topic, payload, qos=1, retain=True)
-            info.wait_for_publish(timeout)
-            if not info.is_published():
-                raise CommandError(f"the broker at {settings.mqtt.host}:{settings.mqtt.port} did not acknowledge "
-                                   f"{topic} within {timeout:g} s")
+            publish_acked(client, settings, topic, payload, timeout)
     finally:
         client.disconnect()
         client.loop_stop()
+
+
+def publish_acked(client, settings: Settings, topic: str, payload: bytes, timeout: float = 10.0) -> None:
+    """One retained message through a connected client, acknowledged by the broker (or a CommandError)."""
+    from edgellm.daemon.errors import CommandError
+
+    info = client.publish(topic, payload, qos=1, retain=True)
+    info.wait_for_publish(timeout)
+    if not info.is_published():
+        raise CommandError(f"the broker at {settings.mqtt.host}:{settings.mqtt.port} did not acknowledge "
+                           f"{topic} within {timeout:g} s")
 
 
 def forget_device(settings: Settings, device: str) -> None:
@@ -53,11 +67,13 @@ def forget_device(settings: Settings, device: str) -> None:
 class DeviceRow:
     presence: dict = field(default_factory=dict)
     update: dict = field(default_factory=dict)
+    groups: tuple[str, ...] = ()  # from the last online presence (the offline will does not name them)
     last_seen: float = 0.0
 
 
 class FleetWatch:
-    """Retained status and update reports of every device under the topic root, kept current."""
+    """Retained status and update reports of every device under the topic root, and each group's desired
+    state and rollout, kept current."""
 
     def __init__(self, settings: Settings):
         from edgellm.daemon.serve.mqtt_api import make_client
@@ -65,10 +81,17 @@ class FleetWatch:
         self.root = settings.topic_root
         self.settings = settings
         self.devices: dict[str, DeviceRow] = {}
+        self.rollouts: dict[str, dict] = {}  # group -> its latest rollout status
+        self.desired: dict[str, dict] = {}  # group -> its retained desired state
         self.lock = threading.Lock()
-        self.client = make_client(settings, f"edgellm-fleet-{int(time.time() * 1000) % 10**8}")
+        self._synced = threading.Event()
+        self.client = make_client(settings, f"edgellm-fleet-{uuid.uuid4().hex[:12]}")
+        self._sync_topic = f"{self.root}/_sync/{uuid.uuid4().hex}"
         self.client.on_connect = lambda c, *_: c.subscribe([(f"{self.root}/+/status", 1),
-                                                            (f"{self.root}/+/update", 1)])
+                                                            (f"{self.root}/+/update", 1),
+                                                            (f"{self.root}/groups/+/desired", 1),
+                                                            (f"{self.root}/groups/+/rollout", 1),
+                                                            (self._sync_topic, 1)])
         self.client.on_message = self._on_message
 
     def start(self) -> FleetWatch:
@@ -78,26 +101,94 @@ class FleetWatch:
         self.client.loop_start()
         return self
 
+    def sync(self, timeout: float = 30.0) -> None:
+        """Return once the retained messages present at subscription have arrived: the broker sends them
+        right after the subscription, so our own message to a private topic comes back after them."""
+        from edgellm.daemon.errors import CommandError
+
+        deadline = time.monotonic() + timeout
+        self._synced.clear()
+        while not self._synced.is_set():
+            if time.monotonic() > deadline:
+                raise CommandError(f"the broker at {self.settings.mqtt.host}:{self.settings.mqtt.port} did not "
+                                   f"answer within {timeout:g} s")
+            self.client.publish(self._sync_topic, b"sync", qos=1)
+            self._synced.wait(0.5)
+
+    def publish(self, topic: str, payload: bytes) -> None:
+        publish_acked(self.client, self.settings, topic, payload)
+
     def stop(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
 
     def _on_message(self, _c, _u, msg) -> None:
-        device, kind = msg.topic[len(self.root) + 1:].rsplit("/", 1)
-        if device == "groups" or not msg.payload:
+        if msg.topic == self._sync_topic:
+            self._synced.set()
             return
+        scope, kind = msg.topic[len(self.root) + 1:].rsplit("/", 1)
         try:
-            body = json.loads(msg.payload)
+            body = json.loads(msg.payload) if msg.payload else None
         except json.JSONDecodeError:
             return
         with self.lock:
-            row = self.devices.setdefault(device, DeviceRow())
-            setattr(row, "presence" if kind == "status" else "update", body)
+            if scope.startswith("groups/"):
+                group = scope.removeprefix("groups/")
+                table = {"rollout": self.rollouts, "desired": self.desired}.get(kind)
+                if table is not None:
+                    table.pop(group, None) if body is None else table.__setitem__(group, body)
+                return
+            if body is None:
+                return
+            row = self.devices.setdefault(scope, DeviceRow())
+            if kind == "status":
+                row.presence = body
+                row.groups = tuple(body.get("groups") or row.groups)
+            else:
+                row.update = body
             row.last_seen = max(row.last_seen, float(body.get("ts") or 0))
 
-    def rows(self) -> list[dict]:
+    def snapshot(self) -> dict[str, DeviceRow]:
         with self.lock:
-            return [describe(name, row) for name, row in sorted(self.devices.items())]
+            return {name: replace(row) for name, row in self.devices.items()}
+
+    def rows(self) -> list[dict]:
+        return [describe(name, row) for name, row in sorted(self.snapshot().items())]
+
+    def rollout_rows(self) -> list[dict]:
+        with self.lock:
+            return [dict(r) for _, r in sorted(self.rollouts.items())]
+
+
+def run_rollout(settings: Settings, group: str, desired: DesiredState, plan: RolloutPlan, history: RolloutHistory,
+                downgrade_key: Path | None = None, poll: float = 1.0,
+                on_status: Callable[[RolloutStatus], None] = lambda status: None) -> RolloutStatus:
+    """Roll `desired` out to a group by `plan` (edgellm/models/rollout.py). On abort the group's desired state
+    from before the rollout is published again as a new publication; with `downgrade_key` it carries the
+    release key's permission, so devices that took the release go back too."""
+    from edgellm.models.bundles import reissue
+
+    root = settings.topic_root
+    watch = FleetWatch(settings).start()
+    try:
+        watch.sync()
+        restore = None
+        if previous := watch.desired.get(group):
+            try:
+                restore = reissue(DesiredState.model_validate(previous), downgrade_key)
+            except ValidationError as e:
+                log.warning("the group's current desired state is not valid (%s); an abort clears it", e)
+
+        def publish_desired(d: DesiredState | None) -> None:
+            watch.publish(f"{root}/groups/{group}/desired", d.model_dump_json().encode() if d else b"")
+
+        def publish_status(status: RolloutStatus) -> None:
+            watch.publish(f"{root}/groups/{group}/rollout", status.model_dump_json().encode())
+            on_status(status)
+
+        return Rollout(group, desired, plan, watch, history, publish_desired, publish_status, restore, poll).run()
+    finally:
+        watch.stop()
 
 
 def describe(name: str, row: DeviceRow) -> dict:
@@ -115,9 +206,11 @@ def describe(name: str, row: DeviceRow) -> dict:
             "last_seen": row.last_seen}
 
 
-def render(rows: list[dict]):
-    """The fleet as a table that fits 80 columns: model and version in one cell, the update cut to fit."""
+def render(rows: list[dict], rollouts: list[dict] = ()):
+    """The fleet as a table that fits 80 columns: model and version in one cell, the update cut to fit; the
+    groups' rollouts (stage and counts) above it, when there are any."""
     from rich import box
+    from rich.console import Group
     from rich.table import Table
 
     table = Table(title=f"edgellm fleet ({len(rows)} devices)", box=box.SIMPLE_HEAD, pad_edge=False,
@@ -131,7 +224,17 @@ def render(rows: list[dict]):
         target = f" -> {r['target']}" if r["target"] != "-" and r["update"] not in ("SUCCEEDED", "-") else ""
         table.add_row(r["device"], f"{r['model']} v{r['version']}", r["update"] + target, r["state"],
                       _ago(now - r["last_seen"]) if r["last_seen"] else "-")
-    return table
+    if not rollouts:
+        return table
+    plans = Table(title="rollouts", box=box.SIMPLE_HEAD, pad_edge=False, expand=True)
+    for column, ratio in (("group", 2), ("release", 3), ("stage", 3), ("ok/bad/wait", 2)):
+        plans.add_column(column, no_wrap=True, overflow="ellipsis", ratio=ratio)
+    for r in rollouts:
+        c = r.get("counts") or {}
+        stage = f"{r.get('stage', 0) + 1}/{len(r.get('stages') or [])} {r.get('percent', 0):g}% {r.get('state')}"
+        plans.add_row(r.get("group", "?"), f"{r.get('name')} v{r.get('version')}", stage,
+                      f"{c.get('succeeded', 0)}/{c.get('failed', 0) + c.get('rolled_back', 0)}/{c.get('pending', 0)}")
+    return Group(plans, table)
 
 
 def _ago(seconds: float) -> str:

@@ -195,7 +195,7 @@ def test_group_update_staged_rollout_and_delta(tmp_path, broker, fleet, watch):
         out = subprocess.run([*EDGELLM, "fleet", "status", "--once", "--wait", "1",
                               "--json", "--mqtt-host", "127.0.0.1", "--mqtt-port", str(broker.port)],
                              cwd=ROOT, capture_output=True, text=True, timeout=60)
-        rows = {r["device"]: r for r in json.loads(out.stdout)}
+        rows = {r["device"]: r for r in json.loads(out.stdout)["devices"]}
         assert sorted(rows) == names
         assert all(r["state"] == "online" and r["version"] == "2" and r["update"] == "SUCCEEDED"
                    for r in rows.values()), rows
@@ -472,3 +472,105 @@ def test_pull_a_signed_bundle_by_url_into_the_library_without_torch(tmp_path, fl
     assert out.returncode == 2 and "--key" in out.stderr
     out = edgellm("pull", "some-org/some-model", device_only=True)  # a hub id is built on the host
     assert out.returncode == 2 and "central host" in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
+# -- staged rollouts that stop themselves ---------------------------------------------------------------
+def fleet_cli(broker: Broker, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run([*EDGELLM, "fleet", *args, "--mqtt-host", "127.0.0.1", "--mqtt-port", str(broker.port)]
+                          if args[0] != "history" else [*EDGELLM, "fleet", *args],
+                          cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def test_rollout_plan_judges_by_failures_first_then_pending_devices_then_soak():
+    from edgellm.models.errors import BuildError
+    from edgellm.models.rollout import Counts, RolloutPlan, Verdict, judge
+
+    plan = RolloutPlan((10, 50, 100), soak_seconds=60, abort_percent=20, abort_min_reports=5, stage_timeout=600)
+    cases = [  # (stage, counts, seconds into the stage) -> verdict
+        (0, Counts(in_stage=4, pending=4), 0, Verdict.WAIT),
+        (0, Counts(in_stage=4, succeeded=2, rolled_back=2), 1, Verdict.WAIT),  # 50% bad, but only 4 finished
+        (0, Counts(in_stage=6, succeeded=3, failed=1, rolled_back=1, pending=1), 1, Verdict.ABORT),  # 2 of 5
+        (0, Counts(in_stage=6, succeeded=5, failed=1), 1, Verdict.WAIT),  # 1 of 6 bad (17%): soak first
+        (0, Counts(in_stage=6, succeeded=5, failed=1), 61, Verdict.ADVANCE),
+        (1, Counts(in_stage=9, succeeded=8, pending=1), 599, Verdict.WAIT),  # one device still updating
+        (1, Counts(in_stage=9, succeeded=8, pending=1), 601, Verdict.ABORT),  # ... past the stage timeout
+        (2, Counts(in_stage=20, succeeded=20), 60, Verdict.COMPLETE),
+        (0, Counts(), 61, Verdict.ADVANCE),  # a stage that reaches no device advances after its soak
+    ]
+    for stage, counts, age, expected in cases:
+        verdict, reason = judge(plan, stage, counts, age)
+        assert verdict is expected, (stage, counts, age, verdict, reason)
+    assert "2 of 5 finished updates failed or rolled back (40% >= 20%)" in judge(plan, *cases[2][:3])[1]
+    for bad in [(50, 25, 100), (5, 25), (0, 100), (5, 5, 100)]:
+        with pytest.raises(BuildError, match="--stages"):
+            RolloutPlan(bad)
+
+
+def test_rollout_advances_by_stage_and_aborts_a_failing_release_back_to_the_previous(tmp_path, broker, fleet,
+                                                                                     watch):
+    """Real daemons, the real `fleet rollout`: a good release goes 34% -> 100% (one device, then all); a
+    release that fails its smoke test aborts in its first stage, no device outside that stage receives it,
+    and the group's previous desired state is published again. The history keeps both rollouts."""
+    names = ["gw-a", "gw-b", "gw-c"]  # buckets 73.1, 77.1 and 27.9: 34% reaches gw-c alone
+    assert [n for n in names if in_rollout(n, 34)] == ["gw-c"]
+    history = tmp_path / "rollouts.sqlite"
+    devices = [device(tmp_path, broker, fleet, n).start() for n in names]
+    try:
+        common = ["--group", "lab", "--stages", "34,100", "--soak", "1", "--history", str(history)]
+        good = fleet_cli(broker, "rollout", "--store", str(fleet["main"]), "--url", f"{fleet['url']}/main",
+                         "--name", "tiny", "--version", "2", *common)
+        assert good.returncode == 0, good.stderr
+        assert "completed" in good.stdout
+        desired = DesiredState.model_validate_json(retained(broker.port, "edgellm/v1/groups/lab/desired"))
+        assert (desired.version, desired.percent) == ("2", 100)
+        reports = {n: watch.wait(n, desired.id, ("SUCCEEDED",)) for n in names}
+        # gw-c (stage 1) finished before the others started: they waited for the stage to soak
+        first_late = min(reports[n]["history"]["QUEUED"] for n in ("gw-a", "gw-b"))
+        assert reports["gw-c"]["history"]["SUCCEEDED"] < first_late
+
+        bad = fleet_cli(broker, "rollout", "--store", str(fleet["other"]), "--url", f"{fleet['url']}/other",
+                        "--name", "bad-golden", "--version", "1", "--abort-min-reports", "1", *common)
+        assert bad.returncode == 3, bad.stdout + bad.stderr
+        assert "aborted in stage 1: 1 of 1 finished updates failed or rolled back (100% >= 10%)" in bad.stderr
+        assert "tiny 2 published again" in bad.stderr
+        restored = DesiredState.model_validate_json(retained(broker.port, "edgellm/v1/groups/lab/desired"))
+        assert (restored.name, restored.version, restored.percent) == ("tiny", "2", 100)
+        assert restored.id != desired.id
+        for n in names:
+            watch.wait(n, restored.id, ("SUCCEEDED",))
+            assert serving(broker, n)["bundle"] == {"name": "tiny", "version": "2"}
+        bad_ids = {r["desired_id"] for n in names for r in watch.reports[n] if r["name"] == "bad-golden"}
+        assert len(bad_ids) == 1
+        assert watch.states("gw-c", bad_ids.pop())[-1] == "ROLLED_BACK"
+        assert all(r["name"] != "bad-golden" for n in ("gw-a", "gw-b") for r in watch.reports[n])
+
+        status = fleet_cli(broker, "status", "--once", "--wait", "0", "--json")
+        rollouts = json.loads(status.stdout)["rollouts"]
+        assert [(r["group"], r["name"], r["state"], r["stage"]) for r in rollouts] == [
+            ("lab", "bad-golden", "ABORTED", 0)]
+        assert rollouts[0]["counts"]["rolled_back"] == 1
+        table = fleet_cli(broker, "status", "--once", "--wait", "0")
+        assert "bad-golden v1" in table.stdout and "ABORTED" in table.stdout
+        events = json.loads(fleet_cli(broker, "history", "--history", str(history), "--json").stdout)
+        assert [(e["name"], e["event"], e["percent"]) for e in events] == [
+            ("tiny", "started", 34), ("tiny", "advanced", 100), ("tiny", "completed", 100),
+            ("bad-golden", "started", 34), ("bad-golden", "aborted", 34)]
+        assert events[2]["counts"]["succeeded"] == 3
+        text = fleet_cli(broker, "history", "--history", str(history), "--group", "lab").stdout
+        assert "bad-golden v1 aborted" in text and "1 of 1 finished updates failed" in text
+    finally:
+        for d in devices:
+            d.stop()
+
+
+def test_rollout_refuses_bad_plans_before_publishing(tmp_path, broker, fleet):
+    for args, message in [(["--stages", "50,25"], "--stages: 50,25 must rise and end at 100"),
+                          (["--stages", "five"], "--stages: 'five' is not a list of percentages"),
+                          (["--abort-percent", "0"], "--abort-percent: above 0"),
+                          (["--soak", "60", "--stage-timeout", "30"], "--stage-timeout: above --soak")]:
+        out = fleet_cli(broker, "rollout", "--store", str(fleet["main"]), "--group", "lab", *args, timeout=60)
+        assert out.returncode == 2 and message in out.stderr, (args, out.stderr)
+    out = fleet_cli(broker, "history", "--history", str(tmp_path / "none.sqlite"), timeout=60)
+    assert out.returncode == 2 and "does not exist yet" in out.stderr
+    with pytest.raises(AssertionError, match="nothing retained"):
+        retained(broker.port, "edgellm/v1/groups/lab/desired", timeout=1)
