@@ -24,10 +24,12 @@ case "$profile" in
   *) echo "usage: scripts/setup.sh [device|host|dev]" >&2; exit 2 ;;
 esac
 
-# The tests run a real broker (and its clients), check the systemd unit, and make TLS certificates.
+# The tests run a real broker (and its clients), a real web server for the bundle store (nginx), check the
+# systemd unit, and make TLS certificates.
 if [ "$profile" = dev ]; then
   missing=""
-  for tool in mosquitto:mosquitto mosquitto_rr:mosquitto-clients systemd-analyze:systemd openssl:openssl; do
+  for tool in mosquitto:mosquitto mosquitto_rr:mosquitto-clients systemd-analyze:systemd openssl:openssl \
+              /usr/sbin/nginx:nginx-light; do
     command -v "${tool%%:*}" >/dev/null || missing="$missing ${tool##*:}"
   done
   if [ -n "$missing" ]; then

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -57,6 +58,49 @@ class Broker:
                                      stderr=open(self.folder / "mosquitto.log", "a"))
         wait_for_port(self.port)
         return self
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
+class Nginx:
+    """Debian's nginx serving a folder as static files, as a real bundle store is served (Range requests are
+    nginx's own). Runs in the foreground with every path under `folder`; `user root` (as for mosquitto) when
+    the tests run as root, so its worker can read pytest's private tmp folders."""
+
+    def __init__(self, folder: Path, root: Path):
+        self.folder, self.port = folder, free_port()
+        self.conf = folder / "nginx.conf"
+        temp = "".join(f"{kind}_temp_path {folder}/{kind};\n" for kind in ("client_body", "proxy", "fastcgi",
+                                                                          "uwsgi", "scgi"))
+        self.conf.write_text(("user root;\n" if os.geteuid() == 0 else "") + f"""
+worker_processes 1;
+pid {folder}/nginx.pid;
+error_log {folder}/error.log;
+events {{ worker_connections 256; }}
+http {{
+  access_log {folder}/access.log;
+  {temp}
+  server {{ listen 127.0.0.1:{self.port}; root {root}; }}
+}}
+""")
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> Nginx:
+        binary = next((b for b in ("nginx", "/usr/sbin/nginx") if shutil.which(b)), "nginx")
+        self.proc = subprocess.Popen([binary, "-p", str(self.folder), "-c", str(self.conf), "-g", "daemon off;"],
+                                     stdout=subprocess.DEVNULL, stderr=open(self.folder / "nginx.stderr", "a"))
+        wait_for_port(self.port)
+        return self
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def access_log(self) -> list[str]:
+        return (self.folder / "access.log").read_text().splitlines()
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:

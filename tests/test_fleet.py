@@ -20,7 +20,18 @@ import pytest
 
 from edgellm.daemon.update.bundle import BundleManifest, DesiredState, chunk_path, in_rollout
 from tests.conftest import build
-from tests.harness import EDGELLM, ROOT, Broker, DaemonProcess, UpdateWatch, free_port, retained, rpc, wait_for_port
+from tests.harness import (
+    EDGELLM,
+    ROOT,
+    Broker,
+    DaemonProcess,
+    Nginx,
+    UpdateWatch,
+    free_port,
+    retained,
+    rpc,
+    wait_for_port,
+)
 
 
 # -- the host side: models, keys, bundles, the store server ----------------------------------------
@@ -94,10 +105,10 @@ def device(tmp_path: Path, broker: Broker, fleet: dict, name: str, **update) -> 
 
 
 def publish(fleet: dict, broker: Broker, name: str, version: str, scope: str = "groups/lab",
-            percent: float = 100, store: str = "main", *extra: str) -> str:
-    """Through the real CLI, as an operator would."""
+            percent: float = 100, store: str = "main", *extra: str, server: str | None = None) -> str:
+    """Through the real CLI, as an operator would; `server` is the store server's URL (default `bundle serve`)."""
     args = [*EDGELLM, "bundle", "publish", "--store", str(fleet[store]),
-            "--url", f"{fleet['url']}/{store}", "--name", name, "--version", version, "--percent", str(percent),
+            "--url", f"{server or fleet['url']}/{store}", "--name", name, "--version", version, "--percent", str(percent),
             "--mqtt-host", "127.0.0.1", "--mqtt-port", str(broker.port), *extra]
     args += ["--group", scope.split("/", 1)[1]] if scope.startswith("groups/") else ["--device", scope]
     out = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=60)
@@ -574,3 +585,35 @@ def test_rollout_refuses_bad_plans_before_publishing(tmp_path, broker, fleet):
     assert out.returncode == 2 and "does not exist yet" in out.stderr
     with pytest.raises(AssertionError, match="nothing retained"):
         retained(broker.port, "edgellm/v1/groups/lab/desired", timeout=1)
+
+
+def test_a_device_updates_from_nginx_and_resumes_with_its_range_responses(tmp_path, broker, fleet, watch):
+    """Nothing depends on `bundle serve`: the store is plain files, here behind Debian's nginx."""
+    from edgellm.daemon.update.fetch import Fetcher, FetchOptions
+
+    nginx = Nginx(tmp_path, fleet["main"].parent).start()
+    try:
+        manifest = json.loads((fleet["main"] / "bundles/tiny/1/bundle.json").read_text())
+        chunk = max((c for f in manifest["files"] for c in f["chunks"]), key=lambda c: c["size"])
+        source = (fleet["main"] / chunk_path(chunk["sha256"])).read_bytes()
+        dest = tmp_path / chunk["sha256"]
+        Path(str(dest) + ".part").write_bytes(source[: len(source) // 3])
+        fetcher = Fetcher(f"{nginx.url}/main", FetchOptions(retries=0), threading.Event())
+        fetcher.get_chunk(chunk_path(chunk["sha256"]), dest, chunk["sha256"], chunk["size"])
+        assert dest.read_bytes() == source and fetcher.transferred == len(source) - len(source) // 3
+        assert any(chunk["sha256"] in line and '" 206 ' in line for line in nginx.access_log())
+
+        gateway = device(tmp_path, broker, fleet, "gw-nginx").start()
+        try:
+            published = publish(fleet, broker, "tiny", "1", "gw-nginx", server=nginx.url)
+            report = watch.wait("gw-nginx", published, ("SUCCEEDED", "FAILED", "ROLLED_BACK"))
+            assert report["state"] == "SUCCEEDED", report
+            assert serving(broker, "gw-nginx")["bundle"] == {"name": "tiny", "version": "1"}
+            assert report["bytes_transferred"] >= report["full_bytes"]
+            fetched = {line.split("/main/chunks/")[1].split()[0].split("/")[1] for line in nginx.access_log()
+                       if "/main/chunks/" in line and '" 200 ' in line}
+            assert fetched == {c["sha256"] for f in manifest["files"] for c in f["chunks"]}  # every chunk, whole
+        finally:
+            gateway.stop()
+    finally:
+        nginx.stop()
