@@ -245,12 +245,47 @@ def _ago(seconds: float) -> str:
 
 
 def serve_store(store: Path, host: str, port: int) -> None:
-    """The store as static files over HTTP, with Range support (Starlette's FileResponse), for demos and labs.
-    Production fleets put the same folder behind nginx, a CDN or S3."""
+    """The store as static files over HTTP, with Range support (Starlette's FileResponse), for demos and labs,
+    with an access log on stderr. Production fleets put the same folder behind nginx, a CDN or S3."""
+    import sys
+
     import uvicorn
     from starlette.applications import Starlette
     from starlette.routing import Mount
     from starlette.staticfiles import StaticFiles
 
     app = Starlette(routes=[Mount("/", StaticFiles(directory=str(store)))])
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    access = logging.getLogger("edgellm.store.access")
+    access.addHandler(handler)
+    access.setLevel(logging.INFO)
+    uvicorn.run(AccessLog(app, access), host=host, port=port, log_level="warning")
+
+
+class AccessLog:
+    """One line per request, as nginx writes them: client, request line, status and body bytes sent (what
+    `scripts/sim_fleet.py` adds up as the bytes served)."""
+
+    def __init__(self, app, logger: logging.Logger):
+        self.app, self.log = app, logger
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        sent = {"status": 0, "bytes": 0}
+
+        async def counting(message):
+            if message["type"] == "http.response.start":
+                sent["status"] = message["status"]
+            elif message["type"] == "http.response.body":
+                sent["bytes"] += len(message.get("body", b""))
+            await send(message)
+
+        try:
+            await self.app(scope, receive, counting)
+        finally:
+            client = (scope.get("client") or ("-",))[0]
+            when = time.strftime("%d/%b/%Y:%H:%M:%S %z")
+            self.log.info('%s - - [%s] "%s %s HTTP/%s" %d %d', client, when, scope["method"], scope["path"],
+                          scope.get("http_version", "1.1"), sent["status"], sent["bytes"])
