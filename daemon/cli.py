@@ -21,7 +21,7 @@ HOST_PACKAGES = {"torch", "transformers", "optimum", "onnx", "onnx_ir", "gguf", 
 PARAM_FLAGS = {  # GenerationParams field -> flag
     "max_tokens": "--max-tokens", "temperature": "--temperature", "top_p": "--top-p", "top_k": "--top-k",
     "repetition_penalty": "--repetition-penalty", "seed": "--seed", "stop": "--stop",
-    "json_schema": "--json-schema", "ignore_eos": "--ignore-eos",
+    "json_schema": "--json-schema", "ignore_eos": "--ignore-eos", "adapter": "--adapter",
 }
 
 
@@ -51,6 +51,7 @@ def _add_param_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json-schema", type=Path, help="a JSON Schema file; the output will validate against it")
     p.add_argument("--ignore-eos", action="store_true", default=None,
                    help="never stop at the end-of-sequence token: generate --max-tokens tokens")
+    p.add_argument("--adapter", help="a LoRA adapter shipped in the model (adapters/NAME), run beside the base")
     p.add_argument("--verbose", action="store_true", help="print usage and timings to stderr")
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib.resources import files
 from pathlib import Path
 
@@ -47,6 +47,8 @@ class BuildOptions:
     gguf_import: bool = True  # a GGUF's quantized blocks are kept exactly (off: de-quantize and round again)
     fused: bool = True  # edgellm's fused graph where the architecture has one (off: optimum's export)
     keep_base: bool = False  # a LoRA merge of a GGUF: the base's blocks exact, the change beside them (low rank)
+    adapter_slots: tuple[str, ...] = ()  # projections that take LoRA adapters at run time (daemon/engine/adapters.py)
+    adapters: dict[str, Path] = field(default_factory=dict)  # peft adapter folders shipped in adapters/NAME/
 
 
 def build_model(source_ref: str, out: Path, options: BuildOptions) -> ModelManifest:
@@ -58,6 +60,12 @@ def build_model(source_ref: str, out: Path, options: BuildOptions) -> ModelManif
     fused = options.fused and fused_source(source)
     if options.keep_base:
         _check_keep_base(source, options, fused)
+    if (options.adapter_slots or options.adapters) and not fused:
+        raise BuildError(f"--adapter-slots: run-time adapters need edgellm's fused graph, which {source.ref} does not "
+                         "build into (Llama, Mistral, Qwen2, Phi families; not with --no-fuse)")
+    if options.adapters and not options.adapter_slots:
+        raise BuildError("--adapter: give --adapter-slots too, naming the projections the adapters train "
+                         "(e.g. q_proj,v_proj)")
     check_resources(source, out, fused)
     steps = ["Reading the source", "Building the graph", "Writing the folder", "Measuring perplexity"]
     with staged_folder(out) as (staged, scratch), Steps(steps, enabled=options.show_progress) as progress:
@@ -92,11 +100,11 @@ def fused_source(source: Source) -> bool:
     return False
 
 
-def plan_for(spec: QuantSpec, gguf_import: bool):
+def plan_for(spec: QuantSpec, gguf_import: bool, adapter_slots: tuple[str, ...] = ()):
     from edgellm.models.fused_graph import Plan
 
     return Plan(bits=spec.bits, block_size=spec.block_size, symmetric=spec.symmetric, head_bits=spec.head_bits,
-                eight_bit=spec.eight_bit, requantize=not gguf_import)
+                eight_bit=spec.eight_bit, requantize=not gguf_import, adapter_slots=adapter_slots)
 
 
 def _build_fused(source: Source, staged: Path, options: BuildOptions, progress: Steps) -> ModelManifest:
@@ -111,7 +119,8 @@ def _build_fused(source: Source, staged: Path, options: BuildOptions, progress: 
     progress.next()
     data = ExternalData(staged / EXTERNAL_DATA)
     try:
-        graph, report = build_fused_decoder(spec, weights, plan_for(options.quant, options.gguf_import), data)
+        plan = plan_for(options.quant, options.gguf_import, options.adapter_slots)
+        graph, report = build_fused_decoder(spec, weights, plan, data)
     finally:
         data.close()
     onnx.save(graph, staged / MODEL_FILE)
@@ -120,6 +129,7 @@ def _build_fused(source: Source, staged: Path, options: BuildOptions, progress: 
     generation, license_ = _write_tokenizer(source, meta, staged, spec.context)
     del meta
     names = [MODEL_FILE, EXTERNAL_DATA, TOKENIZER_FILE] + ([CHAT_TEMPLATE] if generation.chat_template else [])
+    names += _copy_adapters(options.adapters, staged)
     manifest = ModelManifest(
         name=options.name or f"{source.default_name()}-{options.quant.scheme}", architecture=spec.architecture,
         model_type=spec.model_type, quantization=_quantization(options.quant, report), graph="fused",
@@ -223,6 +233,23 @@ def _ids(value) -> list[int]:
     if value is None:
         return []
     return [int(v) for v in value] if isinstance(value, list) else [int(value)]
+
+
+def _copy_adapters(adapters: dict[str, Path], staged: Path) -> list[str]:
+    """peft adapter folders into adapters/NAME/ (their two files only); loading the build checks each
+    against the graph's slots."""
+    from edgellm.daemon.engine.adapters import ADAPTERS_FOLDER
+
+    names = []
+    for name, folder in adapters.items():
+        for file in ("adapter_config.json", "adapter_model.safetensors"):
+            if not (Path(folder) / file).is_file():
+                raise BuildError(f"--adapter {name}={folder}: no {file}; give a folder from `edgellm lora train`")
+            target = staged / ADAPTERS_FOLDER / name / file
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(Path(folder) / file, target)
+            names.append(f"{ADAPTERS_FOLDER}/{name}/{file}")
+    return names
 
 
 def _read(path: Path) -> dict:

@@ -12,6 +12,22 @@ from edgellm.daemon.errors import CommandError
 QUANT_SCHEMES = ("int4", "int8", "fp32")
 
 
+def _named_folders(pairs: list[str]) -> dict[str, Path]:
+    """--adapter NAME=DIR (repeatable) as {NAME: DIR}."""
+    import re
+
+    from edgellm.daemon.formats import NAME_PATTERN
+
+    named = {}
+    for pair in pairs:
+        name, sep, folder = pair.partition("=")
+        if not sep or not re.match(NAME_PATTERN, name) or not folder:
+            raise CommandError(f"--adapter: expected NAME=DIR with a name of letters, digits, '-', '_', '.', "
+                               f"got {pair!r}")
+        named[name] = Path(folder)
+    return named
+
+
 def cmd_model_build(args: argparse.Namespace) -> None:
     from edgellm.models.quantize import QuantSpec
 
@@ -24,9 +40,11 @@ def cmd_model_build(args: argparse.Namespace) -> None:
         raise CommandError(f"model build needs {e.name}: pip install 'edgellm[gguf]' to build from GGUF files, "
                            "or 'edgellm[host]' for everything (scripts/setup.sh host)") from None
     eight_bit = tuple(p for p in (args.eight_bit or "").split(",") if p)
+    slots = tuple(p for p in (args.adapter_slots or "").split(",") if p)
     options = BuildOptions(QuantSpec(args.quant, block_size=args.block_size, symmetric=not args.asymmetric,
                                      eight_bit=eight_bit), name=args.name, revision=args.revision, force=args.force,
-                           gguf_import=not args.no_gguf_import, fused=not args.no_fuse, keep_base=args.keep_base)
+                           gguf_import=not args.no_gguf_import, fused=not args.no_fuse, keep_base=args.keep_base,
+                           adapter_slots=slots, adapters=_named_folders(args.adapter or []))
     if args.task == "embedding":
         from edgellm.models.embedding_build import build_embedding
 
@@ -342,6 +360,10 @@ def register(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--keep-base", action="store_true", help="with a LoRA merge of a GGUF base: keep the base's "
                    "blocks exactly and run the LoRA's change beside them in fp32, instead of rounding the merged "
                    "weights to 4 bits again, which erases much of the tuning (a little slower, a little larger)")
+    p.add_argument("--adapter-slots", metavar="MODULES", help="comma-separated projections (e.g. q_proj,v_proj) "
+                   "that take LoRA adapters at run time, one per request (a little slower than a merge)")
+    p.add_argument("--adapter", action="append", metavar="NAME=DIR", help="with --adapter-slots: ship this peft "
+                   "adapter folder (from `edgellm lora train`) in the model as NAME; repeatable")
     p.add_argument("--name", help="model name for the manifest (default: from the source)")
     p.add_argument("--revision", help="hub revision (branch, tag or commit) to pin")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")

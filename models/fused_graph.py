@@ -27,6 +27,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from edgellm.daemon.engine.adapters import ADAPTER_SLOTS_KEY
 from edgellm.daemon.engine.decoder import KV_CACHE_KEY, KV_IN_PLACE
 from edgellm.models.blocks import Blocks, stack
 from edgellm.models.errors import BuildError
@@ -58,6 +59,7 @@ class Plan:
     head_bits: int = 8
     eight_bit: tuple[str, ...] = ()
     requantize: bool = False
+    adapter_slots: tuple[str, ...] = ()  # projections (q_proj, v_proj, ...) that take a LoRA adapter at run time
 
 
 @dataclass
@@ -128,6 +130,7 @@ class _Builder:
         self.report = Report()
         self.shared: dict[int, tuple[Blocks, dict[str, str]]] = {}  # id -> (blocks, initializer names)
         self.row_slices: dict[str, list[int]] = {}  # node -> rows of each matrix stacked in its weights
+        self.adapter_slots: dict[str, dict] = {}  # node -> its run-time adapter inputs (daemon/engine/adapters.py)
 
     # -- weights --------------------------------------------------------------------------------------
     def matrix(self, name: str) -> Tensor:
@@ -187,6 +190,19 @@ class _Builder:
             (y,) = self.g.op("Concat", outs, f"{node}/Concat", axis=-1)
         if any(c is not None for c in changes):
             y = self._add_change(x, y, changes, [_rows(p) for p in parts], node)
+        modules = [(n.removesuffix(".weight"), _rows(p)) for n, p in zip(names, parts, strict=True)]
+        if not head and any(m.rsplit(".", 1)[-1] in self.plan.adapter_slots for m, _ in modules):
+            y = self._adapter_slot(x, y, modules, parts[0].shape[1], node)
+        return y
+
+    def _adapter_slot(self, x: str, y: str, modules: list[tuple[str, int]], k: int, node: str) -> str:
+        """y + (x down) up with down [batch, K, rank] and up [batch, rank, N] fed at run time: each row of a
+        batch its own LoRA adapter (zeros for none), the base's weights untouched."""
+        down, up = f"lora:{node}:down", f"lora:{node}:up"
+        self.adapter_slots[node] = {"in": k, "down": down, "up": up, "modules": [list(m) for m in modules]}
+        (t,) = self.g.op("MatMul", [x, down], f"{node}/AdapterDown")
+        (d,) = self.g.op("MatMul", [t, up], f"{node}/AdapterUp")
+        (y,) = self.g.op("Add", [y, d], f"{node}/AdapterAdd")
         return y
 
     def _add_change(self, x: str, y: str, changes: list[LowRank | None], rows: list[int], node: str) -> str:
@@ -409,9 +425,16 @@ def build_fused_decoder(spec: ModelSpec, weights, plan: Plan, data: ExternalData
             inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", f, cache_shape))
             outputs.append(helper.make_tensor_value_info(
                 f"present.{i}.{kind}", f, ["batch_size", kv_heads, "total_sequence_length", head_dim]))
+    for node, slot in b.adapter_slots.items():
+        rows = sum(n for _, n in slot["modules"])
+        inputs += [helper.make_tensor_value_info(slot["down"], f, ["batch_size", slot["in"], f"rank:{node}"]),
+                   helper.make_tensor_value_info(slot["up"], f, ["batch_size", f"rank:{node}", rows])]
     graph = helper.make_graph(g.nodes, "edgellm_fused_decoder", inputs, outputs, g.inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)],
                               producer_name="edgellm")
-    helper.set_model_props(model, {KV_CACHE_KEY: KV_IN_PLACE, ROW_SLICES_KEY: json.dumps(b.row_slices)})
+    props = {KV_CACHE_KEY: KV_IN_PLACE, ROW_SLICES_KEY: json.dumps(b.row_slices)}
+    if b.adapter_slots:
+        props[ADAPTER_SLOTS_KEY] = json.dumps(b.adapter_slots)
+    helper.set_model_props(model, props)
     b.report.rounded = list(getattr(weights, "rounded", []))
     return model, b.report

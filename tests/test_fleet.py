@@ -108,8 +108,8 @@ def publish(fleet: dict, broker: Broker, name: str, version: str, scope: str = "
             percent: float = 100, store: str = "main", *extra: str, server: str | None = None) -> str:
     """Through the real CLI, as an operator would; `server` is the store server's URL (default `bundle serve`)."""
     args = [*EDGELLM, "bundle", "publish", "--store", str(fleet[store]),
-            "--url", f"{server or fleet['url']}/{store}", "--name", name, "--version", version, "--percent", str(percent),
-            "--mqtt-host", "127.0.0.1", "--mqtt-port", str(broker.port), *extra]
+            "--url", f"{server or fleet['url']}/{store}", "--name", name, "--version", version,
+            "--percent", str(percent), "--mqtt-host", "127.0.0.1", "--mqtt-port", str(broker.port), *extra]
     args += ["--group", scope.split("/", 1)[1]] if scope.startswith("groups/") else ["--device", scope]
     out = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr

@@ -226,13 +226,13 @@ def test_a_long_prompt_runs_in_chunks_between_the_decode_steps(model, passes):
     decoder = batched.model.decoder
     forward, decode_rows = decoder.forward, decoder.decode_rows
 
-    def chunk(ids, cache, all_logits=False):
+    def chunk(ids, cache, all_logits=False, adapter=None):
         order.append(f"chunk {len(ids)}")
-        return forward(ids, cache, all_logits)
+        return forward(ids, cache, all_logits, adapter)
 
-    def step(binding, tokens, past):
+    def step(binding, tokens, past, adapters=None):
         order.append("step")
-        return decode_rows(binding, tokens, past)
+        return decode_rows(binding, tokens, past, adapters)
 
     decoder.forward, decoder.decode_rows = chunk, step
     try:

@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from edgellm.daemon.engine.adapters import Adapter, AdapterSlots
+
 PAST_PREFIX = "past_key_values."
 PRESENT_PREFIX = "present."
 KV_CACHE_KEY = "edgellm.kv_cache"  # model metadata: how the graph treats its past keys and values
@@ -113,7 +115,12 @@ class OnnxDecoder:
         first = inputs[self.past_names[0]].shape  # [batch, kv_heads, past, head_dim]
         self.kv_heads, self.head_dim = int(first[1]), int(first[3])
         self.vocab_size = self.session.get_outputs()[0].shape[-1]
-        self.in_place = self.session.get_modelmeta().custom_metadata_map.get(KV_CACHE_KEY) == KV_IN_PLACE
+        metadata = self.session.get_modelmeta().custom_metadata_map
+        self.in_place = metadata.get(KV_CACHE_KEY) == KV_IN_PLACE
+        self.adapters = AdapterSlots.from_metadata(metadata)  # None: the graph takes no run-time adapters
+
+    def _adapter_feeds(self, rows: list[Adapter | None]) -> dict[str, np.ndarray]:
+        return self.adapters.feeds(rows) if self.adapters is not None else {}
 
     def new_cache(self, capacity: int = 0, prefix: list[np.ndarray] | None = None) -> KVCache:
         """An empty cache, or one holding `prefix` (arrays from KVCache.prefix). `capacity` is a hint: the
@@ -143,12 +150,15 @@ class OnnxDecoder:
             binding.bind_ortvalue_output(present, value)
         return binding
 
-    def decode_rows(self, binding: ort.IOBinding, tokens: np.ndarray, past: np.ndarray) -> np.ndarray:
+    def decode_rows(self, binding: ort.IOBinding, tokens: np.ndarray, past: np.ndarray,
+                    adapters: list[Adapter | None] | None = None) -> np.ndarray:
         """One token for each row of a batch bound by `bind`; row r has `past[r]` positions before it
-        (right-padded: the attention mask tells GroupQueryAttention each row's length). Logits [rows, vocab]."""
+        (right-padded: the attention mask tells GroupQueryAttention each row's length) and runs `adapters[r]`
+        (None: the base). Logits [rows, vocab]."""
         total = past + 1
         mask = (np.arange(total.max())[None, :] < total[:, None]).astype(np.int64)
         feeds = {"input_ids": tokens[:, None], "attention_mask": mask, "logit_positions": np.zeros(1, np.int64)}
+        feeds.update(self._adapter_feeds(adapters or [None] * len(tokens)))
         return self._run_bound(binding, feeds, (len(tokens), 1))[:, 0]
 
     def _run_bound(self, binding: ort.IOBinding, feeds: dict[str, np.ndarray], shape: tuple[int, int]) -> np.ndarray:
@@ -160,13 +170,16 @@ class OnnxDecoder:
         self.session.run_with_iobinding(binding)
         return logits
 
-    def forward(self, ids: Sequence[int], cache: KVCache, all_logits: bool = False) -> np.ndarray:
-        """Run the new tokens, extend `cache` in place, return logits [n, vocab] (or [1, vocab] for the last)."""
+    def forward(self, ids: Sequence[int], cache: KVCache, all_logits: bool = False,
+                adapter: Adapter | None = None) -> np.ndarray:
+        """Run the new tokens, extend `cache` in place, return logits [n, vocab] (or [1, vocab] for the last).
+        `adapter`: a LoRA adapter loaded on this model (edgellm/daemon/engine/adapters.py), None for the base."""
         n = len(ids)
         total = cache.length + n
         feeds: dict[str, np.ndarray] = {
             "input_ids": np.asarray([ids], dtype=np.int64),
             "attention_mask": np.ones((1, total), dtype=np.int64),
+            **self._adapter_feeds([adapter]),
         }
         if self.has_position_ids:
             feeds["position_ids"] = np.arange(cache.length, total, dtype=np.int64)[None, :]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 
+from edgellm.daemon.engine.adapters import Adapter
 from edgellm.daemon.engine.chat import ChatMessage
 from edgellm.daemon.engine.constrain import JsonConstraint, compile_json_schema, grammar_tokenizer
 from edgellm.daemon.engine.copy_grammar import has_copied_fields
@@ -91,15 +92,26 @@ class Generator:
         if len(ids) >= context:
             raise EdgeError("bad_request", f"prompt: is {len(ids)} tokens; the model's context is {context} "
                             "tokens. Shorten the prompt", param="prompt")
+        adapter = self._adapter(params.adapter)
         constraint = self._constraint(params.json_schema, ids) if params.json_schema is not None else None
-        hit = self._cached_prefix(ids) if self.scheduler is None else None  # the scheduler looks when it runs it
+        # (the scheduler looks the prefix up itself, when it runs the sequence)
+        hit = self._cached_prefix(ids, adapter) if self.scheduler is None else None
         # A repeat of a cacheable prompt computes its last token alone, on top of the cached rest. onnxruntime
         # computes one row and many rows with different kernels, so the cold request does the same: then the
         # cold and the warm request see bit-identical logits and give the same greedy answer.
         split_last = self.prefix_cache is not None and len(ids) >= self.prefix_cache.min_tokens
         return Sequence(ids, params, context=context, eos=self.model.eos_token_ids, tokenizer=self.model.tokenizer,
                         constraint=constraint, cached=hit, split_last=split_last, interrupt=interrupt,
-                        started=started)
+                        started=started, adapter=adapter)
+
+    def _adapter(self, name: str | None) -> Adapter | None:
+        slots = self.model.decoder.adapters
+        if name is None:
+            return None
+        if slots is None:
+            raise EdgeError("bad_request", f"adapter: model {self.model.manifest.name} takes no run-time adapters; "
+                            "build it with `--adapter-slots` (or merge the adapter into it)", param="adapter")
+        return slots.get(name)
 
     def stream(self, ids: list[int], params: GenerationParams, interrupt: Callable[[], None] | None = None,
                started: float | None = None) -> Iterator[Delta | Result]:
@@ -123,14 +135,17 @@ class Generator:
         while not seq.finished:
             seq.check()
             feed = seq.next_feed()
-            if seq.fed(len(feed), decoder.forward(feed, cache)[-1]):
+            if seq.fed(len(feed), decoder.forward(feed, cache, adapter=seq.adapter)[-1]):
                 self._remember_prompt(seq, cache)
             yield from seq.drain()
         yield from seq.drain()
 
-    def _cached_prefix(self, ids: list[int]):
-        return self.prefix_cache.lookup(ids) if self.prefix_cache is not None else None
+    def _cached_prefix(self, ids: list[int], adapter: Adapter | None):
+        """Keys and values depend on the adapter (it changes k and v): each adapter has its own prefixes."""
+        if self.prefix_cache is None:
+            return None
+        return self.prefix_cache.lookup(ids, adapter.name if adapter else "")
 
     def _remember_prompt(self, seq: Sequence, cache: KVCache) -> None:
         if self.prefix_cache is not None:
-            self.prefix_cache.store(seq.ids, cache.prefix())
+            self.prefix_cache.store(seq.ids, cache.prefix(), seq.adapter.name if seq.adapter else "")

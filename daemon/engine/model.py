@@ -33,6 +33,8 @@ class LoadedModel:
             tokenizer = Tokenizer.from_file(str(folder / TOKENIZER_FILE))
         except Exception as e:  # onnxruntime and tokenizers raise their own types
             raise EdgeError("model_unavailable", f"{folder}: cannot load the model: {e}") from None
+        if decoder.adapters is not None:
+            decoder.adapters.load_folder(folder)  # the LoRA adapters shipped beside the base (adapters/NAME/)
         template = None
         if manifest.generation.chat_template:
             source = (folder / manifest.generation.chat_template).read_text()

@@ -20,6 +20,8 @@ class GenerationParams(BaseModel):
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     stop: list[str] = Field(default_factory=list, max_length=MAX_STOPS)
     json_schema: dict[str, Any] | None = None
+    adapter: str | None = Field(None, max_length=128, description="a LoRA adapter loaded on the model (model."
+                                "adapters, or its adapters/ folder), run beside the base for this request only")
     ignore_eos: bool = Field(False, description="never sample the end-of-sequence token, so the output runs to "
                              "max_tokens or a stop string (llama.cpp's ignore_eos); for fixed-length benchmarks")
 

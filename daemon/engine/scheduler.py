@@ -31,6 +31,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from edgellm.daemon.engine.adapters import Adapter
 from edgellm.daemon.engine.decoder import KVCache, OnnxDecoder, copy_keys
 from edgellm.daemon.engine.sequence import Sequence
 from edgellm.daemon.errors import EdgeError
@@ -44,11 +45,12 @@ CHUNK_STEPS = 1.5  # a chunk's target time, in decode steps: how long the decodi
 class Scheduler:
     def __init__(self, decoder: OnnxDecoder, rows: int, capacity: int,
                  on_prompt: Callable[[Sequence, KVCache], None] = lambda seq, cache: None,
-                 lookup: Callable[[list[int]], tuple[int, list[np.ndarray]] | None] = lambda ids: None):
-        """`on_prompt(seq, cache)` runs when a cache holds exactly a prompt's keys; `lookup(ids)` finds the
-        longest cached prefix of a prompt. (Both are the prefix cache's.) A prompt looks its prefix up only
-        when its first pass is due, so requests that arrive together with a shared system prompt compute it
-        once: the first stores it, the others find it."""
+                 lookup: Callable[[list[int], Adapter | None], tuple[int, list[np.ndarray]] | None]
+                 = lambda ids, adapter: None):
+        """`on_prompt(seq, cache)` runs when a cache holds exactly a prompt's keys; `lookup(ids, adapter)` finds
+        the longest cached prefix of a prompt made with that adapter. (Both are the prefix cache's.) A prompt
+        looks its prefix up only when its first pass is due, so requests that arrive together with a shared
+        system prompt compute it once: the first stores it, the others find it."""
         if not decoder.in_place:
             raise ValueError("batching needs a graph with an in-place KV cache (edgellm's fused graph)")
         self.decoder = decoder
@@ -156,7 +158,7 @@ class Scheduler:
             self._end(seq)
 
     def _reuse_prefix(self, seq: Sequence) -> None:
-        hit = self.lookup(seq.ids)
+        hit = self.lookup(seq.ids, seq.adapter)
         if hit is not None and hit[0] > seq.usage.cached_tokens:
             cache = self._caches[id(seq)]
             copy_keys(cache.arrays, hit[1], hit[0])
@@ -180,7 +182,8 @@ class Scheduler:
                     tokens[r] = seq.todo[0]
         started = time.perf_counter()
         try:
-            logits = self.decoder.decode_rows(self._batches[span - 1], tokens, past)
+            adapters = [seq.adapter if seq is not None else None for seq in self._rows[:span]]
+            logits = self.decoder.decode_rows(self._batches[span - 1], tokens, past, adapters)
         except Exception as e:  # every sequence in the step sees the failure, none hangs
             log.exception("a batched step failed")
             for seq in batch:
@@ -197,7 +200,7 @@ class Scheduler:
         """One pass of `feed` for one sequence: a prompt chunk, forced tokens, or a step of a private cache."""
         cache = self._caches[id(seq)]
         try:
-            logits = self.decoder.forward(feed, cache)[-1]
+            logits = self.decoder.forward(feed, cache, adapter=seq.adapter)[-1]
         except Exception as e:
             log.exception("a forward pass failed")
             seq.fail(EdgeError("internal", f"{type(e).__name__}: {e}"))

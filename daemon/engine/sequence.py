@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from edgellm.daemon.engine.adapters import Adapter
 from edgellm.daemon.engine.constrain import JsonConstraint
 from edgellm.daemon.engine.detokenize import IncrementalDecoder
 from edgellm.daemon.engine.params import GenerationParams
@@ -67,13 +68,15 @@ class Sequence:
     def __init__(self, ids: list[int], params: GenerationParams, *, context: int, eos: frozenset[int],
                  tokenizer, constraint: JsonConstraint | None = None,
                  cached: tuple[int, list[np.ndarray]] | None = None, split_last: bool = False,
-                 interrupt: Callable[[], None] | None = None, started: float | None = None):
+                 interrupt: Callable[[], None] | None = None, started: float | None = None,
+                 adapter: Adapter | None = None):
         """`cached`: a prefix-cache hit, (tokens, their keys and values), for whoever makes the cache.
+        `adapter`: the LoRA adapter every pass of this sequence runs with (None: the base).
         `split_last`: without a hit, feed the prompt's last token in a pass of its own. A repeat of this prompt
         will find all but its last token cached and compute that token alone: then the two see bit-identical
         logits (see Generator.sequence)."""
         cached_tokens, self.cached_keys = cached if cached is not None else (0, None)
-        self.ids, self.params = ids, params
+        self.ids, self.params, self.adapter = ids, params, adapter
         self.budget = min(params.max_tokens, context - len(ids))
         self.eos = eos
         self.constraint = constraint

@@ -103,12 +103,13 @@ class _Sampling(_OpenAI):
     seed: int | None = None
     stream: bool = False
     stream_options: dict[str, Any] | None = None
+    ignore_eos: bool | None = None  # llama-server's extension, for fixed-length answers
 
     def params(self) -> dict[str, Any]:
         if self.n != 1:
             raise EdgeError("bad_request", "n: only 1 completion per request is supported", param="n")
         out = {"max_tokens": self.max_completion_tokens or self.max_tokens, "temperature": self.temperature,
-               "top_p": self.top_p, "seed": self.seed,
+               "top_p": self.top_p, "seed": self.seed, "ignore_eos": self.ignore_eos,
                "stop": [self.stop] if isinstance(self.stop, str) else self.stop, "stream": self.stream}
         return {k: v for k, v in out.items() if v is not None}
 
@@ -239,9 +240,12 @@ def create_app(settings: Settings, worker: Worker, models: ServedModels, metrics
         return openai_error(STATUS[exc.code], exc.message, exc.code, HTTP_PARAMS.get(exc.param, exc.param))
 
     def check_model(name: str) -> JSONResponse | None:
-        if name in ("default", model_name()):
+        """The model, 'default', or a LoRA adapter loaded beside it (by its name, as vLLM serves adapters)."""
+        adapters = models.served.adapters
+        if name in ("default", model_name(), *adapters):
             return None
-        return openai_error(404, f"model '{name}' is not served here; GET /v1/models lists '{model_name()}' "
+        listed = ", ".join(f"'{n}'" for n in [model_name(), *adapters])
+        return openai_error(404, f"model '{name}' is not served here; GET /v1/models lists {listed} "
                             "(or say 'default')", "model_not_found", "model")
 
     async def submit(method: str, wire) -> tuple[Job, QueueSink]:
@@ -324,9 +328,12 @@ def create_app(settings: Settings, worker: Worker, models: ServedModels, metrics
 
     def wire_of(body: ChatCompletionRequest | CompletionRequest):
         try:
-            return body.to_wire()
+            wire = body.to_wire()
         except ValidationError as e:
             raise validation_error(e) from None
+        if body.model in models.served.adapters:
+            wire.adapter = body.model  # the base with this adapter beside it, for this request only
+        return wire
 
     def sse(obj: dict | str) -> bytes:
         return b"data: " + (obj.encode() if isinstance(obj, str) else encode_json(obj)) + b"\n\n"
@@ -433,8 +440,10 @@ def create_app(settings: Settings, worker: Worker, models: ServedModels, metrics
     async def list_models():
         served = models.served
         names = [model_name()] + ([served.embedder.name] if served.embedder else [])
-        return {"object": "list", "data": [{"id": n, "object": "model", "created": 0, "owned_by": "edgellm"}
-                                           for n in names]}
+        data = [{"id": n, "object": "model", "created": 0, "owned_by": "edgellm"} for n in names]
+        data += [{"id": n, "object": "model", "created": 0, "owned_by": "edgellm", "parent": model_name()}
+                 for n in served.adapters]  # LoRA adapters, as vLLM lists them
+        return {"object": "list", "data": data}
 
     @app.get("/health")
     async def health():

@@ -30,6 +30,12 @@ class Served:
         m = self.generator.model.manifest
         return ModelInfo(m.name, m.version)
 
+    @property
+    def adapters(self) -> list[str]:
+        """The LoRA adapters loaded beside the generation model (daemon/engine/adapters.py)."""
+        slots = self.generator.model.decoder.adapters
+        return sorted(slots.adapters) if slots is not None else []
+
     def require_embedder(self) -> Embedder:
         if self.embedder is None:
             raise EdgeError("model_unavailable", "no embedding model is configured on this device (embedding.path)")
