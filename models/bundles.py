@@ -129,8 +129,9 @@ def cut_points(size: int, starts: set[int]) -> list[int]:
     return points if points[-1] == size else [*points, size]
 
 
-def chunk_file(path: Path, starts: set[int], store: Path) -> BundleFile:
-    """Write the file's chunks into the store (each once, by content) and describe the file."""
+def chunk_file(path: Path, starts: set[int], store: Path, name: str | None = None) -> BundleFile:
+    """Write the file's chunks into the store (each once, by content) and describe the file as `name` (its
+    path in the model folder, e.g. adapters/NAME/adapter_model.safetensors; default its file name)."""
     size = path.stat().st_size
     whole = hashlib.sha256()
     chunks = []
@@ -142,7 +143,7 @@ def chunk_file(path: Path, starts: set[int], store: Path) -> BundleFile:
             digest = hashlib.sha256(data).hexdigest()
             write_once(store / chunk_path(digest), data)
             chunks.append(Chunk(sha256=digest, size=len(data)))
-    return BundleFile(path=path.name, size=size, sha256=whole.hexdigest(), chunks=chunks)
+    return BundleFile(path=name or path.name, size=size, sha256=whole.hexdigest(), chunks=chunks)
 
 
 def add_deltas(files: list[BundleFile], parent: BundleManifest, store: Path) -> None:
@@ -203,7 +204,7 @@ def build_bundle(model_dir: Path, store: Path, key_path: Path, options: BundleOp
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / SMOKE_FILE).write_text(smoke_text)
         starts = tensor_starts(model_dir)
-        files = [chunk_file(model_dir / n, starts.get(n, set()), store) for n in [*model.files, MANIFEST_NAME]]
+        files = [chunk_file(model_dir / n, starts.get(n, set()), store, n) for n in [*model.files, MANIFEST_NAME]]
         files.append(chunk_file(Path(tmp) / SMOKE_FILE, set(), store))
     if parent and (store / bundle_path(name, parent)).is_file():
         add_deltas(files, read_bundle(store, name, parent), store)

@@ -161,3 +161,52 @@ def test_the_daemon_serves_adapters_by_name_over_http_mqtt_and_the_cli(adapters,
                           "--max-tokens", "8", "--temperature", "0", "--ignore-eos", "Say facture."],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.rstrip("\n") == expected["shout"].rstrip("\n"), out.stderr
+
+
+def test_a_bundle_carries_its_adapters_and_a_new_adapter_ships_alone(adapters, tmp_path):
+    """The same base with another adapter under the same name: the update is that adapter's file and the
+    model's manifest, and the assembled slot serves it."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    from edgellm.daemon.update.bundle import BundleManifest, bundle_path, chunk_path
+    from edgellm.daemon.update.slots import ActiveState, SlotStore
+    from edgellm.models.build import BuildOptions, build_model
+    from edgellm.models.bundles import BundleOptions, build_bundle, keygen
+    from edgellm.models.quantize import QuantSpec
+
+    again = tmp_path / "echo-again"  # echo retrained: every value new (scaled here), same shapes
+    again.mkdir()
+    shutil.copyfile(adapters["echo"] / "adapter_config.json", again / "adapter_config.json")
+    save_file({k: v * 1.5 for k, v in load_file(str(adapters["echo"] / "adapter_model.safetensors")).items()},
+              str(again / "adapter_model.safetensors"))
+    retuned = tmp_path / "retuned"
+    build_model(str(adapters["base"]), retuned, BuildOptions(QuantSpec("fp32"), show_progress=False,
+                                                             adapter_slots=("q_proj", "v_proj"),
+                                                             adapters={"echo": again, "shout": adapters["shout"]}))
+    store, key = tmp_path / "store", tmp_path / "release.key"
+    keygen(key)
+    v1 = build_bundle(adapters["slots"], store, key, BundleOptions(name="slots", version="1"))
+    v2 = build_bundle(retuned, store, key, BundleOptions(name="slots", version="2"))
+    assert "adapters/echo/adapter_model.safetensors" in {f.path for f in v1.files}
+    held = v1.unique_chunks()
+    changed = {f.path for f in v2.files for c in f.chunks if c.sha256 not in held}
+    assert changed == {"adapters/echo/adapter_model.safetensors", "manifest.json"}, changed
+    adapter_bytes = next(f.size for f in v2.files if f.path == "adapters/echo/adapter_model.safetensors")
+    assert sum(size for sha, size in v2.unique_chunks().items() if sha not in held) < 2 * adapter_bytes
+
+    device = SlotStore(tmp_path / "device")
+    for version, manifest in (("1", v1), ("2", v2)):
+        for sha in device.missing_chunks(manifest):  # what the agent would fetch
+            shutil.copyfile(store / chunk_path(sha), device.downloads / sha)
+        body = (store / bundle_path("slots", version)).read_bytes()
+        slot = device.assemble(BundleManifest.model_validate_json(body), body,
+                               (store / bundle_path("slots", version, "bundle.json.sig")).read_bytes())
+        device.set_state(ActiveState(active=slot.name, previous=device.state().active))
+    served = LoadedModel.load(slot, threads=1, verify_hashes=True)
+    assert sorted(served.decoder.adapters.adapters) == ["echo", "shout"]
+    first = LoadedModel.load(adapters["slots"], threads=1)
+    text = "Say facture."
+    assert np.abs(logits(served, text, "shout") - logits(first, text, "shout")).max() < 1e-5
+    assert np.abs(logits(served, text, "echo") - logits(first, text, "echo")).max() > 1e-3  # the new echo
