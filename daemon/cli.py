@@ -339,7 +339,8 @@ def cmd_ask(args: argparse.Namespace) -> None:
 
     generator = Generator(LoadedModel.load(resolve_model(model), threads=args.threads))
     answer = ask(generator, store, args.question, params, args.k, args.collection,
-                 _key_values(args.filter, "--filter"), settings.store.min_similarity)
+                 _key_values(args.filter, "--filter"), settings.store.min_similarity,
+                 args.mode or settings.store.answer_mode)
     if args.json:
         print(json.dumps({"answer": answer.answer, "citations": answer.citations}, ensure_ascii=False))
         return
@@ -409,6 +410,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, default=4, help="passages given to the model (default 4)")
     p.add_argument("--filter", action="append", help="KEY=VALUE metadata filter (repeatable)")
     p.add_argument("--json", action="store_true", help="one JSON object: answer and citations with source paths")
+    p.add_argument("--mode", choices=("auto", "grounded", "free"), help="grounded: a span copied from the best "
+                   "sentence; free: text written from the passages (store.answer_mode; auto: grounded under 1B "
+                   "parameters)")
     p.set_defaults(func=cmd_ask)
 
     p = commands.add_parser("request", help="send one request to a device or group over MQTT, print the reply")

@@ -1,4 +1,5 @@
-"""Retrieval benchmark: search latency at 10k and 100k chunks, ingest chunks/s, embeddings/s at batch 1 and 32.
+"""Retrieval benchmark: search latency at 10k and 100k chunks, ingest chunks/s, embeddings/s at batch 1 and 32;
+with --answers, the answers `ask` gives instead.
 
 The large stores hold synthetic unit vectors and synthetic text drawn from a Zipf vocabulary of 20k words
 (written straight into the tables, as an ingest would, without paying for 100k embeddings); the query path
@@ -6,6 +7,13 @@ is the real one: the query is embedded with MiniLM, then vector KNN (float scan,
 of the top 50) and BM25, fused by RRF.
 
     .venv/bin/python scripts/bench_rag.py
+    .venv/bin/python scripts/bench_rag.py --answers [--mode grounded|free]
+
+--answers asks the 61 questions of tests/data/rag_eval.py (English, French, Spanish; gold answers) and its 12
+questions no document answers, over the test corpus, with SmolLM2-135M int4 (the default build) and MiniLM,
+greedy, one thread each: answer_accuracy (a gold answer appears in the answer, normalised) per language,
+citation_accuracy (the passage or sentence the answer cites holds a gold answer), unanswerable_refusal_rate,
+and ask latency (p50, p95).
 """
 
 from __future__ import annotations
@@ -91,12 +99,58 @@ def p(values: list[float], q: float) -> float:
     return round(values[min(len(values) - 1, int(round(q * (len(values) - 1))))], 2)
 
 
+def answers(embedder_folder: Path, mode: str | None) -> dict:
+    """Ask every question of the evaluation set through the library's `ask`, as the daemon does."""
+    from edgellm.daemon.engine.generate import Generator
+    from edgellm.daemon.engine.model import LoadedModel
+    from edgellm.daemon.engine.params import GenerationParams
+    from edgellm.daemon.retrieval.rag import ask, is_refusal
+    from tests.data.corpus import DOCUMENTS
+    from tests.data.rag_eval import ANSWERABLE, MORE_DOCUMENTS, UNANSWERABLE, is_right
+
+    model = cached_build(ROOT / ".cache/bench/smollm2-int4", "smollm2", "--quant", "int4")
+    generator = Generator(LoadedModel.load(model, threads=1))
+    params = GenerationParams(max_tokens=48, temperature=0.0)
+    results: dict = {"right": {}, "cited": [], "refused": [], "latency": [], "examples": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        store = RetrievalStore(Path(tmp) / "answers.db", Embedder(embedder_folder, threads=1))
+        store.ingest([DocumentInput(name, [text]) for name, text in {**DOCUMENTS, **MORE_DOCUMENTS}.items()])
+        for question, lang, golds, _source in ANSWERABLE:
+            started = time.perf_counter()
+            a = ask(generator, store, question, params, mode=mode)
+            results["latency"].append((time.perf_counter() - started) * 1000)
+            results["right"].setdefault(lang, []).append(is_right(a.answer, golds))
+            cited = [c["text"] for c in a.citations if c.get("cited")]
+            results["cited"].append(any(is_right(text, golds) for text in cited))
+            if len(results["examples"]) < 200:
+                results["examples"].append({"q": question, "gold": golds[0], "answer": a.answer})
+        for question, _lang in UNANSWERABLE:
+            results["refused"].append(is_refusal(ask(generator, store, question, params, mode=mode).answer))
+        store.close()
+    for e in results["examples"]:
+        print(f"{'ok ' if is_right(e['answer'], [e['gold']]) else 'BAD'} {e['q']} -> {e['answer']!r}",
+              file=sys.stderr)
+    right = [r for rs in results["right"].values() for r in rs]
+    return {"mode": mode or "default", "questions": len(right), "answer_accuracy": round(sum(right) / len(right), 3),
+            **{f"answer_accuracy_{lang}": round(sum(rs) / len(rs), 3) for lang, rs in results["right"].items()},
+            "citation_accuracy": round(sum(results["cited"]) / len(results["cited"]), 3),
+            "unanswerable_questions": len(results["refused"]),
+            "unanswerable_refusal_rate": round(sum(results["refused"]) / len(results["refused"]), 3),
+            "ask_p50_ms": p(results["latency"], 0.5), "ask_p95_ms": p(results["latency"], 0.95)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, default=ROOT / ".cache/bench/minilm-int8")
     ap.add_argument("--queries", type=int, default=60)
+    ap.add_argument("--answers", action="store_true", help="score the answers of `ask` instead of search speed")
+    ap.add_argument("--mode", choices=("grounded", "free"), help="with --answers: the answer mode (default: the "
+                    "model's default)")
     args = ap.parse_args()
     cached_build(args.model, "minilm", "--task", "embedding")
+    if args.answers:
+        print(json.dumps(answers(args.model, args.mode)))
+        return
     embedder = Embedder(args.model, threads=1)
     rng = np.random.default_rng(1)
     queries = [sample_words(rng, 6) for _ in range(args.queries)]

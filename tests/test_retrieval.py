@@ -167,3 +167,36 @@ def test_html_navigation_header_and_footer_are_not_text():
             "<nav><ul><li>Contracts</li><li>Invoices</li></ul></nav><main><h1>Lease</h1>"
             "<p>The lease ends on 30 June 2027.</p></main><footer>© 2026 Example &amp; Co</footer></body></html>")
     assert html_to_text(page) == "# Lease\n\nThe lease ends on 30 June 2027."
+
+
+def test_grounded_answers_are_copied_from_the_cited_sentence_or_refused_in_the_question_language(
+        tmp_path, embedder, smollm2_int4):
+    """The default for a 135M model: the best sentence, a span the grammar copies out of it, its citation;
+    and 'the documents do not say' when no sentence shares the question's words."""
+    from edgellm.daemon.engine.generate import Generator
+    from edgellm.daemon.engine.model import LoadedModel
+    from edgellm.daemon.engine.params import GenerationParams
+    from edgellm.daemon.retrieval.rag import answer_mode, ask
+    from tests.data.rag_eval import ANSWERABLE, MORE_DOCUMENTS, is_right
+
+    s = RetrievalStore(tmp_path / "grounded.db", embedder)
+    corpus = {**DOCUMENTS, **MORE_DOCUMENTS}
+    s.ingest([DocumentInput(name, [text]) for name, text in corpus.items()])
+    generator = Generator(LoadedModel.load(smollm2_int4, threads=2))
+    assert answer_mode(generator) == "grounded"
+    params = GenerationParams(max_tokens=48, temperature=0.7)  # grounded answers copy greedily whatever this says
+    picked = [ANSWERABLE[i] for i in (0, 20, 22, 34, 47, 56)]  # two per language
+    for question, _lang, golds, source in picked:
+        a = ask(generator, s, question, params)
+        cited = [c for c in a.citations if c["cited"]]
+        assert is_right(a.answer, golds), (question, a.answer)
+        assert len(cited) == 1 and cited[0]["source"] == source and is_right(cited[0]["text"], golds)
+        assert a.answer in corpus[source][cited[0]["start"]:cited[0]["end"]]  # copied, word for word
+    for question, said in [("What is the guest Wi-Fi password?", "The documents do not say."),
+                           ("Qui dirige le service marketing ?", "Les documents ne le disent pas."),
+                           ("¿Quién es el director financiero?", "Los documentos no lo dicen.")]:
+        a = ask(generator, s, question, params)
+        assert (a.answer, a.citations) == (said, [])
+    free = ask(generator, s, picked[0][0], GenerationParams(max_tokens=16, temperature=0.0), mode="free")
+    assert free.citations and all("text" in c for c in free.citations)  # whole passages, free text
+    s.close()

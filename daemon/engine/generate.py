@@ -53,12 +53,15 @@ class Generator:
         return self.model.encode(self.model.render_chat([ChatMessage(role="user", content=prompt)]),
                                  add_special_tokens=False)
 
-    def _constraint(self, schema: dict, ids: list[int]) -> JsonConstraint:
-        """The schema's grammar. Fields marked x-edgellm-copy copy from the prompt the model reads."""
+    def _constraint(self, schema: dict, ids: list[int], copy_source: str | None = None) -> JsonConstraint:
+        """The schema's grammar. Fields marked x-edgellm-copy copy from `copy_source`, by default the prompt the
+        model reads."""
         if self._lltok is None:
             m = self.model
             self._lltok = grammar_tokenizer(m.tokenizer_json(), sorted(m.eos_token_ids), m.decoder.vocab_size)
-        document = self._copy_source(ids) if has_copied_fields(schema) else ""
+        document = ""
+        if has_copied_fields(schema):
+            document = copy_source if copy_source is not None else self._copy_source(ids)
         return JsonConstraint(self._lltok, schema, compile_json_schema(schema, self._lltok, document), document)
 
     def _copy_source(self, ids: list[int]) -> str:
@@ -79,13 +82,14 @@ class Generator:
             ids = ids[:-len(tail)]
         return self.model.tokenizer.decode(ids, skip_special_tokens=True)
 
-    def generate(self, ids: list[int], params: GenerationParams,
-                 interrupt: Callable[[], None] | None = None) -> Result:
-        return next(e for e in self.stream(ids, params, interrupt) if isinstance(e, Result))
+    def generate(self, ids: list[int], params: GenerationParams, interrupt: Callable[[], None] | None = None,
+                 copy_source: str | None = None) -> Result:
+        return next(e for e in self.stream(ids, params, interrupt, copy_source=copy_source) if isinstance(e, Result))
 
     def sequence(self, ids: list[int], params: GenerationParams, interrupt: Callable[[], None] | None = None,
-                 started: float | None = None) -> Sequence:
-        """A request's generation, ready to run: checked, with its grammar and any cached prefix."""
+                 started: float | None = None, copy_source: str | None = None) -> Sequence:
+        """A request's generation, ready to run: checked, with its grammar and any cached prefix. `copy_source`:
+        the text x-edgellm-copy fields copy from, when it is not the whole prompt (grounded answers)."""
         context = self.model.context_length
         if not ids:
             raise EdgeError("bad_request", "prompt: is empty; give the text to continue or answer", param="prompt")
@@ -93,7 +97,8 @@ class Generator:
             raise EdgeError("bad_request", f"prompt: is {len(ids)} tokens; the model's context is {context} "
                             "tokens. Shorten the prompt", param="prompt")
         adapter = self._adapter(params.adapter)
-        constraint = self._constraint(params.json_schema, ids) if params.json_schema is not None else None
+        constraint = (self._constraint(params.json_schema, ids, copy_source) if params.json_schema is not None
+                      else None)
         # (the scheduler looks the prefix up itself, when it runs the sequence)
         hit = self._cached_prefix(ids, adapter) if self.scheduler is None else None
         # A repeat of a cacheable prompt computes its last token alone, on top of the cached rest. onnxruntime
@@ -114,11 +119,11 @@ class Generator:
         return slots.get(name)
 
     def stream(self, ids: list[int], params: GenerationParams, interrupt: Callable[[], None] | None = None,
-               started: float | None = None) -> Iterator[Delta | Result]:
+               started: float | None = None, copy_source: str | None = None) -> Iterator[Delta | Result]:
         """`interrupt` runs before every forward pass and may raise EdgeError (cancelled, deadline_exceeded).
         `started` (a perf_counter time) is when the request's own work began, e.g. before its prompt was
         templated and tokenized; time to first token and total time count from it."""
-        seq = self.sequence(ids, params, interrupt, started or time.perf_counter())
+        seq = self.sequence(ids, params, interrupt, started or time.perf_counter(), copy_source)
         if self.scheduler is not None:
             self.scheduler.submit(seq)
             try:

@@ -66,6 +66,10 @@ class StoreSettings(StrictModel):
     ingest_dirs: list[Path] = Field(default_factory=list,
                                     description="folders whose files MQTT ingest may read; nothing else is readable")
     min_similarity: float = Field(0.25, ge=-1, le=1, description="ask answers 'not found' below this cosine")
+    answer_mode: Literal["auto", "grounded", "free"] = Field(
+        "auto", description="how ask answers: grounded (a span copied from the best sentence of the passages, or "
+        "'the documents do not say'), free (text written from the passages), auto (grounded for models under 1B "
+        "parameters)")
 
 
 class HomeAssistantSettings(StrictModel):

@@ -7,7 +7,7 @@ import json
 import re
 from dataclasses import asdict, dataclass
 from functools import singledispatch
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -97,6 +97,9 @@ class AskRequest(Envelope, GenerationParams):
     k: int = Field(4, ge=1, le=20)
     collection: str | None = Field(None, min_length=1, max_length=64)
     filter: dict[str, Scalar] = Field(default_factory=dict, max_length=16)
+    mode: Literal["auto", "grounded", "free"] | None = Field(None, description="grounded: a span copied from the "
+                                                             "best sentence; free: text from the passages; default: "
+                                                             "the store.answer_mode setting")
 
 
 class DeleteRequest(Envelope):

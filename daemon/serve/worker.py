@@ -261,7 +261,8 @@ class Worker:
         with self._exclusive:
             given = passages(served.generator, store, request.question, params, request.k,
                              request.collection, request.filter, self.store_settings.min_similarity)
-        result = answer(served.generator, request.question, given, params, interrupt=lambda: self._interrupt(job))
+        result = answer(served.generator, request.question, given, params, interrupt=lambda: self._interrupt(job),
+                        mode=request.mode or self.store_settings.answer_mode)
         return Answered(result, served.model_info)
 
     def _embed(self, job: Job, served: Served) -> Embedded:
