@@ -447,7 +447,7 @@ def test_fleet_status_fits_80_columns_and_forgets_a_retired_device(broker):
     out = subprocess.run([*EDGELLM, "fleet", "forget", "gw-old", *mqtt], cwd=ROOT, capture_output=True, text=True,
                          timeout=60)
     assert out.returncode == 0 and "forgot gw-old" in out.stdout, out.stderr
-    assert [r["device"] for r in json.loads(status("--json"))] == ["warehouse-gateway-east-07"]
+    assert [r["device"] for r in json.loads(status("--json"))["devices"]] == ["warehouse-gateway-east-07"]
     out = subprocess.run([*EDGELLM, "fleet", "forget", "gw/+", *mqtt], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 2 and "DEVICE" in out.stderr
 
