@@ -143,7 +143,7 @@ def test_the_daemon_serves_adapters_by_name_over_http_mqtt_and_the_cli(adapters,
         for name, adapter in ((base, None), ("shout", "shout")):
             reply = client.completions.create(model=name, prompt="Say facture.", max_tokens=8, temperature=0,
                                               extra_body={"ignore_eos": True})
-            assert reply.choices[0].text == expected[adapter]
+            assert reply.choices[0].text == expected[adapter] and reply.model == name
         with pytest.raises(openai.NotFoundError, match="'echo', 'shout'"):
             client.completions.create(model="whisper", prompt="Say facture.", max_tokens=2)
         with rpc(broker.port) as mqtt:

@@ -371,6 +371,7 @@ def create_app(settings: Settings, worker: Worker, models: ServedModels, metrics
             wire.stream = False  # deltas of constrained output are not validated yet: send it whole
         job, sink = await submit("chat", wire)
         completion_id, created = f"chatcmpl-{job.request_id}", int(time.time())
+        answering = wire.adapter or model_name()  # an adapter answers under its own name, as vLLM does
         if body.stream:
             first = [True]
 
@@ -380,7 +381,7 @@ def create_app(settings: Settings, worker: Worker, models: ServedModels, metrics
                 if first[0] and delta:
                     delta, first[0] = {"role": "assistant", **delta}, False
                 out = {"id": completion_id, "object": "chat.completion.chunk", "created": created,
-                       "model": model_name(), "choices": [] if "usage" in part else
+                       "model": answering, "choices": [] if "usage" in part else
                        [{"index": 0, "delta": delta, "finish_reason": part.get("finish_reason")}]}
                 if "usage" in part:
                     out["usage"] = part["usage"]
@@ -390,7 +391,7 @@ def create_app(settings: Settings, worker: Worker, models: ServedModels, metrics
             return StreamingResponse(stream_events(job, sink, chunk, include_usage),
                                      media_type="text/event-stream")
         reply = await final_of(job, sink, request)
-        return {"id": completion_id, "object": "chat.completion", "created": created, "model": model_name(),
+        return {"id": completion_id, "object": "chat.completion", "created": created, "model": answering,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": content_of(reply),
                                                      **({"tool_calls": tool_calls_of(reply)} if reply.tool_calls
                                                         else {})},
@@ -402,11 +403,13 @@ def create_app(settings: Settings, worker: Worker, models: ServedModels, metrics
         body = await parse(CompletionRequest, request)
         if (refused := check_model(body.model)) is not None:
             return refused
-        job, sink = await submit("generate", wire_of(body))
+        wire = wire_of(body)
+        job, sink = await submit("generate", wire)
         completion_id, created = f"cmpl-{job.request_id}", int(time.time())
+        answering = wire.adapter or model_name()
         if body.stream:
             def chunk(part: dict) -> dict:
-                return {"id": completion_id, "object": "text_completion", "created": created, "model": model_name(),
+                return {"id": completion_id, "object": "text_completion", "created": created, "model": answering,
                         "choices": [{"index": 0, "text": part.get("text", ""), "logprobs": None,
                                      "finish_reason": part.get("finish_reason")}], **(
                             {"usage": part["usage"]} if "usage" in part else {})}
@@ -415,7 +418,7 @@ def create_app(settings: Settings, worker: Worker, models: ServedModels, metrics
             return StreamingResponse(stream_events(job, sink, chunk, include_usage),
                                      media_type="text/event-stream")
         reply = await final_of(job, sink, request)
-        return {"id": completion_id, "object": "text_completion", "created": created, "model": model_name(),
+        return {"id": completion_id, "object": "text_completion", "created": created, "model": answering,
                 "choices": [{"index": 0, "text": reply.result.text, "logprobs": None,
                              "finish_reason": reply.result.finish_reason}], "usage": usage_of(reply)}
 
