@@ -10,11 +10,13 @@ import sys
 from collections.abc import Callable
 from importlib.metadata import entry_points
 from pathlib import Path
+from typing import get_args
 
 from pydantic import ValidationError
 
 from edgellm.daemon import __version__
 from edgellm.daemon.errors import CommandError, EdgeError
+from edgellm.daemon.formats import AnswerMode
 
 HOST_PACKAGES = {"torch", "transformers", "optimum", "onnx", "onnx_ir", "gguf", "peft", "accelerate", "matplotlib",
                  "dask", "distributed"}
@@ -410,7 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, default=4, help="passages given to the model (default 4)")
     p.add_argument("--filter", action="append", help="KEY=VALUE metadata filter (repeatable)")
     p.add_argument("--json", action="store_true", help="one JSON object: answer and citations with source paths")
-    p.add_argument("--mode", choices=("auto", "grounded", "free"), help="grounded: a span copied from the best "
+    p.add_argument("--mode", choices=get_args(AnswerMode), help="grounded: a span copied from the best "
                    "sentence; free: text written from the passages (store.answer_mode; auto: grounded under 1B "
                    "parameters)")
     p.set_defaults(func=cmd_ask)

@@ -45,8 +45,6 @@ class Slot:
 class Adapter:
     name: str
     factors: dict[str, tuple[np.ndarray, np.ndarray]]  # node -> (down [K, r], up [r, N]), the scale folded in
-    rank: int
-    modules: tuple[str, ...]
 
 
 class AdapterSlots:
@@ -99,7 +97,6 @@ class AdapterSlots:
                             f"model takes adapters on {', '.join(self.modules)} only; rebuild it with "
                             "`--adapter-slots` naming the adapter's target modules")
         factors: dict[str, tuple[list, list]] = {}
-        rank = 0
         for module, ab in sorted(pairs.items()):
             slot, index = self._by_module[module]
             a, b = ab.get("lora_A"), ab.get("lora_B")
@@ -118,10 +115,9 @@ class AdapterSlots:
             downs, ups = factors.setdefault(slot.node, ([], []))
             downs.append(a.T)
             ups.append(up)
-            rank = max(rank, r)
         merged = {node: (np.ascontiguousarray(np.concatenate(d, axis=1)), np.ascontiguousarray(np.concatenate(u)))
                   for node, (d, u) in factors.items()}
-        adapter = Adapter(name, merged, rank, tuple(sorted(pairs)))
+        adapter = Adapter(name, merged)
         with self._lock:
             self.adapters[name] = adapter
             self._feeds.clear()

@@ -32,9 +32,7 @@ class PrefixCache:
             for entry in self._entries:
                 entry_space, key = entry
                 n = min(len(key), len(ids) - 1)
-                if entry_space != space:
-                    continue
-                if n <= best:
+                if entry_space != space or n <= best:
                     continue
                 differs = np.flatnonzero(np.asarray(key[:n]) != query[:n])
                 common = int(differs[0]) if len(differs) else n

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 from edgellm.daemon.engine.chat import ChatMessage
 from edgellm.daemon.engine.generate import Generator
 from edgellm.daemon.engine.params import GenerationParams
+from edgellm.daemon.formats import AnswerMode
 from edgellm.daemon.retrieval.grounding import Sentence, best_sentences, is_refusal, refusal
 from edgellm.daemon.retrieval.store import Hit, RetrievalStore
 
@@ -31,7 +32,6 @@ GROUNDED_SCHEMA = {"type": "object", "additionalProperties": False, "required": 
                    "properties": {"answer": {"type": "string", "x-edgellm-copy": True}}}
 GROUNDED_MAX_PARAMETERS = 1e9
 GROUNDED_SENTENCES = 1  # the best sentence holds the answer for 59 of the 61 questions (scripts/bench_rag.py)
-MODES = ("auto", "grounded", "free")
 PROMPT_RESERVE = 64  # tokens for the template's own markup
 
 
@@ -45,7 +45,7 @@ class Answer:
 
 def ask(generator: Generator, store: RetrievalStore, question: str, params: GenerationParams, k: int = 4,
         collection: str | None = None, filters: dict | None = None, min_similarity: float = 0.25,
-        mode: str | None = None) -> Answer:
+        mode: AnswerMode | None = None) -> Answer:
     return answer(generator, question, passages(generator, store, question, params, k, collection, filters,
                                                 min_similarity), params, mode=mode)
 
@@ -66,7 +66,7 @@ def passages(generator: Generator, store: RetrievalStore, question: str, params:
     return given
 
 
-def answer_mode(generator: Generator, mode: str | None = None) -> str:
+def answer_mode(generator: Generator, mode: AnswerMode | None = None) -> str:
     """grounded or free; `auto` (or None) is grounded below GROUNDED_MAX_PARAMETERS, estimated from the size of
     the weights and their bits (a scale per block adds about one bit)."""
     if mode in ("grounded", "free"):
@@ -78,7 +78,7 @@ def answer_mode(generator: Generator, mode: str | None = None) -> str:
 
 
 def answer(generator: Generator, question: str, given: list[Hit], params: GenerationParams,
-           interrupt: Callable[[], None] | None = None, mode: str | None = None) -> Answer:
+           interrupt: Callable[[], None] | None = None, mode: AnswerMode | None = None) -> Answer:
     """Answer from `given` and cite it; with no passages, say so rather than let the model invent an answer.
     `interrupt` is Generator.stream's (cancellation and deadlines)."""
     if not given:

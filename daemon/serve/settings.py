@@ -16,7 +16,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 from edgellm.daemon.errors import CommandError
-from edgellm.daemon.formats import NAME_PATTERN, StrictModel
+from edgellm.daemon.formats import NAME_PATTERN, AnswerMode, StrictModel
 from edgellm.daemon.update.agent import UpdateSettings  # the update room owns its section
 
 DEFAULT_CONFIG = Path("/etc/edgellm/edgellm.toml")
@@ -66,7 +66,7 @@ class StoreSettings(StrictModel):
     ingest_dirs: list[Path] = Field(default_factory=list,
                                     description="folders whose files MQTT ingest may read; nothing else is readable")
     min_similarity: float = Field(0.25, ge=-1, le=1, description="ask answers 'not found' below this cosine")
-    answer_mode: Literal["auto", "grounded", "free"] = Field(
+    answer_mode: AnswerMode = Field(
         "auto", description="how ask answers: grounded (a span copied from the best sentence of the passages, or "
         "'the documents do not say'), free (text written from the passages), auto (grounded for models under 1B "
         "parameters)")

@@ -7,7 +7,7 @@ import json
 import re
 from dataclasses import asdict, dataclass
 from functools import singledispatch
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -15,6 +15,7 @@ from edgellm.daemon.engine.chat import ChatMessage
 from edgellm.daemon.engine.params import GenerationParams
 from edgellm.daemon.engine.tools import Tool, ToolChoice
 from edgellm.daemon.errors import EdgeError
+from edgellm.daemon.formats import AnswerMode
 from edgellm.daemon.serve.replies import (
     Answered,
     Deleted,
@@ -97,9 +98,8 @@ class AskRequest(Envelope, GenerationParams):
     k: int = Field(4, ge=1, le=20)
     collection: str | None = Field(None, min_length=1, max_length=64)
     filter: dict[str, Scalar] = Field(default_factory=dict, max_length=16)
-    mode: Literal["auto", "grounded", "free"] | None = Field(None, description="grounded: a span copied from the "
-                                                             "best sentence; free: text from the passages; default: "
-                                                             "the store.answer_mode setting")
+    mode: AnswerMode | None = Field(None, description="grounded: a span copied from the best sentence; free: text "
+                                    "from the passages; default: the store.answer_mode setting")
 
 
 class DeleteRequest(Envelope):
