@@ -311,18 +311,25 @@ def test_bundle_manifest_records_lineage(fleet):
     assert json.loads((fleet["main"] / "bundles/tiny/1/bundle.json").read_text())["lineage"]["adapter"] is None
 
 
-def test_fetcher_resumes_a_partial_chunk_with_a_range_request(tmp_path, fleet):
+def resume_largest_chunk(tmp_path: Path, fleet: dict, server: str, held: float) -> tuple[dict, bytes, bytes, int]:
+    """Fetch v1's largest chunk from `server` with the first `held` share already in its .part file:
+    (chunk, its bytes in the store, the bytes fetched, the bytes sent over the network)."""
     from edgellm.daemon.update.fetch import Fetcher, FetchOptions
 
     manifest = json.loads((fleet["main"] / "bundles/tiny/1/bundle.json").read_text())
     chunk = max((c for f in manifest["files"] for c in f["chunks"]), key=lambda c: c["size"])
     source = (fleet["main"] / chunk_path(chunk["sha256"])).read_bytes()
     dest = tmp_path / chunk["sha256"]
-    Path(str(dest) + ".part").write_bytes(source[: len(source) // 2])
-    fetcher = Fetcher(f"{fleet['url']}/main", FetchOptions(retries=0), threading.Event())
+    Path(str(dest) + ".part").write_bytes(source[: int(len(source) * held)])
+    fetcher = Fetcher(f"{server}/main", FetchOptions(retries=0), threading.Event())
     fetcher.get_chunk(chunk_path(chunk["sha256"]), dest, chunk["sha256"], chunk["size"])
-    assert dest.read_bytes() == source
-    assert fetcher.transferred == len(source) - len(source) // 2
+    return chunk, source, dest.read_bytes(), fetcher.transferred
+
+
+def test_fetcher_resumes_a_partial_chunk_with_a_range_request(tmp_path, fleet):
+    _, source, fetched, transferred = resume_largest_chunk(tmp_path, fleet, fleet["url"], 0.5)
+    assert fetched == source
+    assert transferred == len(source) - int(len(source) * 0.5)
 
 
 def test_cli_refuses_bad_fleet_input(tmp_path, fleet):
@@ -589,18 +596,10 @@ def test_rollout_refuses_bad_plans_before_publishing(tmp_path, broker, fleet):
 
 def test_a_device_updates_from_nginx_and_resumes_with_its_range_responses(tmp_path, broker, fleet, watch):
     """Nothing depends on `bundle serve`: the store is plain files, here behind Debian's nginx."""
-    from edgellm.daemon.update.fetch import Fetcher, FetchOptions
-
     nginx = Nginx(tmp_path, fleet["main"].parent).start()
     try:
-        manifest = json.loads((fleet["main"] / "bundles/tiny/1/bundle.json").read_text())
-        chunk = max((c for f in manifest["files"] for c in f["chunks"]), key=lambda c: c["size"])
-        source = (fleet["main"] / chunk_path(chunk["sha256"])).read_bytes()
-        dest = tmp_path / chunk["sha256"]
-        Path(str(dest) + ".part").write_bytes(source[: len(source) // 3])
-        fetcher = Fetcher(f"{nginx.url}/main", FetchOptions(retries=0), threading.Event())
-        fetcher.get_chunk(chunk_path(chunk["sha256"]), dest, chunk["sha256"], chunk["size"])
-        assert dest.read_bytes() == source and fetcher.transferred == len(source) - len(source) // 3
+        chunk, source, fetched, transferred = resume_largest_chunk(tmp_path, fleet, nginx.url, 1 / 3)
+        assert fetched == source and transferred == len(source) - int(len(source) / 3)
         assert any(chunk["sha256"] in line and '" 206 ' in line for line in nginx.access_log())
 
         gateway = device(tmp_path, broker, fleet, "gw-nginx").start()
@@ -610,9 +609,9 @@ def test_a_device_updates_from_nginx_and_resumes_with_its_range_responses(tmp_pa
             assert report["state"] == "SUCCEEDED", report
             assert serving(broker, "gw-nginx")["bundle"] == {"name": "tiny", "version": "1"}
             assert report["bytes_transferred"] >= report["full_bytes"]
-            fetched = {line.split("/main/chunks/")[1].split()[0].split("/")[1] for line in nginx.access_log()
-                       if "/main/chunks/" in line and '" 200 ' in line}
-            assert fetched == {c["sha256"] for f in manifest["files"] for c in f["chunks"]}  # every chunk, whole
+            whole = {line.split("/main/chunks/")[1].split()[0].split("/")[1] for line in nginx.access_log()
+                     if "/main/chunks/" in line and '" 200 ' in line}
+            assert whole == set(chunks_of(fleet["main"], "tiny", "1"))  # every chunk, whole
         finally:
             gateway.stop()
     finally:
