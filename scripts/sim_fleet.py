@@ -287,7 +287,8 @@ def main() -> None:
             time.sleep(0.5)
         log("all devices on v1")
 
-        killer = threading.Thread(target=kill_mid_download, args=(watch, killed, hosts, start_host), daemon=True)
+        if killed:  # it waits for one of them to be downloading v2
+            threading.Thread(target=kill_mid_download, args=(watch, killed, hosts, start_host), daemon=True).start()
         sent0, served0, started = broker_sent(broker.port), bytes_served(access_log), time.time()
         plan = RolloutPlan(STAGES, soak_seconds=args.soak, abort_percent=20, abort_min_reports=10,
                            stage_timeout=600)
@@ -300,13 +301,7 @@ def main() -> None:
                 aborted_at.append(time.time())
                 at_abort.update({n: dict(r.update) for n, r in watch.snapshot().items()
                                  if r.update.get("desired_id") == release.id})
-            if status.state is RolloutState.RUNNING and status.stage > 0 and not killer.is_alive() and \
-                    not getattr(killer, "started", False):
-                killer.started = True
-                killer.start()
 
-        if not killed:
-            killer.started = True
         status = run_rollout(settings, GROUP, release, plan, RolloutHistory(run_dir / "rollouts.sqlite"), key,
                              poll=0.5, on_status=on_status)
         log(f"rollout {status.state}: {status.reason}")
@@ -379,6 +374,8 @@ def kill_mid_download(watch, killed: list[dict], hosts: dict, start_host) -> Non
                and rows[n].update.get("version") == "2" for n in names if n in rows):
             break
         time.sleep(0.1)
+    else:
+        return  # none of them downloaded v2 (a release aborted before their stage)
     spec, proc = hosts["kill"]
     proc.send_signal(signal.SIGKILL)
     proc.wait()
