@@ -29,6 +29,7 @@ from pathlib import Path
 from pydantic import BaseModel, Field
 
 from edgellm.daemon.update.bundle import DesiredState, in_rollout
+from edgellm.daemon.update.states import TERMINAL, UpdateState
 from edgellm.models.errors import BuildError
 
 log = logging.getLogger("edgellm.rollout")
@@ -127,16 +128,16 @@ def count(watch, group: str, desired: DesiredState) -> Counts:
     for device, row in watch.snapshot().items():
         report = row.update if row.update.get("desired_id") == desired.id else {}
         state = report.get("state")
-        c.succeeded += state == "SUCCEEDED"
-        c.failed += state == "FAILED"
-        c.rolled_back += state == "ROLLED_BACK"
+        c.succeeded += state == UpdateState.SUCCEEDED
+        c.failed += state == UpdateState.FAILED
+        c.rolled_back += state == UpdateState.ROLLED_BACK
         if group not in row.groups:
             continue
         c.members += 1
         if in_rollout(device, desired.percent):
             c.in_stage += 1
             online = row.presence.get("state") == "online"
-            c.pending += online and state not in ("SUCCEEDED", "FAILED", "ROLLED_BACK")
+            c.pending += online and state not in TERMINAL  # the agent's own finished states
     return c
 
 
