@@ -130,6 +130,13 @@ def _build_fused(source: Source, staged: Path, options: BuildOptions, progress: 
     del meta
     names = [MODEL_FILE, EXTERNAL_DATA, TOKENIZER_FILE] + ([CHAT_TEMPLATE] if generation.chat_template else [])
     names += _copy_adapters(options.adapters, staged)
+    if report.factors:  # what a bundle ships so that a device holding the base computes the tuned weights
+        from safetensors.numpy import save_file
+
+        from edgellm.models.fused_graph import REMERGE_FILE
+
+        save_file(report.factors, str(staged / REMERGE_FILE))
+        names.append(REMERGE_FILE)
     manifest = ModelManifest(
         name=options.name or f"{source.default_name()}-{options.quant.scheme}", architecture=spec.architecture,
         model_type=spec.model_type, quantization=_quantization(options.quant, report), graph="fused",
@@ -154,13 +161,19 @@ def _weights(source: Source, options: BuildOptions):
     weights = SafetensorsWeights(source.folder)
     base = _gguf_base(source)
     if base is not None:
-        weights = MergedWeights(weights, GGUFWeights(base), _keep_base_rank(source) if options.keep_base else None)
+        rank = _keep_base_rank(source) if options.keep_base else _lora_rank(source)
+        weights = MergedWeights(weights, GGUFWeights(base), rank, options.keep_base)
     return weights, None
 
 
-def _keep_base_rank(source: Source) -> int:
+def _lora_rank(source: Source) -> int | None:
     rank = ((_lineage(source) or {}).get("training") or {}).get("options", {}).get("rank")
-    if not isinstance(rank, int) or rank < 1:
+    return rank if isinstance(rank, int) and rank >= 1 else None
+
+
+def _keep_base_rank(source: Source) -> int:
+    rank = _lora_rank(source)
+    if rank is None:
         raise BuildError(f"--keep-base: {source.folder} does not record its LoRA's rank (edgellm-lineage.json, "
                          "written by `edgellm lora merge`); build it without --keep-base")
     return rank
@@ -268,6 +281,10 @@ def _quantization(spec: QuantSpec, report) -> Quantization:
     if report.low_rank:
         parts.append(f"{report.low_rank} tuned weights as their GGUF base's blocks plus the LoRA's change in fp32 "
                      "beside them (--keep-base)")
+    if report.remerged:
+        n = sum(len(rows) for rows in report.remerged.values())
+        parts.append(f"{n} tuned weights as their GGUF base's blocks plus the LoRA's change, merged and rounded to "
+                     "nearest the way a device holding the base repeats it (edgellm/daemon/update/remerge.py)")
     if report.requantized:
         parts.append(f"{report.requantized} GGUF weights de-quantized and rounded again (--no-gguf-import)")
     if report.rounded:

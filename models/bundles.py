@@ -15,7 +15,7 @@ import os
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgellm.daemon.engine.manifest import MANIFEST_NAME, load_manifest
@@ -89,16 +89,24 @@ def sign(manifest_bytes: bytes, key) -> bytes:
 
 
 # -- chunking ---------------------------------------------------------------------------------------
-def tensor_starts(folder: Path) -> dict[str, set[int]]:
-    """Offsets where a tensor begins and ends, per external data file of every ONNX model in the folder, and inside a
-    weight that stacks several matrices (the fused graph's q/k/v and gate/up, ROW_SLICES_KEY), where each
-    matrix's rows begin."""
+@dataclass
+class Boundaries:
+    """Where tensors start and end in one external data file (and where each stacked matrix's rows start)."""
+
+    starts: set[int] = field(default_factory=set)
+    ends: set[int] = field(default_factory=set)
+
+
+def tensor_boundaries(folder: Path) -> dict[str, Boundaries]:
+    """Per external data file of every ONNX model in the folder: offsets where each tensor begins and ends, and
+    inside a weight that stacks several matrices (the fused graph's q/k/v and gate/up, ROW_SLICES_KEY), where
+    each matrix's rows begin."""
     import onnx
     from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
     from edgellm.models.fused_graph import ROW_SLICES_KEY
 
-    starts: dict[str, set[int]] = {}
+    found: dict[str, Boundaries] = {}
     for model_path in folder.glob("*.onnx"):
         model = onnx.load(str(model_path), load_external_data=False)
         meta = {p.key: p.value for p in model.metadata_props}
@@ -106,37 +114,40 @@ def tensor_starts(folder: Path) -> dict[str, set[int]]:
         for tensor in model.graph.initializer:
             if uses_external_data(tensor):
                 info = ExternalDataInfo(tensor)
-                offset = int(info.offset or 0)
-                found = starts.setdefault(info.location, set())
-                found.add(offset)
-                if info.length:  # and where it ends: the alignment padding after it is then no part of its
-                    found.add(offset + int(info.length))  # chunk, which stays the same when what follows changes
+                offset, length = int(info.offset or 0), int(info.length or 0)
+                b = found.setdefault(info.location, Boundaries())
+                b.starts.add(offset)
+                if length:
+                    b.ends.add(offset + length)
                 rows = slices.get(tensor.name.rsplit("/", 1)[0])
-                if rows and tensor.dims and tensor.dims[0] == sum(rows) and info.length:
-                    row_bytes = int(info.length) // sum(rows)
-                    found.update(offset + row_bytes * r for r in itertools.accumulate(rows[:-1]))
-    return starts
+                if rows and tensor.dims and tensor.dims[0] == sum(rows) and length:
+                    row_bytes = length // sum(rows)
+                    b.starts.update(offset + row_bytes * r for r in itertools.accumulate(rows[:-1]))
+    return found
 
 
-def cut_points(size: int, starts: set[int]) -> list[int]:
-    """Chunk boundaries: at tensor starts, grouping small tensors, splitting big ones every CHUNK_MAX."""
+def cut_points(size: int, b: Boundaries) -> list[int]:
+    """Chunk boundaries at tensor starts and ends, grouping small tensors, splitting big ones every CHUNK_MAX.
+    Alignment padding between two tensors is a chunk of its own, so neither tensor's chunk changes with what
+    comes after or before it (and a device can compute a tensor's chunks, edgellm/daemon/update/remerge.py)."""
     points = [0]
-    for start in sorted(s for s in starts | {size} if 0 < s <= size):
-        while start - points[-1] > CHUNK_MAX:
+    for point in sorted(p for p in b.starts | b.ends | {size} if 0 < p <= size):
+        while point - points[-1] > CHUNK_MAX:
             points.append(points[-1] + CHUNK_MAX)
-        if start - points[-1] >= CHUNK_MIN or start == size:
-            points.append(start)
+        padding = points[-1] in b.ends and point in b.starts
+        if point - points[-1] >= CHUNK_MIN or point == size or padding:
+            points.append(point)
     return points if points[-1] == size else [*points, size]
 
 
-def chunk_file(path: Path, starts: set[int], store: Path, name: str | None = None) -> BundleFile:
+def chunk_file(path: Path, boundaries: Boundaries, store: Path, name: str | None = None) -> BundleFile:
     """Write the file's chunks into the store (each once, by content) and describe the file as `name` (its
     path in the model folder, e.g. adapters/NAME/adapter_model.safetensors; default its file name)."""
     size = path.stat().st_size
     whole = hashlib.sha256()
     chunks = []
     with open(path, "rb") as f:
-        points = cut_points(size, starts) if size else [0]
+        points = cut_points(size, boundaries) if size else [0]
         for begin, end in zip(points, points[1:], strict=False):
             data = f.read(end - begin)
             whole.update(data)
@@ -203,13 +214,19 @@ def build_bundle(model_dir: Path, store: Path, key_path: Path, options: BundleOp
     smoke, smoke_text = _smoke_test(model_dir, options)
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / SMOKE_FILE).write_text(smoke_text)
-        starts = tensor_starts(model_dir)
-        files = [chunk_file(model_dir / n, starts.get(n, set()), store, n) for n in [*model.files, MANIFEST_NAME]]
-        files.append(chunk_file(Path(tmp) / SMOKE_FILE, set(), store))
+        boundaries = tensor_boundaries(model_dir)
+        files = [chunk_file(model_dir / n, boundaries.get(n, Boundaries()), store, n)
+                 for n in [*model.files, MANIFEST_NAME]]
+        files.append(chunk_file(Path(tmp) / SMOKE_FILE, Boundaries(), store))
+    remerge = None
     if parent and (store / bundle_path(name, parent)).is_file():
-        add_deltas(files, read_bundle(store, name, parent), store)
+        from edgellm.models.bundle_remerge import remerge_recipe
+
+        parent_manifest = read_bundle(store, name, parent)
+        add_deltas(files, parent_manifest, store)
+        remerge = remerge_recipe(model_dir, parent_manifest, store)
     manifest = BundleManifest(name=name, version=version, parent=parent, files=files, smoke=smoke,
-                              lineage=_lineage(model, options))
+                              lineage=_lineage(model, options), remerge=remerge)
     body = manifest.model_dump_json(indent=2).encode() + b"\n"
     folder = store / bundle_path(name, version, "")
     folder.mkdir(parents=True, exist_ok=True)

@@ -34,11 +34,15 @@ from edgellm.models.errors import BuildError
 from edgellm.models.graph_edits import LOGIT_POSITIONS
 from edgellm.models.onnx_writer import ExternalData
 from edgellm.models.spec import FUSED_TYPES, ModelSpec
-from edgellm.models.weights import LowRank, Tensor
+from edgellm.models.weights import LowRank, Remerged, Tensor
 
 # model metadata: {node: [rows, ...]} for weights that stack several matrices' rows (q/k/v, gate/up), so a
 # bundle cuts chunks where each matrix starts and an update that changes q and v leaves k's chunks alone
 ROW_SLICES_KEY = "edgellm.row_slices"
+# node -> first rows of its re-merged matrices; their factors are in REMERGE_FILE (daemon/update/remerge.py)
+REMERGE_KEY = "edgellm.remerge"
+REMERGE_FILE = "remerge.safetensors"
+REMERGED = "LoRA re-merged"
 OPSET = 21
 MS = "com.microsoft"
 ACCURACY_LEVEL = 4  # int8 activations in MatMulNBits (docs/measured-facts.md, "Quantization")
@@ -71,6 +75,8 @@ class Report:
     rounded: list[str] = field(default_factory=list)  # GGUF weights with no exact form, rounded again
     requantized: int = 0  # GGUF weights de-quantized and quantized again (--no-gguf-import)
     low_rank: int = 0  # tuned weights kept as their base's blocks plus a float low-rank change (--keep-base)
+    remerged: dict[str, list[int]] = field(default_factory=dict)  # node -> first rows of its re-merged matrices
+    factors: dict[str, np.ndarray] = field(default_factory=dict)  # their LoRA factors, for REMERGE_FILE
 
 
 def quantize_blocks(w: np.ndarray, bits: int, block: int, symmetric: bool) -> Blocks:
@@ -143,9 +149,14 @@ class _Builder:
         value = self.weights.get(name)
         return None if value is None else np.asarray(value, dtype=np.float32).reshape(-1)
 
-    def _as_stored(self, value: Tensor, name: str, head: bool = False) -> Tensor:
-        """A weight in the form the plan stores it: blocks (imported or quantized here) or float."""
+    def _as_stored(self, value: Tensor | Remerged, name: str, head: bool = False) -> Tensor:
+        """A weight in the form the plan stores it: blocks (imported, re-merged or quantized here) or float."""
         plan = self.plan
+        if isinstance(value, Remerged):
+            wide = head or any(part in name for part in plan.eight_bit)
+            if plan.bits == 4 and not plan.requantize and not wide and value.base.block == plan.block_size:
+                return value.blocks()
+            value = value.merged
         if isinstance(value, Blocks):
             if plan.bits is None:
                 return value.dequantize()
@@ -170,20 +181,20 @@ class _Builder:
         changes = [v if isinstance(v, LowRank) else None for v in values]
         parts = [self._as_stored(v.base if isinstance(v, LowRank) else v, n, head)
                  for v, n in zip(values, names, strict=True)]
-        groups: list[list[Tensor]] = []
-        for p in parts:  # neighbours that can stack share a node (Q4_K_M mixes widths within q/k/v)
-            last = groups[-1][-1] if groups else None
-            if last is not None and _stackable(last, p):
-                groups[-1].append(p)
+        groups: list[list[int]] = []
+        for i, p in enumerate(parts):  # neighbours that can stack share a node (Q4_K_M mixes widths within q/k/v)
+            if groups and _stackable(parts[groups[-1][-1]], p):
+                groups[-1].append(i)
             else:
-                groups.append([p])
+                groups.append([i])
         outs, start = [], 0
         for i, group in enumerate(groups):
-            rows = sum(_rows(p) for p in group)
+            rows = sum(_rows(parts[j]) for j in group)
             part_bias = None if bias is None else bias[start:start + rows]
             start += rows
             suffix = "" if len(groups) == 1 else f"/part{i}"
-            outs.append(self._emit(x, group, node + suffix, part_bias))
+            self._note_remerged(node + suffix, [(parts[j], values[j]) for j in group])
+            outs.append(self._emit(x, [parts[j] for j in group], node + suffix, part_bias))
         if len(outs) == 1:
             y = outs[0]
         else:
@@ -194,6 +205,18 @@ class _Builder:
         if not head and any(m.rsplit(".", 1)[-1] in self.plan.adapter_slots for m, _ in modules):
             y = self._adapter_slot(x, y, modules, parts[0].shape[1], node)
         return y
+
+    def _note_remerged(self, node: str, stacked: list[tuple[Tensor, Tensor | LowRank | Remerged]]) -> None:
+        """Record where a node's re-merged matrices start and their factors, for `bundle build`'s recipe."""
+        from edgellm.daemon.update.remerge import factor_name
+
+        row = 0
+        for stored, value in stacked:
+            if isinstance(value, Remerged) and isinstance(stored, Blocks) and stored.kind == REMERGED:
+                self.report.remerged.setdefault(node, []).append(row)
+                self.report.factors[factor_name(node, row, "up")] = value.up
+                self.report.factors[factor_name(node, row, "down")] = value.down
+            row += _rows(stored)
 
     def _adapter_slot(self, x: str, y: str, modules: list[tuple[str, int]], k: int, node: str) -> str:
         """y + (x down) up with down [batch, K, rank] and up [batch, rank, N] fed at run time: each row of a
@@ -435,6 +458,8 @@ def build_fused_decoder(spec: ModelSpec, weights, plan: Plan, data: ExternalData
     props = {KV_CACHE_KEY: KV_IN_PLACE, ROW_SLICES_KEY: json.dumps(b.row_slices)}
     if b.adapter_slots:
         props[ADAPTER_SLOTS_KEY] = json.dumps(b.adapter_slots)
+    if b.report.remerged:
+        props[REMERGE_KEY] = json.dumps(b.report.remerged)
     helper.set_model_props(model, props)
     b.report.rounded = list(getattr(weights, "rounded", []))
     return model, b.report

@@ -211,14 +211,37 @@ def low_rank(delta: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
     return (u[:, :rank] * root).astype(np.float32), (root[:, None] * vt[:rank]).astype(np.float32)
 
 
+@dataclass(frozen=True)
+class Remerged:
+    """A tuned weight as its base's blocks plus the LoRA's change, for the plan to merge and round in the way a
+    device can repeat (edgellm/daemon/update/remerge.py): an update then ships the factors, not the weight."""
+
+    base: Blocks
+    up: np.ndarray  # [out, rank], float16 values: what the bundle ships and both sides compute with
+    down: np.ndarray  # [rank, in]
+    merged: np.ndarray  # the merge's own float weight, for a plan that does not round it to 4 bits
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.base.shape
+
+    def blocks(self) -> Blocks:
+        from edgellm.daemon.update.remerge import merge_and_round
+
+        q, scales = merge_and_round(self.base.q, self.base.scales, self.base.offsets, self.up, self.down)
+        return Blocks(4, self.base.block, q, scales, None, "LoRA re-merged")  # fused_graph.REMERGED
+
+
 class MergedWeights:
     """A LoRA merge of a GGUF base (safetensors beside an edgellm-lineage.json naming the base): every weight the
-    merge left exactly as it was is the base's own blocks. A changed one is float, for the plan to round, or
-    with `keep_base_rank` the base's blocks plus the change at that rank (LowRank)."""
+    merge left exactly as it was is the base's own blocks. A changed one, where the lineage records the LoRA's
+    rank, is the base's blocks plus the change at that rank: LowRank with `keep_base` (the change stays beside
+    the blocks), else Remerged; without a rank it is the merged float weight, for the plan to round."""
 
-    def __init__(self, merged: SafetensorsWeights, base: GGUFWeights, keep_base_rank: int | None = None):
+    def __init__(self, merged: SafetensorsWeights, base: GGUFWeights, rank: int | None = None,
+                 keep_base: bool = False):
         self.merged, self.base, self.spec = merged, base, merged.spec
-        self.keep_base_rank = keep_base_rank
+        self.rank, self.keep_base = rank, keep_base
         self.rounded: list[str] = []
 
     def has(self, name: str) -> bool:
@@ -234,7 +257,11 @@ class MergedWeights:
         if np.array_equal(reference, value):
             return self.base.get(name)
         base = self.base.get(name)
-        if self.keep_base_rank and isinstance(base, Blocks) and name != "model.embed_tokens.weight":
-            up, down = low_rank(value - reference, self.keep_base_rank)
+        if not self.rank or not isinstance(base, Blocks) or name == "model.embed_tokens.weight":
+            return value
+        up, down = low_rank(value - reference, self.rank)
+        if self.keep_base:
             return LowRank(base, down, up)
+        if base.bits == 4 and base.block == 32:
+            return Remerged(base, up.astype(np.float16), down.astype(np.float16), value)
         return value

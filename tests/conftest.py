@@ -62,3 +62,23 @@ def minilm_int8(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("minilm") / "int8"
     build_embedding("minilm", out, BuildOptions(QuantSpec("int8"), show_progress=False))
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_wide_llama(tmp_path_factory):
+    """Rows of 256 and more, as K-quant super-blocks need (real 1B+ models have them everywhere)."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from tests.tiny_models import tiny_tokenizer
+
+    folder = tmp_path_factory.mktemp("wide-llama")
+    tokenizer = tiny_tokenizer()
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                         bos_token_id=None, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -159,23 +159,3 @@ def test_a_killed_build_leaves_a_staging_folder_the_next_build_removes(tmp_path,
     done = build_without_torch(gguf, out)
     assert done.returncode == 0, done.stderr
     assert sorted(p.name for p in out.parent.iterdir()) == ["m"]
-
-
-@pytest.fixture(scope="session")
-def tiny_wide_llama(tmp_path_factory):
-    """Rows of 256 and more, as K-quant super-blocks need (real 1B+ models have them everywhere)."""
-    import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    from tests.tiny_models import tiny_tokenizer
-
-    folder = tmp_path_factory.mktemp("wide-llama")
-    tokenizer = tiny_tokenizer()
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                         bos_token_id=None, tie_word_embeddings=True)
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder

@@ -7,6 +7,8 @@ through `_set`, which checks the transition against that table.
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import json
 import logging
 import subprocess
@@ -37,6 +39,7 @@ from edgellm.daemon.update.bundle import (
 )
 from edgellm.daemon.update.delta import apply_delta
 from edgellm.daemon.update.fetch import Fetcher, FetchError, FetchOptions, Stopped
+from edgellm.daemon.update.remerge import compute_weight, load_factors
 from edgellm.daemon.update.slots import ActiveState, SlotStore, write_atomic
 from edgellm.daemon.update.states import UpdateReport, UpdateState, check_transition
 
@@ -270,12 +273,7 @@ class UpdateAgent:
 
         fetcher.on_bytes = on_bytes
         report(force=True)
-        deltas, local = manifest.deltas(), self.slots.local_chunks()
-        for sha, size in missing.items():
-            delta = deltas.get(sha)
-            if delta is not None and delta.base in local and self._from_delta(fetcher, sha, size, delta, local):
-                progress["done"] += size - delta.size  # the delta's bytes were counted as they came
-                continue
+        def fetch(sha: str, size: int) -> None:
             part = self.slots.downloads / f"{sha}.part"
             progress["done"] -= part.stat().st_size if part.exists() else 0  # resumed bytes count once
             try:
@@ -283,8 +281,63 @@ class UpdateAgent:
             except FetchError as e:
                 raise UpdateFailed(S.FAILED, f"download: {e}") from None
             progress["done"] += part.stat().st_size if part.exists() else 0
+
+        deltas, local = manifest.deltas(), self.slots.local_chunks()
+        for sha in self._remerge(manifest, missing, local, fetch):
+            progress["done"] += missing.pop(sha)
+        for sha, size in missing.items():
+            if (self.slots.downloads / sha).is_file():  # fetched already (the factors of a remerge)
+                continue
+            delta = deltas.get(sha)
+            if delta is not None and delta.base in local and self._from_delta(fetcher, sha, size, delta, local):
+                progress["done"] += size - delta.size  # the delta's bytes were counted as they came
+                continue
+            fetch(sha, size)
         progress["done"] = total
         report(force=True)
+
+    def _remerge(self, manifest: BundleManifest, missing: dict[str, int], local: dict,
+                 fetch: Callable[[str, int], None]) -> list[str]:
+        """Compute the missing chunks of re-merged weights (edgellm/daemon/update/remerge.py) from the parent's
+        blocks this device holds and the LoRA's factors, fetched first; the chunks made, each checked against
+        its sha256. A weight that cannot be computed here is left to the fetch that follows."""
+        plan = manifest.remerge
+        factors_file = next((f for f in manifest.files if plan and f.path == plan.factors), None)
+        if factors_file is None:
+            return []
+        usable = [w for w in plan.weights if all(p.sha256 in local for ps in w.base.values() for p in ps)]
+        if not usable:
+            return []
+        for c in factors_file.chunks:
+            if c.sha256 in missing and not (self.slots.downloads / c.sha256).is_file():
+                fetch(c.sha256, c.size)
+        try:
+            factors = load_factors(b"".join(self.slots.chunk_bytes(c.sha256, c.size, local)
+                                            for c in factors_file.chunks))
+        except Exception as e:  # a signed file that does not parse: fetch the weights instead
+            log.warning("remerge: %s is unreadable (%s); fetching the tuned weights", plan.factors, e)
+            return []
+        made: list[str] = []
+        places = {f.path: list(zip(itertools.accumulate([0] + [c.size for c in f.chunks]), f.chunks, strict=False))
+                  for f in manifest.files}
+        for weight in usable:
+            self._check_stop()
+            try:
+                parts = compute_weight(weight, factors, lambda p: self.slots.piece_bytes(p, local))
+            except (KeyError, ValueError) as e:
+                log.warning("remerge: a weight in %s cannot be computed here (%s); fetching it", weight.file, e)
+                continue
+            for role, start in weight.at.items():
+                data = parts.get(role, b"")
+                for offset, c in places.get(weight.file, []):
+                    inside = start <= offset and offset + c.size <= start + len(data)
+                    if inside and c.sha256 in missing and c.sha256 not in made:
+                        chunk = data[offset - start: offset - start + c.size]
+                        if hashlib.sha256(chunk).hexdigest() == c.sha256:
+                            write_atomic(self.slots.downloads / c.sha256, chunk)
+                            made.append(c.sha256)
+        log.info("remerge: %d chunks computed from the parent's blocks and the LoRA's factors", len(made))
+        return made
 
     def _from_delta(self, fetcher: Fetcher, sha: str, size: int, delta: Delta, local: dict) -> bool:
         """Rebuild a changed chunk from its delta and the chunk this device holds; False (then the whole chunk

@@ -10,6 +10,8 @@ A store is static files, so any web server (or a plain folder, for air-gapped si
 
 A model file is the concatenation of its chunks, in order. Chunks are cut where tensors start (host side),
 so a tensor that did not change yields the same chunk and a device that holds it does not fetch it again.
+A LoRA update's tuned weights may also come with a recipe (`remerge`): the device computes their chunks from
+the parent's blocks and the LoRA's factors (edgellm/daemon/update/remerge.py) and fetches only the factors.
 """
 
 from __future__ import annotations
@@ -38,6 +40,41 @@ class Delta(StrictModel):
 
     base: str = Field(pattern=SHA256)
     size: int = Field(gt=0)
+
+
+class Piece(StrictModel):
+    """`size` bytes at `offset` inside chunk `sha256` of the parent version."""
+
+    sha256: str = Field(pattern=SHA256)
+    offset: int = Field(ge=0)
+    size: int = Field(gt=0)
+
+
+class RowChange(StrictModel):
+    """LoRA factors (tensors `up` and `down` of the remerge file) added to rows from `start`."""
+
+    start: int = Field(ge=0)
+    up: str
+    down: str
+
+
+class RemergedWeight(StrictModel):
+    """A node's 4-bit weight as the parent's blocks of the same node with some rows merged and rounded again
+    (edgellm/daemon/update/remerge.py): `base` locates the parent's q, scales and offsets; `at` says where the
+    new ones start in `file`. A device holding the base computes these bytes instead of fetching them."""
+
+    rows: int = Field(gt=0)
+    cols: int = Field(gt=0)
+    block: int = Field(32, gt=0)
+    base: dict[Literal["q", "scales", "offsets"], list[Piece]]
+    file: str
+    at: dict[Literal["q", "scales", "offsets"], int]
+    changes: list[RowChange] = Field(min_length=1)
+
+
+class Remerge(StrictModel):
+    factors: str = Field(description="the bundle file holding the LoRA factors")
+    weights: list[RemergedWeight]
 
 
 class Chunk(StrictModel):
@@ -104,6 +141,14 @@ class BundleManifest(StrictModel):
     files: list[BundleFile]
     smoke: SmokeTest = SmokeTest()
     lineage: Lineage = Lineage()
+    remerge: Remerge | None = Field(None, description="tuned weights a device holding the parent computes")
+
+    @model_serializer(mode="wrap")
+    def _without_empty_remerge(self, handler):  # most bundles have none: keep the manifest as it was
+        out = handler(self)
+        if out.get("remerge") is None:
+            out.pop("remerge", None)
+        return out
 
     @property
     def total_bytes(self) -> int:

@@ -22,7 +22,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from edgellm.daemon.engine.manifest import sha256_file
-from edgellm.daemon.update.bundle import BUNDLE_FILE, SIGNATURE_FILE, BundleManifest
+from edgellm.daemon.update.bundle import BUNDLE_FILE, SIGNATURE_FILE, BundleManifest, Piece
 from edgellm.daemon.update.states import UpdateReport
 
 STAGING_PREFIX = ".assembling-"
@@ -141,7 +141,7 @@ class SlotStore:
             with open(target, "wb") as out:
                 for c in f.chunks:
                     check()
-                    out.write(self._chunk_bytes(c.sha256, c.size, local))
+                    out.write(self.chunk_bytes(c.sha256, c.size, local))
                 out.flush()
                 os.fsync(out.fileno())
             if sha256_file(target) != f.sha256:
@@ -154,14 +154,23 @@ class SlotStore:
         fsync_dir(self.slots)
         return final
 
-    def _chunk_bytes(self, sha: str, size: int, local: dict[str, tuple[Path, int]]) -> bytes:
+    def chunk_bytes(self, sha: str, size: int, local: dict[str, tuple[Path, int]]) -> bytes:
+        """A chunk from downloads or from the slot that holds it (`local`: from local_chunks)."""
         downloaded = self.downloads / sha
         if downloaded.is_file():
             return downloaded.read_bytes()
-        path, offset = local[sha]
+        return self.piece_bytes(Piece(sha256=sha, offset=0, size=size), local)
+
+    @staticmethod
+    def piece_bytes(piece: Piece, local: dict[str, tuple[Path, int]]) -> bytes:
+        """Bytes inside a chunk a slot holds."""
+        path, offset = local[piece.sha256]
         with open(path, "rb") as f:
-            f.seek(offset)
-            return f.read(size)
+            f.seek(offset + piece.offset)
+            data = f.read(piece.size)
+        if len(data) != piece.size:
+            raise ValueError(f"chunk {piece.sha256[:12]}… is shorter than {piece.offset + piece.size} bytes")
+        return data
 
     def remove(self, slot: str) -> None:
         shutil.rmtree(self.slots / slot, ignore_errors=True)
