@@ -154,7 +154,8 @@ class _Builder:
         plan = self.plan
         if isinstance(value, Remerged):
             wide = head or any(part in name for part in plan.eight_bit)
-            if plan.bits == 4 and not plan.requantize and not wide and value.base.block == plan.block_size:
+            repeatable = plan.bits == 4 and plan.symmetric and value.base.block == plan.block_size  # remerge.py's form
+            if repeatable and not plan.requantize and not wide:
                 return value.blocks()
             value = value.merged
         if isinstance(value, Blocks):
