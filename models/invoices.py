@@ -31,11 +31,14 @@ SCHEMA = {
     "additionalProperties": False,
 }
 
-# The same fields, with the vendor and the invoice number copied verbatim from the invoice (x-edgellm-copy:
-# daemon/engine/copy_grammar.py); a copied field carries no length bound of its own.
+# The same fields taken from the invoice (x-edgellm-copy: daemon/engine/copy_grammar.py): the vendor and the
+# invoice number verbatim, the date as one of the dates it writes, the total and VAT as amounts it writes; a
+# copied string carries no length bound of its own.
 COPY_SCHEMA = {**SCHEMA, "properties": {
     **SCHEMA["properties"], "vendor": {"type": "string", "x-edgellm-copy": True},
-    "invoice_number": {"type": "string", "x-edgellm-copy": True}}}
+    "invoice_number": {"type": "string", "x-edgellm-copy": True},
+    "date": {**SCHEMA["properties"]["date"], "x-edgellm-copy": True},
+    "total": {"type": "number", "x-edgellm-copy": True}, "vat": {"type": "number", "x-edgellm-copy": True}}}
 
 VENDORS = {
     "en": ["Acme Tools Ltd", "Northwind Traders Inc", "Oak & Pine Carpentry", "Highland Wool Ltd",

@@ -9,7 +9,7 @@
 4. each build, and the untuned int4 base, evaluated with the schema enforced on two held-out sets: invoices
    in the layout families it trained on (`--train-families`, same-family), and invoices in families it never
    saw (`--test-families`, leave-family-out: models/invoice_layouts.py), the latter also with the vendor and
-   invoice number copied from the text (x-edgellm-copy).
+   invoice number copied from the text, the date and amounts chosen among those it writes (x-edgellm-copy).
 
     .venv/bin/python scripts/study_invoices.py --work .cache/study [--modules q_proj,v_proj] [--epochs 1]
 

@@ -73,7 +73,9 @@ def test_generation_copies_and_the_output_is_checked_again(generator):
 
 
 @pytest.mark.parametrize(("schema", "message"), [
-    ({"type": "object", "properties": {"n": {"type": "integer", "x-edgellm-copy": True}}}, "plain string field"),
+    ({"type": "object", "properties": {"n": {"type": "boolean", "x-edgellm-copy": True}}}, "applies to a plain string"),
+    ({"type": "object", "properties": {"n": {"type": "string", "pattern": "^A", "x-edgellm-copy": True}}},
+     "own enum, const, pattern"),
     ({"type": "object", "properties": {"n": {"type": "string", "x-edgellm-copy": "yes"}}}, "must be true or false"),
     ({"type": "object", "properties": {"n": {"type": "array", "items": {"type": "string", "x-edgellm-copy": True}}}},
      "only in string fields of objects"),
@@ -119,3 +121,32 @@ def test_a_copied_field_never_copies_the_chat_template_s_own_system_prompt(gener
     own = generator.prompt_ids(messages=[ChatMessage(role="system", content="Vendor: Acme Widgets"),
                                          ChatMessage(role="user", content=DOCUMENT)])
     assert "Acme Widgets" in generator._constraint(SCHEMA, own).document  # a system prompt the caller wrote counts
+
+
+def test_the_dates_and_amounts_a_document_writes_in_three_languages():
+    from edgellm.daemon.engine.document_values import amounts, dates
+
+    text = ("Receipt 2024/965\n12 September 2026\nDue: March 3, 2027\nAMOUNT DUE £20,268.14\nSales tax 20% £3,378.02\n"
+            "con fecha 26 de septiembre de 2026, por 13.310,05 EUR (IVA incluido: 1.210,00 EUR)\n"
+            "du 1er mars 2026, net à payer 21\u202f702,65 €, TVA 5,5 % 1 131,85 €\nÉmise le 05/06/2025")
+    assert dates(text) == ["2026-09-12", "2027-03-03", "2026-09-26", "2026-03-01", "2025-06-05", "2025-05-06"]
+    found = amounts(text)
+    assert {20268.14, 3378.02, 13310.05, 1210.0, 21702.65, 1131.85} <= set(found)
+    assert not {12.0, 2026.0, 20.0, 5.5, 5.0, 6.0} & set(found)  # dates' parts and rates are no amounts
+
+
+def test_a_copied_date_or_amount_is_one_the_document_writes(generator):
+    schema = {"type": "object", "additionalProperties": False, "required": ["date", "total"],
+              "properties": {"date": {"type": "string", "format": "date", "x-edgellm-copy": True},
+                             "total": {"type": "number", "x-edgellm-copy": True}}}
+    for output, allowed in [('{"date": "2024-03-05", "total": 1210}', True),  # 05/03/2024, day first
+                            ('{"date": "2024-05-03", "total": 1210}', True),  # and month first (US)
+                            ('{"date": "2024-03-06", "total": 1210}', False),
+                            ('{"date": "2024-03-05", "total": 1211}', False),
+                            ('{"date": "2024-03-05", "total": 121}', False)]:
+        assert accepts(constraint(generator, schema), generator, output) is allowed, output
+    # a document that writes no date or amount leaves those fields free, as without the mark
+    assert accepts(constraint(generator, schema, "Talleres Ebro"), generator, '{"date": "2024-03-06", "total": 7}')
+    c = constraint(generator, schema)
+    with pytest.raises(EdgeError, match="is not in the prompt"):
+        c.parse('{"date": "2024-03-05", "total": 99}')

@@ -14,7 +14,7 @@ import llguidance
 import numpy as np
 from llguidance.numpy import allocate_token_bitmask, fill_next_token_bitmask
 
-from edgellm.daemon.engine.copy_grammar import copied_values, copy_grammar, has_copied_fields
+from edgellm.daemon.engine.copy_grammar import copied_values, copy_grammar, has_copied_fields, is_copied
 from edgellm.daemon.engine.json_close import shortest_completion
 from edgellm.daemon.errors import EdgeError
 
@@ -175,8 +175,8 @@ class JsonConstraint:
             jsonschema.validate(value, self.schema)
         except (json.JSONDecodeError, jsonschema.ValidationError) as e:
             raise EdgeError("internal", f"constrained output failed validation: {e}") from None
-        for copied in copied_values(self.schema, value):
-            if copied not in self.document:
+        for kind, copied in copied_values(self.schema, value):
+            if not is_copied(kind, copied, self.document):
                 raise EdgeError("internal", f"constrained output failed validation: {copied!r} is not in the prompt")
         return value
 

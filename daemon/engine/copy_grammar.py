@@ -1,5 +1,6 @@
-"""Copied fields: a JSON schema whose string fields marked `"x-edgellm-copy": true` must take their value
-verbatim from the prompt (a vendor name, an invoice number), enforced while decoding.
+"""Copied fields: a JSON schema's fields marked `"x-edgellm-copy": true` take their values from the prompt,
+enforced while decoding: a plain string verbatim (a vendor name, an invoice number), a `format: date` string
+as one of the dates the prompt writes (ISO), a number as one of its amounts (daemon/engine/document_values.py).
 
 llguidance's Lark grammars can say "a substring of this text" (`%regex {"substring_chunks": [...]}`), but its
 JSON-schema compiler cannot, so a schema with copied fields becomes a Lark grammar: the objects that hold a
@@ -14,6 +15,7 @@ import json
 import re
 from typing import Any
 
+from edgellm.daemon.engine.document_values import amounts, dates, json_number
 from edgellm.daemon.errors import EdgeError
 
 COPY = "x-edgellm-copy"
@@ -33,12 +35,12 @@ def copy_grammar(schema: dict[str, Any], document: str, json_options: dict[str, 
     return _LarkWriter(schema, document, json_options).grammar()
 
 
-def copied_values(schema: Any, value: Any) -> list[str]:
-    """The values an output holds in copied fields (to check them again once it is parsed)."""
+def copied_values(schema: Any, value: Any) -> list[tuple[str, Any]]:
+    """(kind, value) for each copied field of an output (to check them again once it is parsed)."""
     if not isinstance(schema, dict):
         return []
     if schema.get(COPY) is True:
-        return [value] if isinstance(value, str) else []
+        return [(copy_kind(schema, "json_schema"), value)]
     found = []
     if isinstance(value, dict):
         for name, sub in (schema.get("properties") or {}).items():
@@ -47,11 +49,36 @@ def copied_values(schema: Any, value: Any) -> list[str]:
     return found
 
 
+def is_copied(kind: str, value: Any, document: str) -> bool:
+    if kind == "text":
+        return isinstance(value, str) and value in document
+    if kind == "date":
+        found = dates(document)
+        return not found or value in found  # a document without dates leaves the field free
+    found = amounts(document)
+    return not found or (isinstance(value, int | float) and float(value) in found)
+
+
+def copy_kind(schema: dict[str, Any], where: str) -> str:
+    """What a field marked x-edgellm-copy copies: 'text', 'date' or 'amount'."""
+    kind, bounds = schema.get("type"), [k for k in ("enum", "const", "minLength", "maxLength") if k in schema]
+    if kind == "string" and not bounds and schema.get("format") == "date":
+        return "date"
+    if kind == "string" and not bounds and "pattern" not in schema and "format" not in schema:
+        return "text"
+    if kind in ("number", "integer") and "enum" not in schema and "const" not in schema:
+        return "amount"
+    raise _bad(f"{where}: {COPY} applies to a plain string ({{\"type\": \"string\"}}), a date string "
+               "({\"type\": \"string\", \"format\": \"date\"}) or a number; this one has another type or its "
+               "own enum, const, pattern, format or length")
+
+
 class _LarkWriter:
     def __init__(self, schema: dict[str, Any], document: str, json_options: dict[str, Any]):
         self.root = schema
         self.defs = {k: schema[k] for k in ("$defs", "definitions") if k in schema}
         self.options = json_options
+        self.document = document
         chunks = [json.dumps(c, ensure_ascii=False)[1:-1] for c in _CHUNK.findall(document)]
         self.rules = [f"copied: %regex {json.dumps({'substring_chunks': chunks})}", 'empty: ""']
         self.count = 0
@@ -70,13 +97,20 @@ class _LarkWriter:
         if COPY in schema:
             if schema[COPY] is not True and schema[COPY] is not False:
                 raise _bad(f"{where}: {COPY} must be true or false")
+            free = {k: v for k, v in schema.items() if k != COPY}
             if schema[COPY] is False:
-                return self.value({k: v for k, v in schema.items() if k != COPY}, where)
-            bounds = ("enum", "const", "pattern", "format", "minLength", "maxLength")
-            if schema.get("type") != "string" or any(k in schema for k in bounds):
-                raise _bad(f"{where}: {COPY} applies to a plain string field ({{\"type\": \"string\"}}); "
-                           "this one has another type or its own pattern, enum, format or length")
-            return '"\\"" copied "\\""'
+                return self.value(free, where)
+            kind = copy_kind(schema, where)
+            if kind == "text":
+                return '"\\"" copied "\\""'
+            if kind == "date":
+                literals = [json.dumps(d) for d in dates(self.document)]
+            else:
+                literals = [json_number(a) for a in amounts(self.document)
+                            if schema.get("type") == "number" or a.is_integer()]
+            if not literals:  # the document writes none: the field is free, as without the mark
+                return self.value(free, where)
+            return self.rule(" | ".join(json.dumps(lit) for lit in literals))
         if schema.get("type") != "object" or not isinstance(schema.get("properties"), dict):
             raise _bad(f"{where}: {COPY} may sit only in string fields of objects given by their "
                        "`properties` (not inside arrays, anyOf, $ref or additionalProperties)")
