@@ -57,7 +57,7 @@ def _iso(year: int, month: int, day: int) -> str | None:
 
 def dates(document: str) -> list[str]:
     """Every date the document writes, ISO, in order of appearance, once each."""
-    return list(dict.fromkeys(d for _, d in sorted(_dates(document))))
+    return list(dict.fromkeys(d for _, d in sorted(_dates(document), key=lambda found: found[0])))
 
 
 def _dates(document: str) -> list[tuple[tuple[int, int], str]]:
