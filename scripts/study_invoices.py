@@ -133,6 +133,8 @@ def main() -> None:
             "same_family_field_accuracy": reports[f"{tuned} same_family"]["field_accuracy"],
             "per_language": lfo_report["per_language"], "per_field": lfo_report["per_field"],
             "per_family": lfo_report["per_family"],
+            "with_copy": {k: reports[f"{tuned} leave_family_out copy"][k] for k in ("per_language", "per_field",
+                                                                                   "per_family")},
             "json_valid_rate": min(r["json_valid_rate"] for k, r in reports.items() if k.startswith(f"{tuned} ")),
             "copy_constraint_gain": round(reports[f"{tuned} leave_family_out copy"]["field_accuracy"]
                                           - lfo_report["field_accuracy"], 4),
