@@ -85,7 +85,7 @@ def test_a_copied_field_comes_from_the_prompt_over_http(client, api):
         response_format={"type": "json_schema", "json_schema": {"name": "invoice", "schema": schema}})
     value = json.loads(r.choices[0].message.content)
     assert value["vendor"] in text and value["number"] in text
-    schema["properties"]["number"] = {"type": "integer", "x-edgellm-copy": True}
+    schema["properties"]["number"] = {"type": "boolean", "x-edgellm-copy": True}
     r = httpx.post(f"{api}/v1/chat/completions", headers=auth(), json={
         "model": "default", "messages": [{"role": "user", "content": text}],
         "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}})
