@@ -273,6 +273,7 @@ class UpdateAgent:
 
         fetcher.on_bytes = on_bytes
         report(force=True)
+
         def fetch(sha: str, size: int) -> None:
             part = self.slots.downloads / f"{sha}.part"
             progress["done"] -= part.stat().st_size if part.exists() else 0  # resumed bytes count once
@@ -317,7 +318,7 @@ class UpdateAgent:
         except Exception as e:  # a signed file that does not parse: fetch the weights instead
             log.warning("remerge: %s is unreadable (%s); fetching the tuned weights", plan.factors, e)
             return []
-        made: list[str] = []
+        made: set[str] = set()
         places = {f.path: list(zip(itertools.accumulate([0] + [c.size for c in f.chunks]), f.chunks, strict=False))
                   for f in manifest.files}
         for weight in usable:
@@ -335,9 +336,9 @@ class UpdateAgent:
                         chunk = data[offset - start: offset - start + c.size]
                         if hashlib.sha256(chunk).hexdigest() == c.sha256:
                             write_atomic(self.slots.downloads / c.sha256, chunk)
-                            made.append(c.sha256)
+                            made.add(c.sha256)
         log.info("remerge: %d chunks computed from the parent's blocks and the LoRA's factors", len(made))
-        return made
+        return sorted(made)
 
     def _from_delta(self, fetcher: Fetcher, sha: str, size: int, delta: Delta, local: dict) -> bool:
         """Rebuild a changed chunk from its delta and the chunk this device holds; False (then the whole chunk
