@@ -116,12 +116,12 @@ import sys, onnxruntime as ort
 from pathlib import Path
 from edgellm.daemon.engine.decoder import cpu_session, release_mapped_weights
 folder = Path(sys.argv[1]).resolve()
-def resident():  # kB of this process's resident pages of files in the model folder
-    kb, inside = 0, False
+def resident():  # kB of the weights file's pages resident for this process alone: pages another process
+    kb, inside = 0, False  # maps too (the test run's own session of the model) are neither its cost nor its to drop
     for line in open("/proc/self/smaps"):
         if "-" in line.split(" ")[0] and len(line.split()) >= 5 and not line.split()[0].endswith(":"):
             inside = line.rstrip().endswith(str(folder / "model.onnx.data"))
-        elif inside and line.startswith("Rss:"):
+        elif inside and line.startswith(("Private_Clean:", "Private_Dirty:")):
             kb += int(line.split()[1])
     return kb
 session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
