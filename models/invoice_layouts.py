@@ -6,8 +6,7 @@ seen: a letterhead with the customer's name, a tax ID and an order number beside
 (`letterhead`), a form of `label ..... value` lines in any order (`form`), a till receipt (`receipt`), an
 invoice told in an e-mail (`email`), and a posted cover letter that states the invoice in prose under the
 vendor's letterhead (`letter`). Each family has its own labels, invoice-number patterns and vendor
-names, and puts in hard negatives: a second company, a quote or order number, a due date, a VAT ID, a
-closing courtesy line.
+names, and puts in hard negatives: a second company, a quote or order number, a due date, a VAT ID.
 Training on some families and testing on the others (leave-family-out) measures what a model learned about
 invoices rather than about our templates.
 """
@@ -84,11 +83,6 @@ LABELS = {
            "title": "FACTURE", "office": "Siège social"},
 }
 TAX_IDS = {"en": "GB{}", "es": "B{}", "fr": "FR{}"}
-# courtesy and payment lines that close an invoice: text near the vendor's name that is not the vendor
-CLOSINGS = {"en": ["We appreciate your business.", "Thank you for choosing us.", "Payment by bank transfer, please."],
-            "es": ["Gracias por confiar en nosotros.", "Agradecemos su confianza.", "Pago por transferencia bancaria."],
-            "fr": ["Nous vous remercions de votre confiance.", "Merci pour votre commande.",
-                   "Règlement par virement bancaire."]}
 
 
 def render(family: str, rng: random.Random, f: Facts, money, day) -> str:
@@ -104,8 +98,6 @@ def render(family: str, rng: random.Random, f: Facts, money, day) -> str:
     # do (drawn for these two families alone, so receipts and e-mails of a seed stay what they were)
     footer = family in ("letterhead", "form") and rng.random() < 0.5
     legal = f"{L['office']}: {f.vendor}, {L['taxid']} {tax_id}"
-    # and half of them end with a closing line (drawn for these two families alone too)
-    closing = ["", pick(CLOSINGS[f.lang])] if family in ("letterhead", "form") and rng.random() < 0.5 else []
     if family == "letterhead":
         sep = pick(["  ", "\t", " - "])
         top = [L["title"]] if footer else [f.vendor.upper() if rng.random() < 0.5 else f.vendor,
@@ -116,7 +108,7 @@ def render(family: str, rng: random.Random, f: Facts, money, day) -> str:
             f"{pick(L['date'])} {day(f.day)}", f"{L['due']} {day(due)}", "",
             *[f"{q}{sep}{name}{sep}{p}" for name, q, p in lines], "",
             f"{pick(L['net'])}: {money(f.subtotal)}", f"{pick(L['vat'])} ({percent}%): {money(f.vat)}",
-            f"{pick(L['total'])}: {money(f.total)}", *(["", legal] if footer else []), *closing])
+            f"{pick(L['total'])}: {money(f.total)}", *(["", legal] if footer else [])])
     if family == "form":
         fields = [(L["taxid"].rstrip(" :"), tax_id), (pick(L["number"]).rstrip(" :#"), f.number),
                   (L["order"].rstrip(" :°nº.").rstrip(), other), (pick(L["date"]).rstrip(" :"), day(f.day)),
@@ -125,8 +117,8 @@ def render(family: str, rng: random.Random, f: Facts, money, day) -> str:
         rng.shuffle(fields)
         dots = pick([" ..... ", ": ", " = ", " | "])
         if footer:
-            return "\n".join([L["title"], "", *[f"{k}{dots}{v}" for k, v in fields], "", legal, *closing])
-        return "\n".join([f.vendor, "", *[f"{k}{dots}{v}" for k, v in fields], *closing])
+            return "\n".join([L["title"], "", *[f"{k}{dots}{v}" for k, v in fields], "", legal])
+        return "\n".join([f.vendor, "", *[f"{k}{dots}{v}" for k, v in fields]])
     if family == "receipt":
         width = 32
         body = [f"{name[:18]:<18}{p:>14}" for name, q, p in lines]
