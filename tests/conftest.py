@@ -82,3 +82,23 @@ def tiny_wide_llama(tmp_path_factory):
     AutoModelForCausalLM.from_config(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture
+def broker(tmp_path):
+    """A mosquitto of its own for one test (tests/harness.py Broker)."""
+    from tests.harness import Broker
+
+    b = Broker(tmp_path).start()
+    yield b
+    b.stop()
+
+
+@pytest.fixture
+def watch(broker):
+    """The update reports devices publish on `broker`."""
+    from tests.harness import UpdateWatch
+
+    w = UpdateWatch(broker.port)
+    yield w
+    w.close()

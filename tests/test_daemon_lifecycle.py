@@ -21,13 +21,6 @@ LONG = {"prompt": "Write a long story about a lighthouse keeper.", "max_tokens":
 
 
 @pytest.fixture
-def broker(tmp_path):
-    b = Broker(tmp_path).start()
-    yield b
-    b.stop()
-
-
-@pytest.fixture
 def daemon_factory(tmp_path, smollm2_int4):
     started: list[DaemonProcess] = []
 

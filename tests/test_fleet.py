@@ -26,7 +26,6 @@ from tests.harness import (
     Broker,
     DaemonProcess,
     Nginx,
-    UpdateWatch,
     free_port,
     retained,
     rpc,
@@ -86,13 +85,6 @@ def fleet(tmp_path_factory, tiny_sources):
     server.wait(10)
 
 
-@pytest.fixture
-def broker(tmp_path):
-    b = Broker(tmp_path).start()
-    yield b
-    b.stop()
-
-
 def device(tmp_path: Path, broker: Broker, fleet: dict, name: str, **update) -> DaemonProcess:
     """A daemon whose factory model is v1 (not from a bundle), following group 'lab'."""
     env = {"EDGELLM_GROUPS": '["lab"]', "EDGELLM_UPDATE__ENABLED": "true",
@@ -115,13 +107,6 @@ def publish(fleet: dict, broker: Broker, name: str, version: str, scope: str = "
     assert out.returncode == 0, out.stderr
     topic = f"edgellm/v1/{scope}/desired"
     return DesiredState.model_validate_json(retained(broker.port, topic)).id
-
-
-@pytest.fixture
-def watch(broker):
-    w = UpdateWatch(broker.port)
-    yield w
-    w.close()
 
 
 def chunks_of(store: Path, name: str, version: str) -> dict[str, int]:

@@ -12,11 +12,10 @@ from typing import Literal
 
 import jinja2
 import paho.mqtt.client as mqtt
-import pytest
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from pydantic import BaseModel, ConfigDict
 
-from tests.harness import EDGELLM, ROOT, Broker, DaemonProcess, retained
+from tests.harness import EDGELLM, ROOT, DaemonProcess, retained
 
 
 class _Strict(BaseModel):
@@ -117,13 +116,6 @@ def node_red_flow_round_trip(port: int, device: str) -> None:
         client.loop_stop()
     reply = json.loads(got[0].payload)
     assert reply["ok"] and reply["text"].strip() and got[0].properties.CorrelationData == b"1764500000000"
-
-
-@pytest.fixture
-def broker(tmp_path):
-    b = Broker(tmp_path).start()
-    yield b
-    b.stop()
 
 
 def test_discovery_configs_and_the_values_they_read(broker, smollm2_int4, tmp_path):

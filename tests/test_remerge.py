@@ -15,7 +15,7 @@ import pytest
 from edgellm.daemon.update.bundle import BundleManifest
 from edgellm.daemon.update.remerge import merge_and_round, unpack
 from tests.gguf_files import write_gguf
-from tests.harness import EDGELLM, ROOT, Broker, UpdateWatch, free_port, wait_for_port
+from tests.harness import EDGELLM, ROOT, free_port, wait_for_port
 from tests.test_fleet import device, publish
 from tests.test_gguf_build import engine_logits
 from tests.test_keep_base import build, fake_merge
@@ -57,20 +57,6 @@ def remerged(tmp_path_factory, tiny_wide_llama):
            "main": stores / "main", "bad": stores / "bad", "public": root / "signing.key.pub"}
     server.terminate()
     server.wait(10)
-
-
-@pytest.fixture
-def broker(tmp_path):
-    b = Broker(tmp_path).start()
-    yield b
-    b.stop()
-
-
-@pytest.fixture
-def watch(broker):
-    w = UpdateWatch(broker.port)
-    yield w
-    w.close()
 
 
 def manifest(store, version: str) -> BundleManifest:
