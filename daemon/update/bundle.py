@@ -34,6 +34,13 @@ SHA256 = r"^[0-9a-f]{64}$"
 
 
 
+def _without_none(out: dict, key: str) -> dict:
+    """A serialized model without an optional field it does not use, so older manifests keep their bytes."""
+    if out.get(key) is None:
+        out.pop(key, None)
+    return out
+
+
 class Delta(StrictModel):
     """The chunk is also in the store as a delta (edgellm/daemon/update/delta.py) against `base`, the chunk at
     the same place in the parent version: a device that holds `base` fetches `size` bytes instead."""
@@ -84,10 +91,7 @@ class Chunk(StrictModel):
 
     @model_serializer(mode="wrap")
     def _without_empty_delta(self, handler):  # most chunks have none: keep the manifest as it was
-        out = handler(self)
-        if out.get("delta") is None:
-            out.pop("delta", None)
-        return out
+        return _without_none(handler(self), "delta")
 
 
 class BundleFile(StrictModel):
@@ -145,10 +149,7 @@ class BundleManifest(StrictModel):
 
     @model_serializer(mode="wrap")
     def _without_empty_remerge(self, handler):  # most bundles have none: keep the manifest as it was
-        out = handler(self)
-        if out.get("remerge") is None:
-            out.pop("remerge", None)
-        return out
+        return _without_none(handler(self), "remerge")
 
     @property
     def total_bytes(self) -> int:
