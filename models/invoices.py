@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from datetime import date, timedelta
 from pathlib import Path
 
+from edgellm.daemon.engine.document_values import MONTHS
 from edgellm.models.invoice_layouts import FAMILIES, Facts, invoice_number, render, vendor_name
 
 LANGUAGES = ("en", "es", "fr")
@@ -54,14 +55,6 @@ ITEMS = {
            "Visita de mantenimiento"],
     "fr": ["Heures de conseil", "Pièces détachées", "Service de nettoyage", "Impression", "Livraison",
            "Visite d'entretien"],
-}
-MONTHS = {
-    "en": ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
-           "November", "December"],
-    "es": ["enero", "febrero", "marzo", "abril", "mayo", "junio", "julio", "agosto", "septiembre", "octubre",
-           "noviembre", "diciembre"],
-    "fr": ["janvier", "février", "mars", "avril", "mai", "juin", "juillet", "août", "septembre", "octobre",
-           "novembre", "décembre"],
 }
 LABELS = {
     "en": {"title": "INVOICE", "number": "Invoice No.", "date": "Date", "item": "Description", "qty": "Qty",

@@ -13,17 +13,24 @@ import re
 import unicodedata
 from datetime import date
 
-MONTHS = {
-    "en": ["january", "february", "march", "april", "may", "june", "july", "august", "september", "october",
-           "november", "december"],
+MONTHS = {  # as written in running text (the invoice generator, models/invoices.py, writes them too)
+    "en": ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
+           "November", "December"],
     "es": ["enero", "febrero", "marzo", "abril", "mayo", "junio", "julio", "agosto", "septiembre", "octubre",
            "noviembre", "diciembre"],
-    "fr": ["janvier", "fevrier", "mars", "avril", "mai", "juin", "juillet", "aout", "septembre", "octobre",
-           "novembre", "decembre"],
+    "fr": ["janvier", "février", "mars", "avril", "mai", "juin", "juillet", "août", "septembre", "octobre",
+           "novembre", "décembre"],
 }
-_MONTH = {}
+
+
+def _plain(text: str) -> str:
+    """Lower case without accents (février -> fevrier), the same length as the text."""
+    return "".join(unicodedata.normalize("NFKD", c)[0] for c in text.lower())
+
+
+_MONTH = {}  # a month's name as _plain reads it, and its first three and four letters -> its number
 for _names in MONTHS.values():
-    for _i, _name in enumerate(_names, 1):
+    for _i, _name in enumerate(map(_plain, _names), 1):
         _MONTH[_name] = _i
         _MONTH.setdefault(_name[:3], _i)  # jan, feb, sept -> sep: abbreviations
         _MONTH.setdefault(_name[:4], _i)
@@ -39,11 +46,6 @@ _MONTH_DAY = re.compile(rf"\b({_MONTH_RE})\.?\s+(\d{{1,2}})(?:st|nd|rd|th)?,?\s+
 _PLAIN_NUMBER = r"|(?<![\w.,])\d+(?:[.,]\d{1,2})?(?!\d)"
 _AMOUNTS = [re.compile(r"(?<![\w.,])\d{1,3}(?:[" + separators + r"]\d{3})+(?:[.,]\d{1,2})?(?!\d)" + _PLAIN_NUMBER)
             for separators in (",.\u00a0\u202f ", ",.")]
-
-
-def _plain(text: str) -> str:
-    """Lower case without accents (février -> fevrier), the same length as the text."""
-    return "".join(unicodedata.normalize("NFKD", c)[0] for c in text.lower())
 
 
 def _iso(year: int, month: int, day: int) -> str | None:
