@@ -27,7 +27,6 @@ import numpy as np
 if TYPE_CHECKING:
     from edgellm.daemon.update.bundle import Piece, RemergedWeight
 
-BITS = 4
 ZERO = 8  # MatMulNBits' default zero point for 4-bit weights
 
 
