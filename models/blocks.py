@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from edgellm.daemon.update.remerge import dequantize
+
 QK_K = 256
 
 
@@ -51,11 +53,8 @@ class Blocks:
         return self.q.shape[0], self.q.shape[1] * self.q.shape[2]
 
     def dequantize(self) -> np.ndarray:
-        """[N, K] float32."""
-        w = self.scales[..., None] * (self.q.astype(np.float32) - self.zero)
-        if self.offsets is not None:
-            w = w + self.offsets[..., None]
-        return w.reshape(self.shape)
+        """[N, K] float32, by the formula a device repeats (edgellm/daemon/update/remerge.py)."""
+        return dequantize(self.q, self.scales, self.offsets, self.zero).reshape(self.shape)
 
     def rows(self, order: np.ndarray) -> Blocks:
         return Blocks(self.bits, self.block, self.q[order], self.scales[order],

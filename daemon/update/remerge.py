@@ -39,15 +39,19 @@ class Change:
     down: np.ndarray  # [rank, cols], float16 values
 
 
+def dequantize(q: np.ndarray, scales: np.ndarray, offsets: np.ndarray | None, zero: int) -> np.ndarray:
+    """Blocks as float32 [n, blocks, block]: scales * (q - zero) + offsets, the one formula host and device use
+    (models/blocks.py de-quantizes with it too)."""
+    w = scales[..., None] * (q.astype(np.float32) - zero)
+    return w if offsets is None else w + offsets[..., None]
+
+
 def merge_and_round(q: np.ndarray, scales: np.ndarray, offsets: np.ndarray | None, up: np.ndarray,
                     down: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(q, scales) of base blocks (q uint8 [n, blocks, 32] unpacked, scales and offsets float32 [n, blocks])
     plus up @ down, rounded again. The result has no offsets."""
     n, nb, block = q.shape
-    w = scales[..., None] * (q.astype(np.float32) - ZERO)
-    if offsets is not None:
-        w = w + offsets[..., None]
-    merged = w.reshape(n, nb * block).astype(np.float64)
+    merged = dequantize(q, scales, offsets, ZERO).reshape(n, nb * block).astype(np.float64)
     for j in range(up.shape[1]):
         merged += up[:, j, None].astype(np.float64) * down[None, j, :].astype(np.float64)
     x = merged.astype(np.float32).reshape(n, nb, block)
