@@ -62,25 +62,30 @@ def invoice_number(rng: random.Random) -> str:
                        f"FV{year % 100}{rng.randint(1, 9999):04d}"])
 
 
+# "reference": the generic labels an invoice number also goes by ("No.", "Pièce n°"); letterhead and form
+# draw from them beside "number", so a model learns the code beside a label, not a few labels
 LABELS = {
     "en": {"number": ["Invoice #", "Invoice number:", "Our ref. (invoice):", "Tax invoice no."],
            "date": ["Invoice date:", "Issued:", "Date of issue:"], "due": "Due date:", "order": "PO number:",
            "taxid": "VAT reg. no.", "bill": "Bill to:", "vat": ["VAT", "Tax", "Sales tax"],
            "total": ["Amount due", "Balance due", "TOTAL", "Grand total"], "net": ["Net", "Subtotal"],
            "receipt": "Receipt", "thanks": "Thank you for your business", "title": "INVOICE",
-           "office": "Registered office"},
+           "office": "Registered office",
+           "reference": ["No.", "Document no.", "Ref.", "Bill no.:"]},
     "es": {"number": ["Factura núm.", "Número de factura:", "N.º factura:", "Factura:"],
            "date": ["Fecha de emisión:", "Fecha factura:", "Emitida el"], "due": "Vencimiento:",
            "order": "Pedido n.º", "taxid": "CIF:", "bill": "Cliente:", "vat": ["IVA", "Cuota IVA", "I.V.A."],
            "total": ["TOTAL FACTURA", "Importe total", "Total"], "net": ["Base imponible", "Subtotal"],
            "receipt": "Ticket", "thanks": "Gracias por su visita", "title": "FACTURA",
-           "office": "Domicilio social"},
+           "office": "Domicilio social",
+           "reference": ["Nº", "Documento n.º", "Ref.:", "Serie y número:"]},
     "fr": {"number": ["Facture N°", "Numéro de facture :", "Réf. facture :", "Facture :"],
            "date": ["Date de facturation :", "Émise le", "Date :"], "due": "Échéance :",
            "order": "Bon de commande n°", "taxid": "N° TVA intracom. :", "bill": "Client :",
            "vat": ["TVA", "Montant TVA", "T.V.A."], "total": ["Net à payer", "Total TTC", "Montant TTC"],
            "net": ["Total HT", "Montant HT"], "receipt": "Ticket de caisse", "thanks": "Merci de votre visite",
-           "title": "FACTURE", "office": "Siège social"},
+           "title": "FACTURE", "office": "Siège social",
+           "reference": ["N°", "Pièce n°", "Référence :", "Document n°"]},
 }
 TAX_IDS = {"en": "GB{}", "es": "B{}", "fr": "FR{}"}
 
@@ -104,13 +109,14 @@ def render(family: str, rng: random.Random, f: Facts, money, day) -> str:
                                            f"{L['taxid']} {tax_id}"]
         return "\n".join([
             *top, "",
-            L["bill"], CUSTOMERS[f.lang], "", f"{pick(L['number'])} {f.number}", f"{L['order']} {other}",
+            L["bill"], CUSTOMERS[f.lang], "", f"{pick(L['number'] + L['reference'])} {f.number}",
+            f"{L['order']} {other}",
             f"{pick(L['date'])} {day(f.day)}", f"{L['due']} {day(due)}", "",
             *[f"{q}{sep}{name}{sep}{p}" for name, q, p in lines], "",
             f"{pick(L['net'])}: {money(f.subtotal)}", f"{pick(L['vat'])} ({percent}%): {money(f.vat)}",
             f"{pick(L['total'])}: {money(f.total)}", *(["", legal] if footer else [])])
     if family == "form":
-        fields = [(L["taxid"].rstrip(" :"), tax_id), (pick(L["number"]).rstrip(" :#"), f.number),
+        fields = [(L["taxid"].rstrip(" :"), tax_id), (pick(L["number"] + L["reference"]).rstrip(" :#"), f.number),
                   (L["order"].rstrip(" :°nº.").rstrip(), other), (pick(L["date"]).rstrip(" :"), day(f.day)),
                   (L["due"].rstrip(" :"), day(due)), (pick(L["vat"]), money(f.vat)),
                   (pick(L["total"]), money(f.total))]
