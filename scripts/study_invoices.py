@@ -60,6 +60,7 @@ def main() -> None:
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--epochs", type=float, default=1.0)
     p.add_argument("--learning-rate", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0, help="training seed (LoRA init, batch order); same data")
     p.add_argument("--only", help="comma-separated builds to run (default: all)")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
@@ -71,7 +72,7 @@ def main() -> None:
         sys.exit("--train-families and --test-families must not share a family")
     families = "-".join(trained_on)
     tag = (f"{'-'.join(m.removesuffix('_proj') for m in modules)}-r{args.rank}-e{args.epochs:g}-n{args.train}"
-           + ("" if trained_on == ("classic",) else f"-{families}"))
+           + ("" if trained_on == ("classic",) else f"-{families}") + (f"-s{args.seed}" if args.seed else ""))
     train, test = work / f"train-{args.train}-{families}.jsonl", work / f"test-{args.test}-{families}.jsonl"
     lfo = work / f"lfo-{args.lfo_test}-{'-'.join(held_out)}.jsonl"
     if not train.exists():
@@ -85,7 +86,7 @@ def main() -> None:
         t = time.perf_counter()
         r = train_lora("smollm2", train, adapter, LoraOptions(rank=args.rank, alpha=2 * args.rank,
                                                                epochs=args.epochs, learning_rate=args.learning_rate,
-                                                               target_modules=modules))
+                                                               target_modules=modules, seed=args.seed))
         timings["train_s"] = round(time.perf_counter() - t, 1)
         print(f"trained {r.steps} steps, loss {r.first_loss} -> {r.last_loss}", file=sys.stderr)
     if not (merged / "config.json").exists():
