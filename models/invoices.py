@@ -130,8 +130,11 @@ def make_invoice(rng: random.Random, lang: str, family: str = "classic") -> Invo
     if family != "classic":
         facts = Facts(lang, vendor, number, day, currency, items, subtotal, rate, vat, total)
         date_style = rng.randint(0, 1)
-        return Invoice(lang, render(family, rng, facts, money, lambda d: format_date(d, lang, date_style)), gold,
-                       family)
+        text = render(family, rng, facts, money, lambda d: format_date(d, lang, date_style))
+        if vendor not in text:  # the answer names the vendor as the invoice writes it, a receipt's capitals
+            # too: a copied field (x-edgellm-copy) is verbatim, and a model taught to re-case fights its grammar
+            gold["vendor"] = vendor.upper()
+        return Invoice(lang, text, gold, family)
     lines = [f"{name} | {q} | {money(p)}" for name, q, p in items]
     header = [f"{L['title']}", f"{L['from']}: {vendor}", f"{L['number']} {number}",
               f"{L['date']}: {format_date(day, lang, rng.randint(0, 1))}"]

@@ -40,7 +40,9 @@ def test_gold_json_matches_the_rendered_text():
     (1, ("classic",), "15d54f3de12ba515636837cffe49eafc72c870be52356cbb15f16f8288b65b7f"),
     # the study's held-out receipts and e-mails (scripts/study_invoices.py, seed 998) stay the same when the
     # training families change, so the README's leave-family-out rows compare models on the same invoices
-    (998, ("receipt", "email"), "dfe6619c6703c70547e564723d155ae4c64b1c60a5dcefe3709854a38ddfe558"),
+    # (the texts since generic labels; the receipts' gold vendor in capitals since it is as written, which
+    # scores the same: field matching ignores case)
+    (998, ("receipt", "email"), "0738c9ad9bc138f6e4f3df76144dd89b3b70c917c960ed1b8b53f33a3c536b23"),
 ])
 def test_a_seed_gives_the_invoices_it_always_gave(seed, families, expected):
     import hashlib
@@ -53,8 +55,8 @@ def test_every_family_states_its_gold_values_beside_hard_negatives():
     invoices = generate(120, seed=7, families=FAMILIES)
     assert {(i.lang, i.family) for i in invoices} == {(lang, f) for lang in ("en", "es", "fr") for f in FAMILIES}
     for inv in invoices:
-        gold, text, folded = inv.gold, inv.text, inv.text.casefold()
-        assert gold["vendor"].casefold() in folded and gold["invoice_number"] in text, text
+        gold, text = inv.gold, inv.text
+        assert gold["vendor"] in text and gold["invoice_number"] in text, text  # as written, capitals too
         day = date.fromisoformat(gold["date"])
         assert any(format_date(day, inv.lang, style) in text for style in (0, 1)), text
         for amount in (gold["total"], gold["vat"]):
