@@ -94,7 +94,10 @@ def main() -> None:
     splits = {"same_family": load_examples(test), "leave_family_out": load_examples(lfo)}
     reports: dict[str, dict] = {}
 
-    def evaluate(name: str, folder: Path) -> None:
+    def evaluate(name: str, folder: Path, saved: Path | None = None) -> None:
+        if saved and saved.exists():  # the untuned base scores the same on the same test files
+            reports.update(json.loads(saved.read_text()))
+            return
         for split, examples in splits.items():
             reports[f"{name} {split}"] = evaluate_model(folder, examples, SCHEMA, args.threads, 200)
         reports[f"{name} leave_family_out copy"] = evaluate_model(folder, splits["leave_family_out"], COPY_SCHEMA,
@@ -103,11 +106,13 @@ def main() -> None:
             r = reports[key]
             print(f"{key}: field accuracy {r['field_accuracy']:.1%}, valid JSON {r['json_valid_rate']:.1%}",
                   file=sys.stderr)
+        if saved:
+            saved.write_text(json.dumps({k: v for k, v in reports.items() if k.startswith(f"{name} ")}) + "\n")
 
     base = work / "base-int4"
     if not (base / "manifest.json").exists():
         build_model("smollm2", base, BuildOptions(QuantSpec("int4")))
-    evaluate("base-int4", base)
+    evaluate("base-int4", base, work / f"report-base-int4-{test.stem}-{lfo.stem}.json")
     only = args.only.split(",") if args.only else None
     perplexity = {}
     for name, options in variants(modules).items():
