@@ -71,21 +71,24 @@ LABELS = {
            "total": ["Amount due", "Balance due", "TOTAL", "Grand total"], "net": ["Net", "Subtotal"],
            "receipt": "Receipt", "thanks": "Thank you for your business", "title": "INVOICE",
            "office": "Registered office",
-           "reference": ["No.", "Document no.", "Ref.", "Bill no.:"]},
+           "reference": ["No.", "Document no.", "Ref.", "Bill no.:"],
+           "mark": ["Page 1 of 1", "Page: 1/1", "ORIGINAL", "Copy: customer"]},
     "es": {"number": ["Factura núm.", "Número de factura:", "N.º factura:", "Factura:"],
            "date": ["Fecha de emisión:", "Fecha factura:", "Emitida el"], "due": "Vencimiento:",
            "order": "Pedido n.º", "taxid": "CIF:", "bill": "Cliente:", "vat": ["IVA", "Cuota IVA", "I.V.A."],
            "total": ["TOTAL FACTURA", "Importe total", "Total"], "net": ["Base imponible", "Subtotal"],
            "receipt": "Ticket", "thanks": "Gracias por su visita", "title": "FACTURA",
            "office": "Domicilio social",
-           "reference": ["Nº", "Documento n.º", "Ref.:", "Serie y número:"]},
+           "reference": ["Nº", "Documento n.º", "Ref.:", "Serie y número:"],
+           "mark": ["Página 1 de 1", "Página: 1/1", "ORIGINAL", "Copia: cliente"]},
     "fr": {"number": ["Facture N°", "Numéro de facture :", "Réf. facture :", "Facture :"],
            "date": ["Date de facturation :", "Émise le", "Date :"], "due": "Échéance :",
            "order": "Bon de commande n°", "taxid": "N° TVA intracom. :", "bill": "Client :",
            "vat": ["TVA", "Montant TVA", "T.V.A."], "total": ["Net à payer", "Total TTC", "Montant TTC"],
            "net": ["Total HT", "Montant HT"], "receipt": "Ticket de caisse", "thanks": "Merci de votre visite",
            "title": "FACTURE", "office": "Siège social",
-           "reference": ["N°", "Pièce n°", "Référence :", "Document n°"]},
+           "reference": ["N°", "Pièce n°", "Référence :", "Document n°"],
+           "mark": ["Page 1/1", "Page : 1 sur 1", "ORIGINAL", "Exemplaire : client"]},
 }
 TAX_IDS = {"en": "GB{}", "es": "B{}", "fr": "FR{}"}
 
@@ -103,12 +106,14 @@ def render(family: str, rng: random.Random, f: Facts, money, day) -> str:
     # do (drawn for these two families alone, so receipts and e-mails of a seed stay what they were)
     footer = family in ("letterhead", "form") and rng.random() < 0.5
     legal = f"{L['office']}: {f.vendor}, {L['taxid']} {tax_id}"
+    # and half of them open with a page or copy mark, so the first line is not always the vendor or the title
+    mark = [pick(L["mark"])] if family in ("letterhead", "form") and rng.random() < 0.5 else []
     if family == "letterhead":
         sep = pick(["  ", "\t", " - "])
         top = [L["title"]] if footer else [f.vendor.upper() if rng.random() < 0.5 else f.vendor,
                                            f"{L['taxid']} {tax_id}"]
         return "\n".join([
-            *top, "",
+            *mark, *top, "",
             L["bill"], CUSTOMERS[f.lang], "", f"{pick(L['number'] + L['reference'])} {f.number}",
             f"{L['order']} {other}",
             f"{pick(L['date'])} {day(f.day)}", f"{L['due']} {day(due)}", "",
@@ -123,8 +128,8 @@ def render(family: str, rng: random.Random, f: Facts, money, day) -> str:
         rng.shuffle(fields)
         dots = pick([" ..... ", ": ", " = ", " | "])
         if footer:
-            return "\n".join([L["title"], "", *[f"{k}{dots}{v}" for k, v in fields], "", legal])
-        return "\n".join([f.vendor, "", *[f"{k}{dots}{v}" for k, v in fields]])
+            return "\n".join([*mark, L["title"], "", *[f"{k}{dots}{v}" for k, v in fields], "", legal])
+        return "\n".join([*mark, f.vendor, "", *[f"{k}{dots}{v}" for k, v in fields]])
     if family == "receipt":
         width = 32
         body = [f"{name[:18]:<18}{p:>14}" for name, q, p in lines]
