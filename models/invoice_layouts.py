@@ -102,12 +102,13 @@ def render(family: str, rng: random.Random, f: Facts, money, day) -> str:
     due = f.day + timedelta(days=pick([15, 30, 45]))
     percent = f"{f.rate * 100:g}" if f.lang == "en" else f"{f.rate * 100:g}".replace(".", ",")
     lines = [(name, q, money(p)) for name, q, p in f.items]
-    # letterhead and form: half of them name the vendor only in the legal footer, as many European invoices
-    # do (drawn for these two families alone, so receipts and e-mails of a seed stay what they were)
-    footer = family in ("letterhead", "form") and rng.random() < 0.5
+    # letterhead and form (drawn for these two families alone, so receipts and e-mails of a seed stay what
+    # they were): half of them name the vendor only in the legal footer, as many European invoices do, and
+    # half open with a page or copy mark, so the first line is not always the vendor or the title
+    paper = family in ("letterhead", "form")
+    footer = paper and rng.random() < 0.5
+    mark = [pick(L["mark"])] if paper and rng.random() < 0.5 else []
     legal = f"{L['office']}: {f.vendor}, {L['taxid']} {tax_id}"
-    # and half of them open with a page or copy mark, so the first line is not always the vendor or the title
-    mark = [pick(L["mark"])] if family in ("letterhead", "form") and rng.random() < 0.5 else []
     if family == "letterhead":
         sep = pick(["  ", "\t", " - "])
         top = [L["title"]] if footer else [f.vendor.upper() if rng.random() < 0.5 else f.vendor,
