@@ -75,11 +75,14 @@ def main() -> None:
            + ("" if trained_on == ("classic",) else f"-{families}") + (f"-s{args.seed}" if args.seed else ""))
     train, test = work / f"train-{args.train}-{families}.jsonl", work / f"test-{args.test}-{families}.jsonl"
     lfo = work / f"lfo-{args.lfo_test}-{'-'.join(held_out)}.jsonl"
+    base, base_reports = work / "base-int4", work / f"report-base-int4-{test.stem}-{lfo.stem}.json"
     if not train.exists():
         write_jsonl(generate(args.train, seed=1, families=trained_on), train)
         write_jsonl(generate(args.test, seed=999, families=trained_on), test)
+        base_reports.unlink(missing_ok=True)  # the untuned base's scores on earlier test files
     if not lfo.exists():
         write_jsonl(generate(args.lfo_test, seed=998, families=held_out), lfo)
+        base_reports.unlink(missing_ok=True)
     adapter, merged = work / f"adapter-{tag}", work / f"merged-{tag}"
     timings = {}
     if not (adapter / "adapter_config.json").exists():
@@ -109,10 +112,10 @@ def main() -> None:
         if saved:
             saved.write_text(json.dumps({k: v for k, v in reports.items() if k.startswith(f"{name} ")}) + "\n")
 
-    base = work / "base-int4"
     if not (base / "manifest.json").exists():
         build_model("smollm2", base, BuildOptions(QuantSpec("int4")))
-    evaluate("base-int4", base, work / f"report-base-int4-{test.stem}-{lfo.stem}.json")
+        base_reports.unlink(missing_ok=True)  # scores of an earlier build
+    evaluate("base-int4", base, base_reports)
     only = args.only.split(",") if args.only else None
     perplexity = {}
     for name, options in variants(modules).items():
