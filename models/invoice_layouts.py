@@ -72,7 +72,9 @@ LABELS = {
            "receipt": "Receipt", "thanks": "Thank you for your business", "title": "INVOICE",
            "office": "Registered office",
            "reference": ["No.", "Document no.", "Ref.", "Bill no.:"],
-           "mark": ["Page 1 of 1", "Page: 1/1", "ORIGINAL", "Copy: customer"]},
+           "mark": ["Page 1 of 1", "Page: 1/1", "ORIGINAL", "Copy: customer"],
+           "greeting": ["Dear Sir or Madam,", "Dear customer,", "Dear Sirs,"],
+           "cover": ["Please find below our invoice for the work done.", "We invoice you as follows:"]},
     "es": {"number": ["Factura núm.", "Número de factura:", "N.º factura:", "Factura:"],
            "date": ["Fecha de emisión:", "Fecha factura:", "Emitida el"], "due": "Vencimiento:",
            "order": "Pedido n.º", "taxid": "CIF:", "bill": "Cliente:", "vat": ["IVA", "Cuota IVA", "I.V.A."],
@@ -80,7 +82,9 @@ LABELS = {
            "receipt": "Ticket", "thanks": "Gracias por su visita", "title": "FACTURA",
            "office": "Domicilio social",
            "reference": ["Nº", "Documento n.º", "Ref.:", "Serie y número:"],
-           "mark": ["Página 1 de 1", "Página: 1/1", "ORIGINAL", "Copia: cliente"]},
+           "mark": ["Página 1 de 1", "Página: 1/1", "ORIGINAL", "Copia: cliente"],
+           "greeting": ["Estimado cliente:", "Muy señores nuestros:", "Estimados señores:"],
+           "cover": ["Les detallamos a continuación nuestra factura.", "Por los trabajos realizados:"]},
     "fr": {"number": ["Facture N°", "Numéro de facture :", "Réf. facture :", "Facture :"],
            "date": ["Date de facturation :", "Émise le", "Date :"], "due": "Échéance :",
            "order": "Bon de commande n°", "taxid": "N° TVA intracom. :", "bill": "Client :",
@@ -88,7 +92,9 @@ LABELS = {
            "net": ["Total HT", "Montant HT"], "receipt": "Ticket de caisse", "thanks": "Merci de votre visite",
            "title": "FACTURE", "office": "Siège social",
            "reference": ["N°", "Pièce n°", "Référence :", "Document n°"],
-           "mark": ["Page 1/1", "Page : 1 sur 1", "ORIGINAL", "Exemplaire : client"]},
+           "mark": ["Page 1/1", "Page : 1 sur 1", "ORIGINAL", "Exemplaire : client"],
+           "greeting": ["Madame, Monsieur,", "Cher client,", "Chère cliente, cher client,"],
+           "cover": ["Veuillez trouver ci-dessous notre facture.", "Pour les travaux réalisés :"]},
 }
 TAX_IDS = {"en": "GB{}", "es": "B{}", "fr": "FR{}"}
 
@@ -108,6 +114,9 @@ def render(family: str, rng: random.Random, f: Facts, money, day) -> str:
     paper = family in ("letterhead", "form")
     footer = paper and rng.random() < 0.5
     mark = [pick(L["mark"])] if paper and rng.random() < 0.5 else []
+    # half of the letterheads address the customer as a letter does, so a salutation at the top is not
+    # taken for the vendor (who signs at the top or in the footer)
+    greeting = [pick(L["greeting"]), pick(L["cover"]), ""] if family == "letterhead" and rng.random() < 0.5 else []
     legal = f"{L['office']}: {f.vendor}, {L['taxid']} {tax_id}"
     if family == "letterhead":
         sep = pick(["  ", "\t", " - "])
@@ -115,7 +124,7 @@ def render(family: str, rng: random.Random, f: Facts, money, day) -> str:
                                            f"{L['taxid']} {tax_id}"]
         return "\n".join([
             *mark, *top, "",
-            L["bill"], CUSTOMERS[f.lang], "", f"{pick(L['number'] + L['reference'])} {f.number}",
+            L["bill"], CUSTOMERS[f.lang], "", *greeting, f"{pick(L['number'] + L['reference'])} {f.number}",
             f"{L['order']} {other}",
             f"{pick(L['date'])} {day(f.day)}", f"{L['due']} {day(due)}", "",
             *[f"{q}{sep}{name}{sep}{p}" for name, q, p in lines], "",
