@@ -66,7 +66,9 @@ def test_every_family_states_its_gold_values_beside_hard_negatives():
             others = [n for n in re.findall(r"[A-Z]*\d[\d/-]*\d", text) if n != gold["invoice_number"]]
             assert len(others) >= 2, text
     assert len({i.gold["vendor"] for i in invoices if i.family != "classic"}) > 20  # not the classic eight
-    # about half of the letterheads greet the customer as a letter does (a salutation that is not the vendor)
+
+
+def test_about_half_of_the_letterheads_greet_the_customer_as_a_letter_does():
     letterheads = generate(60, seed=7, families=("letterhead",))
     greeted = [i for i in letterheads if any(g in i.text for g in LAYOUT_LABELS[i.lang]["greeting"])]
     assert 0.25 < len(greeted) / len(letterheads) < 0.75
