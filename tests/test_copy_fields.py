@@ -72,10 +72,36 @@ def test_generation_copies_and_the_output_is_checked_again(generator):
         c.parse('{"vendor": "Acme", "invoice_number": "TE", "total": 1}')
 
 
+@pytest.mark.parametrize(("pattern", "output", "allowed"), [
+    ("\\d", "TE-2024/0871", True), ("\\d", "P-552", True),
+    ("\\d", "Talleres Ebro", False),  # text of the prompt, but no digit: a vendor's word is not a number
+    ("^TE-", "TE-2024/0871", True), ("^TE-", "P-552", False), ("^TE-", "Factura n.º TE-2024/0871", False),
+    ("^[A-Z]+-\\d+$", "P-552", True), ("^[A-Z]+-\\d+$", "TE-2024/0871", False),
+    ("^TE-", "TE-2024/0872", False),  # matches the pattern, not in the prompt
+])
+def test_a_copied_field_with_a_pattern_takes_prompt_text_that_matches_it(generator, pattern, output, allowed):
+    number = {"type": "string", "pattern": pattern, "x-edgellm-copy": True}
+    schema = {**SCHEMA, "properties": {**SCHEMA["properties"], "invoice_number": number}}
+    text = f'{{"vendor": "Talleres Ebro", "invoice_number": "{output}", "total": 1210}}'
+    assert accepts(constraint(generator, schema), generator, text) is allowed
+
+
+def test_generation_honours_a_copied_field_s_pattern(generator):
+    schema = {**SCHEMA, "properties": {**SCHEMA["properties"],
+                                       "vendor": {"type": "string", "pattern": "\\d", "x-edgellm-copy": True}}}
+    ids = generator.prompt_ids("Extract vendor, invoice_number and total as JSON.\n\n" + DOCUMENT)
+    value = json.loads(generator.generate(ids, GenerationParams(max_tokens=80, temperature=0, json_schema=schema)).text)
+    assert value["vendor"] in DOCUMENT and any(c.isdigit() for c in value["vendor"])  # the pattern, though unnatural
+    with pytest.raises(EdgeError) as err:  # a broken regex is the caller's error
+        constraint(generator, {**schema, "properties": {"vendor": {"type": "string", "pattern": "(",
+                                                                   "x-edgellm-copy": True}}})
+    assert err.value.code == "bad_request" and err.value.param == "json_schema"
+
+
 @pytest.mark.parametrize(("schema", "message"), [
     ({"type": "object", "properties": {"n": {"type": "boolean", "x-edgellm-copy": True}}}, "applies to a plain string"),
-    ({"type": "object", "properties": {"n": {"type": "string", "pattern": "^A", "x-edgellm-copy": True}}},
-     "own enum, const, pattern"),
+    ({"type": "object", "properties": {"n": {"type": "string", "format": "email", "x-edgellm-copy": True}}},
+     "own enum, const, format"),
     ({"type": "object", "properties": {"n": {"type": "string", "x-edgellm-copy": "yes"}}}, "must be true or false"),
     ({"type": "object", "properties": {"n": {"type": "array", "items": {"type": "string", "x-edgellm-copy": True}}}},
      "only in string fields of objects"),

@@ -1,12 +1,16 @@
 """Copied fields: a JSON schema's fields marked `"x-edgellm-copy": true` take their values from the prompt,
 enforced while decoding: a plain string verbatim (a vendor name, an invoice number), a `format: date` string
 as one of the dates the prompt writes (ISO), a number as one of its amounts (daemon/engine/document_values.py).
+A copied string may also have a `pattern`: the value is then a substring of the prompt that matches it (an
+invoice number "has a digit", so no word of the vendor's name), as JSON Schema reads a pattern: anywhere in the
+value unless anchored with `^` and `$`.
 
 llguidance's Lark grammars can say "a substring of this text" (`%regex {"substring_chunks": [...]}`), but its
 JSON-schema compiler cannot, so a schema with copied fields becomes a Lark grammar: the objects that hold a
 copied field are written out property by property (in the schema's order, required ones always, optional
 ones optionally, no others), a copied string is a run of whole chunks of the prompt (words, and each other
-character alone, JSON-escaped), and every other value is llguidance's own `%json` of its sub-schema.
+character alone, JSON-escaped), intersected with its pattern's regex if it has one (`&`, which llguidance
+allows between terminals), and every other value is llguidance's own `%json` of its sub-schema.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ from __future__ import annotations
 import json
 import re
 from typing import Any
+
+import llguidance
 
 from edgellm.daemon.engine.document_values import amounts, dates, json_number
 from edgellm.daemon.errors import EdgeError
@@ -64,13 +70,13 @@ def copy_kind(schema: dict[str, Any], where: str) -> str:
     kind, bounds = schema.get("type"), [k for k in ("enum", "const", "minLength", "maxLength") if k in schema]
     if kind == "string" and not bounds and schema.get("format") == "date":
         return "date"
-    if kind == "string" and not bounds and "pattern" not in schema and "format" not in schema:
+    if kind == "string" and not bounds and "format" not in schema:
         return "text"
     if kind in ("number", "integer") and "enum" not in schema and "const" not in schema:
         return "amount"
     raise _bad(f"{where}: {COPY} applies to a plain string ({{\"type\": \"string\"}}), a date string "
                "({\"type\": \"string\", \"format\": \"date\"}) or a number; this one has another type or its "
-               "own enum, const, pattern, format or length")
+               "own enum, const, format or length")
 
 
 class _LarkWriter:
@@ -80,7 +86,7 @@ class _LarkWriter:
         self.options = json_options
         self.document = document
         chunks = [json.dumps(c, ensure_ascii=False)[1:-1] for c in _CHUNK.findall(document)]
-        self.rules = [f"copied: %regex {json.dumps({'substring_chunks': chunks})}", 'empty: ""']
+        self.rules = [f"COPIED: %regex {json.dumps({'substring_chunks': chunks})}", 'empty: ""']
         self.count = 0
 
     def grammar(self) -> str:
@@ -102,7 +108,7 @@ class _LarkWriter:
                 return self.value(free, where)
             kind = copy_kind(schema, where)
             if kind == "text":
-                return '"\\"" copied "\\""'
+                return f'"\\"" {self.copied(schema.get("pattern"))} "\\""'
             if kind == "date":
                 literals = [json.dumps(d) for d in dates(self.document)]
             else:
@@ -115,6 +121,18 @@ class _LarkWriter:
             raise _bad(f"{where}: {COPY} may sit only in string fields of objects given by their "
                        "`properties` (not inside arrays, anyOf, $ref or additionalProperties)")
         return self.object(schema, where)
+
+    def copied(self, pattern: str | None) -> str:
+        """The terminal for a copied string: any run of the prompt's chunks, or those that match `pattern`
+        (a string: the schema was checked against its metaschema; a broken regex fails to compile)."""
+        if pattern is None:
+            return "COPIED"
+        start, end = pattern.startswith("^"), pattern.endswith("$") and not pattern.endswith("\\$")
+        inner = llguidance.regex_to_lark(pattern[1 if start else 0: len(pattern) - 1 if end else len(pattern)],
+                                         "dw")  # \d and \w are ASCII in JSON Schema (ECMAScript), as here
+        name = f"COPIED{self.new_rule_number()}"
+        self.rules.append(f"{name}: COPIED & /{'' if start else '.*'}(?:{inner}){'' if end else '.*'}/")
+        return name
 
     def object(self, schema: dict[str, Any], where: str) -> str:
         """`{"a": .., "b": ..}` in property order; optional properties may be left out."""
