@@ -21,6 +21,7 @@ perplexity against its fp32 source; writes report.json and plot.png.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import time
@@ -75,7 +76,9 @@ def main() -> None:
            + ("" if trained_on == ("classic",) else f"-{families}") + (f"-s{args.seed}" if args.seed else ""))
     train, test = work / f"train-{args.train}-{families}.jsonl", work / f"test-{args.test}-{families}.jsonl"
     lfo = work / f"lfo-{args.lfo_test}-{'-'.join(held_out)}.jsonl"
-    base, base_reports = work / "base-int4", work / f"report-base-int4-{test.stem}-{lfo.stem}.json"
+    # the base's saved scores hold for these test files and these schemas only
+    schemas = hashlib.sha256(json.dumps([SCHEMA, COPY_SCHEMA], sort_keys=True).encode()).hexdigest()[:8]
+    base, base_reports = work / "base-int4", work / f"report-base-int4-{test.stem}-{lfo.stem}-{schemas}.json"
     if not train.exists():
         write_jsonl(generate(args.train, seed=1, families=trained_on), train)
         write_jsonl(generate(args.test, seed=999, families=trained_on), test)
