@@ -59,7 +59,7 @@ def test_batch_embed_fills_a_store_that_finds_the_passage(client, minilm_int8, t
 
 
 def test_paraphrase_writes_seeded_variants_and_keeps_only_faithful_ones(client, tiny_int4):
-    from edgellm.models.batch import batch_paraphrase
+    from edgellm.models.batch import batch_paraphrase, faithful
     from edgellm.models.invoices import values_present
 
     examples = [{"lang": i.lang, "text": i.text, "gold": i.gold} for i in generate(4, 6)]
@@ -67,11 +67,13 @@ def test_paraphrase_writes_seeded_variants_and_keeps_only_faithful_ones(client, 
     _, again = batch_paraphrase(client, tiny_int4, examples, variants=2, seed=3, max_tokens=30)
     assert len(written) == 8 and written == again  # seeded: the same variants on any worker
     assert len({v["text"] for v in written}) > 1
-    assert all(values_present(v["text"], v["gold"], v["lang"]) for v in kept)
-    # the filter itself: a faithful text passes, one with a changed value does not
+    assert all(values_present(v["text"], v["gold"], v["lang"]) and v["finish_reason"] == "stop" for v in kept)
+    # the filter itself: a faithful text passes; one with a changed value, or cut off at max_tokens, does not
     ex = examples[0]
-    assert values_present(ex["text"], ex["gold"], ex["lang"])
-    assert not values_present(ex["text"].replace(ex["gold"]["invoice_number"], "X-1"), ex["gold"], ex["lang"])
+    finished = {**ex, "finish_reason": "stop"}
+    assert faithful(finished)
+    assert not faithful({**finished, "text": ex["text"].replace(ex["gold"]["invoice_number"], "X-1")})
+    assert not faithful({**finished, "finish_reason": "length"})
 
 
 def test_cli_runs_on_an_existing_scheduler(client, tiny_int4, tmp_path):
