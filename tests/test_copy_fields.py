@@ -78,6 +78,9 @@ def test_generation_copies_and_the_output_is_checked_again(generator):
     ("^TE-", "TE-2024/0871", True), ("^TE-", "P-552", False), ("^TE-", "Factura n.º TE-2024/0871", False),
     ("^[A-Z]+-\\d+$", "P-552", True), ("^[A-Z]+-\\d+$", "TE-2024/0871", False),
     ("^TE-", "TE-2024/0872", False),  # matches the pattern, not in the prompt
+    ("S", "S.L., Zaragoza", True), ("S", "Ebro\\\" S.L.", False),  # a patterned copy holds no (escaped) quote
+    ("\\d", "0871   Presupuesto P-552\\nFecha", False),  # no line break (the pattern sees the value itself)
+    ("^[^\\n]*$", "0871   Presupuesto P-552", True),
 ])
 def test_a_copied_field_with_a_pattern_takes_prompt_text_that_matches_it(generator, pattern, output, allowed):
     number = {"type": "string", "pattern": pattern, "x-edgellm-copy": True}

@@ -124,14 +124,17 @@ class _LarkWriter:
 
     def copied(self, pattern: str | None) -> str:
         """The terminal for a copied string: any run of the prompt's chunks, or those that match `pattern`
-        (a string: the schema was checked against its metaschema; a broken regex fails to compile)."""
+        (a string: the schema was checked against its metaschema; a broken regex fails to compile). The regex
+        sees the value as JSON writes it, so a patterned copy holds no character JSON escapes (no line break,
+        quote or backslash): there the written value is the value, and the pattern means what it says."""
         if pattern is None:
             return "COPIED"
         start, end = pattern.startswith("^"), pattern.endswith("$") and not pattern.endswith("\\$")
         inner = llguidance.regex_to_lark(pattern[1 if start else 0: len(pattern) - 1 if end else len(pattern)],
                                          "dw")  # \d and \w are ASCII in JSON Schema (ECMAScript), as here
         name = f"COPIED{self.new_rule_number()}"
-        self.rules.append(f"{name}: COPIED & /{'' if start else '.*'}(?:{inner}){'' if end else '.*'}/")
+        matches = f"{'' if start else '.*'}(?:{inner}){'' if end else '.*'}"
+        self.rules.append(f"{name}: COPIED & /[^\\\\]*/ & /{matches}/")
         return name
 
     def object(self, schema: dict[str, Any], where: str) -> str:
