@@ -62,6 +62,8 @@ def main() -> None:
     p.add_argument("--epochs", type=float, default=1.0)
     p.add_argument("--learning-rate", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0, help="training seed (LoRA init, batch order); same data")
+    p.add_argument("--number-pattern", help='a JSON Schema "pattern" the copied invoice number must also match '
+                   '(e.g. "\\d": it has a digit; daemon/engine/copy_grammar.py); scored again, not retrained')
     p.add_argument("--only", help="comma-separated builds to run (default: all)")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
@@ -76,8 +78,12 @@ def main() -> None:
            + ("" if trained_on == ("classic",) else f"-{families}") + (f"-s{args.seed}" if args.seed else ""))
     train, test = work / f"train-{args.train}-{families}.jsonl", work / f"test-{args.test}-{families}.jsonl"
     lfo = work / f"lfo-{args.lfo_test}-{'-'.join(held_out)}.jsonl"
+    copy_schema = COPY_SCHEMA
+    if args.number_pattern:
+        number = {**COPY_SCHEMA["properties"]["invoice_number"], "pattern": args.number_pattern}
+        copy_schema = {**COPY_SCHEMA, "properties": {**COPY_SCHEMA["properties"], "invoice_number": number}}
     # the base's saved scores hold for these test files and these schemas only
-    schemas = hashlib.sha256(json.dumps([SCHEMA, COPY_SCHEMA], sort_keys=True).encode()).hexdigest()[:8]
+    schemas = hashlib.sha256(json.dumps([SCHEMA, copy_schema], sort_keys=True).encode()).hexdigest()[:8]
     base, base_reports = work / "base-int4", work / f"report-base-int4-{test.stem}-{lfo.stem}-{schemas}.json"
     if not train.exists():
         write_jsonl(generate(args.train, seed=1, families=trained_on), train)
@@ -106,7 +112,7 @@ def main() -> None:
             return
         for split, examples in splits.items():
             reports[f"{name} {split}"] = evaluate_model(folder, examples, SCHEMA, args.threads, 200)
-        reports[f"{name} leave_family_out copy"] = evaluate_model(folder, splits["leave_family_out"], COPY_SCHEMA,
+        reports[f"{name} leave_family_out copy"] = evaluate_model(folder, splits["leave_family_out"], copy_schema,
                                                                  args.threads, 200)
         for key in (f"{name} same_family", f"{name} leave_family_out", f"{name} leave_family_out copy"):
             r = reports[key]
@@ -130,9 +136,12 @@ def main() -> None:
         quality = json.loads((out / "manifest.json").read_text())["quality"]
         perplexity[name] = {"built": quality["perplexity"], "source": quality.get("source_perplexity")}
         evaluate(name, out)
+    if args.number_pattern:  # the same model scored again: its reports sit beside the first ones
+        tag += f"-pattern-{schemas}"
     (work / f"report-{tag}.json").write_text(json.dumps(reports, indent=2, ensure_ascii=False) + "\n")
     plot([dict(r, model=k) for k, r in reports.items()], work / f"plot-{tag}.png")
-    summary = {"lora": tag, "train_families": list(trained_on), "test_families": list(held_out), **timings,
+    summary = {"lora": tag, **({"number_pattern": args.number_pattern} if args.number_pattern else {}),
+               "train_families": list(trained_on), "test_families": list(held_out), **timings,
                **{f"{k} field_accuracy": r["field_accuracy"] for k, r in reports.items()},
                **{f"{k} json_valid": r["json_valid_rate"] for k, r in reports.items()}}
     tuned = next((n for n in ("int4-keep-base", "int4") if f"{n} leave_family_out" in reports),
