@@ -74,7 +74,8 @@ LABELS = {
            "reference": ["No.", "Document no.", "Ref.", "Bill no.:"],
            "mark": ["Page 1 of 1", "Page: 1/1", "ORIGINAL", "Copy: customer"],
            "greeting": ["Dear Sir or Madam,", "Dear customer,", "Dear Sirs,"],
-           "cover": ["Please find below our invoice for the work done.", "We invoice you as follows:"]},
+           "cover": ["Please find below our invoice for the work done.", "We invoice you as follows:"],
+           "closing": ["Yours faithfully,", "Best regards,", "Sincerely,"]},
     "es": {"number": ["Factura núm.", "Número de factura:", "N.º factura:", "Factura:"],
            "date": ["Fecha de emisión:", "Fecha factura:", "Emitida el"], "due": "Vencimiento:",
            "order": "Pedido n.º", "taxid": "CIF:", "bill": "Cliente:", "vat": ["IVA", "Cuota IVA", "I.V.A."],
@@ -84,7 +85,8 @@ LABELS = {
            "reference": ["Nº", "Documento n.º", "Ref.:", "Serie y número:"],
            "mark": ["Página 1 de 1", "Página: 1/1", "ORIGINAL", "Copia: cliente"],
            "greeting": ["Estimado cliente:", "Muy señores nuestros:", "Estimados señores:"],
-           "cover": ["Les detallamos a continuación nuestra factura.", "Por los trabajos realizados:"]},
+           "cover": ["Les detallamos a continuación nuestra factura.", "Por los trabajos realizados:"],
+           "closing": ["Un saludo,", "Saludos cordiales,", "Reciban un cordial saludo,"]},
     "fr": {"number": ["Facture N°", "Numéro de facture :", "Réf. facture :", "Facture :"],
            "date": ["Date de facturation :", "Émise le", "Date :"], "due": "Échéance :",
            "order": "Bon de commande n°", "taxid": "N° TVA intracom. :", "bill": "Client :",
@@ -94,7 +96,8 @@ LABELS = {
            "reference": ["N°", "Pièce n°", "Référence :", "Document n°"],
            "mark": ["Page 1/1", "Page : 1 sur 1", "ORIGINAL", "Exemplaire : client"],
            "greeting": ["Madame, Monsieur,", "Cher client,", "Chère cliente, cher client,"],
-           "cover": ["Veuillez trouver ci-dessous notre facture.", "Pour les travaux réalisés :"]},
+           "cover": ["Veuillez trouver ci-dessous notre facture.", "Pour les travaux réalisés :"],
+           "closing": ["Salutations distinguées,", "Bien à vous,", "Avec nos remerciements,"]},
 }
 TAX_IDS = {"en": "GB{}", "es": "B{}", "fr": "FR{}"}
 
@@ -117,6 +120,9 @@ def render(family: str, rng: random.Random, f: Facts, money, day) -> str:
     # half of the letterheads address the customer as a letter does, so a salutation at the top is not
     # taken for the vendor (who signs at the top or in the footer)
     greeting = [pick(L["greeting"]), pick(L["cover"]), ""] if family == "letterhead" and rng.random() < 0.5 else []
+    # and close as a letter does, signed with the vendor's name, so the name under a closing is read as the
+    # sender, whatever stands at the top
+    closing = ["", pick(L["closing"]), f.vendor] if greeting else []
     legal = f"{L['office']}: {f.vendor}, {L['taxid']} {tax_id}"
     if family == "letterhead":
         sep = pick(["  ", "\t", " - "])
@@ -129,7 +135,7 @@ def render(family: str, rng: random.Random, f: Facts, money, day) -> str:
             f"{pick(L['date'])} {day(f.day)}", f"{L['due']} {day(due)}", "",
             *[f"{q}{sep}{name}{sep}{p}" for name, q, p in lines], "",
             f"{pick(L['net'])}: {money(f.subtotal)}", f"{pick(L['vat'])} ({percent}%): {money(f.vat)}",
-            f"{pick(L['total'])}: {money(f.total)}", *(["", legal] if footer else [])])
+            f"{pick(L['total'])}: {money(f.total)}", *closing, *(["", legal] if footer else [])])
     if family == "form":
         fields = [(L["taxid"].rstrip(" :"), tax_id), (pick(L["number"] + L["reference"]).rstrip(" :#"), f.number),
                   (L["order"].rstrip(" :°nº.").rstrip(), other), (pick(L["date"]).rstrip(" :"), day(f.day)),

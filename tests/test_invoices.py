@@ -72,6 +72,10 @@ def test_about_half_of_the_letterheads_greet_the_customer_as_a_letter_does():
     letterheads = generate(60, seed=7, families=("letterhead",))
     greeted = [i for i in letterheads if any(g in i.text for g in LAYOUT_LABELS[i.lang]["greeting"])]
     assert 0.25 < len(greeted) / len(letterheads) < 0.75
+    for inv in greeted:  # and sign under a closing with the vendor's name
+        lines = inv.text.split("\n")
+        signed = [n for n, line in enumerate(lines) if line in LAYOUT_LABELS[inv.lang]["closing"]]
+        assert len(signed) == 1 and lines[signed[0] + 1] == inv.gold["vendor"], inv.text
 
 
 def test_generation_is_seeded_and_covers_three_languages():
