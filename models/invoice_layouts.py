@@ -118,7 +118,7 @@ def render(family: str, rng: random.Random, f: Facts, money, day) -> str:
     footer = paper and rng.random() < 0.5
     mark = [pick(L["mark"])] if paper and rng.random() < 0.5 else []
     # half of the letterheads address the customer as a letter does, so a salutation at the top is not
-    # taken for the vendor (who signs at the top or in the footer)
+    # taken for the vendor (who heads the letter, or stands in its legal footer)
     greeting = [pick(L["greeting"]), pick(L["cover"]), ""] if family == "letterhead" and rng.random() < 0.5 else []
     # and close as a letter does, signed with the vendor's name, so the name under a closing is read as the
     # sender, whatever stands at the top
