@@ -26,6 +26,7 @@ from edgellm.daemon.update.states import UpdateReport
 log = logging.getLogger("edgellm.serve")
 JOURNAL_FILE = "requests.db"
 SWEEP_SECONDS = 2.0  # how often replies acknowledged before we tracked them are marked done in the journal
+PRUNE_SECONDS = 60.0  # how often done journal entries older than an hour are deleted (it would grow forever)
 
 
 class Daemon:
@@ -86,8 +87,10 @@ class Daemon:
 
     def mqtt_health(self) -> dict:
         """The broker connection as /health reports it."""
-        return {"connected": self.mqtt.connected.is_set(), "broker": f"{self.settings.mqtt.host}:"
-                f"{self.settings.mqtt.port}", "error": None if self.mqtt.connected.is_set() else self.mqtt.last_error}
+        connected = self.mqtt.connected.is_set()
+        return {"connected": connected, "state": "connected" if connected else self.mqtt.state,
+                "broker": f"{self.settings.mqtt.host}:{self.settings.mqtt.port}",
+                "error": None if connected else self.mqtt.last_error}
 
     def switch_model(self, folder: Path | None) -> None:
         """Serve another model folder; requests already running finish on the one they started with."""
@@ -132,6 +135,7 @@ class Daemon:
         ready = False
         next_telemetry = time.monotonic() + self.settings.telemetry_interval
         next_sweep = time.monotonic() + SWEEP_SECONDS
+        next_prune = time.monotonic() + PRUNE_SECONDS
         while not self.stop_requested.wait(0.2):
             if not ready and self.mqtt.ever_connected.is_set():
                 ready = True
@@ -143,6 +147,9 @@ class Daemon:
             if time.monotonic() >= next_sweep:
                 next_sweep = time.monotonic() + SWEEP_SECONDS
                 self.mqtt.deliveries.sweep()
+            if time.monotonic() >= next_prune:
+                next_prune = time.monotonic() + PRUNE_SECONDS
+                self.mqtt.journal.prune()
             if time.monotonic() >= next_telemetry:
                 next_telemetry = time.monotonic() + self.settings.telemetry_interval
                 if self.mqtt.connected.is_set():

@@ -38,7 +38,12 @@ class Metrics:
             yield requests
             yield errors
             yield CounterMetricFamily("edgellm_tokens", "Tokens generated", value=s.tokens)
-            yield CounterMetricFamily("edgellm_unanswerable", "Requests without a reply address", value=s.unanswerable)
+            yield CounterMetricFamily("edgellm_unanswerable", "Requests without a usable reply address",
+                                      value=s.unanswerable)
+            yield CounterMetricFamily("edgellm_stalled_streams", "HTTP streams cancelled because the client stopped "
+                                      "reading", value=s.stalled)
+            yield CounterMetricFamily("edgellm_dead_letters", "Journaled requests set aside after failing twice",
+                                      value=s.dead_letters)
             yield CounterMetricFamily("edgellm_client_disconnects", "HTTP requests cancelled because the client "
                                       "hung up", value=s.disconnects)
             yield self._histogram("edgellm_time_to_first_token_ms", "Time to first token (ms)", s.ttft_ms)

@@ -26,8 +26,9 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from edgellm.daemon import __version__
 from edgellm.daemon.errors import CommandError, EdgeError
-from edgellm.daemon.serve.journal import Entry, RequestJournal
+from edgellm.daemon.serve.journal import MAX_ATTEMPTS, Entry, RequestJournal
 from edgellm.daemon.serve.replies import Event, Failed, TextDelta
+from edgellm.daemon.serve.reply_address import reply_topic_problem
 from edgellm.daemon.serve.settings import Settings
 from edgellm.daemon.serve.stats import Stats
 from edgellm.daemon.serve.wire import Incoming, encode_json, error_reply, parse_request, render
@@ -122,7 +123,10 @@ class Deliveries:
     """Final replies whose requests are journaled, until the broker acknowledges them (PUBACK).
 
     paho calls on_publish with a packet id, possibly before `publish()` has returned its info to us; so a
-    reply acknowledged that early is caught by `sweep()`, which the serving loop calls every few seconds.
+    reply acknowledged that early is caught when it is tracked, or by `sweep()`, which the serving loop calls
+    every few seconds. A reply published while the broker is away (rc MQTT_ERR_NO_CONN) stays queued in paho
+    and is sent at the reconnect; its entry is finished by that PUBACK. paho's `is_published()` raises for
+    such a message forever after, so it is asked only of messages that were sent at once.
     """
 
     def __init__(self, journal: RequestJournal):
@@ -130,8 +134,12 @@ class Deliveries:
         self._lock = threading.Lock()
         self._waiting: dict[int, list[tuple[int, mqtt.MQTTMessageInfo]]] = {}
 
+    @staticmethod
+    def _published(info: mqtt.MQTTMessageInfo) -> bool:
+        return info.rc == mqtt.MQTT_ERR_SUCCESS and info.is_published()
+
     def track(self, row: int, info: mqtt.MQTTMessageInfo) -> None:
-        if info.is_published():
+        if self._published(info):
             self.journal.finish(row)
             return
         with self._lock:
@@ -145,13 +153,19 @@ class Deliveries:
 
     def sweep(self) -> None:
         with self._lock:
-            done = [(mid, e) for mid, entries in self._waiting.items() for e in entries if e[1].is_published()]
+            done = [(mid, e) for mid, entries in self._waiting.items() for e in entries if self._published(e[1])]
             for mid, entry in done:
                 self._waiting[mid].remove(entry)
                 if not self._waiting[mid]:
                     del self._waiting[mid]
         for _, (row, _) in done:
             self.journal.finish(row)
+
+    @property
+    def waiting(self) -> int:
+        """Final replies not yet acknowledged by the broker."""
+        with self._lock:
+            return sum(len(entries) for entries in self._waiting.values())
 
 
 @dataclass
@@ -174,6 +188,7 @@ class MqttService:
         self.connected = threading.Event()
         self.ever_connected = threading.Event()
         self.last_error: str | None = None  # why the broker is unreachable, for /health
+        self.state = "connecting"  # connected, unreachable (never reached since the last loss), lost
         self._failed_attempts = 0
         self._accepting = True
         self.client = make_client(settings, f"edgellm-{settings.device_id}", manual_ack=True)
@@ -203,9 +218,26 @@ class MqttService:
         if entries:
             log.warning("replaying %d request(s) received before the last stop but never answered", len(entries))
         for entry in entries:
+            problem = reply_topic_problem(entry.response_topic)
+            if problem is None and entry.attempts >= MAX_ATTEMPTS:
+                problem = f"it was in flight at {entry.attempts} stops in a row"
+            if problem is not None:
+                self._set_aside(entry, problem)
+                continue
+            self.journal.attempt(entry.row)
             incoming = parse_request(Topics.method(entry.topic), entry.payload)
             reply = self._reply(entry.response_topic, entry.correlation, entry.row)
             self._dispatch(Topics.method(entry.topic), incoming, reply, entry.deadline_at, replayed=True)
+
+    def _set_aside(self, entry: Entry, problem: str) -> None:
+        """A dead letter: kept in the journal, never run again; its client is told, where it can be."""
+        self.journal.set_aside(entry.row, problem)
+        self.stats.dead_letter()
+        log.error("request %d on %s set aside as a dead letter, not run again: %s", entry.row, entry.topic, problem)
+        if reply_topic_problem(entry.response_topic) is None:
+            incoming = parse_request(Topics.method(entry.topic), entry.payload)
+            error = EdgeError("internal", f"this request was set aside and will not be run again: {problem}")
+            self._reply(entry.response_topic, entry.correlation).final(error_reply(incoming.id, error))
 
     def stop_intake(self) -> None:
         """Stop taking requests: group requests go to other members; ours wait in the broker session."""
@@ -217,7 +249,8 @@ class MqttService:
         """Publish 'offline' (retained), wait for it and the last replies, then disconnect cleanly."""
         info = self.client.publish(self.topics.status, self._presence("offline"), qos=1, retain=True)
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and (not info.is_published() or self._unacked()):
+        while (time.monotonic() < deadline and self.connected.is_set()
+               and (not Deliveries._published(info) or self._unacked())):
             time.sleep(0.02)
         props = Properties(PacketTypes.DISCONNECT)
         props.SessionExpiryInterval = self.settings.mqtt.session_expiry
@@ -228,7 +261,7 @@ class MqttService:
             self.journal.close()
 
     def _unacked(self) -> int:
-        return len(self.client._out_messages)  # paho keeps QoS 1 messages here until their PUBACK
+        return self.deliveries.waiting if self.deliveries is not None else 0
 
     # -- presence and telemetry ------------------------------------------------------------------------
     def _presence(self, state: str) -> bytes:
@@ -282,13 +315,14 @@ class MqttService:
         self.publish_telemetry()
         if self.updates is not None and (report := self.updates.report()) is not None:
             self.publish_update(report)
-        self.last_error, self._failed_attempts = None, 0
+        self.last_error, self._failed_attempts, self.state = None, 0, "connected"
         self.connected.set()
         self.ever_connected.set()
 
     def _on_connect_fail(self, _client, _userdata) -> None:
         """paho calls this once per failed attempt, and attempts are spaced by the reconnect backoff."""
         self._failed_attempts += 1
+        self.state = "unreachable"
         m = self.settings.mqtt
         self.last_error = f"cannot reach the broker at {m.host}:{m.port} ({self._failed_attempts} attempt(s))"
         log.warning("%s; retrying with backoff up to %g s", self.last_error, m.reconnect_max_delay)
@@ -296,23 +330,32 @@ class MqttService:
     def _on_disconnect(self, _client, _userdata, _flags, reason_code, _props) -> None:
         self.connected.clear()
         if reason_code.is_failure or reason_code.value != 0:
-            self.last_error = f"lost the broker: {reason_code}"
+            self.last_error, self.state = f"lost the broker: {reason_code}", "lost"
             log.warning("lost the broker (%s); reconnecting with backoff", reason_code)
 
     def _on_message(self, client, _userdata, msg: mqtt.MQTTMessage) -> None:
         if not self._accepting:
             return  # left unacknowledged: the broker redelivers it to our next session
+        acked = False
+
+        def ack() -> None:
+            """Acknowledge before anything is published for this message: should a reply make the broker drop
+            the connection, the request is then not redelivered at the reconnect to do it again."""
+            nonlocal acked
+            if msg.qos > 0 and not acked:
+                client.ack(msg.mid, msg.qos)
+            acked = True
+
         try:
             if msg.topic in self.topics.desired:
                 if self.updates is not None:
                     self.updates.on_desired(self.topics.desired[msg.topic], msg.payload)
             else:
-                self._handle(msg)
+                self._handle(msg, ack)
         except Exception:  # never let one message take the network thread down
             log.exception("unexpected error handling a message on %s", msg.topic)
         finally:
-            if msg.qos > 0:
-                client.ack(msg.mid, msg.qos)
+            ack()
 
     def _reply(self, topic: str, correlation: bytes | None, row: int | None = None) -> MqttReply:
         on_final = None
@@ -321,7 +364,7 @@ class MqttService:
                 self.deliveries.track(row, info)
         return MqttReply(self.client, topic, correlation, on_final)
 
-    def _handle(self, msg: mqtt.MQTTMessage) -> None:
+    def _handle(self, msg: mqtt.MQTTMessage, ack: Callable[[], None]) -> None:
         """Parse once, answer at once what needs no worker, journal the rest before it is acknowledged."""
         props = msg.properties
         correlation = getattr(props, "CorrelationData", None)
@@ -334,9 +377,10 @@ class MqttService:
         else:
             incoming = parse_request(method, payload)
         reply_topic = getattr(props, "ResponseTopic", None) or incoming.reply_to
-        if not reply_topic or any(c in reply_topic for c in "+#"):
+        if (problem := reply_topic_problem(reply_topic)) is not None:
             self.stats.lost()
-            log.warning("request on %s has no usable Response Topic or reply_to: it cannot be answered", msg.topic)
+            log.warning("request on %s cannot be answered: its reply address %r is unusable (%s); dropped",
+                        msg.topic, (reply_topic or "")[:200], problem)
             return
         now = time.time()
         deadlines = [now + s for s in (expiry, incoming.request and incoming.request.deadline_ms
@@ -349,6 +393,7 @@ class MqttService:
                 log.info("request on %s redelivered by the broker: already owned, not run twice", msg.topic)
                 return
             row = self.journal.record(entry)
+        ack()
         self._dispatch(method, incoming, self._reply(reply_topic, correlation, row), deadline_at)
 
     def _dispatch(self, method: str, incoming: Incoming, reply: MqttReply, deadline_at: float | None,

@@ -63,6 +63,7 @@ Reply = Generated | Embedded | Ingested | Found | Answered | Deleted
 class TextDelta:
     text: str
     seq: int  # counts from 0
+    replayed: bool = False  # on the first delta of a request run again after a restart: its stream starts over
 
 
 @dataclass

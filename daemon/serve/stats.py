@@ -38,6 +38,8 @@ class Stats:
         self.tokens = 0
         self.unanswerable = 0
         self.disconnects = 0  # HTTP clients that hung up before their answer was complete
+        self.stalled = 0  # streams cancelled because their HTTP client stopped reading
+        self.dead_letters = 0  # journaled requests set aside after failing MAX_ATTEMPTS times
         self.decode_tps = 0.0
         self.ttft_ms = Histogram((10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000))
         self.decode_tps_hist = Histogram((5, 10, 20, 30, 50, 75, 100, 150, 200, 400))
@@ -53,6 +55,14 @@ class Stats:
     def disconnected(self) -> None:
         with self._lock:
             self.disconnects += 1
+
+    def stall(self) -> None:
+        with self._lock:
+            self.stalled += 1
+
+    def dead_letter(self) -> None:
+        with self._lock:
+            self.dead_letters += 1
 
     def lost(self) -> None:
         with self._lock:
@@ -74,7 +84,8 @@ class Stats:
                 "uptime_s": round(time.time() - self.started, 1),
                 "requests": dict(self.requests), "requests_total": sum(self.requests.values()),
                 "errors": dict(self.errors), "errors_total": sum(self.errors.values()),
-                "unanswerable": self.unanswerable, "disconnects": self.disconnects, "tokens": self.tokens,
+                "unanswerable": self.unanswerable, "disconnects": self.disconnects,
+                "stalled": self.stalled, "dead_letters": self.dead_letters, "tokens": self.tokens,
                 "decode_tps": round(self.decode_tps, 2),
                 "rss_mb": round(current_rss_mb(), 1),
                 "cpu_temp_c": cpu_temperature(),
