@@ -301,18 +301,21 @@ def _open_store(args: argparse.Namespace):
 def cmd_ingest(args: argparse.Namespace) -> None:
     from rich.progress import Progress
 
-    from edgellm.daemon.retrieval.documents import find_files, read_pages
-    from edgellm.daemon.retrieval.store import DocumentInput
+    from edgellm.daemon.retrieval.documents import collect
 
-    store, _ = _open_store(args)
+    store, settings = _open_store(args)
     metadata = _key_values(args.meta, "--meta")
-    # sources are absolute: the same folder ingested from another directory is the same documents
-    docs = [DocumentInput(str(f.resolve()), read_pages(f), args.collection, metadata) for f in find_files(args.paths)]
+    collected = collect(args.paths, args.collection, metadata, allowed=args.ingest_dirs or None,
+                        max_bytes=settings.store.max_file_bytes)
+    for r in collected.refused:
+        print(f"left out {r.path}: {r.reason}", file=sys.stderr)
     with Progress(transient=True, disable=not sys.stderr.isatty()) as bar:
         task = bar.add_task("Embedding chunks", total=None)
-        report = store.ingest(docs, progress=lambda done, total: bar.update(task, completed=done, total=total))
-    print(f"ingested {report.documents} document(s), {report.chunks} chunk(s); {report.unchanged} unchanged; "
-          f"store now holds {store.count()['documents']} documents, {store.count()['chunks']} chunks")
+        report = store.ingest(collected.documents,
+                              progress=lambda done, total: bar.update(task, completed=done, total=total))
+    left_out = f"; {len(collected.refused)} file(s) left out" if collected.refused else ""
+    print(f"ingested {report.documents} document(s), {report.chunks} chunk(s); {report.unchanged} unchanged"
+          f"{left_out}; store now holds {store.count()['documents']} documents, {store.count()['chunks']} chunks")
 
 
 def cmd_search(args: argparse.Namespace) -> None:
@@ -392,6 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_store_args(p)
     p.add_argument("paths", nargs="+", type=Path, help="files or folders (.txt, .md, .html, .pdf)")
     p.add_argument("--meta", action="append", help="KEY=VALUE metadata for these documents (repeatable)")
+    p.add_argument("--ingest-dir", dest="ingest_dirs", action="append", type=Path,
+                   help="read only files inside this folder, links included (repeatable; as store.ingest_dirs)")
     p.set_defaults(func=cmd_ingest, collection="default")
 
     p = commands.add_parser("search", help="hybrid (vector + keyword) search of a retrieval store")

@@ -6,6 +6,7 @@ ERROR_CODES = (
     "bad_request",
     "unknown_method",
     "too_large",
+    "unsupported_media",
     "busy",
     "deadline_exceeded",
     "cancelled",

@@ -125,13 +125,13 @@ def batch_embed(client: Client, model_dir: Path, texts: list[str], batch_size: i
 def batch_ingest(client: Client, model_dir: Path, store_path: Path, paths: list[Path], collection: str,
                  threads: int = 1):
     """Chunk here, embed on the cluster, write here in one transaction (SQLite has one writer)."""
-    from edgellm.daemon.retrieval.documents import find_files, read_pages
+    from edgellm.daemon.retrieval.documents import collect
     from edgellm.daemon.retrieval.embedder import Embedder
-    from edgellm.daemon.retrieval.store import DocumentInput, RetrievalStore
+    from edgellm.daemon.retrieval.store import RetrievalStore
 
     store = RetrievalStore(store_path, Embedder(model_dir, threads=1))
     try:
-        docs = [DocumentInput(str(f.resolve()), read_pages(f), collection, {}) for f in find_files(paths)]
+        docs = collect(paths, collection).documents
         return store.ingest(docs, embed_all=lambda texts: batch_embed(client, model_dir, texts, threads=threads))
     finally:
         store.close()

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shlex
 import subprocess
 import time
 import zlib
+from pathlib import Path
 
 import pytest
 
@@ -32,6 +34,22 @@ def hostile(tmp_path_factory):
     folder = tmp_path_factory.mktemp("hostile")
     (folder / "bomb.pdf").write_bytes(pdf_with_stream(b"BT (A) Tj ET\n" + b" " * (300 << 20)))
     os.mkfifo(folder / "pipe.txt")
+    with open(folder / "huge.txt", "wb") as f:  # sparse: 2 MB of NULs, over this daemon's 1 MB limit
+        f.truncate(2 << 20)
+    (folder / "binary.txt").write_bytes(random.Random(7).randbytes(64 << 10))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def linked(tmp_path_factory):
+    """An allowed folder with a link to a file outside every allowed folder, and a link back to itself."""
+    outside = tmp_path_factory.mktemp("outside")
+    (outside / "secret.txt").write_text("The vault combination is seven nine three.")
+    folder = tmp_path_factory.mktemp("linked")
+    (folder / "sub").mkdir()
+    (folder / "ok.txt").write_text("Visitors sign in at the front desk.")
+    (folder / "sub" / "evil.txt").symlink_to(outside / "secret.txt")
+    (folder / "sub" / "loop").symlink_to(folder)
     return folder
 
 
@@ -54,12 +72,13 @@ def pdf_with_stream(content: bytes) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def client(tmp_path_factory, smollm2_int4, minilm_int8, docs, hostile):
+def client(tmp_path_factory, smollm2_int4, minilm_int8, docs, hostile, linked):
     folder = tmp_path_factory.mktemp("rag-daemon")
     broker = Broker(folder).start()
     d = DaemonProcess(folder, broker.port, smollm2_int4, device="rag1", env={
         "EDGELLM_EMBEDDING__PATH": str(minilm_int8), "EDGELLM_STORE__PATH": str(folder / "store.db"),
-        "EDGELLM_STORE__INGEST_DIRS": json.dumps([str(docs), str(hostile)])}).start()
+        "EDGELLM_STORE__INGEST_DIRS": json.dumps([str(docs), str(hostile), str(linked)]),
+        "EDGELLM_STORE__MAX_FILE_MB": "1"}).start()
     with rpc(broker.port) as c:
         yield c
     assert d.stop() == 0
@@ -137,7 +156,46 @@ def test_hostile_files_get_specific_errors(client, hostile):
     assert r["error"]["code"] == "too_large" and "decompresses past the limit" in r["error"]["message"], r
     r = client.call(TOPIC + "ingest", {"path": str(hostile / "pipe.txt")}, timeout=30)
     assert r["error"]["code"] == "bad_request" and "FIFO" in r["error"]["message"], r
+    r = client.call(TOPIC + "ingest", {"path": str(hostile / "huge.txt")})
+    assert r["error"]["code"] == "too_large" and "store.max_file_mb" in r["error"]["message"], r
+    r = client.call(TOPIC + "ingest", {"path": str(hostile / "binary.txt")})
+    assert r["error"]["code"] == "unsupported_media" and "not text" in r["error"]["message"], r
+    r = client.call(TOPIC + "ingest", {"path": str(hostile) + "/a\u0000b.txt"})
+    assert r["error"]["code"] == "bad_request" and r["error"]["param"] == "path" and "NUL" in r["error"]["message"]
+    r = client.call(TOPIC + "ingest", {"path": str(hostile), "collection": "hostile"})  # the folder: reported
+    assert r["ok"] and r["documents"] == 0, r
+    assert {(Path(x["path"]).name, x["code"]) for x in r["refused"]} == {
+        ("bomb.pdf", "too_large"), ("huge.txt", "too_large"), ("binary.txt", "unsupported_media")}, r
     assert client.call(TOPIC + "status", {})["ok"]
+
+
+def test_a_link_out_of_an_allowed_folder_is_not_followed(client, linked):
+    r = client.call(TOPIC + "ingest", {"path": str(linked), "collection": "linked"})
+    assert r["ok"] and r["documents"] == 1, r
+    [refused] = r["refused"]
+    assert refused["path"] == str(linked / "sub" / "evil.txt") and "outside the folders" in refused["reason"]
+    r = client.call(TOPIC + "search", {"query": "vault combination", "collection": "linked"})
+    assert r["ok"] and all("vault" not in h["text"] for h in r["hits"]), r
+    r = client.call(TOPIC + "ingest", {"path": str(linked / "sub" / "evil.txt")})
+    assert r["error"]["code"] == "bad_request" and "store.ingest_dirs" in r["error"]["message"], r
+
+
+def test_the_cli_refuses_huge_files_before_reading_them_and_keeps_to_its_ingest_dirs(tmp_path, minilm_int8,
+                                                                                     linked):
+    huge = tmp_path / "huge.txt"
+    with open(huge, "wb") as f:  # 300 MB, sparse: reading it whole once took 15.9 GB of RSS
+        f.truncate(300 << 20)
+
+    def edgellm(*args):
+        return subprocess.run([*EDGELLM, "ingest", *args, "--store", str(tmp_path / "s.db"),
+                               "--embedding-model", str(minilm_int8)], cwd=ROOT, capture_output=True, text=True,
+                              timeout=120)
+
+    r = edgellm(str(huge))
+    assert r.returncode == 1 and "300.0 MB; files over 32 MB are not ingested (store.max_file_mb)" in r.stderr
+    r = edgellm(str(linked), "--ingest-dir", str(linked))
+    assert r.returncode == 0 and "ingested 1 document(s)" in r.stdout and "1 file(s) left out" in r.stdout, r
+    assert f"left out {linked / 'sub' / 'evil.txt'}" in r.stderr
 
 
 def test_cli_search_and_ask_json_carry_source_paths(tmp_path, minilm_int8, smollm2_int4, docs):

@@ -58,6 +58,7 @@ class IngestReport:
     documents: int = 0
     unchanged: int = 0
     chunks: int = 0
+    refused: list[dict] = field(default_factory=list)  # files a folder held that were left out: path, code, reason
 
 
 SCHEMA = """
