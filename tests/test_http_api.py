@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import socket
 import subprocess
 import time
 
@@ -18,18 +19,25 @@ KEY = "sk-edge-test"
 
 
 @pytest.fixture(scope="module")
-def api(tmp_path_factory, smollm2_int4, minilm_int8):
+def served(tmp_path_factory, smollm2_int4, minilm_int8):
+    """The daemon (for its log) and its API's address."""
     folder = tmp_path_factory.mktemp("http")
     broker = Broker(folder).start()
     port = free_port()
     d = DaemonProcess(folder, broker.port, smollm2_int4, device="http1", env={
         "EDGELLM_HTTP__ENABLED": "true", "EDGELLM_HTTP__PORT": str(port), "EDGELLM_HTTP__HOST": "0.0.0.0",
         "EDGELLM_HTTP__API_KEY": KEY, "EDGELLM_EMBEDDING__PATH": str(minilm_int8),
-        "EDGELLM_LIMITS__QUEUE_SIZE": "8"}).start()
+        "EDGELLM_LIMITS__QUEUE_SIZE": "8", "EDGELLM_LIMITS__STREAM_STALL_SECONDS": "3",
+        "EDGELLM_HTTP__SEND_BUFFER_KB": "16"}).start()
     wait_for_port(port)
-    yield f"http://127.0.0.1:{port}"
+    yield d, f"http://127.0.0.1:{port}"
     assert d.stop() == 0
     broker.stop()
+
+
+@pytest.fixture(scope="module")
+def api(served) -> str:
+    return served[1]
 
 
 @pytest.fixture
@@ -328,3 +336,61 @@ def test_a_streaming_client_that_hangs_up_cancels_its_generation(api):
     assert metrics_value(api, "edgellm_client_disconnects_total") == disconnects + 1
     assert metrics_value(api, "edgellm_errors_total", '{code="cancelled"}') == cancelled + 1
     assert httpx.get(f"{api}/health").json()["queue_depth"] == 0  # 1,500 tokens would take many seconds
+
+
+def test_a_stream_whose_client_stops_reading_is_cancelled_and_frees_its_slot(api):
+    """A client that keeps its socket open and reads nothing: once its buffers are full (http.send_buffer_kb, 16
+    here), the stream waits in a send, and after limits.stream_stall_seconds (3 s) it is cancelled like a
+    hang-up."""
+    stalled = metrics_value(api, "edgellm_stalled_streams_total")
+    body = json.dumps({"model": "default", "prompt": "1, 2, 3, 4,", "max_tokens": 2000, "ignore_eos": True,
+                       "stream": True}).encode()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # fills after a few hundred tokens
+    sock.connect(("127.0.0.1", int(api.rsplit(":", 1)[1])))
+    try:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + KEY.encode()
+                     + b"\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        deadline = time.monotonic() + 60  # 2,000 tokens take about 30 s here: the stall comes well before
+        while metrics_value(api, "edgellm_stalled_streams_total") == stalled:
+            assert time.monotonic() < deadline, "the unread stream was never cancelled"
+            time.sleep(0.2)
+        while httpx.get(f"{api}/health").json()["queue_depth"]:
+            assert time.monotonic() < deadline, "the cancelled stream still holds its slot"
+            time.sleep(0.05)
+        r = httpx.post(f"{api}/v1/completions", headers=auth(), timeout=30,
+                       json={"model": "default", "prompt": "Hi", "max_tokens": 2})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
+    finally:
+        sock.close()
+    assert metrics_value(api, "edgellm_stalled_streams_total") == stalled + 1
+
+
+def test_a_client_hanging_up_mid_body_is_one_info_line(served):
+    daemon, api = served
+    sock = socket.create_connection(("127.0.0.1", int(api.rsplit(":", 1)[1])))
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + KEY.encode()
+                 + b"\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n{\"model\": ")
+    time.sleep(0.2)
+    sock.close()
+    deadline = time.monotonic() + 10
+    while "hung up before its request body was complete" not in daemon.log.read_text():
+        assert time.monotonic() < deadline, daemon.log.read_text()[-2000:]
+        time.sleep(0.05)
+    log = daemon.log.read_text()
+    assert "Traceback" not in log and "ClientDisconnect" not in log
+    assert [line for line in log.splitlines() if "hung up before its request body" in line][0].count(" INFO ") == 1
+
+
+def test_health_shows_where_the_broker_is_only_with_the_key(api):
+    anonymous = httpx.get(f"{api}/health").json()
+    assert anonymous["status"] == "ok" and anonymous["mqtt"] == {"connected": True, "state": "connected"}
+    keyed = httpx.get(f"{api}/health", headers=auth()).json()
+    assert keyed["mqtt"]["connected"] is True and keyed["mqtt"]["broker"].startswith("127.0.0.1:")
+
+
+def test_a_tool_whose_parameters_only_refer_to_themselves_is_a_400(client):
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model="default", messages=[{"role": "user", "content": "hi"}], tools=[
+            {"type": "function", "function": {"name": "loop", "parameters": {"$ref": "#"}}}])
+    assert err.value.body["param"] == "tools" and "only refers to itself" in err.value.body["message"]

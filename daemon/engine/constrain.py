@@ -16,6 +16,7 @@ from llguidance.numpy import allocate_token_bitmask, fill_next_token_bitmask
 
 from edgellm.daemon.engine.copy_grammar import copied_values, copy_grammar, has_copied_fields, is_copied
 from edgellm.daemon.engine.json_close import shortest_completion
+from edgellm.daemon.engine.schema_refs import ref_loop
 from edgellm.daemon.errors import EdgeError
 
 # Compact separators: more tokens are forced, so more are fast-forwarded (~35% of JSON tokens:
@@ -72,14 +73,22 @@ def bounded_numbers(schema: Any) -> Any:
     return out
 
 
-def compile_json_schema(schema: dict[str, Any], lltok: llguidance.LLTokenizer, document: str = "") -> str:
-    """llguidance's grammar for `schema`; fields marked x-edgellm-copy take their values from `document`;
-    numbers are bounded (bounded_numbers)."""
+def check_schema(schema: dict[str, Any]) -> None:
+    """The checks a schema passes before it is compiled: it is a JSON Schema, and no $ref of it loops."""
     try:
         jsonschema.validators.validator_for(schema).check_schema(schema)
     except jsonschema.SchemaError as e:
         raise EdgeError("bad_request", f"json_schema: not a valid JSON Schema: {e.message}",
                         param="json_schema") from None
+    if (loop := ref_loop(schema)) is not None:
+        raise EdgeError("bad_request", f"json_schema: cannot be enforced: the $ref {loop!r} only refers to itself, "
+                        "so no JSON value satisfies it", param="json_schema")
+
+
+def compile_json_schema(schema: dict[str, Any], lltok: llguidance.LLTokenizer, document: str = "") -> str:
+    """llguidance's grammar for `schema`; fields marked x-edgellm-copy take their values from `document`;
+    numbers are bounded (bounded_numbers)."""
+    check_schema(schema)
     bounded = bounded_numbers(schema)
     if bounded != schema:
         try:
@@ -103,6 +112,9 @@ def _compile(schema: dict[str, Any], lltok: llguidance.LLTokenizer, document: st
     return grammar
 
 
+LIMIT_WORDS = ("too many", "limit", "too deep", "too large")  # llguidance's parser limits, as its errors say
+
+
 class JsonConstraint:
     """Masks logits to tokens the schema allows, and tells which tokens the schema forces next."""
 
@@ -119,7 +131,12 @@ class JsonConstraint:
 
     def _check(self) -> None:
         if self.matcher.is_error():
-            raise EdgeError("internal", f"constrained decoding failed: {_problem(self.matcher)}")
+            problem = _problem(self.matcher)
+            if any(word in problem.lower() for word in LIMIT_WORDS):  # the schema's fault, not ours
+                raise EdgeError("bad_request", f"json_schema: cannot be enforced: the output outgrew the grammar "
+                                f"engine's limits ({problem}); make deeply recursive parts of the schema bounded",
+                                param="json_schema")
+            raise EdgeError("internal", f"constrained decoding failed: {problem}")
 
     def mask(self, logits: np.ndarray) -> None:
         """Set disallowed logits (a 1-D row) to -inf in place."""

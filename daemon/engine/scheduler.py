@@ -140,9 +140,10 @@ class Scheduler:
             self._step(batched)
         for seq in [s for s in stepping if self._caches[id(s)].row is None]:
             self._run(seq, seq.next_feed())  # outgrew its row: alone, between the steps
-        # Grammar-forced tokens (short) go before prompt chunks; among prompts, the oldest first.
+        # Grammar-forced tokens (short) go before prompt chunks; among prompts, the least left to feed first, so a
+        # short request that arrives during a long prefill starts after one chunk of it, not after all of it.
         waiting = sorted((s for s in self._active if not s.finished and (s.prefilling or len(s.todo) > 1)),
-                         key=lambda s: s.prefilling)
+                         key=lambda s: (s.prefilling, len(s.todo) if s.prefilling else 0))
         if waiting:
             seq = waiting[0]
             if seq.passes == 0:
@@ -150,7 +151,8 @@ class Scheduler:
             busy = any(not s.prefilling for s in self._active if s is not seq and not s.finished)
             chunked = busy and seq.prefilling
             started = time.perf_counter()
-            feed = seq.next_feed(self._chunk if chunked else None)
+            # alone, a prompt still runs in passes of at most MAX_CHUNK: whoever arrives meanwhile waits one pass
+            feed = seq.next_feed(self._chunk if chunked else MAX_CHUNK if seq.prefilling else None)
             self._run(seq, feed)
             if chunked:
                 self._tune_chunk(len(feed), time.perf_counter() - started)

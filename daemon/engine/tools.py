@@ -19,6 +19,7 @@ import jsonschema
 from pydantic import BaseModel, ConfigDict, Field
 
 from edgellm.daemon.engine.chat import ChatMessage, ToolCall
+from edgellm.daemon.engine.schema_refs import has_local_ref, rebase_refs, ref_loop
 from edgellm.daemon.errors import EdgeError
 
 
@@ -76,6 +77,9 @@ class ToolUse:
             except jsonschema.SchemaError as e:
                 raise EdgeError("bad_request", f"tools: function {f.name}'s parameters are not a valid JSON "
                                 f"Schema: {e.message}", param="tools") from None
+            if (loop := ref_loop(f.parameters)) is not None:
+                raise EdgeError("bad_request", f"tools: function {f.name}'s parameters cannot be enforced: the $ref "
+                                f"{loop!r} only refers to itself (give the arguments' shape)", param="tools")
 
     @property
     def active(self) -> bool:
@@ -88,15 +92,29 @@ class ToolUse:
     def schema(self) -> dict[str, Any]:
         """The answer's JSON schema. A call's arguments hold only the declared parameters unless the function
         says otherwise (as OpenAI's strict mode does): a small model otherwise pads them with made-up keys."""
+        defs: dict[str, Any] = {}
         calls = [{"type": "object", "additionalProperties": False, "required": ["name", "arguments"],
-                  "properties": {"name": {"const": f.name}, "arguments": closed(f.parameters)}} for f in self.calls]
+                  "properties": {"name": {"const": f.name}, "arguments": self._arguments(f, defs)}}
+                 for f in self.calls]
         call = {"type": "object", "additionalProperties": False, "required": ["tool_call"],
                 "properties": {"tool_call": calls[0] if len(calls) == 1 else {"anyOf": calls}}}
-        if not self.text_allowed:
-            return call
-        text = {"type": "object", "additionalProperties": False, "required": ["response"],
-                "properties": {"response": {"type": "string"}}}
-        return {"anyOf": [call, text]}
+        if self.text_allowed:
+            text = {"type": "object", "additionalProperties": False, "required": ["response"],
+                    "properties": {"response": {"type": "string"}}}
+            call = {"anyOf": [call, text]}
+        return {"$defs": defs, **call} if defs else call
+
+    @staticmethod
+    def _arguments(f: Function, defs: dict[str, Any]) -> dict[str, Any]:
+        """A function's parameters inside the answer's schema. Their local `$ref`s ("#", "#/$defs/x") mean the
+        parameters' own root, not the answer's: such parameters move under the answer's $defs, their refs
+        rewritten to point there."""
+        parameters = closed(f.parameters)
+        if not has_local_ref(parameters):
+            return parameters
+        where = f"#/$defs/parameters_{f.name}"
+        defs[f"parameters_{f.name}"] = rebase_refs(parameters, where)
+        return {"$ref": where}
 
     def instructions(self) -> str:
         described = [{"name": f.name, "description": f.description, "parameters": f.parameters} for f in self.calls]

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import hmac
 import json
+import logging
+import socket
 import threading
 import time
 import uuid
@@ -24,10 +27,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 from starlette.datastructures import Headers
+from starlette.requests import ClientDisconnect
 
 from edgellm.daemon.engine.chat import ChatMessage, ToolCall
 from edgellm.daemon.engine.tools import Tool, ToolChoice
-from edgellm.daemon.errors import EdgeError
+from edgellm.daemon.errors import CommandError, EdgeError
 from edgellm.daemon.serve.metrics import Metrics
 from edgellm.daemon.serve.replies import Event, Failed, Finished, Generated, Reply, TextDelta
 from edgellm.daemon.serve.served import ServedModels
@@ -42,14 +46,16 @@ from edgellm.daemon.serve.wire import (
 )
 from edgellm.daemon.serve.worker import Job, Worker
 
+log = logging.getLogger("edgellm.http")
 HTTP_PARAMS = {"json_schema": "response_format"}  # wire field -> the OpenAI parameter it came from
-STATUS = {"bad_request": 400, "unknown_method": 404, "too_large": 413, "busy": 429, "deadline_exceeded": 504,
-          "cancelled": 503, "model_unavailable": 503, "internal": 500}
+STATUS = {"bad_request": 400, "unknown_method": 404, "too_large": 413, "unsupported_media": 415, "busy": 429,
+          "deadline_exceeded": 504, "cancelled": 503, "model_unavailable": 503, "internal": 500}
 
 
 def openai_error(status: int, message: str, code: str, param: str | None = None) -> JSONResponse:
     kind = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
-            413: "invalid_request_error", 429: "rate_limit_exceeded"}.get(status, "server_error")
+            413: "invalid_request_error", 415: "invalid_request_error",
+            429: "rate_limit_exceeded"}.get(status, "server_error")
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status)
 
 
@@ -181,6 +187,11 @@ class EmbeddingRequest(_OpenAI):
         return value
 
 
+def authorized(headers: Headers, key: str) -> bool:
+    scheme, _, given = headers.get("authorization", "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), key.encode())
+
+
 class Guard:
     """Plain ASGI middleware (Starlette's BaseHTTPMiddleware gets in the way of disconnect detection): the API
     key, as 'Authorization: Bearer KEY' only, and a declared Content-Length over the limit."""
@@ -193,8 +204,7 @@ class Guard:
             headers = Headers(scope=scope)
             refused = None
             if self.key and scope["path"].startswith(("/v1/", "/metrics")):
-                scheme, _, given = headers.get("authorization", "").partition(" ")
-                if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.key.encode()):
+                if not authorized(headers, self.key):
                     refused = openai_error(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'",
                                            "invalid_api_key")
             declared = headers.get("content-length") or "0"
@@ -208,21 +218,40 @@ class Guard:
 
 
 class QueueSink:
-    """Delivers a Job's replies, made on the worker thread, to the request's event loop."""
+    """Delivers a Job's replies, made on the worker thread, to the request's event loop.
 
-    def __init__(self, loop: asyncio.AbstractEventLoop):
+    With `stall` seconds and `on_stall`, a consumer that leaves an event untaken that long is taken for a
+    client that stopped reading (its socket buffer is full, so the response is stuck in a send): `on_stall`
+    runs once, on the worker thread, so the request stops holding a decode slot for nobody."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, stall: float | None = None,
+                 on_stall: Callable[[], None] = lambda: None):
         self.loop = loop
         self.queue: asyncio.Queue[Event] = asyncio.Queue()
+        self.stall, self.on_stall = stall, on_stall
+        self._sent_at: collections.deque[float] = collections.deque()  # untaken events' send times, oldest first
+        self._stalled = False
 
     def send(self, request_id: str, event: Event) -> None:
+        now = time.monotonic()
+        if self.stall is not None and not self._stalled and self._sent_at and now - self._sent_at[0] > self.stall:
+            self._stalled = True
+            self.on_stall()
+        self._sent_at.append(now)
         self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+
+    async def take(self) -> Event:
+        event = await self.queue.get()
+        self._sent_at.popleft()
+        return event
 
 
 def create_app(settings: Settings, worker: Worker, models: ServedModels, metrics: Metrics,
-               mqtt_health: Callable[[], dict] = lambda: {"connected": True}) -> FastAPI:
+               mqtt_health: Callable[[], dict] = lambda: {"connected": True, "state": "connected"}) -> FastAPI:
     app = FastAPI(title="edgellm", docs_url=None, redoc_url=None, openapi_url=None)
     key = settings.http.key()
     limit = settings.limits.max_payload_bytes
+    stall = settings.limits.stream_stall_seconds
 
     def model_name() -> str:
         return models.served.model_info.name
@@ -234,6 +263,13 @@ def create_app(settings: Settings, worker: Worker, models: ServedModels, metrics
         first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
         param = ".".join(str(p) for p in first["loc"][1:]) or None
         return openai_error(400, f"{param or 'body'}: {first['msg']}", "invalid_request", param)
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_gone(request: Request, _exc: ClientDisconnect):
+        """A client that hangs up while sending its body: one line, no traceback; nobody reads the reply."""
+        log.info("%s %s: the client hung up before its request body was complete", request.method,
+                 request.url.path)
+        return Response(status_code=499)
 
     @app.exception_handler(EdgeError)
     async def edge_error(_request, exc: EdgeError):
@@ -248,9 +284,16 @@ def create_app(settings: Settings, worker: Worker, models: ServedModels, metrics
         return openai_error(404, f"model '{name}' is not served here; GET /v1/models lists {listed} "
                             "(or say 'default')", "model_not_found", "model")
 
-    async def submit(method: str, wire) -> tuple[Job, QueueSink]:
-        sink = QueueSink(asyncio.get_running_loop())
-        job = Job(method, wire, uuid.uuid4().hex[:16], sink)
+    async def submit(method: str, wire, streamed: bool = False) -> tuple[Job, QueueSink]:
+        request_id = uuid.uuid4().hex[:16]
+
+        def stalled() -> None:
+            if worker.cancel(request_id, f"the HTTP client read nothing for {stall:g} s (limits.stream_stall_seconds)"):
+                metrics.stats.stall()
+                log.info("request %s: the client stopped reading its stream; cancelled", request_id)
+
+        sink = QueueSink(asyncio.get_running_loop(), stall if streamed else None, stalled)
+        job = Job(method, wire, request_id, sink)
         worker.submit(job)  # EdgeError('busy') becomes 429
         return job, sink
 
@@ -264,7 +307,7 @@ def create_app(settings: Settings, worker: Worker, models: ServedModels, metrics
         finished = False
         try:
             while True:
-                event = await sink.queue.get()
+                event = await sink.take()
                 finished = not isinstance(event, TextDelta)
                 yield event
                 if finished:
@@ -369,7 +412,7 @@ def create_app(settings: Settings, worker: Worker, models: ServedModels, metrics
         wire = wire_of(body)
         if wire.json_schema is not None or (wire.tools and wire.tool_choice != "none"):
             wire.stream = False  # deltas of constrained output are not validated yet: send it whole
-        job, sink = await submit("chat", wire)
+        job, sink = await submit("chat", wire, streamed=body.stream)
         completion_id, created = f"chatcmpl-{job.request_id}", int(time.time())
         answering = wire.adapter or model_name()  # an adapter answers under its own name, as vLLM does
         if body.stream:
@@ -404,7 +447,7 @@ def create_app(settings: Settings, worker: Worker, models: ServedModels, metrics
         if (refused := check_model(body.model)) is not None:
             return refused
         wire = wire_of(body)
-        job, sink = await submit("generate", wire)
+        job, sink = await submit("generate", wire, streamed=body.stream)
         completion_id, created = f"cmpl-{job.request_id}", int(time.time())
         answering = wire.adapter or model_name()
         if body.stream:
@@ -449,13 +492,16 @@ def create_app(settings: Settings, worker: Worker, models: ServedModels, metrics
         return {"object": "list", "data": data}
 
     @app.get("/health")
-    async def health():
-        """200 when the model serves and the broker is connected; 503 naming what is wrong otherwise."""
+    async def health(request: Request):
+        """200 when the model serves and the broker is connected; 503 naming what is wrong otherwise. Where the
+        broker is and why it cannot be reached are shown to a caller with the API key only."""
         try:
             model = models.served.model_info
         except Exception as e:  # no model: the engine cannot answer
             return openai_error(503, f"no model is loaded: {e}", "model_unavailable")
         mqtt = mqtt_health()
+        if not (key and authorized(request.headers, key)):
+            mqtt = {"connected": mqtt["connected"], "state": mqtt.get("state", "connected")}
         body = {"status": "ok" if mqtt["connected"] else "degraded", "model": asdict(model),
                 "queue_depth": worker.depth, "mqtt": mqtt}
         return JSONResponse(body, 200 if mqtt["connected"] else 503)
@@ -473,13 +519,18 @@ def create_app(settings: Settings, worker: Worker, models: ServedModels, metrics
 
 
 class HttpServer:
-    """uvicorn in a thread of the daemon process (no second copy of the model)."""
+    """uvicorn in a thread of the daemon process (no second copy of the model), on a socket we open: its send
+    buffer, which connections inherit, is fixed (http.send_buffer_kb), so a client that stops reading fills it
+    after a bounded number of streamed tokens and its stream stalls visibly (QueueSink)."""
 
     def __init__(self, app: FastAPI, settings: Settings):
-        config = uvicorn.Config(app, host=settings.http.host, port=settings.http.port, log_level="warning",
-                                lifespan="off", timeout_graceful_shutdown=max(1, int(settings.limits.grace_seconds)))
+        http = settings.http
+        config = uvicorn.Config(app, host=http.host, port=http.port, log_level="warning", lifespan="off",
+                                timeout_graceful_shutdown=max(1, int(settings.limits.grace_seconds)))
         self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, name="edgellm-http", daemon=True)
+        self.socket = listening_socket(http.host, http.port, http.send_buffer_kb << 10)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]},
+                                       name="edgellm-http", daemon=True)
 
     def start(self) -> None:
         self.thread.start()
@@ -491,3 +542,17 @@ class HttpServer:
         self.thread.join(timeout)
 
 
+def listening_socket(host: str, port: int, send_buffer: int) -> socket.socket:
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                         flags=socket.AI_PASSIVE)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as e:
+        sock.close()
+        raise CommandError(f"http.host/http.port: cannot listen on {host}:{port}: {e.strerror or e}") from None
+    sock.set_inheritable(True)
+    return sock

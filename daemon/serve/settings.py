@@ -65,11 +65,17 @@ class StoreSettings(StrictModel):
     path: Path | None = Field(None, description="the retrieval store (SQLite file), for ingest/search/ask")
     ingest_dirs: list[Path] = Field(default_factory=list,
                                     description="folders whose files MQTT ingest may read; nothing else is readable")
+    max_file_mb: float = Field(32, gt=0, le=4096, description="files larger than this are refused (too_large) "
+                               "before they are read")
     min_similarity: float = Field(0.25, ge=-1, le=1, description="ask answers 'not found' below this cosine")
     answer_mode: AnswerMode = Field(
         "auto", description="how ask answers: grounded (a span copied from the best sentence of the passages, or "
         "'the documents do not say'), free (text written from the passages), auto (grounded for models under 1B "
         "parameters)")
+
+    @property
+    def max_file_bytes(self) -> int:
+        return int(self.max_file_mb * 2**20)
 
 
 class HomeAssistantSettings(StrictModel):
@@ -83,6 +89,9 @@ class HttpSettings(StrictModel):
     port: int = Field(8080, ge=1, le=65535)
     api_key: SecretStr | None = None
     api_key_file: Path | None = Field(None, description="file holding the key; or the credential 'http-api-key'")
+    send_buffer_kb: int = Field(256, ge=4, le=65536, description="kernel send buffer of each connection: what a "
+                                "client that stops reading can leave waiting before its stream stalls (Linux "
+                                "otherwise grows it to 4 MB, about 20,000 streamed tokens)")
 
     def key(self) -> str | None:
         if self.api_key is not None:
@@ -106,6 +115,8 @@ class LimitSettings(StrictModel):
     max_payload_bytes: int = Field(1 << 20, ge=1024)
     max_tokens: int = Field(2048, ge=1, description="ceiling on any request's max_tokens")
     grace_seconds: float = Field(10.0, ge=0, description="on SIGTERM, time in-flight requests get to finish")
+    stream_stall_seconds: float = Field(30.0, gt=0, description="an HTTP stream whose client has read nothing for "
+                                        "this long while its events wait is cancelled, freeing its decode slot")
 
 
 class Settings(BaseSettings):

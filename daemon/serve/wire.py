@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 from functools import singledispatch
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from edgellm.daemon.engine.chat import ChatMessage
 from edgellm.daemon.engine.params import GenerationParams
@@ -83,6 +83,13 @@ class IngestRequest(Envelope):
                              description="a file or folder under one of store.ingest_dirs")
     collection: str = COLLECTION
     metadata: dict[str, Scalar] = Field(default_factory=dict, max_length=64)
+
+    @field_validator("path")
+    @classmethod
+    def _no_nul(cls, value: str | None) -> str | None:
+        if value is not None and "\x00" in value:
+            raise ValueError("holds a NUL character (U+0000), which no file name can")
+        return value
 
 
 class SearchRequest(Envelope):
@@ -206,8 +213,8 @@ def parse_request(method: str, payload: bytes, methods: dict[str, type[Envelope]
     if isinstance(data, dict):  # before any other check, so that every error can be answered and matched
         for key in ("id", "reply_to"):
             value = data.get(key)
-            if isinstance(value, str) and 0 < len(value) <= 1024:
-                setattr(incoming, key, scrub(value))
+            if isinstance(value, str) and 0 < len(value) <= 1024:  # a reply address is checked as it was sent
+                setattr(incoming, key, scrub(value) if key == "id" else value)
     try:
         check_json_value(data)
     except EdgeError as e:
@@ -237,7 +244,7 @@ def describe_validation(error: ValidationError) -> str:
     parts = []
     for e in error.errors()[:5]:
         where = ".".join(str(p) for p in e["loc"]) or "payload"
-        message = "unknown field" if e["type"] == "extra_forbidden" else e["msg"]
+        message = "unknown field" if e["type"] == "extra_forbidden" else e["msg"].removeprefix("Value error, ")
         parts.append(f"{where}: {message}")
     return "; ".join(parts)
 
@@ -249,7 +256,8 @@ def error_reply(request_id: str | None, error: EdgeError) -> dict[str, Any]:
 def render(request_id: str, event: Event) -> dict[str, Any]:
     """An event of the worker as the MQTT message docs/mqtt-api.md describes."""
     if isinstance(event, TextDelta):
-        return {"type": "delta", "id": request_id, "seq": event.seq, "text": event.text}
+        delta = {"type": "delta", "id": request_id, "seq": event.seq, "text": event.text}
+        return {**delta, "replayed": True} if event.replayed else delta
     if isinstance(event, Failed):
         return error_reply(request_id, event.error)
     return {"type": "result", "ok": True, "id": request_id, **reply_body(event.reply)}

@@ -15,15 +15,16 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
+from edgellm.daemon.engine.constrain import check_schema
 from edgellm.daemon.engine.generate import Delta, Result
 from edgellm.daemon.engine.params import GenerationParams
 from edgellm.daemon.engine.tools import ToolUse
 from edgellm.daemon.errors import EdgeError
-from edgellm.daemon.retrieval.documents import find_files, read_pages
+from edgellm.daemon.retrieval.documents import Collected, collect
 from edgellm.daemon.retrieval.rag import answer, passages
 from edgellm.daemon.retrieval.store import DocumentInput
 from edgellm.daemon.serve.replies import (
@@ -63,6 +64,7 @@ class Job:
     cancelled: threading.Event = field(default_factory=threading.Event)
     cancel_reason: str = "cancelled by request"
     received: float = field(default_factory=time.monotonic)
+    replayed: bool = False  # run again after a restart: the client may have seen part of an earlier stream
     _done: bool = False
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -133,14 +135,16 @@ class Worker:
         self.queue_size = queue_size
 
     def submit(self, job: Job, replayed: bool = False) -> None:
-        """Queue a job, or refuse it (`busy`, a duplicate id). Replayed jobs (owned before a crash) always
-        queue: they were accepted once already."""
+        """Queue a job, or refuse it (`busy`, a duplicate id, or what `preflight` finds). Replayed jobs (owned
+        before a crash) always queue: they were accepted once already."""
+        self.preflight(job)
         with self._lock:
             if job.request_id in self._jobs:
                 raise EdgeError("bad_request", f"id: a request with id '{job.request_id}' is already queued or "
                                 "running", param="id")
             if not replayed and self._queue.qsize() >= self.queue_size:
                 raise EdgeError("busy", f"{self.queue_size} requests are already waiting; retry later")
+            job.replayed = replayed
             self._queue.put_nowait(job)
             self._jobs[job.request_id] = job
             self._idle.clear()
@@ -203,6 +207,25 @@ class Worker:
             self.stats.error("internal")
             job.finish(Failed(EdgeError("internal", f"{type(e).__name__}: {e}")))
 
+    def preflight(self, job: Job) -> None:
+        """The checks that need no engine, made on the caller's thread before the job queues: a request that
+        fails them is refused at once, never after waiting behind a long prompt."""
+        request = job.request
+        if job.method in ("generate", "chat", "ask"):
+            params = self._params(request)
+            if params.json_schema is not None:
+                check_schema(params.json_schema)
+            if isinstance(request, ChatRequest):
+                self._tools(request, params)
+
+    @staticmethod
+    def _tools(request: ChatRequest, params: GenerationParams) -> ToolUse:
+        tools = ToolUse(request.tools, request.tool_choice)
+        if tools.active and params.json_schema is not None:
+            raise EdgeError("bad_request", "json_schema: give tools or a json_schema, not both; or set "
+                            "tool_choice to 'none'", param="json_schema")
+        return tools
+
     def _params(self, request: Envelope) -> GenerationParams:
         params = GenerationParams(**request.model_dump(include=PARAM_FIELDS))
         if "max_tokens" not in request.model_fields_set:
@@ -225,12 +248,9 @@ class Worker:
         started = time.perf_counter()
         tools = None
         if isinstance(request, ChatRequest):
-            tools = ToolUse(request.tools, request.tool_choice)
+            tools = self._tools(request, params)
             ids = generator.prompt_ids(messages=tools.messages(request.messages))
             if tools.active:
-                if params.json_schema is not None:
-                    raise EdgeError("bad_request", "json_schema: give tools or a json_schema, not both; or set "
-                                    "tool_choice to 'none'", param="json_schema")
                 params.json_schema = tools.schema()
         else:
             ids = generator.prompt_ids(request.prompt, raw=request.raw)
@@ -240,7 +260,7 @@ class Worker:
         for event in generator.stream(ids, params, interrupt=lambda: self._interrupt(job), started=started):
             if isinstance(event, Delta):
                 if stream:
-                    job.sink.send(job.request_id, TextDelta(event.text, seq))
+                    job.sink.send(job.request_id, TextDelta(event.text, seq, replayed=job.replayed and seq == 0))
                     seq += 1
             else:
                 result = event
@@ -271,7 +291,12 @@ class Worker:
 
     def _ingest(self, job: Job, served: Served) -> Ingested:
         store = served.require_store()
-        return Ingested(store.ingest(self._documents(job.request)))
+        collected = self._documents(job.request)
+        for r in collected.refused:
+            log.warning("ingest %s: left out %s: %s", job.request_id, r.path, r.reason)
+        report = store.ingest(collected.documents)
+        report.refused = [asdict(r) for r in collected.refused]
+        return Ingested(report)
 
     def _search(self, job: Job, served: Served) -> Found:
         r = job.request
@@ -280,7 +305,7 @@ class Worker:
     def _delete(self, job: Job, served: Served) -> Deleted:
         return Deleted(served.require_store().delete(job.request.source, job.request.collection))
 
-    def _documents(self, request: IngestRequest) -> list[DocumentInput]:
+    def _documents(self, request: IngestRequest) -> Collected:
         """Inline text, or files under an allowed folder; anything else is refused before it is read."""
         if (request.text is None) == (request.path is None):
             raise EdgeError("bad_request", "give either text (with source) or path")
@@ -288,11 +313,6 @@ class Worker:
             if not request.source:
                 raise EdgeError("bad_request", "source: required with text; it is what citations will show",
                                 param="source")
-            return [DocumentInput(request.source, [request.text], request.collection, request.metadata)]
-        path = Path(request.path).resolve()
-        allowed = [d.resolve() for d in self.store_settings.ingest_dirs]
-        if not any(path == d or path.is_relative_to(d) for d in allowed):
-            raise EdgeError("bad_request", f"path: {request.path} is outside the folders this device may ingest "
-                            "(store.ingest_dirs)", param="path")
-        return [DocumentInput(str(f), read_pages(f), request.collection, request.metadata)
-                for f in find_files([path])]
+            return Collected([DocumentInput(request.source, [request.text], request.collection, request.metadata)])
+        return collect([Path(request.path)], request.collection, request.metadata,
+                       allowed=self.store_settings.ingest_dirs, max_bytes=self.store_settings.max_file_bytes)
