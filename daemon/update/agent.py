@@ -87,7 +87,8 @@ class UpdateAgent:
         self.slots = SlotStore(state_dir)
         self.hooks = hooks
         self.trusted = [load_public_key(Path(p).read_text()) for p in self.u.public_keys]
-        self._desired: dict[str, DesiredState | None] = {}
+        self._desired: dict[str, DesiredState | None] = {}  # written by paho's thread, read by ours
+        self._desired_lock = threading.Lock()  # a leaf: nothing else is taken while it is held
         self._wake = threading.Event()
         self.stop = threading.Event()
         self._report: UpdateReport | None = self.slots.last_report()
@@ -140,22 +141,22 @@ class UpdateAgent:
     # -- desired state (MQTT thread) --------------------------------------------------------------------
     def on_desired(self, scope: str, payload: bytes) -> None:
         """`scope` is 'device' or a group name. An empty retained payload clears it."""
-        if not payload:
-            self._desired[scope] = None
-        else:
+        desired = None
+        if payload:
             try:
-                self._desired[scope] = DesiredState.model_validate_json(payload)
+                desired = DesiredState.model_validate_json(payload)
             except ValidationError as e:
                 log.error("ignoring an invalid desired state for %s: %s", scope, e)
                 return
+        with self._desired_lock:
+            self._desired[scope] = desired
         self._wake.set()
 
     def effective(self) -> DesiredState | None:
         """A device's own desired state overrides its groups'; among groups, the first configured wins."""
-        for scope in ["device", *self.groups]:
-            if self._desired.get(scope) is not None:
-                return self._desired[scope]
-        return None
+        with self._desired_lock:
+            return next((self._desired[s] for s in ["device", *self.groups] if self._desired.get(s) is not None),
+                        None)
 
     # -- the agent thread -------------------------------------------------------------------------------
     def _run(self) -> None:
