@@ -12,6 +12,8 @@ import zlib
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tests.data.corpus import DOCUMENTS
 from tests.harness import EDGELLM, ROOT, Broker, DaemonProcess, rpc
@@ -248,3 +250,31 @@ def test_the_same_folder_from_another_directory_is_stored_once(tmp_path, minilm_
     hits = subprocess.run([*EDGELLM, "search", "bail", "--json", "--store", str(store), "--embedding-model",
                            str(minilm_int8)], capture_output=True, text=True, timeout=300)
     assert {h["source"] for h in json.loads(hits.stdout)} <= {str(p) for p in (docs / "fr").glob("*.md")}
+
+
+ANSWERS = {"ok", "bad_request", "too_large", "unsupported_media"}
+
+
+@st.composite
+def ingest_paths(draw, roots: list[Path]) -> str:
+    """Named hostile files, and junk under the allowed folders: NUL, control characters, '..', links, loops."""
+    root = str(draw(st.sampled_from(roots)))
+    named = ["huge.txt", "binary.txt", "bomb.pdf", "pipe.txt", "sub/evil.txt", "sub/loop", "sub/loop/sub/evil.txt",
+             "../../../etc/passwd", "", "ok.txt/..", "nope.txt"]
+    tail = draw(st.sampled_from(named) | st.text(max_size=30))
+    return root + "/" + tail
+
+
+def test_fuzzed_ingest_paths_get_one_specific_answer_each(client, hostile, linked, docs):
+    @settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @given(path=ingest_paths([hostile, linked, docs / "en"]))
+    def one(path: str) -> None:
+        r = client.call(TOPIC + "ingest", {"path": path, "collection": "fuzzed"}, timeout=60)
+        assert r["ok"] or r["error"]["code"] in ANSWERS, (path, r)
+        for refused in r.get("refused", []):
+            assert refused["code"] in ANSWERS, (path, refused)
+
+    one()
+    hits = client.call(TOPIC + "search", {"query": "vault combination seven nine three", "collection": "fuzzed"})
+    assert hits["ok"] and all("vault" not in h["text"] for h in hits["hits"]), hits
+    assert client.call(TOPIC + "status", {})["errors"].get("internal", 0) == 0
