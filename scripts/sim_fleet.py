@@ -16,7 +16,7 @@ Faults, on 10% of the devices (none in the first stage, so it judges the release
 - smoke: the smoke test gets 1 ms (`update.smoke_timeout`) and fails; the device must roll back.
 
 `--bad-release`: v2 passes its smoke test but 30% of the devices on it report request failures in the grace
-period; the rollout (`edgellm.models.fleet.run_rollout`, 10% -> 50% -> 100%, abort at 20% failures after 10
+period; the rollout (`edgellm.models.fleet.host.run_rollout`, 10% -> 50% -> 100%, abort at 20% failures after 10
 reports) must abort in its first stage, no device outside that stage may receive v2, and with the release key
 the devices that took it go back to v1.
 
@@ -60,7 +60,8 @@ class SimDevice:
 
     def __init__(self, spec: dict, d: dict, smoke_slots: threading.Semaphore):
         from edgellm.daemon.serve.mqtt_api import make_client
-        from edgellm.daemon.update.agent import Hooks, UpdateAgent, UpdateSettings
+        from edgellm.daemon.update.agent import Hooks, UpdateAgent
+        from edgellm.daemon.update.settings import UpdateSettings
         from tests.harness import settings
 
         class Agent(UpdateAgent):
@@ -138,9 +139,10 @@ def make_release(work: Path) -> tuple[Path, Path, Path]:
     a store."""
     import torch
 
-    from edgellm.models.build import BuildOptions, build_model
-    from edgellm.models.bundles import BundleOptions, build_bundle, keygen
-    from edgellm.models.quantize import QuantSpec
+    from edgellm.models.building.build import build_model
+    from edgellm.models.building.options import BuildOptions
+    from edgellm.models.building.quantize import QuantSpec
+    from edgellm.models.fleet.bundles import BundleOptions, build_bundle, keygen
     from tests.tiny_models import make_tiny_model
 
     store, key = work / "store", work / "release.key"
@@ -217,9 +219,9 @@ def main() -> None:
         return
 
     from edgellm.daemon.update.bundle import BundleManifest, DesiredState, in_rollout, rollout_bucket
-    from edgellm.models.bundles import desired_state
-    from edgellm.models.fleet import FleetWatch, publish_desired, run_rollout
-    from edgellm.models.rollout import RolloutHistory, RolloutPlan, RolloutState
+    from edgellm.models.fleet.bundles import desired_state
+    from edgellm.models.fleet.host import FleetWatch, publish_desired, run_rollout
+    from edgellm.models.fleet.rollout import RolloutHistory, RolloutPlan, RolloutState
     from tests.harness import EDGELLM, Broker, free_port, wait_for_port
     from tests.harness import settings as harness_settings
 

@@ -17,7 +17,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from edgellm.daemon.errors import CommandError
 from edgellm.daemon.formats import NAME_PATTERN, AnswerMode, StrictModel
-from edgellm.daemon.update.agent import UpdateSettings  # the update room owns its section
+from edgellm.daemon.update.settings import UpdateSettings  # the update room owns its section
 
 DEFAULT_CONFIG = Path("/etc/edgellm/edgellm.toml")
 ENV_PREFIX = "EDGELLM_"
