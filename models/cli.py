@@ -29,13 +29,14 @@ def _named_folders(pairs: list[str]) -> dict[str, Path]:
 
 
 def cmd_model_build(args: argparse.Namespace) -> None:
-    from edgellm.models.quantize import QuantSpec
+    from edgellm.models.building.quantize import QuantSpec
 
     args.quant = args.quant or ("int8" if args.task == "embedding" else "int4")
     if args.block_size < 16 or args.block_size & (args.block_size - 1):
         raise CommandError("--block-size: must be a power of two, 16 or more (e.g. 32)")
     try:
-        from edgellm.models.build import BuildOptions, build_model
+        from edgellm.models.building.build import build_model
+        from edgellm.models.building.options import BuildOptions
     except ImportError as e:
         raise CommandError(f"model build needs {e.name}: pip install 'edgellm[gguf]' to build from GGUF files, "
                            "or 'edgellm[host]' for everything (scripts/setup.sh host)") from None
@@ -46,7 +47,7 @@ def cmd_model_build(args: argparse.Namespace) -> None:
                            gguf_import=not args.no_gguf_import, fused=not args.no_fuse, keep_base=args.keep_base,
                            adapter_slots=slots, adapters=_named_folders(args.adapter or []))
     if args.task == "embedding":
-        from edgellm.models.embedding_build import build_embedding
+        from edgellm.models.building.embedding_build import build_embedding
 
         m = build_embedding(args.source, args.out, options)
         print(f"built {m.name} (embedding, {m.embedding.dimension}-d, {m.quantization.scheme}) at {args.out}: "
@@ -63,7 +64,7 @@ def cmd_model_build(args: argparse.Namespace) -> None:
 def cmd_data_invoices(args: argparse.Namespace) -> None:
     import json
 
-    from edgellm.models.invoices import FAMILIES, LANGUAGES, SCHEMA, generate, write_jsonl
+    from edgellm.models.tuning.invoices import FAMILIES, LANGUAGES, SCHEMA, generate, write_jsonl
 
     langs = tuple(args.languages.split(",")) if args.languages else LANGUAGES
     families = tuple(args.families.split(","))
@@ -82,8 +83,9 @@ def pull(source: str, name: str | None = None, quant: str = "int4", force: bool 
     """Build `source` into the library as `name`, unless it is there already: what `edgellm pull` runs
     (edgellm/daemon/cli.py, through the `edgellm.builders` entry point) for anything but a store URL."""
     from edgellm.daemon.library import is_model_folder, library_folder, library_name
-    from edgellm.models.build import BuildOptions, build_model
-    from edgellm.models.quantize import QuantSpec
+    from edgellm.models.building.build import build_model
+    from edgellm.models.building.options import BuildOptions
+    from edgellm.models.building.quantize import QuantSpec
 
     name = name or library_name(source)
     out = library_folder(name)
@@ -92,7 +94,7 @@ def pull(source: str, name: str | None = None, quant: str = "int4", force: bool 
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     if source == "minilm":
-        from edgellm.models.embedding_build import build_embedding
+        from edgellm.models.building.embedding_build import build_embedding
 
         build_embedding(source, out, BuildOptions(QuantSpec("int8"), name=name, force=True))
     else:
@@ -104,8 +106,8 @@ def pull(source: str, name: str | None = None, quant: str = "int4", force: bool 
 def cmd_eval(args: argparse.Namespace) -> None:
     import json
 
-    from edgellm.models.evaluate import evaluate_model, load_examples, plot
-    from edgellm.models.invoices import SCHEMA
+    from edgellm.models.tuning.evaluate import evaluate_model, load_examples, plot
+    from edgellm.models.tuning.invoices import SCHEMA
 
     try:
         examples = load_examples(args.data)
@@ -127,7 +129,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_lora_train(args: argparse.Namespace) -> None:
-    from edgellm.models.lora import LoraOptions, train_lora
+    from edgellm.models.tuning.lora import LoraOptions, train_lora
 
     if args.rank < 1 or args.alpha <= 0 or args.epochs <= 0 or args.learning_rate <= 0:
         raise CommandError("--rank, --alpha, --epochs and --learning-rate must be positive")
@@ -140,7 +142,7 @@ def cmd_lora_train(args: argparse.Namespace) -> None:
 
 
 def cmd_lora_merge(args: argparse.Namespace) -> None:
-    from edgellm.models.lora import merge_lora
+    from edgellm.models.tuning.lora import merge_lora
 
     merge_lora(args.base, args.adapter, args.out, args.force)
     print(f"merged {args.adapter} into {args.base} at {args.out}; build it with "
@@ -148,7 +150,7 @@ def cmd_lora_merge(args: argparse.Namespace) -> None:
 
 
 def cmd_keygen(args: argparse.Namespace) -> None:
-    from edgellm.models.bundles import keygen
+    from edgellm.models.fleet.bundles import keygen
 
     kid = keygen(args.out, args.force)
     print(f"wrote the Ed25519 signing key {args.out} (keep it secret) and {args.out}.pub (key id {kid}); "
@@ -156,7 +158,7 @@ def cmd_keygen(args: argparse.Namespace) -> None:
 
 
 def cmd_bundle_build(args: argparse.Namespace) -> None:
-    from edgellm.models.bundles import BundleOptions, build_bundle
+    from edgellm.models.fleet.bundles import BundleOptions, build_bundle
 
     options = BundleOptions(name=args.name, version=args.version, parent=args.parent, golden=args.golden,
                             evaluation=args.eval_report)
@@ -167,8 +169,8 @@ def cmd_bundle_build(args: argparse.Namespace) -> None:
 
 
 def cmd_bundle_publish(args: argparse.Namespace) -> None:
-    from edgellm.models.bundles import desired_state
-    from edgellm.models.fleet import publish_desired
+    from edgellm.models.fleet.bundles import desired_state
+    from edgellm.models.fleet.host import publish_desired
 
     if (args.group is None) == (args.device is None):
         raise CommandError("give --group G (every device in it) or --device D (one device's override)")
@@ -192,7 +194,7 @@ def cmd_bundle_publish(args: argparse.Namespace) -> None:
 
 
 def cmd_bundle_serve(args: argparse.Namespace) -> None:
-    from edgellm.models.fleet import serve_store
+    from edgellm.models.fleet.host import serve_store
 
     if not Path(args.store).is_dir():
         raise CommandError(f"--store: {args.store} is not a folder")
@@ -204,7 +206,7 @@ def cmd_fleet_forget(args: argparse.Namespace) -> None:
     import re
 
     from edgellm.daemon.formats import NAME_PATTERN
-    from edgellm.models.fleet import forget_device
+    from edgellm.models.fleet.host import forget_device
 
     settings = settings_from_args(args)
     for device in args.device:
@@ -221,7 +223,7 @@ def cmd_fleet_status(args: argparse.Namespace) -> None:
     from rich.console import Console
     from rich.live import Live
 
-    from edgellm.models.fleet import FleetWatch, render
+    from edgellm.models.fleet.host import FleetWatch, render
 
     watch = FleetWatch(settings_from_args(args)).start()
     try:
@@ -248,9 +250,9 @@ def cmd_fleet_status(args: argparse.Namespace) -> None:
 def cmd_fleet_rollout(args: argparse.Namespace) -> None:
     import logging
 
-    from edgellm.models.bundles import desired_state
-    from edgellm.models.fleet import run_rollout
-    from edgellm.models.rollout import RolloutHistory, RolloutPlan, RolloutState
+    from edgellm.models.fleet.bundles import desired_state
+    from edgellm.models.fleet.host import run_rollout
+    from edgellm.models.fleet.rollout import RolloutHistory, RolloutPlan, RolloutState
 
     try:
         stages = tuple(float(s) for s in args.stages.split(","))
@@ -284,7 +286,7 @@ def cmd_fleet_history(args: argparse.Namespace) -> None:
     import datetime
     import json
 
-    from edgellm.models.rollout import RolloutHistory
+    from edgellm.models.fleet.rollout import RolloutHistory
 
     if not args.history.is_file():
         raise CommandError(f"--history: {args.history} does not exist yet; `edgellm fleet rollout` writes it")
@@ -304,15 +306,15 @@ def cmd_batch(args: argparse.Namespace) -> None:
     import json
     import time
 
-    from edgellm.models.batch import batch_eval, batch_ingest, batch_paraphrase, cluster
-    from edgellm.models.evaluate import load_examples
+    from edgellm.models.tuning.batch import batch_eval, batch_ingest, batch_paraphrase, cluster
+    from edgellm.models.tuning.evaluate import load_examples
 
     if args.workers < 1:
         raise CommandError("--workers: at least 1")
     started = time.perf_counter()
     with cluster(args.scheduler, args.workers) as client:
         if args.batch_command == "eval":
-            from edgellm.models.invoices import SCHEMA
+            from edgellm.models.tuning.invoices import SCHEMA
 
             schema = json.loads(args.schema.read_text()) if args.schema else SCHEMA
             report = batch_eval(client, args.model, load_examples(args.data), schema, args.max_tokens)
@@ -425,7 +427,7 @@ def _register_batch(commands: argparse._SubParsersAction) -> None:
 
 
 def _register_fleet(commands: argparse._SubParsersAction) -> None:
-    from edgellm.models.rollout import default_history_path
+    from edgellm.models.fleet.rollout import default_history_path
 
     lora = commands.add_parser("lora", help="fine-tune with LoRA and merge the adapter (host side)")
     sub = lora.add_subparsers(dest="lora_command", required=True, metavar="ACTION")

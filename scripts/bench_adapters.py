@@ -53,7 +53,7 @@ def retrained(adapter: Path, out: Path) -> Path:
 
 def update_bytes(work: Path, first: Path, second: Path) -> tuple[int, int, int]:
     """(bundle bytes, bytes fetched for the second by a device holding the first, adapter file bytes)."""
-    from edgellm.models.bundles import BundleOptions, build_bundle, keygen
+    from edgellm.models.fleet.bundles import BundleOptions, build_bundle, keygen
 
     store = work / "adapter-store"
     shutil.rmtree(store, ignore_errors=True)

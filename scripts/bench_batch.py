@@ -21,8 +21,8 @@ sys.path.insert(0, str(ROOT))
 
 from bench_models import cached_build  # noqa: E402  (scripts/, on the path when a script runs)
 
-from edgellm.models.batch import batch_eval, cluster  # noqa: E402
-from edgellm.models.invoices import SCHEMA, generate  # noqa: E402
+from edgellm.models.tuning.batch import batch_eval, cluster  # noqa: E402
+from edgellm.models.tuning.invoices import SCHEMA, generate  # noqa: E402
 
 
 def timed(model: Path, examples: list[dict], workers: int, threads: int) -> tuple[float, dict]:

@@ -48,8 +48,8 @@ def save_hf_folder(work: Path) -> Path:
     """The dequantized GGUF as a plain HF folder (transformers 5 refuses to save GGUF-loaded models)."""
     out = work / "smollm2-hf"
     if not (out / "config.json").exists():
-        from edgellm.models.export import load_source
-        from edgellm.models.sources import resolve_source
+        from edgellm.models.building.export import load_source
+        from edgellm.models.building.sources import resolve_source
 
         hf = load_source(resolve_source("smollm2"))
         hf.model.save_pretrained(out)
@@ -122,7 +122,7 @@ def main() -> None:
         subprocess.run([str(ROOT / "scripts/install_bench_anchors.sh")], check=True)
 
     sys.path.insert(0, str(ROOT))
-    from edgellm.models.sources import builtin_gguf
+    from edgellm.models.building.sources import builtin_gguf
 
     gguf = builtin_gguf()
     words = (ROOT / "models/data/eval_en.txt").read_text().split()

@@ -159,7 +159,7 @@ def smollm2_f16(work: Path) -> Path:
     import gguf
     from gguf.quants import dequantize
 
-    from edgellm.models.sources import builtin_gguf
+    from edgellm.models.building.sources import builtin_gguf
 
     out = work / "smollm2-135m-F16.gguf"
     if out.exists():
@@ -285,7 +285,7 @@ def main() -> None:
     if not LLAMA_PY.exists():
         sys.exit("the llama.cpp anchor is not installed: run scripts/install_bench_anchors.sh (~18 minutes)")
     args.work.mkdir(parents=True, exist_ok=True)
-    from edgellm.models.sources import builtin_gguf
+    from edgellm.models.building.sources import builtin_gguf
 
     words = (ROOT / "models/data/eval_en.txt").read_text().split()
     prompt = args.work / "prompt.txt"

@@ -8,7 +8,7 @@
    GPTQ);
 4. each build, and the untuned int4 base, evaluated with the schema enforced on two held-out sets: invoices
    in the layout families it trained on (`--train-families`, same-family), and invoices in families it never
-   saw (`--test-families`, leave-family-out: models/invoice_layouts.py), the latter also with the vendor and
+   saw (`--test-families`, leave-family-out: models/tuning/invoice_layouts.py), the latter also with the vendor and
    invoice number copied from the text, the date and amounts chosen among those it writes (x-edgellm-copy).
 
     .venv/bin/python scripts/study_invoices.py --work .cache/study [--modules q_proj,v_proj] [--epochs 1]
@@ -30,11 +30,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from edgellm.models.build import BuildOptions, build_model  # noqa: E402
-from edgellm.models.evaluate import evaluate_model, load_examples, plot  # noqa: E402
-from edgellm.models.invoices import COPY_SCHEMA, SCHEMA, generate, write_jsonl  # noqa: E402
-from edgellm.models.lora import LoraOptions, merge_lora, train_lora  # noqa: E402
-from edgellm.models.quantize import QuantSpec  # noqa: E402
+from edgellm.models.building.build import build_model  # noqa: E402
+from edgellm.models.building.options import BuildOptions  # noqa: E402
+from edgellm.models.building.quantize import QuantSpec  # noqa: E402
+from edgellm.models.tuning.evaluate import evaluate_model, load_examples, plot  # noqa: E402
+from edgellm.models.tuning.invoices import COPY_SCHEMA, SCHEMA, generate, write_jsonl  # noqa: E402
+from edgellm.models.tuning.lora import LoraOptions, merge_lora, train_lora  # noqa: E402
 
 
 def variants(modules: list[str]) -> dict[str, BuildOptions]:

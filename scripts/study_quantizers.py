@@ -36,13 +36,14 @@ from edgellm.daemon.engine.chat import ChatMessage  # noqa: E402
 from edgellm.daemon.engine.manifest import ModelManifest, describe_files  # noqa: E402
 from edgellm.daemon.engine.model import LoadedModel  # noqa: E402
 from edgellm.daemon.engine.perplexity import perplexity  # noqa: E402
-from edgellm.models.build import BuildOptions, build_model, eval_text  # noqa: E402
-from edgellm.models.evaluate import evaluate_model, load_examples  # noqa: E402
-from edgellm.models.graph_edits import output_head_name  # noqa: E402
-from edgellm.models.invoices import SCHEMA  # noqa: E402
-from edgellm.models.lora import read_examples  # noqa: E402
-from edgellm.models.quantize import QuantSpec  # noqa: E402
-from edgellm.models.staging import write_manifest  # noqa: E402
+from edgellm.models.building.build import build_model  # noqa: E402
+from edgellm.models.building.graph_edits import output_head_name  # noqa: E402
+from edgellm.models.building.options import BuildOptions, eval_text  # noqa: E402
+from edgellm.models.building.quantize import QuantSpec  # noqa: E402
+from edgellm.models.building.staging import write_manifest  # noqa: E402
+from edgellm.models.tuning.evaluate import evaluate_model, load_examples  # noqa: E402
+from edgellm.models.tuning.invoices import SCHEMA  # noqa: E402
+from edgellm.models.tuning.lora import read_examples  # noqa: E402
 
 METHODS = ("rtn", "hqq", "gptq")
 

@@ -10,8 +10,9 @@ from tests.tiny_models import make_tiny_model
 
 
 def build(source: str | Path, out: Path, scheme: str):
-    from edgellm.models.build import BuildOptions, build_model
-    from edgellm.models.quantize import QuantSpec
+    from edgellm.models.building.build import build_model
+    from edgellm.models.building.options import BuildOptions
+    from edgellm.models.building.quantize import QuantSpec
 
     build_model(str(source), out, BuildOptions(QuantSpec(scheme), show_progress=False))
     return out
@@ -55,9 +56,9 @@ def smollm2(smollm2_int4):
 
 @pytest.fixture(scope="session")
 def minilm_int8(tmp_path_factory) -> Path:
-    from edgellm.models.build import BuildOptions
-    from edgellm.models.embedding_build import build_embedding
-    from edgellm.models.quantize import QuantSpec
+    from edgellm.models.building.embedding_build import build_embedding
+    from edgellm.models.building.options import BuildOptions
+    from edgellm.models.building.quantize import QuantSpec
 
     out = tmp_path_factory.mktemp("minilm") / "int8"
     build_embedding("minilm", out, BuildOptions(QuantSpec("int8"), show_progress=False))

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgellm.models.spec import GGUF_ARCHS
+from edgellm.models.building.spec import GGUF_ARCHS
 
 # K-quant super-blocks are 256 wide: their tests use a model whose rows are multiples of 256.
 K_TYPES = {"Q4_K": (144, [(0, 2), (2, 4)]), "Q5_K": (176, [(0, 2), (2, 4)]), "Q6_K": (210, [(208, 210)]),
@@ -21,7 +21,7 @@ K_TYPES = {"Q4_K": (144, [(0, 2), (2, 4)]), "Q5_K": (176, [(0, 2), (2, 4)]), "Q6
 
 
 def _hf_to_gguf(name: str, model_type: str) -> str | None:
-    from edgellm.models.weights import _GLOBAL, _HF_NAME, _LAYER
+    from edgellm.models.building.weights import _GLOBAL, _HF_NAME, _LAYER
 
     match = _HF_NAME.match(name)
     if match:
@@ -78,7 +78,7 @@ def write_gguf(hf: Path, out: Path, types: dict[str, str], default: str = "Q8_0"
         writer.add_sliding_window(config["sliding_window"])
     _add_tokenizer(writer, hf, add_bos)
     if kind == "llama" and (config.get("rope_scaling") or {}).get("rope_type") == "llama3":
-        from edgellm.models.spec import ModelSpec
+        from edgellm.models.building.spec import ModelSpec
 
         spec = ModelSpec.from_config(config)
         plain = ModelSpec.from_config({**config, "rope_scaling": None}).rope.inv_freq()[0]

@@ -22,9 +22,10 @@ WORDS = ["invoice", "factura", "facture", "contract"]
 def adapters(tmp_path_factory, tiny_sources):
     """Two q/v adapters trained on a tiny Llama (one echoes words, one answers in capitals), one on o, the
     base built fp32 with q/v slots and both q/v adapters inside, and the merged models to compare with."""
-    from edgellm.models.build import BuildOptions, build_model
-    from edgellm.models.lora import LoraOptions, merge_lora, train_lora
-    from edgellm.models.quantize import QuantSpec
+    from edgellm.models.building.build import build_model
+    from edgellm.models.building.options import BuildOptions
+    from edgellm.models.building.quantize import QuantSpec
+    from edgellm.models.tuning.lora import LoraOptions, merge_lora, train_lora
 
     root, base = tmp_path_factory.mktemp("adapters"), tiny_sources["llama"]
     made = {}
@@ -90,9 +91,10 @@ def test_requests_for_different_adapters_share_batched_steps_and_get_their_own_a
 
 
 def test_unknown_adapters_and_mismatched_ones_are_refused_with_the_fix(adapters, tmp_path):
-    from edgellm.models.build import BuildOptions, build_model
+    from edgellm.models.building.build import build_model
+    from edgellm.models.building.options import BuildOptions
+    from edgellm.models.building.quantize import QuantSpec
     from edgellm.models.errors import BuildError
-    from edgellm.models.quantize import QuantSpec
 
     model = LoadedModel.load(adapters["slots"], threads=1)
     g = Generator(model)
@@ -172,9 +174,10 @@ def test_a_bundle_carries_its_adapters_and_a_new_adapter_ships_alone(adapters, t
 
     from edgellm.daemon.update.bundle import BundleManifest, bundle_path, chunk_path
     from edgellm.daemon.update.slots import ActiveState, SlotStore
-    from edgellm.models.build import BuildOptions, build_model
-    from edgellm.models.bundles import BundleOptions, build_bundle, keygen
-    from edgellm.models.quantize import QuantSpec
+    from edgellm.models.building.build import build_model
+    from edgellm.models.building.options import BuildOptions
+    from edgellm.models.building.quantize import QuantSpec
+    from edgellm.models.fleet.bundles import BundleOptions, build_bundle, keygen
 
     again = tmp_path / "echo-again"  # echo retrained: every value new (scaled here), same shapes
     again.mkdir()

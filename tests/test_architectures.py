@@ -8,7 +8,7 @@ import pytest
 from edgellm.daemon.engine.generate import Generator
 from edgellm.daemon.engine.model import LoadedModel
 from edgellm.daemon.engine.params import GenerationParams
-from edgellm.models.fused_graph import FUSED_TYPES
+from edgellm.models.building.fused_graph import FUSED_TYPES
 from tests.conftest import build
 from tests.tiny_models import ARCHITECTURES
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from edgellm.models.invoices import SCHEMA, generate
+from edgellm.models.tuning.invoices import SCHEMA, generate
 
 
 @pytest.fixture(scope="module")
 def client():
-    from edgellm.models.batch import cluster
+    from edgellm.models.tuning.batch import cluster
 
     with cluster(None, workers=2) as c:
         yield c
@@ -23,8 +23,8 @@ def tiny_int4(tiny_sources, tmp_path_factory):
 
 
 def test_batch_eval_on_two_workers_matches_the_local_evaluation(client, tiny_int4):
-    from edgellm.models.batch import batch_eval
-    from edgellm.models.evaluate import evaluate_model
+    from edgellm.models.tuning.batch import batch_eval
+    from edgellm.models.tuning.evaluate import evaluate_model
 
     examples = [{"lang": i.lang, "text": i.text, "gold": i.gold} for i in generate(6, 5)]
     distributed = batch_eval(client, tiny_int4, examples, SCHEMA, max_tokens=40, batch_size=2)
@@ -39,7 +39,7 @@ def test_batch_eval_on_two_workers_matches_the_local_evaluation(client, tiny_int
 def test_batch_embed_fills_a_store_that_finds_the_passage(client, minilm_int8, tmp_path):
     from edgellm.daemon.retrieval.embedder import Embedder
     from edgellm.daemon.retrieval.store import RetrievalStore
-    from edgellm.models.batch import batch_ingest
+    from edgellm.models.tuning.batch import batch_ingest
 
     docs = tmp_path / "docs"
     docs.mkdir()
@@ -59,8 +59,8 @@ def test_batch_embed_fills_a_store_that_finds_the_passage(client, minilm_int8, t
 
 
 def test_paraphrase_writes_seeded_variants_and_keeps_only_faithful_ones(client, tiny_int4):
-    from edgellm.models.batch import batch_paraphrase, faithful
-    from edgellm.models.invoices import values_present
+    from edgellm.models.tuning.batch import batch_paraphrase, faithful
+    from edgellm.models.tuning.invoices import values_present
 
     examples = [{"lang": i.lang, "text": i.text, "gold": i.gold} for i in generate(4, 6)]
     kept, written = batch_paraphrase(client, tiny_int4, examples, variants=2, seed=3, max_tokens=30)
@@ -81,7 +81,7 @@ def test_cli_runs_on_an_existing_scheduler(client, tiny_int4, tmp_path):
     import json
     import subprocess
 
-    from edgellm.models.invoices import write_jsonl
+    from edgellm.models.tuning.invoices import write_jsonl
     from tests.harness import EDGELLM, ROOT
 
     write_jsonl(generate(4, 8), tmp_path / "test.jsonl")

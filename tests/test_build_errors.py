@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from edgellm.models.build import BuildOptions, build_model
+from edgellm.models.building.build import build_model
+from edgellm.models.building.options import BuildOptions
+from edgellm.models.building.quantize import QuantSpec
+from edgellm.models.building.sources import builtin_gguf
 from edgellm.models.errors import BuildError
-from edgellm.models.quantize import QuantSpec
-from edgellm.models.sources import builtin_gguf
 from tests.harness import EDGELLM
 
 OPTIONS = BuildOptions(QuantSpec("int4"), show_progress=False)

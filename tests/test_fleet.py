@@ -37,8 +37,8 @@ from tests.harness import (
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory, tiny_sources):
     """v1 (the tiny Llama, int4), v2 (v1 plus a merged q/v LoRA, int4) and stores to serve them from."""
-    from edgellm.models.bundles import BundleOptions, build_bundle, keygen, load_private_key, sign
-    from edgellm.models.lora import LoraOptions, merge_lora, train_lora
+    from edgellm.models.fleet.bundles import BundleOptions, build_bundle, keygen, load_private_key, sign
+    from edgellm.models.tuning.lora import LoraOptions, merge_lora, train_lora
 
     root = tmp_path_factory.mktemp("fleet")
     data = root / "train.jsonl"
@@ -486,7 +486,7 @@ def fleet_cli(broker: Broker, *args: str, timeout: float = 240) -> subprocess.Co
 
 def test_rollout_plan_judges_by_failures_first_then_pending_devices_then_soak():
     from edgellm.models.errors import BuildError
-    from edgellm.models.rollout import Counts, RolloutPlan, Verdict, judge
+    from edgellm.models.fleet.rollout import Counts, RolloutPlan, Verdict, judge
 
     plan = RolloutPlan((10, 50, 100), soak_seconds=60, abort_percent=20, abort_min_reports=5, stage_timeout=600)
     cases = [  # (stage, counts, seconds into the stage) -> verdict

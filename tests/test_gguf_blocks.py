@@ -10,7 +10,7 @@ from gguf import GGMLQuantizationType
 from gguf.quants import dequantize
 from onnx import TensorProto, helper, numpy_helper
 
-from edgellm.models.blocks import decode
+from edgellm.models.gguf.blocks import decode
 
 # bytes per block, elements per block, where its fp16 scales sit (random bytes there could be NaN)
 LAYOUTS = {"Q4_0": (18, 32, [(0, 2)]), "Q4_1": (20, 32, [(0, 2), (2, 4)]), "Q5_0": (22, 32, [(0, 2)]),

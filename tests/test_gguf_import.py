@@ -1,5 +1,5 @@
 """A packed q/k/v weight after a LoRA merge: the parts still equal to the GGUF blocks are imported exactly, the
-changed part is rounded to nearest in the same node (models/gguf_import.py)."""
+changed part is rounded to nearest in the same node (models/gguf/gguf_import.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from edgellm.models.gguf_import import QK, Blocks, _Graph, _linear, unpermute_rows
+from edgellm.models.gguf.gguf_import import QK, Blocks, _Graph, _linear, unpermute_rows
 
 K, HEADS, KV_HEADS, HEAD_DIM = 64, 4, 2, 16
 NODE = "/model/layers.0/self_attn/qkv_proj/MatMul"

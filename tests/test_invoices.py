@@ -8,9 +8,9 @@ from datetime import date
 
 import pytest
 
-from edgellm.models.evaluate import normalise, score
-from edgellm.models.invoice_layouts import LABELS as LAYOUT_LABELS
-from edgellm.models.invoices import FAMILIES, FIELDS, MONTHS, SCHEMA, format_amount, format_date, generate
+from edgellm.models.tuning.evaluate import normalise, score
+from edgellm.models.tuning.invoice_layouts import LABELS as LAYOUT_LABELS
+from edgellm.models.tuning.invoices import FAMILIES, FIELDS, MONTHS, SCHEMA, format_amount, format_date, generate
 
 
 def parse_local_amount(text: str) -> float:

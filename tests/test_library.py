@@ -29,7 +29,7 @@ def test_pull_list_use_by_name_run_and_remove(tmp_path):
                 "What is the capital city of Italy? Answer in one word.")
     assert r.returncode == 0 and "Rome" in r.stdout, r.stderr
     assert "already in the library" in edgellm(home, "pull", "smollm2").stderr  # no second build
-    from edgellm.models.sources import builtin_gguf
+    from edgellm.models.building.sources import builtin_gguf
 
     gguf = tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf"
     gguf.symlink_to(builtin_gguf())

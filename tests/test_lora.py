@@ -8,7 +8,7 @@ import json
 import pytest
 
 from edgellm.models.errors import BuildError
-from edgellm.models.lora import TARGET_MODULES, LoraOptions, merge_lora, train_lora
+from edgellm.models.tuning.lora import TARGET_MODULES, LoraOptions, merge_lora, train_lora
 
 
 def weights(folder):
@@ -52,8 +52,8 @@ def test_training_on_a_gguf_base_tokenizes_as_the_base_model_and_its_build_do(sm
     build) write each digit alone; a LoRA trained on the former learns numbers in a form the model never saw."""
     from tokenizers import Tokenizer
 
-    from edgellm.models.export import load_source
-    from edgellm.models.sources import resolve_source
+    from edgellm.models.building.export import load_source
+    from edgellm.models.building.sources import resolve_source
 
     hf = load_source(resolve_source("smollm2"))
     built = Tokenizer.from_file(str(smollm2_int4 / "tokenizer.json"))

@@ -28,7 +28,7 @@ def remerged(tmp_path_factory, tiny_wide_llama):
     """v1: a small Llama (rows of 256, so every tensor gets chunks of its own) as a Q4_1 GGUF, built int4;
     v2: a rank-2 LoRA merge of it, built int4 (re-merged); `main` serves both; `bad` the same, with v2's
     recipe re-signed with its rows shifted by one."""
-    from edgellm.models.bundles import BundleOptions, build_bundle, keygen, load_private_key, sign
+    from edgellm.models.fleet.bundles import BundleOptions, build_bundle, keygen, load_private_key, sign
 
     root = tmp_path_factory.mktemp("remerge")
     gguf, reference = write_gguf(tiny_wide_llama, root / "base.gguf", {}, default="Q4_1")
@@ -92,7 +92,7 @@ def expected_bytes(store, computed: set[str]) -> int:
 
 
 def test_merge_and_round_is_the_round_to_nearest_of_the_merged_weight():
-    from edgellm.models.fused_graph import quantize_blocks
+    from edgellm.models.building.fused_graph import quantize_blocks
 
     rng = np.random.default_rng(0)
     q = rng.integers(0, 16, (64, 4, 32)).astype(np.uint8)

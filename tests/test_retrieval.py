@@ -75,9 +75,9 @@ def test_reingest_replaces_and_delete_removes(store):
 
 
 def test_a_store_refuses_another_embedding_model(tmp_path, store, minilm_int8):
-    from edgellm.models.build import BuildOptions
-    from edgellm.models.embedding_build import build_embedding
-    from edgellm.models.quantize import QuantSpec
+    from edgellm.models.building.embedding_build import build_embedding
+    from edgellm.models.building.options import BuildOptions
+    from edgellm.models.building.quantize import QuantSpec
 
     other = build_embedding("minilm", tmp_path / "fp32", BuildOptions(QuantSpec("fp32"), show_progress=False))
     with pytest.raises(EdgeError, match="built with embedding model all-MiniLM-L6-v2-int8"):

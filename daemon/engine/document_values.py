@@ -13,7 +13,7 @@ import re
 import unicodedata
 from datetime import date
 
-MONTHS = {  # as written in running text (the invoice generator, models/invoices.py, writes them too)
+MONTHS = {  # as written in running text (the invoice generator, models/tuning/invoices.py, writes them too)
     "en": ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
            "November", "December"],
     "es": ["enero", "febrero", "marzo", "abril", "mayo", "junio", "julio", "agosto", "septiembre", "octubre",

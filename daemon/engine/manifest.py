@@ -84,7 +84,8 @@ class ModelManifest(StrictModel):
     model_type: str
     quantization: Quantization
     graph: Literal["optimum", "fused"] = Field(
-        "optimum", description="optimum's export, or edgellm's graph of fused onnxruntime ops (models/fused_graph.py)")
+        "optimum",
+        description="optimum's export, or edgellm's graph of fused onnxruntime ops (models/building/fused_graph.py)")
     source: Source
     license: str | None = None
     generation: Generation | None = None

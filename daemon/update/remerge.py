@@ -13,7 +13,7 @@ Every step is an IEEE operation numpy rounds the same way on any CPU (no BLAS su
 the machine), so the host's build and the device's computation give the same bytes. The device still checks
 each computed chunk against the sha256 in the signed manifest and fetches any that does not match, so a
 difference costs bytes, never correctness. The host builds merged models with this function
-(models/fused_graph.py) and `bundle build` runs it on the parent's bytes before it writes a recipe.
+(models/building/fused_graph.py) and `bundle build` runs it on the parent's bytes before it writes a recipe.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ class Change:
 
 def dequantize(q: np.ndarray, scales: np.ndarray, offsets: np.ndarray | None, zero: int) -> np.ndarray:
     """Blocks as float32 [n, blocks, block]: scales * (q - zero) + offsets, the one formula host and device use
-    (models/blocks.py de-quantizes with it too)."""
+    (models/gguf/blocks.py de-quantizes with it too)."""
     w = scales[..., None] * (q.astype(np.float32) - zero)
     return w if offsets is None else w + offsets[..., None]
 
@@ -74,7 +74,7 @@ def remerge_node(q_packed: bytes, scales: bytes, offsets_t: bytes | None, rows: 
                  changes: list[Change], block: int = 32) -> dict[str, bytes]:
     """A fused node's new initializers ("q", "scales" and, where some rows keep their offsets, "offsets",
     stored transposed as the graph reads them) from the parent's: the changed rows merged and rounded, the
-    others as they were (models/blocks.py `stack` lays out a node the same way)."""
+    others as they were (models/gguf/blocks.py `stack` lays out a node the same way)."""
     nb = cols // block
     q = unpack(np.frombuffer(q_packed, np.uint8).reshape(rows, nb, block // 2)).copy()
     s = np.frombuffer(scales, np.float32).reshape(rows, nb).copy()

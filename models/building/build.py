@@ -15,44 +15,21 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-from dataclasses import dataclass, field
-from importlib.resources import files
 from pathlib import Path
 
 from edgellm.daemon.engine.manifest import Generation, ModelManifest, Quality, Quantization, describe_files
 from edgellm.daemon.engine.manifest import Source as SourceRecord
 from edgellm.daemon.engine.model import MODEL_FILE, TOKENIZER_FILE
+from edgellm.models.building.options import CHAT_TEMPLATE, EVAL_TEXT, EXTERNAL_DATA, BuildOptions, eval_text, lineage
+from edgellm.models.building.quantize import ACCURACY_LEVEL_INT8, QuantSpec
+from edgellm.models.building.sources import Source, readme_license, resolve_source
+from edgellm.models.building.staging import check_output, package_versions, staged_folder, write_manifest
 from edgellm.models.errors import BuildError
 from edgellm.models.progress import Steps
-from edgellm.models.quantize import ACCURACY_LEVEL_INT8, QuantSpec
-from edgellm.models.sources import Source, readme_license, resolve_source
-from edgellm.models.staging import check_output, package_versions, staged_folder, write_manifest
-
-EXTERNAL_DATA = "model.onnx.data"
-CHAT_TEMPLATE = "chat_template.jinja"
-EVAL_TEXT = "eval_en.txt"
-
-
-def eval_text() -> str:
-    return files("edgellm.models").joinpath("data", EVAL_TEXT).read_text()
-
-
-@dataclass
-class BuildOptions:
-    quant: QuantSpec
-    name: str | None = None
-    revision: str | None = None
-    force: bool = False
-    show_progress: bool = True
-    gguf_import: bool = True  # a GGUF's quantized blocks are kept exactly (off: de-quantize and round again)
-    fused: bool = True  # edgellm's fused graph where the architecture has one (off: optimum's export)
-    keep_base: bool = False  # a LoRA merge of a GGUF: the base's blocks exact, the change beside them (low rank)
-    adapter_slots: tuple[str, ...] = ()  # projections that take LoRA adapters at run time (daemon/engine/adapters.py)
-    adapters: dict[str, Path] = field(default_factory=dict)  # peft adapter folders shipped in adapters/NAME/
 
 
 def build_model(source_ref: str, out: Path, options: BuildOptions) -> ModelManifest:
-    from edgellm.models.preflight import check_resources
+    from edgellm.models.building.preflight import check_resources
 
     out = Path(out)
     check_output(out, options.force)
@@ -71,7 +48,7 @@ def build_model(source_ref: str, out: Path, options: BuildOptions) -> ModelManif
     with staged_folder(out) as (staged, scratch), Steps(steps, enabled=options.show_progress) as progress:
         if fused:
             return _build_fused(source, staged, options, progress)
-        from edgellm.models.exported_build import build_exported
+        from edgellm.models.building.exported_build import build_exported
 
         return build_exported(source, staged, scratch, options, progress)
 
@@ -87,7 +64,7 @@ def _check_keep_base(source: Source, options: BuildOptions, fused: bool) -> None
 
 def fused_source(source: Source) -> bool:
     """Whether the fused graph can be built from this source without transformers."""
-    from edgellm.models.spec import FUSED_TYPES, GGUF_ARCHS
+    from edgellm.models.building.spec import FUSED_TYPES, GGUF_ARCHS
 
     if source.kind == "gguf":
         from gguf import GGUFReader
@@ -101,7 +78,7 @@ def fused_source(source: Source) -> bool:
 
 
 def plan_for(spec: QuantSpec, gguf_import: bool, adapter_slots: tuple[str, ...] = ()):
-    from edgellm.models.fused_graph import Plan
+    from edgellm.models.building.fused_graph import Plan
 
     return Plan(bits=spec.bits, block_size=spec.block_size, symmetric=spec.symmetric, head_bits=spec.head_bits,
                 eight_bit=spec.eight_bit, requantize=not gguf_import, adapter_slots=adapter_slots)
@@ -110,8 +87,8 @@ def plan_for(spec: QuantSpec, gguf_import: bool, adapter_slots: tuple[str, ...] 
 def _build_fused(source: Source, staged: Path, options: BuildOptions, progress: Steps) -> ModelManifest:
     import onnx
 
-    from edgellm.models.fused_graph import build_fused_decoder
-    from edgellm.models.onnx_writer import ExternalData
+    from edgellm.models.building.fused_graph import build_fused_decoder
+    from edgellm.models.building.onnx_writer import ExternalData
 
     progress.next()
     weights, meta = _weights(source, options)
@@ -133,7 +110,7 @@ def _build_fused(source: Source, staged: Path, options: BuildOptions, progress: 
     if report.factors:  # what a bundle ships so that a device holding the base computes the tuned weights
         from safetensors.numpy import save_file
 
-        from edgellm.models.fused_graph import REMERGE_FILE
+        from edgellm.models.building.fused_graph import REMERGE_FILE
 
         save_file(report.factors, str(staged / REMERGE_FILE))
         names.append(REMERGE_FILE)
@@ -143,7 +120,7 @@ def _build_fused(source: Source, staged: Path, options: BuildOptions, progress: 
         source=SourceRecord(kind=source.kind, ref=source.ref, revision=source.revision, sha256=source.digest()),
         license=license_, generation=generation, files=describe_files(staged, names),
         built_with=package_versions("onnxruntime", "onnx", "gguf", "tokenizers"))
-    manifest.lineage = _lineage(source)
+    manifest.lineage = lineage(source)
     write_manifest(staged, manifest)
     progress.next()
     _measure(source, staged, manifest)
@@ -153,7 +130,7 @@ def _build_fused(source: Source, staged: Path, options: BuildOptions, progress: 
 def _weights(source: Source, options: BuildOptions):
     """The source's weights (and a GGUF's header). A LoRA merge of a GGUF base reuses the base's blocks for
     every weight the merge left exactly as it was, and with --keep-base for the changed ones too."""
-    from edgellm.models.weights import GGUFWeights, MergedWeights, SafetensorsWeights
+    from edgellm.models.building.weights import GGUFWeights, MergedWeights, SafetensorsWeights
 
     if source.kind == "gguf":
         weights = GGUFWeights(source.folder / source.gguf_file)
@@ -167,7 +144,7 @@ def _weights(source: Source, options: BuildOptions):
 
 
 def _lora_rank(source: Source) -> int | None:
-    rank = ((_lineage(source) or {}).get("training") or {}).get("options", {}).get("rank")
+    rank = ((lineage(source) or {}).get("training") or {}).get("options", {}).get("rank")
     return rank if isinstance(rank, int) and rank >= 1 else None
 
 
@@ -180,7 +157,7 @@ def _keep_base_rank(source: Source) -> int:
 
 
 def _gguf_base(source: Source) -> Path | None:
-    base = (_lineage(source) or {}).get("base")
+    base = (lineage(source) or {}).get("base")
     if not base:
         return None
     try:
@@ -190,18 +167,10 @@ def _gguf_base(source: Source) -> Path | None:
     return found.folder / found.gguf_file if found.kind == "gguf" else None
 
 
-def _lineage(source: Source) -> dict | None:
-    """`lora merge` leaves the base, adapter and training-data digests beside the merged weights."""
-    from edgellm.models.lora import LINEAGE_FILE
-
-    path = source.folder / LINEAGE_FILE if source.kind == "hf_folder" and source.folder else None
-    return json.loads(path.read_text()) if path and path.is_file() else None
-
-
 def _write_tokenizer(source: Source, meta: dict | None, staged: Path, context: int) -> tuple[Generation, str | None]:
     """tokenizer.json, the chat template and the ids the engine needs, from the GGUF header or the HF folder."""
     if meta is not None:
-        from edgellm.models.gguf_tokenizer import tokenizer_json
+        from edgellm.models.gguf.gguf_tokenizer import tokenizer_json
 
         (staged / TOKENIZER_FILE).write_text(tokenizer_json(meta))
         template = meta.get("tokenizer.chat_template")
@@ -314,7 +283,7 @@ def _measure(source: Source, staged: Path, manifest: ModelManifest) -> None:
 
 
 def _source_perplexity(source: Source, ids: list[int]) -> float | None:
-    from edgellm.models.preflight import available_memory, count_parameters
+    from edgellm.models.building.preflight import available_memory, count_parameters
 
     try:
         import torch  # noqa: F401  (the host toolchain)
@@ -324,7 +293,7 @@ def _source_perplexity(source: Source, ids: list[int]) -> float | None:
     params = count_parameters(source) or 0
     if params * 4 * 2 > available_memory():
         return None  # fp32 PyTorch would not fit: the manifest says nothing rather than swap
-    from edgellm.models.export import load_source, source_perplexity
+    from edgellm.models.building.export import load_source, source_perplexity
 
     try:
         hf = load_source(source)

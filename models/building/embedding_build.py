@@ -14,11 +14,11 @@ from pathlib import Path
 from edgellm.daemon.engine.manifest import Embedding, EmbeddingQuality, ModelManifest, Quantization, describe_files
 from edgellm.daemon.engine.manifest import Source as SourceRecord
 from edgellm.daemon.engine.model import MODEL_FILE, TOKENIZER_FILE
-from edgellm.models.build import BuildOptions
+from edgellm.models.building.options import BuildOptions
+from edgellm.models.building.sources import Source, readme_license, resolve_source
+from edgellm.models.building.staging import check_output, package_versions, staged_folder, write_manifest
 from edgellm.models.errors import BuildError
 from edgellm.models.progress import Steps
-from edgellm.models.sources import Source, readme_license, resolve_source
-from edgellm.models.staging import check_output, package_versions, staged_folder, write_manifest
 
 # The quality check: cosine of the built model to the source, over sentences like the ones users store.
 CHECK_SENTENCES = [
@@ -87,7 +87,7 @@ def _reference_vectors(folder: Path, layout: Embedding, sentences: list[str]):
 
 
 def build_embedding(source_ref: str, out: Path, options: BuildOptions) -> ModelManifest:
-    from edgellm.models.preflight import check_resources
+    from edgellm.models.building.preflight import check_resources
 
     scheme = options.quant.scheme
     if scheme not in ("int8", "fp32"):
@@ -104,7 +104,7 @@ def build_embedding(source_ref: str, out: Path, options: BuildOptions) -> ModelM
         steps.next()
         from optimum.exporters.onnx import main_export
 
-        from edgellm.models.export import quiet_libraries
+        from edgellm.models.building.export import quiet_libraries
 
         quiet_libraries()
         with warnings.catch_warnings():

@@ -6,8 +6,8 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from edgellm.models.building.sources import Source, readme_license
 from edgellm.models.errors import BuildError
-from edgellm.models.sources import Source, readme_license
 
 TASK = "text-generation-with-past"
 
@@ -57,11 +57,11 @@ def check_architecture(source: Source) -> str:
 
 def _gguf_header(source: Source) -> dict:
     """The header fields the build needs, from one parse of the GGUF: EOS, license, and the tokenizer as
-    llama.cpp reads it (edgellm/models/gguf_tokenizer.py)."""
+    llama.cpp reads it (edgellm/models/gguf/gguf_tokenizer.py)."""
     from gguf import GGUFReader
 
-    from edgellm.models.gguf_tokenizer import tokenizer_json
-    from edgellm.models.weights import _field
+    from edgellm.models.building.weights import _field
+    from edgellm.models.gguf.gguf_tokenizer import tokenizer_json
 
     fields = GGUFReader(source.folder / source.gguf_file).fields
     eos, license_ = fields.get("tokenizer.ggml.eos_token_id"), fields.get("general.license")

@@ -10,11 +10,11 @@ from pathlib import Path
 from edgellm.daemon.engine.manifest import Generation, ModelManifest, Quality, Quantization, describe_files
 from edgellm.daemon.engine.manifest import Source as SourceRecord
 from edgellm.daemon.engine.model import MODEL_FILE, TOKENIZER_FILE
-from edgellm.models.build import CHAT_TEMPLATE, EVAL_TEXT, EXTERNAL_DATA, BuildOptions, _lineage, eval_text
+from edgellm.models.building.options import CHAT_TEMPLATE, EVAL_TEXT, EXTERNAL_DATA, BuildOptions, eval_text, lineage
+from edgellm.models.building.quantize import ACCURACY_LEVEL_INT8
+from edgellm.models.building.sources import Source, resolve_source
+from edgellm.models.building.staging import package_versions, write_manifest
 from edgellm.models.progress import Steps
-from edgellm.models.quantize import ACCURACY_LEVEL_INT8
-from edgellm.models.sources import Source, resolve_source
-from edgellm.models.staging import package_versions, write_manifest
 
 
 def build_exported(source: Source, staged: Path, scratch: Path, options: BuildOptions,
@@ -24,9 +24,14 @@ def build_exported(source: Source, staged: Path, scratch: Path, options: BuildOp
 
     from edgellm.daemon.engine.model import LoadedModel
     from edgellm.daemon.engine.perplexity import perplexity
-    from edgellm.models.export import check_architecture, export_onnx, load_source, source_perplexity
-    from edgellm.models.graph_edits import add_logit_positions, check_decoder_io, output_head_name, untie_output_head
-    from edgellm.models.quantize import quantize
+    from edgellm.models.building.export import check_architecture, export_onnx, load_source, source_perplexity
+    from edgellm.models.building.graph_edits import (
+        add_logit_positions,
+        check_decoder_io,
+        output_head_name,
+        untie_output_head,
+    )
+    from edgellm.models.building.quantize import quantize
 
     progress.next()
     check_architecture(source)
@@ -37,11 +42,11 @@ def build_exported(source: Source, staged: Path, scratch: Path, options: BuildOp
     check_decoder_io(graph, hf.model_type)
     untie_output_head(graph)
     add_logit_positions(graph)
-    lineage = _lineage(source)
-    gguf = _gguf_blocks(source, lineage) if options.quant.scheme == "int4" and options.gguf_import else None
+    record = lineage(source)
+    gguf = _gguf_blocks(source, record) if options.quant.scheme == "int4" and options.gguf_import else None
     imported = None
     if gguf is not None:
-        from edgellm.models.gguf_import import import_gguf
+        from edgellm.models.gguf.gguf_import import import_gguf
 
         config = hf.model.config
         heads = config.num_attention_heads
@@ -56,7 +61,7 @@ def build_exported(source: Source, staged: Path, scratch: Path, options: BuildOp
     if isinstance(template, str) and template.strip():
         (staged / CHAT_TEMPLATE).write_text(template)
     manifest = _manifest(source, hf, options, staged, template_written=(staged / CHAT_TEMPLATE).exists())
-    manifest.lineage = lineage
+    manifest.lineage = record
     if imported and (imported["q4_1"] or imported["q8_0"]):
         manifest.quantization.method = (f"GGUF blocks imported exactly ({imported['q4_1']} Q4_1 as MatMulNBits + "
                                         f"block-sum offsets, {imported['q8_0']} Q8_0 as 8-bit; {imported['partial']} "

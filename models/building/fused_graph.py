@@ -9,8 +9,9 @@ primitive ops); decode on 2 cores is limited by their count and thread syncs, no
 - Phi-2: one (Skip)LayerNormalization feeding attention and the MLP side by side (partial rotary, biases
   everywhere, FastGelu for gelu_new), both added to the residual.
 
-Weights come one tensor at a time from a Weights source (models/weights.py) and go straight to the external
-data file (models/onnx_writer.py). A GGUF's blocks become MatMulNBits nodes as they are (models/blocks.py);
+Weights come one tensor at a time from a Weights source (models/building/weights.py) and go straight to the
+external data file (models/building/onnx_writer.py). A GGUF's blocks become MatMulNBits nodes as they are
+(models/gguf/blocks.py);
 float weights are quantized here with onnxruntime's own block quantizer. Inputs and outputs are the optimum
 export's (input_ids, attention_mask, past_key_values.N.key/value -> logits, present.N.key/value) plus
 logit_positions, and GroupQueryAttention writes its keys into the buffers it reads (edgellm.kv_cache =
@@ -29,12 +30,12 @@ from onnx import TensorProto, helper
 
 from edgellm.daemon.engine.adapters import ADAPTER_SLOTS_KEY
 from edgellm.daemon.engine.decoder import KV_CACHE_KEY, KV_IN_PLACE
-from edgellm.models.blocks import Blocks, stack
+from edgellm.models.building.graph_edits import LOGIT_POSITIONS
+from edgellm.models.building.onnx_writer import ExternalData
+from edgellm.models.building.spec import FUSED_TYPES, ModelSpec
+from edgellm.models.building.weights import LowRank, Remerged, Tensor
 from edgellm.models.errors import BuildError
-from edgellm.models.graph_edits import LOGIT_POSITIONS
-from edgellm.models.onnx_writer import ExternalData
-from edgellm.models.spec import FUSED_TYPES, ModelSpec
-from edgellm.models.weights import LowRank, Remerged, Tensor
+from edgellm.models.gguf.blocks import Blocks, stack
 
 # model metadata: {node: [rows, ...]} for weights that stack several matrices' rows (q/k/v, gate/up), so a
 # bundle cuts chunks where each matrix starts and an update that changes q and v leaves k's chunks alone

@@ -12,8 +12,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from edgellm.models.building.sources import Source
 from edgellm.models.errors import BuildError
-from edgellm.models.sources import Source
 
 FP32 = 4
 # optimum's export: peak copies of the fp32 weights: torch model + ONNX export + the edited graph (memory);

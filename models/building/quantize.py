@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import onnx
 
-from edgellm.models.graph_edits import output_head_is_float, output_head_name
+from edgellm.models.building.graph_edits import output_head_is_float, output_head_name
 
 # int8 compute on CPU; the quantizer's default level ran 3.5x slower than fp32 (docs/measured-facts.md).
 ACCURACY_LEVEL_INT8 = 4
@@ -53,10 +53,10 @@ def _run(model: onnx.ModelProto, bits: int, spec: QuantSpec, ops: tuple[str, ...
 
 def quantize(model: onnx.ModelProto, spec: QuantSpec) -> onnx.ModelProto:
     """Quantize the head, the embedding and then every other constant-weight MatMul, each at its own width.
-    Nodes a GGUF import already made exact (models/gguf_import.py) are left as they are."""
+    Nodes a GGUF import already made exact (models/gguf/gguf_import.py) are left as they are."""
     if spec.bits is None:
         return model
-    from edgellm.models.gguf_import import PREFIX
+    from edgellm.models.gguf.gguf_import import PREFIX
 
     logging.getLogger("onnxruntime.quantization").setLevel(logging.ERROR)
     fixed = [n.name for n in model.graph.node if n.name.startswith(PREFIX)]

@@ -1,6 +1,6 @@
 """A decoder's shape, read from a Hugging Face config.json or a GGUF header, and its rotary tables.
 
-Everything the fused graph (edgellm/models/fused_graph.py) needs to know about a model before it reads a
+Everything the fused graph (edgellm/models/building/fused_graph.py) needs to know about a model before it reads a
 single weight; nothing here imports torch or transformers.
 """
 

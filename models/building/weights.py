@@ -1,7 +1,7 @@
 """Where a build reads its weights, one tensor at a time: a GGUF file or a folder of safetensors.
 
 Both are memory-mapped and hand out tensors under transformers' names (`model.layers.3.mlp.down_proj.weight`),
-so the fused graph has one way to ask. A GGUF hands out its quantized blocks as they are (models/blocks.py);
+so the fused graph has one way to ask. A GGUF hands out its quantized blocks as they are (models/gguf/blocks.py);
 safetensors hand out float32. Neither imports torch: a device can build from a GGUF.
 """
 
@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from edgellm.models.blocks import Blocks, decode
+from edgellm.models.building.spec import ModelSpec
 from edgellm.models.errors import BuildError
-from edgellm.models.spec import ModelSpec
+from edgellm.models.gguf.blocks import Blocks, decode
 
 Tensor = Blocks | np.ndarray
 

@@ -23,7 +23,7 @@ from edgellm.daemon.update.bundle import (
     chunk_path,
 )
 from edgellm.daemon.update.remerge import compute_weight, factor_name, load_factors
-from edgellm.models.fused_graph import REMERGE_FILE, REMERGE_KEY
+from edgellm.models.building.fused_graph import REMERGE_FILE, REMERGE_KEY
 
 log = logging.getLogger("edgellm.bundle")
 Span = tuple[str, int, int]  # (external data file, offset, length)

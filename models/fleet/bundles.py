@@ -104,7 +104,7 @@ def tensor_boundaries(folder: Path) -> dict[str, Boundaries]:
     import onnx
     from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
-    from edgellm.models.fused_graph import ROW_SLICES_KEY
+    from edgellm.models.building.fused_graph import ROW_SLICES_KEY
 
     found: dict[str, Boundaries] = {}
     for model_path in folder.glob("*.onnx"):
@@ -220,7 +220,7 @@ def build_bundle(model_dir: Path, store: Path, key_path: Path, options: BundleOp
         files.append(chunk_file(Path(tmp) / SMOKE_FILE, Boundaries(), store))
     remerge = None
     if parent and (store / bundle_path(name, parent)).is_file():
-        from edgellm.models.bundle_remerge import remerge_recipe
+        from edgellm.models.fleet.bundle_remerge import remerge_recipe
 
         parent_manifest = read_bundle(store, name, parent)
         add_deltas(files, parent_manifest, store)
@@ -259,7 +259,7 @@ def _smoke_test(model_dir: Path, options: BundleOptions) -> tuple[SmokeTest, str
     from edgellm.daemon.engine.model import LoadedModel
     from edgellm.daemon.engine.params import GenerationParams
     from edgellm.daemon.engine.perplexity import perplexity
-    from edgellm.models.build import eval_text
+    from edgellm.models.building.options import eval_text
 
     golden = _read_golden(options.golden) if options.golden else [GoldenPrompt(prompt=p) for p in DEFAULT_GOLDEN]
     generator = Generator(LoadedModel.load(model_dir))

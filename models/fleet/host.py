@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from edgellm.daemon.serve.settings import Settings
 from edgellm.daemon.update.bundle import DesiredState
-from edgellm.models.rollout import Rollout, RolloutHistory, RolloutPlan, RolloutStatus
+from edgellm.models.fleet.rollout import Rollout, RolloutHistory, RolloutPlan, RolloutStatus
 
 log = logging.getLogger("edgellm.fleet")
 
@@ -163,10 +163,10 @@ class FleetWatch:
 def run_rollout(settings: Settings, group: str, desired: DesiredState, plan: RolloutPlan, history: RolloutHistory,
                 downgrade_key: Path | None = None, poll: float = 1.0,
                 on_status: Callable[[RolloutStatus], None] = lambda status: None) -> RolloutStatus:
-    """Roll `desired` out to a group by `plan` (edgellm/models/rollout.py). On abort the group's desired state
+    """Roll `desired` out to a group by `plan` (edgellm/models/fleet/rollout.py). On abort the group's desired state
     from before the rollout is published again as a new publication; with `downgrade_key` it carries the
     release key's permission, so devices that took the release go back too."""
-    from edgellm.models.bundles import reissue
+    from edgellm.models.fleet.bundles import reissue
 
     root = settings.topic_root
     watch = FleetWatch(settings).start()

@@ -123,7 +123,7 @@ def judge(plan: RolloutPlan, stage: int, counts: Counts, stage_age: float) -> tu
 
 
 def count(watch, group: str, desired: DesiredState) -> Counts:
-    """Counts for one rollout from a FleetWatch (edgellm/models/fleet.py)."""
+    """Counts for one rollout from a FleetWatch (edgellm/models/fleet/host.py)."""
     c = Counts()
     for device, row in watch.snapshot().items():
         report = row.update if row.update.get("desired_id") == desired.id else {}
@@ -179,7 +179,7 @@ def default_history_path() -> Path:
 
 class Rollout:
     """Drives one rollout to COMPLETED or ABORTED. `publish_desired` and `publish_status` are the MQTT side
-    (edgellm/models/fleet.py); `restore` is the desired state to put back on abort (None clears it)."""
+    (edgellm/models/fleet/host.py); `restore` is the desired state to put back on abort (None clears it)."""
 
     def __init__(self, group: str, desired: DesiredState, plan: RolloutPlan, watch, history: RolloutHistory,
                  publish_desired, publish_status, restore: DesiredState | None, poll: float = 1.0):

@@ -34,7 +34,7 @@ PRE = {
 
 
 def tokenizer_json(meta: dict) -> str:
-    """The tokenizer.json for a GGUF's header (key -> value, as models/weights.py reads it)."""
+    """The tokenizer.json for a GGUF's header (key -> value, as models/building/weights.py reads it)."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
     kind = meta.get("tokenizer.ggml.model")

@@ -62,7 +62,7 @@ def _batches(items: list, size: int) -> list[list]:
 
 # -- tasks (run on workers) ---------------------------------------------------------------------------
 def _extract(examples: list[dict], schema: dict, max_tokens: int) -> list[tuple[dict | None, float]]:
-    from edgellm.models.evaluate import extract
+    from edgellm.models.tuning.evaluate import extract
 
     return extract(worker_model(), examples, schema, max_tokens)
 
@@ -101,7 +101,7 @@ def _gather(client: Client, futures: list, sizes: list[int], description: str) -
 def batch_eval(client: Client, model_dir: Path, examples: list[dict], schema: dict, max_tokens: int = 200,
                batch_size: int = 4, threads: int = 1) -> dict:
     from edgellm.daemon.engine.manifest import load_manifest
-    from edgellm.models.evaluate import report_for
+    from edgellm.models.tuning.evaluate import report_for
 
     client.register_plugin(ModelOnWorker(str(model_dir), "generation", threads))
     batches = _batches(examples, batch_size)
@@ -150,7 +150,7 @@ def batch_paraphrase(client: Client, model_dir: Path, examples: list[dict], vari
 def faithful(variant: dict) -> bool:
     """A variant the model finished (one cut off at max_tokens is often a loop that repeats the values, as
     SmolLM2-135M's are: README, "Paraphrases were measured") and from which every gold value still reads back."""
-    from edgellm.models.invoices import values_present
+    from edgellm.models.tuning.invoices import values_present
 
     return (variant.get("finish_reason") == "stop"
             and values_present(variant["text"], variant["gold"], variant.get("lang", "en")))

@@ -13,7 +13,7 @@ from typing import Any
 
 import jsonschema
 
-from edgellm.models.invoices import FIELDS, INSTRUCTION
+from edgellm.models.tuning.invoices import FIELDS, INSTRUCTION
 
 
 def normalise(field: str, value: Any) -> Any:

@@ -103,7 +103,7 @@ TAX_IDS = {"en": "GB{}", "es": "B{}", "fr": "FR{}"}
 
 
 def render(family: str, rng: random.Random, f: Facts, money, day) -> str:
-    """The invoice's text in one of the non-classic families (classic stays in models/invoices.py)."""
+    """The invoice's text in one of the non-classic families (classic stays in models/tuning/invoices.py)."""
     L = LABELS[f.lang]
     pick = rng.choice
     other = invoice_number(rng)  # a second number: an order or quote reference beside the invoice's own

@@ -12,7 +12,7 @@ from datetime import date, timedelta
 from pathlib import Path
 
 from edgellm.daemon.engine.document_values import MONTHS
-from edgellm.models.invoice_layouts import FAMILIES, Facts, invoice_number, render, vendor_name
+from edgellm.models.tuning.invoice_layouts import FAMILIES, Facts, invoice_number, render, vendor_name
 
 LANGUAGES = ("en", "es", "fr")
 FIELDS = ("vendor", "invoice_number", "date", "total", "currency", "vat")
@@ -103,7 +103,7 @@ class Invoice:
 
 
 def make_invoice(rng: random.Random, lang: str, family: str = "classic") -> Invoice:
-    """One invoice in `family`'s layout (models/invoice_layouts.py). `classic` draws exactly as it always
+    """One invoice in `family`'s layout (models/tuning/invoice_layouts.py). `classic` draws exactly as it always
     has, so a seed still gives the invoices it gave before families existed."""
     L = LABELS[lang]
     if family == "classic":

@@ -59,7 +59,7 @@ class TrainReport:
 def read_examples(path: Path) -> list[tuple[str, str]]:
     """JSONL lines of {"prompt", "completion"}, or invoices {"text", "gold"} (prompt = the instruction,
     a blank line and the invoice; completion = the gold JSON)."""
-    from edgellm.models.invoices import INSTRUCTION
+    from edgellm.models.tuning.invoices import INSTRUCTION
 
     examples = []
     try:
@@ -112,10 +112,10 @@ def train_lora(base_ref: str, data: Path, out: Path, options: LoraOptions) -> Tr
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from edgellm.models.export import load_source
+    from edgellm.models.building.export import load_source
+    from edgellm.models.building.sources import resolve_source
+    from edgellm.models.building.staging import check_output, staged_folder
     from edgellm.models.progress import Steps
-    from edgellm.models.sources import resolve_source
-    from edgellm.models.staging import check_output, staged_folder
 
     out = Path(out)
     check_output(out, force=False)
@@ -173,9 +173,9 @@ def merge_lora(base_ref: str, adapter: Path, out: Path, force: bool = False) -> 
     """Fold the adapter into the base weights (merge_and_unload) and save a plain HF folder to build from."""
     from peft import PeftModel
 
-    from edgellm.models.export import load_source
-    from edgellm.models.sources import resolve_source
-    from edgellm.models.staging import check_output, staged_folder
+    from edgellm.models.building.export import load_source
+    from edgellm.models.building.sources import resolve_source
+    from edgellm.models.building.staging import check_output, staged_folder
 
     adapter, out = Path(adapter), Path(out)
     if not (adapter / "adapter_config.json").is_file():
