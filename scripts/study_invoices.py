@@ -64,7 +64,7 @@ def main() -> None:
     p.add_argument("--learning-rate", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0, help="training seed (LoRA init, batch order); same data")
     p.add_argument("--number-pattern", help='a JSON Schema "pattern" the copied invoice number must also match '
-                   '(e.g. "\\d": it has a digit; daemon/engine/copy_grammar.py); scored again, not retrained')
+                   '(e.g. "\\d": it has a digit; daemon/engine/constrain/copy_grammar.py); scored again, not retrained')
     p.add_argument("--only", help="comma-separated builds to run (default: all)")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()

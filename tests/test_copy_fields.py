@@ -9,7 +9,7 @@ import llguidance
 import pytest
 
 from edgellm.daemon.engine.chat import ChatMessage
-from edgellm.daemon.engine.constrain import JsonConstraint, compile_json_schema
+from edgellm.daemon.engine.constrain.json_constraint import JsonConstraint, compile_json_schema
 from edgellm.daemon.engine.generate import Generator
 from edgellm.daemon.engine.model import LoadedModel
 from edgellm.daemon.engine.params import GenerationParams
@@ -153,7 +153,7 @@ def test_a_copied_field_never_copies_the_chat_template_s_own_system_prompt(gener
 
 
 def test_the_dates_and_amounts_a_document_writes_in_three_languages():
-    from edgellm.daemon.engine.document_values import amounts, dates
+    from edgellm.daemon.engine.constrain.document_values import amounts, dates
 
     text = ("Receipt 2024/965\n12 September 2026\nDue: March 3, 2027\nAMOUNT DUE £20,268.14\nSales tax 20% £3,378.02\n"
             "con fecha 26 de septiembre de 2026, por 13.310,05 EUR (IVA incluido: 1.210,00 EUR)\n"

@@ -1,5 +1,5 @@
 """Budget-aware closing: a constrained answer about to run out of max_tokens is closed with the shortest
-valid completion instead of failing (edgellm/daemon/engine/json_close.py)."""
+valid completion instead of failing (edgellm/daemon/engine/constrain/json_close.py)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import json
 import jsonschema
 import pytest
 
-from edgellm.daemon.engine.json_close import shortest_completion
+from edgellm.daemon.engine.constrain.json_close import shortest_completion
+from edgellm.daemon.engine.constrain.tools import Tool, ToolUse
 from edgellm.daemon.engine.params import GenerationParams
-from edgellm.daemon.engine.tools import Tool, ToolUse
 
 INVOICE = {"type": "object", "additionalProperties": False,
            "required": ["vendor", "invoice_number", "date", "total", "currency"],

@@ -12,7 +12,7 @@ from edgellm.daemon.errors import EdgeError
 
 
 class ToolCall(BaseModel):
-    """A call the assistant made (edgellm/daemon/engine/tools.py): `arguments` is the parsed JSON object."""
+    """A call the assistant made (edgellm/daemon/engine/constrain/tools.py): `arguments` is the parsed JSON object."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
     id: str = Field(min_length=1, max_length=128)

@@ -13,8 +13,8 @@ from collections.abc import Callable, Iterator
 
 from edgellm.daemon.engine.adapters import Adapter
 from edgellm.daemon.engine.chat import ChatMessage
-from edgellm.daemon.engine.constrain import JsonConstraint, compile_json_schema, grammar_tokenizer
-from edgellm.daemon.engine.copy_grammar import has_copied_fields
+from edgellm.daemon.engine.constrain.copy_grammar import has_copied_fields
+from edgellm.daemon.engine.constrain.json_constraint import JsonConstraint, compile_json_schema, grammar_tokenizer
 from edgellm.daemon.engine.decoder import KVCache
 from edgellm.daemon.engine.model import LoadedModel
 from edgellm.daemon.engine.params import GenerationParams

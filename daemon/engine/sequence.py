@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from edgellm.daemon.engine.adapters import Adapter
-from edgellm.daemon.engine.constrain import JsonConstraint
+from edgellm.daemon.engine.constrain.json_constraint import JsonConstraint
 from edgellm.daemon.engine.detokenize import IncrementalDecoder
 from edgellm.daemon.engine.params import GenerationParams
 from edgellm.daemon.engine.sampling import Sampler

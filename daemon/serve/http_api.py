@@ -30,7 +30,7 @@ from starlette.datastructures import Headers
 from starlette.requests import ClientDisconnect
 
 from edgellm.daemon.engine.chat import ChatMessage, ToolCall
-from edgellm.daemon.engine.tools import Tool, ToolChoice
+from edgellm.daemon.engine.constrain.tools import Tool, ToolChoice
 from edgellm.daemon.errors import CommandError, EdgeError
 from edgellm.daemon.serve.metrics import Metrics
 from edgellm.daemon.serve.replies import Event, Failed, Finished, Generated, Reply, TextDelta

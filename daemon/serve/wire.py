@@ -12,8 +12,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from edgellm.daemon.engine.chat import ChatMessage
+from edgellm.daemon.engine.constrain.tools import Tool, ToolChoice
 from edgellm.daemon.engine.params import GenerationParams
-from edgellm.daemon.engine.tools import Tool, ToolChoice
 from edgellm.daemon.errors import EdgeError
 from edgellm.daemon.formats import AnswerMode
 from edgellm.daemon.serve.replies import (
@@ -53,7 +53,7 @@ class ChatRequest(Envelope, GenerationParams):
     messages: list[ChatMessage] = Field(min_length=1, max_length=1000)
     stream: bool = False
     tools: list[Tool] = Field(default_factory=list, max_length=128,
-                              description="functions the model may call (edgellm/daemon/engine/tools.py)")
+                              description="functions the model may call (edgellm/daemon/engine/constrain/tools.py)")
     tool_choice: ToolChoice | None = Field(None, description="auto (default with tools), none, required, or "
                                            '{"type": "function", "function": {"name": ...}}')
 

@@ -19,10 +19,10 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
-from edgellm.daemon.engine.constrain import check_schema
+from edgellm.daemon.engine.constrain.json_constraint import check_schema
+from edgellm.daemon.engine.constrain.tools import ToolUse
 from edgellm.daemon.engine.generate import Delta, Result
 from edgellm.daemon.engine.params import GenerationParams
-from edgellm.daemon.engine.tools import ToolUse
 from edgellm.daemon.errors import EdgeError
 from edgellm.daemon.retrieval.documents import Collected, collect
 from edgellm.daemon.retrieval.rag import answer, passages

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import date, timedelta
 from pathlib import Path
 
-from edgellm.daemon.engine.document_values import MONTHS
+from edgellm.daemon.engine.constrain.document_values import MONTHS
 from edgellm.models.tuning.invoice_layouts import FAMILIES, Facts, invoice_number, render, vendor_name
 
 LANGUAGES = ("en", "es", "fr")
@@ -32,7 +32,7 @@ SCHEMA = {
     "additionalProperties": False,
 }
 
-# The same fields taken from the invoice (x-edgellm-copy: daemon/engine/copy_grammar.py): the vendor and the
+# The same fields taken from the invoice (x-edgellm-copy: daemon/engine/constrain/copy_grammar.py): the vendor and the
 # invoice number verbatim, the date as one of the dates it writes, the total and VAT as amounts it writes; a
 # copied string carries no length bound of its own.
 COPY_SCHEMA = {**SCHEMA, "properties": {

@@ -2,7 +2,7 @@
 "5 de febrero de 2026" or "05/02/2026", `14172.43` for "14.172,43 EUR", "£14,172.43" or "14 172,43 €".
 
 A copied date or amount field (`"x-edgellm-copy": true` on a `format: date` string or a number:
-daemon/engine/copy_grammar.py) must be one of these, so a model chooses among the values the document states
+daemon/engine/constrain/copy_grammar.py) must be one of these, so a model chooses among the values the document states
 instead of writing digits it may misread. English, Spanish and French writing; a numeric date is read day
 first, and also month first where that is a date too (US invoices).
 """

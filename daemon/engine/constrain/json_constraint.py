@@ -14,9 +14,9 @@ import llguidance
 import numpy as np
 from llguidance.numpy import allocate_token_bitmask, fill_next_token_bitmask
 
-from edgellm.daemon.engine.copy_grammar import copied_values, copy_grammar, has_copied_fields, is_copied
-from edgellm.daemon.engine.json_close import shortest_completion
-from edgellm.daemon.engine.schema_refs import ref_loop
+from edgellm.daemon.engine.constrain.copy_grammar import copied_values, copy_grammar, has_copied_fields, is_copied
+from edgellm.daemon.engine.constrain.json_close import shortest_completion
+from edgellm.daemon.engine.constrain.schema_refs import ref_loop
 from edgellm.daemon.errors import EdgeError
 
 # Compact separators: more tokens are forced, so more are fast-forwarded (~35% of JSON tokens:
@@ -169,7 +169,7 @@ class JsonConstraint:
     def closing(self, generated: list[int], left: int) -> list[int] | None:
         """Budget-aware closing: when the shortest valid completion of the output so far needs all but
         CLOSE_MARGIN of the `left` tokens, that completion's tokens, checked by the grammar and consumed;
-        otherwise None (and nothing changes). See edgellm/daemon/engine/json_close.py."""
+        otherwise None (and nothing changes). See edgellm/daemon/engine/constrain/json_close.py."""
         if left > CLOSE_HORIZON:
             return None
         tail = shortest_completion(self.lltok.decode_str(generated), self.schema, JSON_OPTIONS["item_separator"],

@@ -71,7 +71,7 @@ class _Frame:
 def shortest_completion(prefix: str, schema: Schema, item_sep: str = ", ", key_sep: str = ": ") -> str | None:
     """The text to append to `prefix` (a JSON document cut anywhere) so that the whole is valid under
     `schema`, kept short; None where it cannot be worked out. The separators are the ones the grammar
-    writes (edgellm/daemon/engine/constrain.py JSON_OPTIONS)."""
+    writes (edgellm/daemon/engine/constrain/json_constraint.py JSON_OPTIONS)."""
     try:
         return _Closer(schema, item_sep, key_sep).close(prefix)
     except (_CannotClose, IndexError, ValueError):  # ValueError: also a prefix that is not JSON at all

@@ -19,7 +19,7 @@ import jsonschema
 from pydantic import BaseModel, ConfigDict, Field
 
 from edgellm.daemon.engine.chat import ChatMessage, ToolCall
-from edgellm.daemon.engine.schema_refs import has_local_ref, rebase_refs, ref_loop
+from edgellm.daemon.engine.constrain.schema_refs import has_local_ref, rebase_refs, ref_loop
 from edgellm.daemon.errors import EdgeError
 
 

@@ -1,6 +1,7 @@
 """Copied fields: a JSON schema's fields marked `"x-edgellm-copy": true` take their values from the prompt,
 enforced while decoding: a plain string verbatim (a vendor name, an invoice number), a `format: date` string
-as one of the dates the prompt writes (ISO), a number as one of its amounts (daemon/engine/document_values.py).
+as one of the dates the prompt writes (ISO), a number as one of its amounts
+(daemon/engine/constrain/document_values.py).
 A copied string may also have a `pattern`: the value is then a substring of the prompt that matches it (an
 invoice number "has a digit", so no word of the vendor's name), as JSON Schema reads a pattern: anywhere in the
 value unless anchored with `^` and `$`.
@@ -21,7 +22,7 @@ from typing import Any
 
 import llguidance
 
-from edgellm.daemon.engine.document_values import amounts, dates, json_number
+from edgellm.daemon.engine.constrain.document_values import amounts, dates, json_number
 from edgellm.daemon.errors import EdgeError
 
 COPY = "x-edgellm-copy"
