@@ -103,3 +103,24 @@ def watch(broker):
     w = UpdateWatch(broker.port)
     yield w
     w.close()
+
+
+@pytest.fixture
+def daemon_factory(tmp_path, smollm2_int4):
+    """Daemons serving SmolLM2 from one state folder (so a restart finds the journal), killed at the end if a
+    test left them running. `make(port, device=..., edgellm_limits__grace_seconds=0.3)`: keyword settings
+    become environment variables."""
+    from tests.harness import DaemonProcess
+
+    started: list[DaemonProcess] = []
+
+    def make(port: int, device: str = "dev1", **env) -> DaemonProcess:
+        d = DaemonProcess(tmp_path, port, smollm2_int4, device=device,
+                          env={k.upper(): str(v) for k, v in env.items()})
+        started.append(d)
+        return d
+
+    yield make
+    for d in started:
+        if d.proc and d.proc.poll() is None:
+            d.proc.kill()

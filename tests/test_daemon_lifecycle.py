@@ -10,29 +10,12 @@ import threading
 import time
 from pathlib import Path
 
-import pytest
-
 from tests.conftest import build
 from tests.harness import EDGELLM, ROOT, Broker, DaemonProcess, rpc, wait_status
 
 TOPIC = "edgellm/v1/dev1/rpc/"
 LONG = {"prompt": "Write a long story about a lighthouse keeper.", "max_tokens": 200, "temperature": 0,
         "stream": True}
-
-
-@pytest.fixture
-def daemon_factory(tmp_path, smollm2_int4):
-    started: list[DaemonProcess] = []
-
-    def make(port: int, **env) -> DaemonProcess:
-        d = DaemonProcess(tmp_path, port, smollm2_int4, env={k.upper(): str(v) for k, v in env.items()})
-        started.append(d)
-        return d
-
-    yield make
-    for d in started:
-        if d.proc and d.proc.poll() is None:
-            d.proc.kill()
 
 
 def serve_with_env(**env) -> subprocess.CompletedProcess:

@@ -37,21 +37,6 @@ def daemon(broker, smollm2_int4, tmp_path_factory):
     assert d.stop() == 0
 
 
-@pytest.fixture
-def daemon_factory(tmp_path, smollm2_int4):
-    started: list[DaemonProcess] = []
-
-    def make(port: int) -> DaemonProcess:
-        d = DaemonProcess(tmp_path, port, smollm2_int4, device="dev2")
-        started.append(d)
-        return d
-
-    yield make
-    for d in started:
-        if d.proc and d.proc.poll() is None:
-            d.proc.kill()
-
-
 def journal(d: DaemonProcess) -> list[tuple]:
     with sqlite3.connect(Path(d.env["EDGELLM_STATE_DIR"]) / "requests.db") as db:
         return db.execute("SELECT row, done_at, dead_at, dead_reason, attempts FROM requests ORDER BY row").fetchall()
@@ -129,7 +114,7 @@ def test_a_reply_made_during_a_broker_outage_is_delivered_once_and_not_again_aft
         broker, daemon_factory):
     """paho's is_published() raises for a reply published while disconnected; before the fix its journal
     entry was never marked done, so the next start ran the request again and sent 60 deltas and a reply twice."""
-    d = daemon_factory(broker.port).start()
+    d = daemon_factory(broker.port, device="dev2").start()
     first = threading.Event()
     deltas: list[dict] = []
     with rpc(broker.port, session_expiry=300, client_id="outage-client") as c:
@@ -143,7 +128,7 @@ def test_a_reply_made_during_a_broker_outage_is_delivered_once_and_not_again_aft
         assert done.wait(60), "the reply made during the outage never arrived"
         wait_until(lambda: all(row[1] is not None for row in journal(d)), 30, f"journal: {journal(d)}")
         assert d.stop() == 0
-        d2 = daemon_factory(broker.port).start()
+        d2 = daemon_factory(broker.port, device="dev2").start()
         assert c.call("edgellm/v1/dev2/rpc/status", {})["ok"]  # replies are ordered: a replay would come first
         assert d2.stop() == 0
     assert len(messages) == 1 and messages[0]["ok"] and messages[0]["usage"]["completion_tokens"] == 60
@@ -162,16 +147,16 @@ def test_a_request_in_flight_at_two_crashes_is_set_aside_not_run_a_third_time(br
         firsts[min(starts, 2) - 1].set()
 
     with rpc(broker.port, session_expiry=300, client_id="poison-client") as c:
-        d = daemon_factory(broker.port).start()
+        d = daemon_factory(broker.port, device="dev2").start()
         done, messages = c.send(topic + "generate", {**LONG, "id": "poison"}, on_delta=on_delta)
         assert firsts[0].wait(30)
         d.proc.kill()  # SIGKILL while it runs: as if this request had crashed the daemon
         d.proc.wait(10)
-        d = daemon_factory(broker.port).start()
+        d = daemon_factory(broker.port, device="dev2").start()
         assert firsts[1].wait(60), "the request was not run again after the first crash"
         d.proc.kill()
         d.proc.wait(10)
-        d = daemon_factory(broker.port).start()
+        d = daemon_factory(broker.port, device="dev2").start()
         assert done.wait(30), "the client was never told its request was set aside"
         status = c.call(topic + "status", {})
         assert d.stop() == 0
