@@ -140,8 +140,10 @@ class UpdateAgent:
     def effective(self) -> DesiredState | None:
         """A device's own desired state overrides its groups'; among groups, the first configured wins."""
         with self._desired_lock:
-            return next((self._desired[s] for s in ["device", *self.groups] if self._desired.get(s) is not None),
-                        None)
+            for scope in ["device", *self.groups]:
+                if self._desired.get(scope) is not None:
+                    return self._desired[scope]
+        return None
 
     # -- the agent thread -------------------------------------------------------------------------------
     def _run(self) -> None:
