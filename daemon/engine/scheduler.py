@@ -33,7 +33,7 @@ import numpy as np
 
 from edgellm.daemon.engine.adapters import Adapter
 from edgellm.daemon.engine.decoder import KVCache, OnnxDecoder, copy_keys
-from edgellm.daemon.engine.sequence import Sequence
+from edgellm.daemon.engine.sequence import Sequence, State
 from edgellm.daemon.errors import EdgeError
 
 log = logging.getLogger("edgellm.scheduler")
@@ -134,7 +134,7 @@ class Scheduler:
             if cache.row is not None and cache.length + len(seq.next_feed()) >= self.capacity:
                 self._detach(seq, cache)
         self._compact()
-        stepping = [s for s in self._active if not s.finished and not s.prefilling and len(s.todo) == 1]
+        stepping = [s for s in self._active if s.state is State.DECODING and len(s.todo) == 1]
         batched = [s for s in stepping if self._caches[id(s)].row is not None]
         if batched:
             self._step(batched)
@@ -142,17 +142,18 @@ class Scheduler:
             self._run(seq, seq.next_feed())  # outgrew its row: alone, between the steps
         # Grammar-forced tokens (short) go before prompt chunks; among prompts, the least left to feed first, so a
         # short request that arrives during a long prefill starts after one chunk of it, not after all of it.
-        waiting = sorted((s for s in self._active if not s.finished and (s.prefilling or len(s.todo) > 1)),
-                         key=lambda s: (s.prefilling, len(s.todo) if s.prefilling else 0))
+        waiting = sorted((s for s in self._active if s.state.in_prompt or (s.state is State.DECODING
+                                                                           and len(s.todo) > 1)),
+                         key=lambda s: (s.state.in_prompt, len(s.todo) if s.state.in_prompt else 0))
         if waiting:
             seq = waiting[0]
-            if seq.passes == 0:
+            if seq.state is State.QUEUED:
                 self._reuse_prefix(seq)
-            busy = any(not s.prefilling for s in self._active if s is not seq and not s.finished)
-            chunked = busy and seq.prefilling
+            busy = any(s.state is State.DECODING for s in self._active if s is not seq)
+            chunked = busy and seq.state.in_prompt
             started = time.perf_counter()
             # alone, a prompt still runs in passes of at most MAX_CHUNK: whoever arrives meanwhile waits one pass
-            feed = seq.next_feed(self._chunk if chunked else MAX_CHUNK if seq.prefilling else None)
+            feed = seq.next_feed(self._chunk if chunked else MAX_CHUNK if seq.state.in_prompt else None)
             self._run(seq, feed)
             if chunked:
                 self._tune_chunk(len(feed), time.perf_counter() - started)

@@ -6,6 +6,13 @@ batched steps (edgellm/daemon/engine/scheduler.py), so the two cannot answer dif
     prompt tokens --feed--> logits --on_logits--> token (+ tokens the grammar forces) --feed--> ...
 
 Events (Delta text, then one Result, or an EdgeError) go to `events`, read by the request's own thread.
+A sequence's life is its `state`:
+
+    QUEUED --first pass--> PREFILLING --prompt in--> DECODING --> FINISHED | CANCELLED | FAILED
+       (a prompt fed in one pass goes from QUEUED to DECODING)
+
+Only the thread running the passes changes `state`. The one thing another thread may do is `abandon()`: the
+reader stops reading, and the next `check()` ends the sequence as CANCELLED.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import queue
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
 
 import numpy as np
@@ -61,6 +69,26 @@ class Result:
 Event = Delta | Result | EdgeError
 
 
+class State(Enum):
+    QUEUED = "queued"  # made; no pass has run (the scheduler may still find a cached prefix for it)
+    PREFILLING = "prefilling"  # part of the prompt is in the cache
+    DECODING = "decoding"  # the prompt is in; each pass samples a token
+    FINISHED = "finished"  # its Result is posted
+    CANCELLED = "cancelled"  # its reader left, or its interrupt raised (cancel, deadline)
+    FAILED = "failed"  # an error ended it (invalid output, a failing pass)
+
+    @property
+    def in_prompt(self) -> bool:
+        return self in (State.QUEUED, State.PREFILLING)
+
+    @property
+    def done(self) -> bool:
+        return self in (State.FINISHED, State.CANCELLED, State.FAILED)
+
+
+_CANCELLING = frozenset({"cancelled", "deadline_exceeded"})  # error codes that mean "stopped", not "broke"
+
+
 class Sequence:
     """Holds everything one request's generation needs between forward passes; touched by one thread at a
     time (the scheduler's, or the caller's in `run_alone`)."""
@@ -87,16 +115,19 @@ class Sequence:
         self.usage, self.timings = Usage(prompt_tokens=len(ids), cached_tokens=cached_tokens), Timings()
         self.start = started or time.perf_counter()
         self.todo: list[int] = ids[cached_tokens:]  # tokens to feed before the next logits are wanted
-        self.prefilling = True
+        self.state = State.QUEUED
         self._split = split_last
         self.split_last = split_last and not cached_tokens and len(self.todo) > 1
         self.generated: list[int] = []
         self.parts: list[str] = []
         self.first_at: float | None = None
         self.passes = 0
-        self.finished = False
-        self.abandoned = False  # set by the reading thread when it stops reading
+        self.abandoned = False  # the only field another thread writes: its reader stopped reading
         self.events: queue.SimpleQueue[Event] = queue.SimpleQueue()
+
+    @property
+    def finished(self) -> bool:
+        return self.state.done
 
     @property
     def length(self) -> int:
@@ -105,7 +136,7 @@ class Sequence:
 
     def use_cached(self, tokens: int) -> None:
         """Before the first pass: the cache now holds the keys of the prompt's first `tokens` tokens."""
-        assert self.passes == 0 and tokens < len(self.ids)
+        assert self.state is State.QUEUED and tokens < len(self.ids)
         self.usage.cached_tokens = tokens
         self.todo = self.ids[tokens:]
         self.split_last = False
@@ -132,10 +163,14 @@ class Sequence:
         self.todo = self.todo[n:]
         if self.split_last and len(self.todo) == 1:
             self.split_last = False
+            self.state = State.PREFILLING
             return False
         if self.todo:
+            if self.state is State.QUEUED:
+                self.state = State.PREFILLING
             return False
-        prompt_done, self.prefilling = self.prefilling, False
+        prompt_done = self.state.in_prompt
+        self.state = State.DECODING
         self._on_logits(logits)
         return prompt_done
 
@@ -193,7 +228,6 @@ class Sequence:
         if self.first_at is not None and len(self.generated) > 1:
             self.timings.decode_tps = (len(self.generated) - 1) / max(end - self.first_at, 1e-9)
         text = "".join(self.parts)
-        self.finished = True
         self.todo = []
         if self.constraint is not None:
             if not self.constraint.complete:
@@ -206,10 +240,11 @@ class Sequence:
                 return self.fail(e)
         else:
             value = None
+        self.state = State.FINISHED
         self.events.put(Result(text, reason, self.usage, self.timings, value, list(self.generated), self.passes))
 
     def fail(self, error: EdgeError) -> None:
-        self.finished = True
+        self.state = State.CANCELLED if error.code in _CANCELLING else State.FAILED
         self.todo = []
         self.events.put(error)
 
