@@ -15,16 +15,13 @@ from typing import get_args
 from pydantic import ValidationError
 
 from edgellm.daemon import __version__
+from edgellm.daemon.engine.params import GenerationParams
 from edgellm.daemon.errors import CommandError, EdgeError
 from edgellm.daemon.formats import AnswerMode
 
 HOST_PACKAGES = {"torch", "transformers", "optimum", "onnx", "onnx_ir", "gguf", "peft", "accelerate", "matplotlib",
                  "dask", "distributed"}
-PARAM_FLAGS = {  # GenerationParams field -> flag
-    "max_tokens": "--max-tokens", "temperature": "--temperature", "top_p": "--top-p", "top_k": "--top-k",
-    "repetition_penalty": "--repetition-penalty", "seed": "--seed", "stop": "--stop",
-    "json_schema": "--json-schema", "ignore_eos": "--ignore-eos", "adapter": "--adapter",
-}
+PARAM_FLAGS = {name: "--" + name.replace("_", "-") for name in GenerationParams.model_fields}  # field -> flag
 
 
 def explain_validation(error: ValidationError, flags: dict[str, str]) -> str:
@@ -42,24 +39,23 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_param_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-tokens", type=int, help="new tokens at most (default 256)")
-    p.add_argument("--temperature", type=float, help="0 for greedy decoding (default 0.7)")
-    p.add_argument("--top-p", type=float, help="nucleus sampling: keep the likeliest tokens up to this "
-                   "probability mass (default 0.9)")
-    p.add_argument("--top-k", type=int, help="sample among the k likeliest tokens; 0 turns it off (default 40)")
-    p.add_argument("--repetition-penalty", type=float, help="above 1 discourages repeating tokens (default 1)")
-    p.add_argument("--seed", type=int, help="sampling seed, for repeatable output")
-    p.add_argument("--stop", action="append", help="stop string (repeatable)")
-    p.add_argument("--json-schema", type=Path, help="a JSON Schema file; the output will validate against it")
-    p.add_argument("--ignore-eos", action="store_true", default=None,
-                   help="never stop at the end-of-sequence token: generate --max-tokens tokens")
-    p.add_argument("--adapter", help="a LoRA adapter shipped in the model (adapters/NAME), run beside the base")
+    """One flag per generation parameter, its help and default taken from GenerationParams."""
+    for name, info in GenerationParams.model_fields.items():
+        flag, help_text = PARAM_FLAGS[name], info.description or ""
+        if info.annotation is bool:
+            p.add_argument(flag, action="store_true", default=None, help=help_text)
+        elif name == "stop":
+            p.add_argument(flag, action="append", help=f"{help_text} (repeatable)")
+        elif name == "json_schema":
+            p.add_argument(flag, type=Path, help=f"a file holding {help_text[0].lower()}{help_text[1:]}")
+        else:
+            kind = next(t for t in (int, float, str) if info.annotation in (t, t | None))
+            default = f" (default {info.default:g})" if isinstance(info.default, int | float) else ""
+            p.add_argument(flag, type=kind, help=help_text + default)
     p.add_argument("--verbose", action="store_true", help="print usage and timings to stderr")
 
 
-def params_from_args(args: argparse.Namespace):
-    from edgellm.daemon.engine.params import GenerationParams
-
+def params_from_args(args: argparse.Namespace) -> GenerationParams:
     values = {f: getattr(args, f) for f in PARAM_FLAGS if getattr(args, f, None) is not None}
     if "json_schema" in values:
         path = values["json_schema"]

@@ -285,10 +285,10 @@ def run_concurrency(args) -> dict:
     import threading
 
     from edgellm.daemon.serve.replies import TextDelta
+    from edgellm.daemon.serve.requests import GenerateRequest
     from edgellm.daemon.serve.served import ServedModels, load_served
     from edgellm.daemon.serve.settings import Settings
     from edgellm.daemon.serve.stats import Stats
-    from edgellm.daemon.serve.wire import GenerateRequest
     from edgellm.daemon.serve.worker import Job, Worker
 
     settings = Settings(model={"path": args.model, "threads": args.threads, "prefix_cache_mb": 0,

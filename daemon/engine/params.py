@@ -1,4 +1,6 @@
-"""Generation parameters: one validated shape shared by the CLI, MQTT and HTTP."""
+"""Generation parameters: the one definition of what a request may tune. MQTT takes these fields as they are;
+the CLI makes its flags from them (edgellm/daemon/cli.py) and the HTTP API its OpenAI-named fields
+(edgellm/daemon/serve/http/openai.py), so a new parameter is added here once."""
 
 from __future__ import annotations
 
@@ -13,13 +15,15 @@ class GenerationParams(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     max_tokens: int = Field(256, ge=1, le=65536, description="new tokens at most")
-    temperature: float = Field(0.7, ge=0.0, le=5.0, description="0 means greedy")
-    top_p: float = Field(0.9, gt=0.0, le=1.0)
-    top_k: int = Field(40, ge=0, le=100_000, description="0 turns it off")
-    repetition_penalty: float = Field(1.0, ge=0.1, le=10.0, description="1 turns it off")
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
-    stop: list[str] = Field(default_factory=list, max_length=MAX_STOPS)
-    json_schema: dict[str, Any] | None = None
+    temperature: float = Field(0.7, ge=0.0, le=5.0, description="0 for greedy decoding")
+    top_p: float = Field(0.9, gt=0.0, le=1.0, description="nucleus sampling: keep the likeliest tokens up to "
+                         "this probability mass")
+    top_k: int = Field(40, ge=0, le=100_000, description="sample among the k likeliest tokens; 0 turns it off")
+    repetition_penalty: float = Field(1.0, ge=0.1, le=10.0, description="above 1 discourages repeating tokens")
+    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="sampling seed, for repeatable output")
+    stop: list[str] = Field(default_factory=list, max_length=MAX_STOPS, description="a string that ends the "
+                            "output where it appears")
+    json_schema: dict[str, Any] | None = Field(None, description="a JSON Schema the output will validate against")
     adapter: str | None = Field(None, max_length=128, description="a LoRA adapter loaded on the model (model."
                                 "adapters, or its adapters/ folder), run beside the base for this request only")
     ignore_eos: bool = Field(False, description="never sample the end-of-sequence token, so the output runs to "

@@ -27,11 +27,12 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from edgellm.daemon import __version__
 from edgellm.daemon.errors import CommandError, EdgeError
 from edgellm.daemon.serve.journal import MAX_ATTEMPTS, Entry, RequestJournal
+from edgellm.daemon.serve.jsontext import encode_json
 from edgellm.daemon.serve.replies import Event, Failed, TextDelta
 from edgellm.daemon.serve.reply_address import reply_topic_problem
 from edgellm.daemon.serve.settings import Settings
 from edgellm.daemon.serve.stats import Stats
-from edgellm.daemon.serve.wire import Incoming, encode_json, error_reply, parse_request, render
+from edgellm.daemon.serve.wire import Incoming, error_reply, parse_request, render
 from edgellm.daemon.serve.worker import Job, Worker
 from edgellm.daemon.update.states import UpdateReport
 
@@ -426,4 +427,5 @@ class MqttService:
     def status(self) -> dict[str, Any]:
         return {"state": "online" if self._accepting else "stopping", "device": self.settings.device_id,
                 "version": __version__, "queue_depth": self.worker.depth, **self.status_extra(),
+                "sequences": self.worker.models.served.generator.sequences(),
                 **self.stats.snapshot()}

@@ -1,5 +1,5 @@
 """What the worker answers, typed. Each transport renders these in its own wire format: MQTT's JSON
-(edgellm/daemon/serve/wire.py, `reply_body`) and OpenAI's (edgellm/daemon/serve/http_api.py)."""
+(edgellm/daemon/serve/wire.py, `reply_body`) and OpenAI's (edgellm/daemon/serve/http/openai.py)."""
 
 from __future__ import annotations
 

@@ -41,10 +41,10 @@ from edgellm.daemon.serve.replies import (
     Reply,
     TextDelta,
 )
+from edgellm.daemon.serve.requests import ChatRequest, Envelope, IngestRequest, streams_deltas
 from edgellm.daemon.serve.served import Served, ServedModels
 from edgellm.daemon.serve.settings import StoreSettings
 from edgellm.daemon.serve.stats import Stats
-from edgellm.daemon.serve.wire import ChatRequest, Envelope, IngestRequest
 
 log = logging.getLogger("edgellm.worker")
 PARAM_FIELDS = set(GenerationParams.model_fields)
@@ -131,8 +131,11 @@ class Worker:
         with self._lock:
             return len(self._jobs)
 
-    def resize(self, queue_size: int) -> None:
-        self.queue_size = queue_size
+    def reconfigure(self, queue_size: int, max_tokens: int, store_settings: StoreSettings) -> None:
+        """What a reload may change, in one step under the job table's lock (the main thread calls it); a job
+        already running keeps the limits it read when it started."""
+        with self._lock:
+            self.queue_size, self.max_tokens, self.store_settings = queue_size, max_tokens, store_settings
 
     def submit(self, job: Job, replayed: bool = False) -> None:
         """Queue a job, or refuse it (`busy`, a duplicate id, or what `preflight` finds). Replayed jobs (owned
@@ -256,7 +259,7 @@ class Worker:
             ids = generator.prompt_ids(request.prompt, raw=request.raw)
         result: Result | None = None
         seq = 0
-        stream = request.stream and not (tools and tools.active)  # the JSON of a tool answer is not its text
+        stream = streams_deltas(request, params)
         for event in generator.stream(ids, params, interrupt=lambda: self._interrupt(job), started=started):
             if isinstance(event, Delta):
                 if stream:
@@ -278,11 +281,12 @@ class Worker:
         """Retrieval takes the store's turn; the answer is generated outside it, batched with other requests,
         so embed and search requests need not wait for it."""
         request, params, store = job.request, self._params(job.request), served.require_store()
+        settings = self.store_settings  # read once: a reload meanwhile does not mix two configurations
         with self._exclusive:
             given = passages(served.generator, store, request.question, params, request.k,
-                             request.collection, request.filter, self.store_settings.min_similarity)
+                             request.collection, request.filter, settings.min_similarity)
         result = answer(served.generator, request.question, given, params, interrupt=lambda: self._interrupt(job),
-                        mode=request.mode or self.store_settings.answer_mode)
+                        mode=request.mode or settings.answer_mode)
         return Answered(result, served.model_info)
 
     def _embed(self, job: Job, served: Served) -> Embedded:
@@ -314,5 +318,6 @@ class Worker:
                 raise EdgeError("bad_request", "source: required with text; it is what citations will show",
                                 param="source")
             return Collected([DocumentInput(request.source, [request.text], request.collection, request.metadata)])
+        settings = self.store_settings
         return collect([Path(request.path)], request.collection, request.metadata,
-                       allowed=self.store_settings.ingest_dirs, max_bytes=self.store_settings.max_file_bytes)
+                       allowed=settings.ingest_dirs, max_bytes=settings.max_file_bytes)

@@ -1,0 +1,287 @@
+"""OpenAI's dialect, translated both ways: its request bodies into the worker's requests
+(edgellm/daemon/serve/requests.py), and the worker's replies and deltas into its responses and stream chunks.
+
+Nothing here knows about sockets or the event loop (edgellm/daemon/serve/http/app.py does), so another dialect
+(Ollama's) can sit beside this one over the same routes' plumbing.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, create_model, field_validator
+
+from edgellm.daemon.engine.chat import ChatMessage, ToolCall
+from edgellm.daemon.engine.constrain.tools import Tool, ToolChoice
+from edgellm.daemon.engine.params import GenerationParams
+from edgellm.daemon.errors import EdgeError
+from edgellm.daemon.serve.replies import Embedded, Generated
+from edgellm.daemon.serve.requests import ChatRequest, GenerateRequest
+
+HTTP_PARAMS = {"json_schema": "response_format"}  # a worker request's field -> the OpenAI parameter it came from
+STATUS = {"bad_request": 400, "unknown_method": 404, "too_large": 413, "unsupported_media": 415, "busy": 429,
+          "deadline_exceeded": 504, "cancelled": 503, "model_unavailable": 503, "internal": 500}
+
+
+def openai_error(status: int, message: str, code: str, param: str | None = None) -> JSONResponse:
+    kind = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
+            413: "invalid_request_error", 415: "invalid_request_error",
+            429: "rate_limit_exceeded"}.get(status, "server_error")
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status)
+
+
+def edge_error_response(error: EdgeError) -> JSONResponse:
+    return openai_error(STATUS[error.code], error.message, error.code, HTTP_PARAMS.get(error.param, error.param))
+
+
+def stream_error(error: EdgeError) -> dict:
+    """An error after a stream began: its status line is sent already, so it goes as a chunk."""
+    return {"error": {"message": error.message, "type": "server_error", "code": error.code}}
+
+
+# -- request bodies: OpenAI's, with the fields we do not use ignored and the ones we cannot honour refused ----
+class _OpenAI(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)  # unknown fields pass, as OpenAI's; wrong types do not
+
+
+class FunctionCallIn(_OpenAI):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCallIn(_OpenAI):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallIn
+
+    def parsed(self, where: str) -> ToolCall:
+        try:
+            arguments = json.loads(self.function.arguments or "{}")
+        except json.JSONDecodeError as e:
+            raise EdgeError("bad_request", f"{where}.function.arguments: not JSON ({e.msg})",
+                            param="messages") from None
+        if not isinstance(arguments, dict):
+            raise EdgeError("bad_request", f"{where}.function.arguments: must be a JSON object", param="messages")
+        return ToolCall(id=self.id, name=self.function.name, arguments=arguments)
+
+
+class MessageIn(_OpenAI):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[dict[str, Any]] | None = None
+    tool_calls: list[ToolCallIn] | None = None
+    tool_call_id: str | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(p.get("text", "") for p in self.content if p.get("type") == "text")
+        return self.content or ""
+
+
+# GenerationParams fields OpenAI (or llama-server, for top_k, repetition_penalty and ignore_eos) names alike:
+# taken over with their types, optional, so their bounds are checked once, where the worker builds the params
+SAME_NAMES = ("max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed", "ignore_eos")
+_SharedParams = create_model("_SharedParams", __base__=_OpenAI, **{
+    name: (GenerationParams.model_fields[name].annotation | None, None) for name in SAME_NAMES})
+
+
+class _Sampling(_SharedParams):
+    model: str = "default"
+    max_completion_tokens: int | None = None  # OpenAI's newer name for max_tokens
+    n: int = 1
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+
+    @property
+    def include_usage(self) -> bool:
+        return bool((self.stream_options or {}).get("include_usage"))
+
+    def params(self) -> dict[str, Any]:
+        if self.n != 1:
+            raise EdgeError("bad_request", "n: only 1 completion per request is supported", param="n")
+        out = self.model_dump(include=set(SAME_NAMES), exclude_none=True)
+        if self.max_completion_tokens is not None:
+            out["max_tokens"] = self.max_completion_tokens
+        if self.stop is not None:
+            out["stop"] = [self.stop] if isinstance(self.stop, str) else self.stop
+        return {**out, "stream": self.stream}
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[MessageIn]
+    response_format: dict[str, Any] | None = None
+    tools: list[Tool] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None  # at most one call per turn is made either way
+
+    method: ClassVar[str] = "chat"  # the worker method it becomes
+
+    def to_request(self) -> ChatRequest:
+        extra: dict[str, Any] = {"tools": self.tools or [], "tool_choice": self.tool_choice}
+        fmt = self.response_format or {"type": "text"}
+        kind = fmt.get("type")
+        if kind == "json_schema":
+            spec = fmt.get("json_schema")
+            schema = spec.get("schema") if isinstance(spec, dict) else None
+            if not isinstance(schema, dict):
+                raise EdgeError("bad_request", "response_format.json_schema.schema: give a JSON Schema object",
+                                param="response_format.json_schema.schema")
+            extra["json_schema"] = schema
+        elif kind == "json_object":
+            extra["json_schema"] = {"type": "object"}
+        elif kind != "text":  # anything else would silently be free text: fail closed
+            raise EdgeError("bad_request", f"response_format.type: {kind!r} is not supported; use 'text', "
+                            "'json_object' or 'json_schema'", param="response_format.type")
+        return ChatRequest(messages=self.history(), **self.params(), **extra)
+
+    def history(self) -> list[ChatMessage]:
+        """OpenAI's messages as the engine's: a call's arguments parsed, a tool result named after its call."""
+        called: dict[str, str] = {}
+        out = []
+        for i, m in enumerate(self.messages):
+            calls = [c.parsed(f"messages.{i}.tool_calls.{j}") for j, c in enumerate(m.tool_calls or [])]
+            called.update((c.id, c.name) for c in calls)
+            name = m.name or called.get(m.tool_call_id or "") if m.role == "tool" else None
+            out.append(ChatMessage(role="system" if m.role == "developer" else m.role, content=m.text(),
+                                   tool_calls=calls or None, tool_call_id=m.tool_call_id if m.role == "tool" else None,
+                                   name=name))
+        return out
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str]
+
+    method: ClassVar[str] = "generate"
+
+    def to_request(self) -> GenerateRequest:
+        prompts = [self.prompt] if isinstance(self.prompt, str) else self.prompt
+        if len(prompts) != 1:
+            raise EdgeError("bad_request", "prompt: give exactly one prompt", param="prompt")
+        return GenerateRequest(prompt=prompts[0], raw=True, **self.params())
+
+
+class EmbeddingRequest(_OpenAI):
+    model: str = "default"
+    input: str | list[str]
+    encoding_format: Literal["float", "base64"] = "float"
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _text_not_token_ids(cls, value):
+        """Token ids are the client's tokenizer's (OpenAI's tiktoken), not the embedding model's: refused with
+        the fix rather than embedded as nonsense."""
+        items = value if isinstance(value, list) else [value]
+        if any(isinstance(v, int) or (isinstance(v, list) and v and all(isinstance(t, int) for t in v))
+               for v in items):
+            raise ValueError("send text, not token ids (they are the client's tokenizer's, not this model's); "
+                             "with LangChain: OpenAIEmbeddings(..., check_embedding_ctx_length=False)")
+        return value
+
+
+# -- responses -------------------------------------------------------------------------------------------------
+def content_of(reply: Generated) -> str | None:
+    if reply.tool_calls and not reply.result.text:
+        return None
+    return json.dumps(reply.result.json, ensure_ascii=False) if reply.json_mode else reply.result.text
+
+
+def tool_calls_of(reply: Generated, streamed: bool = False) -> list[dict]:
+    return [{**({"index": i} if streamed else {}), "id": c.id, "type": "function",
+             "function": {"name": c.name, "arguments": json.dumps(c.arguments, ensure_ascii=False)}}
+            for i, c in enumerate(reply.tool_calls)]
+
+
+def usage_of(reply: Generated) -> dict:
+    u = reply.result.usage
+    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+            "total_tokens": u.prompt_tokens + u.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": u.cached_tokens}}
+
+
+class ChatCompletion:
+    """One /v1/chat/completions answer: the whole response, or its stream of chunks."""
+
+    def __init__(self, request_id: str, model: str):
+        self.id, self.created, self.model = f"chatcmpl-{request_id}", int(time.time()), model
+        self._first = True
+
+    def whole(self, reply: Generated) -> dict:
+        message = {"role": "assistant", "content": content_of(reply),
+                   **({"tool_calls": tool_calls_of(reply)} if reply.tool_calls else {})}
+        return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
+                "choices": [{"index": 0, "message": message, "finish_reason": reply.result.finish_reason,
+                             "logprobs": None}], "usage": usage_of(reply)}
+
+    def text(self, text: str) -> dict:
+        return self._chunk({"content": text})
+
+    def final(self, reply: Generated, include_usage: bool) -> list[dict]:
+        """The chunks after the last delta: output sent whole (JSON; a tool call, as OpenAI streams one: its id
+        and name, then its arguments), the finish reason, the usage if asked for."""
+        chunks = []
+        if reply.json_mode:
+            chunks.append(self.text(content_of(reply)))
+        for call in tool_calls_of(reply, streamed=True):
+            head = {**call, "function": {**call["function"], "arguments": ""}}
+            chunks.append(self._chunk({"tool_calls": [head]}))
+            chunks.append(self._chunk({"tool_calls": [{"index": call["index"],
+                                                       "function": {"arguments": call["function"]["arguments"]}}]}))
+        chunks.append(self._chunk({}, reply.result.finish_reason))
+        if include_usage:
+            chunks.append({**self._head(), "choices": [], "usage": usage_of(reply)})
+        return chunks
+
+    def _head(self) -> dict:
+        return {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model}
+
+    def _chunk(self, delta: dict, finish_reason: str | None = None) -> dict:
+        if self._first and delta:
+            delta, self._first = {"role": "assistant", **delta}, False
+        return {**self._head(), "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}
+
+
+class TextCompletion:
+    """One /v1/completions answer: the whole response, or its stream of chunks."""
+
+    def __init__(self, request_id: str, model: str):
+        self.id, self.created, self.model = f"cmpl-{request_id}", int(time.time()), model
+
+    def whole(self, reply: Generated) -> dict:
+        return {**self._chunk(reply.result.text, reply.result.finish_reason), "usage": usage_of(reply)}
+
+    def text(self, text: str) -> dict:
+        return self._chunk(text)
+
+    def final(self, reply: Generated, include_usage: bool) -> list[dict]:
+        return [self._chunk("", reply.result.finish_reason),
+                *([{**self._chunk(""), "usage": usage_of(reply)}] if include_usage else [])]
+
+    def _chunk(self, text: str, finish_reason: str | None = None) -> dict:
+        return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
+                "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}]}
+
+
+RENDERERS = {ChatCompletionRequest: ChatCompletion, CompletionRequest: TextCompletion}
+
+
+def embeddings(reply: Embedded, encoding_format: str) -> dict:
+    data = []
+    for i, vector in enumerate(reply.vectors):
+        value = (base64.b64encode(vector.astype(np.float32).tobytes()).decode()
+                 if encoding_format == "base64" else vector.tolist())
+        data.append({"object": "embedding", "index": i, "embedding": value})
+    return {"object": "list", "data": data, "model": reply.model.name, "usage": {"prompt_tokens": 0, "total_tokens": 0}}
+
+
+def model_list(model: str, embedder: str | None, adapters: list[str]) -> dict:
+    data = [{"id": n, "object": "model", "created": 0, "owned_by": "edgellm"}
+            for n in [model] + ([embedder] if embedder else [])]
+    data += [{"id": n, "object": "model", "created": 0, "owned_by": "edgellm", "parent": model}
+             for n in adapters]  # LoRA adapters, as vLLM lists them
+    return {"object": "list", "data": data}
