@@ -41,6 +41,10 @@ class Generator:
             self.scheduler = Scheduler(model.decoder, batch_rows, min(batch_context, model.context_length),
                                        on_prompt=self._remember_prompt, lookup=self._cached_prefix)
 
+    def sequences(self) -> dict[str, int]:
+        """What the scheduler holds, by state (empty without one: sequences then run on their callers' threads)."""
+        return self.scheduler.census() if self.scheduler is not None else {}
+
     def prompt_ids(self, prompt: str | None = None, messages: list[ChatMessage] | None = None,
                    raw: bool = False) -> list[int]:
         """Token ids for a prompt (wrapped in the chat template unless raw) or a chat."""
@@ -83,13 +87,15 @@ class Generator:
         return self.model.tokenizer.decode(ids, skip_special_tokens=True)
 
     def generate(self, ids: list[int], params: GenerationParams, interrupt: Callable[[], None] | None = None,
-                 copy_source: str | None = None) -> Result:
-        return next(e for e in self.stream(ids, params, interrupt, copy_source=copy_source) if isinstance(e, Result))
+                 copy_source: str | None = None, solo: bool = False) -> Result:
+        return next(e for e in self.stream(ids, params, interrupt, copy_source=copy_source, solo=solo)
+                    if isinstance(e, Result))
 
     def sequence(self, ids: list[int], params: GenerationParams, interrupt: Callable[[], None] | None = None,
-                 started: float | None = None, copy_source: str | None = None) -> Sequence:
+                 started: float | None = None, copy_source: str | None = None, solo: bool = False) -> Sequence:
         """A request's generation, ready to run: checked, with its grammar and any cached prefix. `copy_source`:
-        the text x-edgellm-copy fields copy from, when it is not the whole prompt (grounded answers)."""
+        the text x-edgellm-copy fields copy from, when it is not the whole prompt (grounded answers). `solo`:
+        computed as on a fresh Generator of its own (Sequence), though it runs in this one's scheduler."""
         context = self.model.context_length
         if not ids:
             raise EdgeError("bad_request", "prompt: is empty; give the text to continue or answer", param="prompt")
@@ -100,14 +106,14 @@ class Generator:
         constraint = (self._constraint(params.json_schema, ids, copy_source) if params.json_schema is not None
                       else None)
         # (the scheduler looks the prefix up itself, when it runs the sequence)
-        hit = self._cached_prefix(ids, adapter) if self.scheduler is None else None
+        hit = self._cached_prefix(ids, adapter) if self.scheduler is None and not solo else None
         # A repeat of a cacheable prompt computes its last token alone, on top of the cached rest. onnxruntime
         # computes one row and many rows with different kernels, so the cold request does the same: then the
         # cold and the warm request see bit-identical logits and give the same greedy answer.
-        split_last = self.prefix_cache is not None and len(ids) >= self.prefix_cache.min_tokens
+        split_last = self.prefix_cache is not None and len(ids) >= self.prefix_cache.min_tokens and not solo
         return Sequence(ids, params, context=context, eos=self.model.eos_token_ids, tokenizer=self.model.tokenizer,
                         constraint=constraint, cached=hit, split_last=split_last, interrupt=interrupt,
-                        started=started, adapter=adapter)
+                        started=started, adapter=adapter, solo=solo)
 
     def _adapter(self, name: str | None) -> Adapter | None:
         slots = self.model.decoder.adapters
@@ -119,11 +125,12 @@ class Generator:
         return slots.get(name)
 
     def stream(self, ids: list[int], params: GenerationParams, interrupt: Callable[[], None] | None = None,
-               started: float | None = None, copy_source: str | None = None) -> Iterator[Delta | Result]:
+               started: float | None = None, copy_source: str | None = None,
+               solo: bool = False) -> Iterator[Delta | Result]:
         """`interrupt` runs before every forward pass and may raise EdgeError (cancelled, deadline_exceeded).
         `started` (a perf_counter time) is when the request's own work began, e.g. before its prompt was
         templated and tokenized; time to first token and total time count from it."""
-        seq = self.sequence(ids, params, interrupt, started or time.perf_counter(), copy_source)
+        seq = self.sequence(ids, params, interrupt, started or time.perf_counter(), copy_source, solo)
         if self.scheduler is not None:
             self.scheduler.submit(seq)
             try:

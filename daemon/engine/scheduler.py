@@ -16,8 +16,9 @@ a prompt token costs about what a decode row does, so chunks are short (tens of 
 prompt's own time to first token while others decode. A sequence
 joins the batch in the step after its prompt's last chunk. Rows a step does not advance are fed a placeholder
 at their next position, which their own next token overwrites; when a row in the middle frees up, the rows
-above it move down so steps span only the rows in use. Sequences whose prompt and answer cannot fit a row
-run in a cache of their own, one pass at a time, between the steps.
+above it move down so steps span only the rows in use. Sequences whose prompt and answer cannot fit a row,
+and solo ones (the update health check: computed as alone), run in a cache of their own, one pass at a time,
+between the steps.
 """
 
 from __future__ import annotations
@@ -83,6 +84,14 @@ class Scheduler:
     def free_rows(self) -> int:
         return sum(r is None for r in self._rows)
 
+    def census(self) -> dict[str, int]:
+        """Sequences by state, for status replies: a snapshot another thread takes without a lock (the list is
+        copied, each state read once), so it may be a step old, never torn."""
+        counts = {"queued": self._inbox.qsize()}
+        for seq in list(self._active):
+            counts[seq.state.value] = counts.get(seq.state.value, 0) + 1
+        return counts
+
     # -- the scheduler thread -------------------------------------------------------------------------
     def _loop(self) -> None:
         while True:
@@ -109,7 +118,7 @@ class Scheduler:
 
     def _admit(self, seq: Sequence) -> None:
         prefix = seq.cached_keys
-        fits = len(seq.ids) + 1 < self.capacity
+        fits = not seq.solo and len(seq.ids) + 1 < self.capacity
         row = next((r for r, s in enumerate(self._rows) if s is None), None) if fits else None
         if row is None:
             cache = self.decoder.new_cache(len(seq.ids) + seq.budget, prefix)
@@ -147,13 +156,15 @@ class Scheduler:
                          key=lambda s: (s.state.in_prompt, len(s.todo) if s.state.in_prompt else 0))
         if waiting:
             seq = waiting[0]
-            if seq.state is State.QUEUED:
+            if seq.state is State.QUEUED and not seq.solo:
                 self._reuse_prefix(seq)
             busy = any(s.state is State.DECODING for s in self._active if s is not seq)
-            chunked = busy and seq.state.in_prompt
+            chunked = busy and seq.state.in_prompt and not seq.solo
             started = time.perf_counter()
             # alone, a prompt still runs in passes of at most MAX_CHUNK: whoever arrives meanwhile waits one pass
-            feed = seq.next_feed(self._chunk if chunked else MAX_CHUNK if seq.state.in_prompt else None)
+            # (a solo sequence feeds its whole prompt at once, as it would alone)
+            feed = seq.next_feed(self._chunk if chunked else MAX_CHUNK if seq.state.in_prompt and not seq.solo
+                                 else None)
             self._run(seq, feed)
             if chunked:
                 self._tune_chunk(len(feed), time.perf_counter() - started)

@@ -97,14 +97,16 @@ class Sequence:
                  tokenizer, constraint: JsonConstraint | None = None,
                  cached: tuple[int, list[np.ndarray]] | None = None, split_last: bool = False,
                  interrupt: Callable[[], None] | None = None, started: float | None = None,
-                 adapter: Adapter | None = None):
+                 adapter: Adapter | None = None, solo: bool = False):
         """`cached`: a prefix-cache hit, (tokens, their keys and values), for whoever makes the cache.
         `adapter`: the LoRA adapter every pass of this sequence runs with (None: the base).
         `split_last`: without a hit, feed the prompt's last token in a pass of its own. A repeat of this prompt
         will find all but its last token cached and compute that token alone: then the two see bit-identical
-        logits (see Generator.sequence)."""
+        logits (see Generator.sequence).
+        `solo`: computed exactly as alone on a fresh model, even in the scheduler: a cache of its own, no cached
+        prefix, the whole prompt in one pass (the update health check compares such an answer bit for bit)."""
         cached_tokens, self.cached_keys = cached if cached is not None else (0, None)
-        self.ids, self.params, self.adapter = ids, params, adapter
+        self.ids, self.params, self.adapter, self.solo = ids, params, adapter, solo
         self.budget = min(params.max_tokens, context - len(ids))
         self.eos = eos
         self.constraint = constraint

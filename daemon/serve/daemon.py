@@ -56,7 +56,8 @@ class Daemon:
         self.mqtt = MqttService(settings, self.worker, self.stats, self.model_status, hooks, journal)
         self.http = None
         if settings.http.enabled:
-            from edgellm.daemon.serve.http_api import HttpServer, create_app
+            from edgellm.daemon.serve.http.app import create_app
+            from edgellm.daemon.serve.http.transport import HttpServer
             from edgellm.daemon.serve.metrics import Metrics
 
             metrics = Metrics(self.stats, lambda: self.worker.depth, lambda: self.models.served.model_info,
@@ -100,15 +101,15 @@ class Daemon:
         self.mqtt.publish_status()
 
     def health_problem(self) -> str | None:
-        """The new model answers its first golden prompt as the host recorded it (on a generator without the
-        shared prefix cache, so the check never races the worker)."""
-        from edgellm.daemon.engine.generate import Generator
+        """The new model answers its first golden prompt as the host recorded it. It goes through the serving
+        Generator like any request (its scheduler owns every pass), as a solo sequence: computed as alone, so
+        requests batched meanwhile cannot move its greedy answer."""
         from edgellm.daemon.update.smoke import golden_problem
 
         bundle = self.updater.slots.bundle(self.updater.slots.state().active)
         if bundle is None or not bundle.smoke.golden:
             return None
-        return golden_problem(Generator(self.models.served.generator.model), bundle.smoke.golden[0], 1)
+        return golden_problem(self.models.served.generator, bundle.smoke.golden[0], 1)
 
     def model_status(self) -> dict:
         served = self.models.served
@@ -198,9 +199,7 @@ class Daemon:
         if new.model.batch_size != old.model.batch_size:
             log.warning("reload: model.batch_size sizes the new KV pool now; the number of requests run at once "
                         "changes at the next restart")
-        self.worker.resize(new.limits.queue_size)
-        self.worker.max_tokens = new.limits.max_tokens
-        self.worker.store_settings = new.store
+        self.worker.reconfigure(new.limits.queue_size, new.limits.max_tokens, new.store)
         logging.getLogger().setLevel(new.log_level)
         self.settings = self.mqtt.settings = new
         self.mqtt.publish_status()

@@ -19,12 +19,13 @@ from edgellm.daemon.update.bundle import BUNDLE_FILE, BundleManifest, GoldenProm
 
 
 def golden_problem(generator, golden: GoldenPrompt, index: int) -> str | None:
-    """Why this answer fails its golden prompt, or None. Greedy decoding makes the expectation exact."""
+    """Why this answer fails its golden prompt, or None. Greedy decoding of a solo sequence (computed as alone,
+    even on a serving Generator whose scheduler batches others) makes the expectation exact."""
     from edgellm.daemon.engine.params import GenerationParams
 
     params = GenerationParams(max_tokens=golden.max_tokens, temperature=0, json_schema=golden.json_schema)
     try:
-        result = generator.generate(generator.prompt_ids(golden.prompt, raw=golden.raw), params)
+        result = generator.generate(generator.prompt_ids(golden.prompt, raw=golden.raw), params, solo=True)
     except EdgeError as e:
         return f"golden prompt {index}: {e.message}"
     if golden.json_schema is not None:
