@@ -67,9 +67,9 @@ def fused_source(source: Source) -> bool:
     from edgellm.models.building.spec import FUSED_TYPES, GGUF_ARCHS
 
     if source.kind == "gguf":
-        from gguf import GGUFReader
+        from edgellm.models.gguf.reader import gguf_reader
 
-        arch = GGUFReader(source.folder / source.gguf_file).fields.get("general.architecture")
+        arch = gguf_reader(source.folder / source.gguf_file).fields.get("general.architecture")
         return arch is not None and arch.contents() in set(GGUF_ARCHS.values())
     if source.kind == "hf_folder" and any(source.folder.glob("*.safetensors")):
         config = json.loads((source.folder / "config.json").read_text())

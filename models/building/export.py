@@ -58,12 +58,11 @@ def check_architecture(source: Source) -> str:
 def _gguf_header(source: Source) -> dict:
     """The header fields the build needs, from one parse of the GGUF: EOS, license, and the tokenizer as
     llama.cpp reads it (edgellm/models/gguf/gguf_tokenizer.py)."""
-    from gguf import GGUFReader
-
     from edgellm.models.building.weights import _field
     from edgellm.models.gguf.gguf_tokenizer import tokenizer_json
+    from edgellm.models.gguf.reader import gguf_reader
 
-    fields = GGUFReader(source.folder / source.gguf_file).fields
+    fields = gguf_reader(source.folder / source.gguf_file).fields
     eos, license_ = fields.get("tokenizer.ggml.eos_token_id"), fields.get("general.license")
     meta = {k: _field(f) for k, f in fields.items() if k.startswith("tokenizer.")}
     return {"eos": int(eos.contents()) if eos is not None else None,

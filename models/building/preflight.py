@@ -46,9 +46,9 @@ class Needs:
 def count_parameters(source: Source) -> int | None:
     """Parameters from the GGUF header or the safetensors headers; None where only a download would tell."""
     if source.kind == "gguf":
-        from gguf import GGUFReader
+        from edgellm.models.gguf.reader import gguf_reader
 
-        return sum(int(t.n_elements) for t in GGUFReader(source.folder / source.gguf_file).tensors)
+        return sum(int(t.n_elements) for t in gguf_reader(source.folder / source.gguf_file).tensors)
     if source.kind == "hf_folder":
         total = 0
         for f in source.folder.glob("*.safetensors"):

@@ -66,10 +66,10 @@ def check_gguf(path: Path) -> None:
     with open(path, "rb") as f:
         if f.read(4) != b"GGUF":
             raise BuildError(f"SOURCE: {path} is not a GGUF file (its first bytes are not 'GGUF')")
-    from gguf import GGUFReader
+    from edgellm.models.gguf.reader import gguf_reader
 
     try:
-        reader = GGUFReader(path)
+        reader = gguf_reader(path)
         end = max(int(t.data_offset) + int(t.n_bytes) for t in reader.tensors)
     except Exception as e:
         raise BuildError(f"SOURCE: {path} is truncated or corrupt ({type(e).__name__}: {e}); "

@@ -44,10 +44,10 @@ class GGUFWeights:
     transformers' order: llama.cpp's converter interleaves the rotary halves."""
 
     def __init__(self, path: Path):
-        from gguf import GGUFReader
+        from edgellm.models.gguf.reader import gguf_reader
 
         self.path = Path(path)
-        self.reader = GGUFReader(self.path)
+        self.reader = gguf_reader(self.path)
         self.meta = {k: _field(f) for k, f in self.reader.fields.items() if not k.startswith("GGUF.")}
         self._tensors = {t.name: t for t in self.reader.tensors}
         freqs = self._tensors.get("rope_freqs.weight")

@@ -53,10 +53,10 @@ class Blocks:
 
 
 def read_blocks(path: Path) -> dict[str, Blocks]:
-    from gguf import GGUFReader
+    from edgellm.models.gguf.reader import gguf_reader
 
     found = {}
-    for t in GGUFReader(path).tensors:
+    for t in gguf_reader(path).tensors:
         kind = t.tensor_type.name
         if kind not in ("Q4_1", "Q8_0"):
             continue
