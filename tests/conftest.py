@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from tests.tiny_models import make_tiny_model
+
+settings.register_profile("full", max_examples=10_000)  # each fuzz test asks for its own count under this cap
+settings.register_profile("dev", max_examples=200)
+
+
+def pytest_configure(config) -> None:
+    """`pytest -m "not slow"` (the quick run while working) fuzzes with 200 examples a test; the full suite with
+    what each test asks for. HYPOTHESIS_PROFILE chooses either explicitly."""
+    quick = "not slow" in (config.option.markexpr or "")
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or ("dev" if quick else "full"))
 
 
 def build(source: str | Path, out: Path, scheme: str):

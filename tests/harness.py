@@ -29,6 +29,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_until(condition, timeout: float = 30.0, what: str = "the condition") -> None:
+    """Poll `condition` until it holds: a test waits for the event it expects, never for a guessed time."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} did not happen within {timeout:g} s")
+        time.sleep(0.05)
+
+
 def wait_for_port(port: int, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -106,6 +115,14 @@ http {{
         if self.proc and self.proc.poll() is None:
             self.proc.terminate()
             self.proc.wait(10)
+
+
+def examples(wanted: int) -> int:
+    """A fuzz test's examples: as many as it wants in the full suite, at most the loaded hypothesis profile's
+    in the quick one (`pytest -m "not slow"` loads the `dev` profile: 200, tests/conftest.py)."""
+    from hypothesis import settings as hypothesis_settings
+
+    return min(wanted, hypothesis_settings.default.max_examples)
 
 
 def settings(port: int, **extra) -> Settings:

@@ -15,6 +15,8 @@ from edgellm.daemon.engine.params import GenerationParams
 from edgellm.daemon.errors import EdgeError
 from tests.conftest import build
 
+pytestmark = pytest.mark.slow  # see the README's development section
+
 WORDS = ["invoice", "factura", "facture", "contract"]
 
 

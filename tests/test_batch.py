@@ -6,6 +6,8 @@ import pytest
 
 from edgellm.models.tuning.invoices import SCHEMA, generate
 
+pytestmark = pytest.mark.slow  # see the README's development section
+
 
 @pytest.fixture(scope="module")
 def client():

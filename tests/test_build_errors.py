@@ -32,6 +32,7 @@ def test_unsupported_architecture_is_named(tmp_path):
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_truncated_gguf_is_refused_before_loading(tmp_path):
     data = builtin_gguf().read_bytes()
     truncated = tmp_path / "smol.gguf"
@@ -83,6 +84,7 @@ def test_a_rebuild_replaces_the_folder_whole(tiny_sources, tmp_path):
     assert leftovers(tmp_path) == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fuse", [[], ["--no-fuse"]])
 def test_a_built_folder_is_readable_by_another_user(tiny_sources, tmp_path, fuse):
     """The service runs as its own user: every built file is 0644 whatever the builder's umask or the
@@ -100,6 +102,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([*EDGELLM, *args], capture_output=True, text=True)
 
 
+@pytest.mark.slow
 def test_cli_build_errors_name_the_flag(tmp_path):
     r = run_cli("model", "build", "smollm2", "--out", str(tmp_path / "x"), "--block-size", "24")
     assert r.returncode == 2 and "--block-size" in r.stderr

@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tests.harness import EDGELLM
 
 
@@ -14,6 +16,7 @@ def edgellm(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess
                           input=stdin, timeout=300)
 
 
+@pytest.mark.slow
 def test_generate_streams_an_answer(smollm2_int4):
     r = edgellm("generate", "--model", str(smollm2_int4), "--temperature", "0", "--max-tokens", "40",
                 "--verbose", "What is the capital city of France? Answer in one word.")
@@ -22,6 +25,7 @@ def test_generate_streams_an_answer(smollm2_int4):
     assert "decode" in r.stderr and "tok/s" in r.stderr
 
 
+@pytest.mark.slow
 def test_generate_with_a_json_schema_file(smollm2_int4, tmp_path):
     schema = {"type": "object", "properties": {"total": {"type": "number"},
                                                "currency": {"enum": ["EUR", "USD"]}},
@@ -35,6 +39,7 @@ def test_generate_with_a_json_schema_file(smollm2_int4, tmp_path):
     assert out["finish_reason"] == "stop" and out["usage"]["completion_tokens"] > 0
 
 
+@pytest.mark.slow
 def test_json_output_is_valid_json_or_nothing(smollm2_int4, tmp_path):
     """Out of tokens mid-object: stdout stays empty (no prefix to parse), the error goes to stderr."""
     schema = {"type": "object", "properties": {"vendor": {"type": "string"}, "note": {"type": "string"}},
@@ -68,6 +73,7 @@ def test_every_flag_has_help_and_local_commands_have_no_broker_flags():
     assert all("--mqtt-host" not in flags for flags in local.values()), local
 
 
+@pytest.mark.slow
 def test_chat_keeps_history(smollm2_int4):
     r = edgellm("chat", "--model", str(smollm2_int4), "--temperature", "0", "--max-tokens", "30",
                 stdin="The secret word is pineapple.\nRepeat the secret word.\n/exit\n")
@@ -76,6 +82,7 @@ def test_chat_keeps_history(smollm2_int4):
     assert "pineapple" in second.lower()  # only the history holds the word
 
 
+@pytest.mark.slow
 def test_chat_saves_and_loads_a_conversation(smollm2_int4, tmp_path):
     saved, bad = tmp_path / "talk.json", tmp_path / "bad.json"
     bad.write_text('[{"role": "robot", "content": "hi"}]')
@@ -89,6 +96,7 @@ def test_chat_saves_and_loads_a_conversation(smollm2_int4, tmp_path):
     assert "pineapple" in second.lower()  # only the loaded conversation holds the word
 
 
+@pytest.mark.slow
 def test_bad_flags_name_the_flag_and_exit_2(smollm2_int4, tmp_path):
     model = str(smollm2_int4)
     r = edgellm("generate", "--model", model, "--temperature", "9", "hi")

@@ -46,6 +46,7 @@ def engine_logits(folder) -> list[np.ndarray]:
     return rows
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "phi", "phi3"])
 def test_a_gguf_builds_without_torch_and_computes_what_pytorch_does(arch, tiny_sources, tmp_path):
     gguf, reference = write_gguf(tiny_sources[arch], tmp_path / f"{arch}.gguf", {"attn_v": "Q4_1", "ffn": "Q4_0"})
@@ -59,6 +60,7 @@ def test_a_gguf_builds_without_torch_and_computes_what_pytorch_does(arch, tiny_s
         assert np.abs(got - want).max() < 1e-4, f"{arch} step {step}: {np.abs(got - want).max():.2e}"
 
 
+@pytest.mark.slow
 def test_k_quants_are_kept_exactly_and_mixed_widths_share_a_layer(tmp_path, tiny_wide_llama):
     """A Q4_K_M-like file: Q4_K projections, Q6_K values and down projections, a Q5_K gate, a Q5_0 up."""
     types = {"attn_v": "Q6_K", "ffn_down": "Q6_K", "ffn_gate": "Q5_K", "ffn_up": "Q5_0", "token_embd": "Q6_K"}
@@ -73,6 +75,7 @@ def test_k_quants_are_kept_exactly_and_mixed_widths_share_a_layer(tmp_path, tiny
         assert np.abs(got - want).max() < 0.03 * np.abs(want).max()
 
 
+@pytest.mark.slow
 def test_a_type_without_an_exact_form_is_named(tmp_path, tiny_wide_llama):
     gguf, _ = write_gguf(tiny_wide_llama, tmp_path / "q3.gguf", {"ffn_down": "Q3_K"}, default="Q4_K")
     out = build_without_torch(gguf, tmp_path / "int4", "--quant", "int4")
@@ -82,6 +85,7 @@ def test_a_type_without_an_exact_form_is_named(tmp_path, tiny_wide_llama):
     assert "rounded again" in q.method
 
 
+@pytest.mark.slow
 def test_the_tokenizer_adds_bos_only_when_the_gguf_says_so(tiny_sources, tmp_path):
     from tokenizers import Tokenizer
 
@@ -143,6 +147,7 @@ def test_a_loaded_model_keeps_only_what_it_reads_resident(smollm2_int4):
     assert after < data_kb * 0.02
 
 
+@pytest.mark.slow
 def test_a_killed_build_leaves_a_staging_folder_the_next_build_removes(tmp_path, tiny_wide_llama):
     gguf, _ = write_gguf(tiny_wide_llama, tmp_path / "k.gguf", {}, default="Q4_K")
     out = tmp_path / "models" / "m"

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from paho.mqtt.enums import CallbackAPIVersion
 
-from tests.harness import Broker, DaemonProcess, rpc
+from tests.harness import Broker, DaemonProcess, examples, rpc
 
 TOPIC = "edgellm/v1/dev1/rpc/"
 LONG = {"prompt": "Write a long story about a lighthouse keeper.", "max_tokens": 400, "temperature": 0,
@@ -97,7 +97,8 @@ addresses = st.one_of(
     st.sampled_from(BAD_ADDRESSES + ["", "a" * 1024, "a" * 1025, "é/ü/日本", "x/\ufdd0", "x/\U0010ffff"]))
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+@pytest.mark.slow
+@settings(max_examples=examples(200), deadline=None, suppress_health_check=list(HealthCheck), database=None)
 @given(address=addresses, method=st.sampled_from(["status", "generate", "embed", "nope"]))
 def test_no_reply_address_can_take_the_device_off_the_air(broker, daemon, address, method):
     legacy = LegacyClient(broker.port)
@@ -110,6 +111,7 @@ def test_no_reply_address_can_take_the_device_off_the_air(broker, daemon, addres
     assert "lost the broker" not in daemon.log.read_text()
 
 
+@pytest.mark.slow
 def test_a_reply_made_during_a_broker_outage_is_delivered_once_and_not_again_after_a_restart(
         broker, daemon_factory):
     """paho's is_published() raises for a reply published while disconnected; before the fix its journal
@@ -136,6 +138,7 @@ def test_a_reply_made_during_a_broker_outage_is_delivered_once_and_not_again_aft
     assert not any(m.get("replayed") for m in deltas)
 
 
+@pytest.mark.slow
 def test_a_request_in_flight_at_two_crashes_is_set_aside_not_run_a_third_time(broker, daemon_factory):
     topic = "edgellm/v1/dev2/rpc/"
     firsts: list[threading.Event] = [threading.Event(), threading.Event()]
@@ -169,6 +172,7 @@ def test_a_request_in_flight_at_two_crashes_is_set_aside_not_run_a_third_time(br
     assert "set aside as a dead letter" in d.log.read_text()
 
 
+@pytest.mark.slow
 def test_a_long_prompt_holds_up_neither_refusals_nor_status_nor_short_requests(broker, daemon):
     """A 4,000-token prompt takes many seconds to prefill here. A refusal, a status and a short request sent
     meanwhile are answered long before it: checks run before the queue, and prompts run in chunks."""

@@ -150,6 +150,7 @@ def test_metrics_in_prometheus_format(client, api):
         assert name in text, name
 
 
+@pytest.mark.slow
 def test_fifty_concurrent_requests_are_each_answered_or_told_busy(api):
     def one(i: int) -> int:
         r = httpx.post(f"{api}/v1/chat/completions", headers={"authorization": f"Bearer {KEY}"}, timeout=300,
@@ -170,6 +171,7 @@ class Invoice(BaseModel):
     currency: str = Field(pattern="^(EUR|USD|GBP)$")
 
 
+@pytest.mark.slow
 def test_langchain_chat_openai_invoke_stream_and_structured_output(api):
     from langchain_openai import ChatOpenAI
 
@@ -190,6 +192,7 @@ TOOLS = [{"type": "function", "function": {
         "parameters": {"type": "object", "properties": {"room": {"type": "string"}}, "required": ["room"]}}}]
 
 
+@pytest.mark.slow
 def test_tool_calls_with_the_openai_sdk(client):
     """tools and tool_choice as OpenAI takes them; the call's arguments validate against its schema."""
     ask = [{"role": "user", "content": "Close valve 3"}]
@@ -338,6 +341,7 @@ def test_a_streaming_client_that_hangs_up_cancels_its_generation(api):
     assert httpx.get(f"{api}/health").json()["queue_depth"] == 0  # 1,500 tokens would take many seconds
 
 
+@pytest.mark.slow
 def test_a_stream_whose_client_stops_reading_is_cancelled_and_frees_its_slot(api):
     """A client that keeps its socket open and reads nothing: once its buffers are full (http.send_buffer_kb, 16
     here), the stream waits in a send, and after limits.stream_stall_seconds (3 s) it is cancelled like a

@@ -6,7 +6,11 @@ from __future__ import annotations
 import json
 import subprocess
 
+import pytest
+
 from tests.harness import EDGELLM, ROOT
+
+pytestmark = pytest.mark.slow  # see the README's development section
 
 
 def edgellm(*args) -> str:

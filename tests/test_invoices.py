@@ -12,6 +12,8 @@ from edgellm.models.tuning.evaluate import normalise, score
 from edgellm.models.tuning.invoice_layouts import LABELS as LAYOUT_LABELS
 from edgellm.models.tuning.invoices import FAMILIES, FIELDS, MONTHS, SCHEMA, format_amount, format_date, generate
 
+pytestmark = pytest.mark.slow  # see the README's development section
+
 
 def parse_local_amount(text: str) -> float:
     digits = re.sub(r"[^\d,.]", "", text)

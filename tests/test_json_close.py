@@ -35,6 +35,7 @@ LINES = {"type": "array", "minItems": 2, "items": {"type": "object", "required":
     (TOOLS, {"response": "Valve 3 is shut.\n\\ done"}),
     (LINES, [{"sku": "AB-1", "qty": 12}, {"sku": "CD", "qty": 3}, {"sku": "EF", "qty": 1}]),
 ])
+@pytest.mark.slow
 def test_every_prefix_closes_into_a_document_the_schema_accepts(schema, document):
     for text in (json.dumps(document, ensure_ascii=False), json.dumps(document)):  # \\u escapes cut halfway too
         for cut in range(len(text) + 1):
@@ -49,6 +50,7 @@ def test_what_it_cannot_complete_it_leaves_to_the_old_error():
     assert shortest_completion('{"x": 1}}', INVOICE) is None  # not JSON
 
 
+@pytest.mark.slow
 def test_a_budget_too_small_for_the_answer_gives_shorter_valid_json(smollm2):
     ids = smollm2.prompt_ids("Extract the invoice fields as JSON.\n\nInvoice A-17 from Lakeside Printing Co, "
                              "2026-08-19, total 75.00 USD, paid.")

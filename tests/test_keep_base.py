@@ -9,12 +9,15 @@ import shutil
 import subprocess
 
 import numpy as np
+import pytest
 from safetensors.numpy import load_file, save_file
 
 from edgellm.daemon.engine.manifest import load_manifest
 from tests.gguf_files import write_gguf
 from tests.harness import EDGELLM, ROOT
 from tests.test_gguf_build import engine_logits
+
+pytestmark = pytest.mark.slow  # see the README's development section
 
 RANK = 2
 

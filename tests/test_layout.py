@@ -10,6 +10,8 @@ import venv
 import zipfile
 from pathlib import Path
 
+import pytest
+
 from tests.harness import ROOT
 
 ROOMS = ["engine", "retrieval", "update", "serve"]  # each may import only the rooms before it
@@ -51,6 +53,7 @@ def test_every_device_module_imports_without_the_host_toolchain():
     assert out.stdout.strip() == "[]"
 
 
+@pytest.mark.slow
 def test_the_wheel_installs_beside_python_daemon_and_generates(tmp_path, tiny_sources):
     """PyPI's python-daemon provides `import daemon`. Before the edgellm namespace, installing it beside us
     overwrote daemon/__init__.py and every edgellm command failed. The wheel from this checkout goes into a

@@ -7,7 +7,11 @@ import os
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from tests.harness import EDGELLM, ROOT, Broker, DaemonProcess
+
+pytestmark = pytest.mark.slow  # see the README's development section
 
 
 def edgellm(home, *args: str) -> subprocess.CompletedProcess:

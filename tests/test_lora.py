@@ -10,6 +10,8 @@ import pytest
 from edgellm.models.errors import BuildError
 from edgellm.models.tuning.lora import TARGET_MODULES, LoraOptions, merge_lora, train_lora
 
+pytestmark = pytest.mark.slow  # see the README's development section
+
 
 def weights(folder):
     from safetensors.numpy import load_file

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from paho.mqtt.enums import CallbackAPIVersion
 
-from tests.harness import EDGELLM, Broker, DaemonProcess, rpc
+from tests.harness import EDGELLM, Broker, DaemonProcess, examples, rpc, wait_until
 
 TOPIC = "edgellm/v1/dev1/rpc/"
 CAPITAL = "What is the capital city of France? Answer in one word."  # SmolLM2 answers it with Paris
@@ -111,6 +111,7 @@ def test_embed_status_and_cancel_of_nothing(client):
     s = client.call(TOPIC + "status", {})
     assert s["ok"] and s["state"] == "online" and s["device"] == "dev1"
     assert s["model"]["name"] == "SmolLM2-135M-Instruct-int4" and s["embedding_model"]["name"]
+    assert s["sequences"] == {"queued": 0}  # the scheduler holds nothing between requests
     c = client.call(TOPIC + "cancel", {"request_id": "never-sent"})
     assert c["ok"] and c["cancelled"] is False
 
@@ -143,11 +144,13 @@ def test_mqtt_311_clients_use_reply_to_in_the_payload(broker, daemon):
     got = threading.Event()
     replies = []
     c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="legacy", protocol=mqtt.MQTTv311)
+    subscribed = threading.Event()
     c.on_message = lambda _c, _u, m: (replies.append(json.loads(m.payload)), got.set())
+    c.on_subscribe = lambda *_: subscribed.set()
     c.connect("127.0.0.1", broker.port)
     c.subscribe("legacy/replies", qos=1)
     c.loop_start()
-    time.sleep(0.2)
+    assert subscribed.wait(10)
     c.publish(TOPIC + "status", json.dumps({"reply_to": "legacy/replies", "id": "abc"}), qos=1)
     assert got.wait(10)
     c.loop_stop()
@@ -171,7 +174,7 @@ def test_requests_without_a_reply_address_are_counted(broker, daemon, client):
     c.publish(TOPIC + "generate", b'{"prompt": "nobody listens"}', qos=1).wait_for_publish(5)
     c.loop_stop()
     c.disconnect()
-    time.sleep(0.3)
+    wait_until(lambda: client.call(TOPIC + "status", {})["unanswerable"] > before, 10, "the count")
     assert client.call(TOPIC + "status", {})["unanswerable"] == before + 1
 
 
@@ -183,6 +186,7 @@ def test_concurrent_requests_all_answered(client):
         assert messages[0]["ok"] and messages[0]["id"] == f"c{i}"
 
 
+@pytest.mark.slow
 def test_a_full_queue_answers_busy_immediately(client):
     # 4 run at once (model.batch_size), 4 wait (limits.queue_size): of 12, some must be turned away.
     sent = [client.send(TOPIC + "generate", {**LONG, "max_tokens": 60, "id": f"b{i}"}) for i in range(12)]
@@ -193,6 +197,7 @@ def test_a_full_queue_answers_busy_immediately(client):
     assert all(len(m) == 1 for _, m in sent)
 
 
+@pytest.mark.slow
 def test_deadlines_expire_requests_instead_of_running_them(client):
     # A raw counting prompt rarely meets end-of-sequence: 300 tokens keep the worker busy for seconds. Four of
     # them fill every batch slot (model.batch_size); once each has streamed a token they are running, not
@@ -320,54 +325,57 @@ for m in ("embed", "ingest", "search", "ask", "delete"):
     ALLOWED[m] |= {"model_unavailable"}
 
 
-class FuzzLog:
-    def __init__(self):
-        self.sent: list[tuple[str, bytes, list[dict]]] = []
-
-
-@pytest.fixture(scope="module")
-def fuzz(broker, smollm2_int4, minilm_int8, tmp_path_factory):
+@pytest.fixture
+def fuzzed_daemon(broker, smollm2_int4, minilm_int8, tmp_path_factory):
     folder = tmp_path_factory.mktemp("fuzz")
     d = DaemonProcess(folder, broker.port, smollm2_int4, device="fuzz", env={
         "EDGELLM_LIMITS__MAX_TOKENS": "2", "EDGELLM_LIMITS__QUEUE_SIZE": "1000",
         "EDGELLM_EMBEDDING__PATH": str(minilm_int8), "EDGELLM_STORE__PATH": str(folder / "store.db")}).start()
     with rpc(broker.port) as c:
-        yield c, FuzzLog()
+        yield c
     assert d.stop() == 0
 
 
-@settings(max_examples=10_000, deadline=None, suppress_health_check=list(HealthCheck), database=None)
-@given(case=cases)
-def test_fuzzed_payloads_each_get_exactly_one_reply(fuzz, case):
-    client, record = fuzz
-    method, payload = case
-    done, messages = client.send(f"edgellm/v1/fuzz/rpc/{method}", payload)
-    assert done.wait(30), (method, payload[:200])
-    record.sent.append((method, payload, messages))
-    reply = messages[0]
-    assert isinstance(reply["ok"], bool)
-    if not reply["ok"]:
-        allowed = ALLOWED.get(method, {"unknown_method", "bad_request"})
-        assert reply["error"]["code"] in allowed, (method, payload[:200], reply)
+FUZZ_PAYLOADS = examples(10_000)  # 200 in the quick run (tests/conftest.py)
 
 
-def test_the_fuzzed_daemon_answered_each_payload_exactly_once(fuzz):
-    client, record = fuzz
-    assert len(record.sent) >= 10_000
+def test_fuzzed_payloads_each_get_exactly_one_reply(fuzzed_daemon):
+    """Every generated payload gets exactly one reply, with a code that fits its method, and never `internal`."""
+    client = fuzzed_daemon
+    sent: list[tuple[str, bytes, list[dict]]] = []
+
+    @settings(max_examples=FUZZ_PAYLOADS, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @given(case=cases)
+    def one(case):
+        method, payload = case
+        done, messages = client.send(f"edgellm/v1/fuzz/rpc/{method}", payload)
+        assert done.wait(30), (method, payload[:200])
+        sent.append((method, payload, messages))
+        reply = messages[0]
+        assert isinstance(reply["ok"], bool)
+        if not reply["ok"]:
+            allowed = ALLOWED.get(method, {"unknown_method", "bad_request"})
+            assert reply["error"]["code"] in allowed, (method, payload[:200], reply)
+
+    one()
+    assert len(sent) >= FUZZ_PAYLOADS * 0.99  # hypothesis may stop a few short when it runs out of new cases
     # Replies leave the daemon in order on one connection: once a status reply shows an idle daemon, any
     # second reply to an earlier request would already have arrived.
-    status = client.call("edgellm/v1/fuzz/rpc/status", {})
+    status, polls = client.call("edgellm/v1/fuzz/rpc/status", {}), 1
     while status["queue_depth"]:
         time.sleep(0.1)
-        status = client.call("edgellm/v1/fuzz/rpc/status", {})
-    counts = [len(messages) for _, _, messages in record.sent]
-    assert counts.count(1) == len(counts), [m for m, _, msgs in record.sent if len(msgs) != 1][:5]
-    codes = Counter(msgs[0]["error"]["code"] if not msgs[0]["ok"] else "ok" for _, _, msgs in record.sent)
-    assert "internal" not in codes and codes["ok"] > 500 and codes["bad_request"] > 1000, codes
-    assert status["errors"].get("internal", 0) == 0 and status["requests_total"] + status["errors_total"] >= 10_000
-    print(f"fuzz: {len(counts)} payloads, {dict(codes)}")  # quoted in the README
+        status, polls = client.call("edgellm/v1/fuzz/rpc/status", {}), polls + 1
+    counts = [len(messages) for _, _, messages in sent]
+    assert counts.count(1) == len(counts), [m for m, _, msgs in sent if len(msgs) != 1][:5]
+    codes = Counter(msgs[0]["error"]["code"] if not msgs[0]["ok"] else "ok" for _, _, msgs in sent)
+    # the strategies make about a tenth valid requests and a third invalid ones: both paths are exercised
+    assert "internal" not in codes and codes["ok"] > len(sent) / 20 and codes["bad_request"] > len(sent) / 10, codes
+    answered = status["requests_total"] + status["errors_total"] - polls  # less the status calls above
+    assert status["errors"].get("internal", 0) == 0 and answered >= len(sent), (answered, len(sent))
+    print(f"fuzz: {len(counts)} payloads, {dict(codes)}")  # quoted in docs/reliability.md
 
 
+@pytest.mark.slow
 def test_edgellm_request_cli_streams_and_prints_the_result(broker, daemon):
 
     from tests.harness import ROOT
@@ -387,6 +395,9 @@ def test_edgellm_request_cli_streams_and_prints_the_result(broker, daemon):
 
 
 def test_telemetry_is_published_periodically(broker, daemon, client):
+    # a request of each kind first, so the counts below hold whichever tests ran before (or none)
+    assert client.call(TOPIC + "generate", {"prompt": CAPITAL, "max_tokens": 3, "temperature": 0})["ok"]
+    assert client.call(TOPIC + "generate", {"prompt": 7})["error"]["code"] == "bad_request"
     before = client.call(TOPIC + "status", {})
     got = threading.Event()
     seen: list[dict] = []
@@ -401,6 +412,7 @@ def test_telemetry_is_published_periodically(broker, daemon, client):
     c.disconnect()
     t = seen[0]
     assert t["device"] == "dev1" and t["queue_depth"] == 0 and 50 < t["rss_mb"] < 2000  # idle between tests
-    assert t["requests"]["status"] == before["requests"]["status"]  # which counted itself
-    assert t["requests"]["generate"] >= before["requests"]["generate"] > 10 and t["decode_tps"] > 10
-    assert t["errors_total"] == sum(t["errors"].values()) >= t["errors"]["bad_request"] > 0
+    # nothing ran between the status call (which counted itself) and this telemetry: the same counts
+    assert (t["requests"], t["errors"]) == (before["requests"], before["errors"])
+    assert t["requests"]["generate"] >= 2 and t["errors"]["bad_request"] >= 1 and t["decode_tps"] > 10
+    assert t["errors_total"] == sum(t["errors"].values())

@@ -88,6 +88,7 @@ def test_operator_reaches_the_device_over_tls_with_a_password(secure_broker, dev
         assert g["ok"] and g["device"] == "dev-a"
 
 
+@pytest.mark.slow
 def test_another_device_cannot_read_our_requests(secure_broker, device_a):
     seen: list[str] = []
     subscribed = threading.Event()
@@ -120,6 +121,7 @@ def test_a_wrong_password_is_refused(secure_broker):
     c.loop_stop()
 
 
+@pytest.mark.slow
 def test_plain_tcp_is_not_offered(secure_broker):
     accepted = threading.Event()
     c = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=MQTTProtocolVersion.MQTTv5)

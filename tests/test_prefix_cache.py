@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from edgellm.daemon.engine.chat import ChatMessage
 from edgellm.daemon.engine.generate import Generator
@@ -14,6 +15,7 @@ from tests.harness import ROOT
 GREEDY = GenerationParams(temperature=0, max_tokens=24)
 
 
+@pytest.mark.slow
 def test_a_shared_500_token_prefix_is_reused_with_identical_output(smollm2_int4):
     context = (ROOT / "models/data/eval_en.txt").read_text()
     model = LoadedModel.load(smollm2_int4, threads=2)

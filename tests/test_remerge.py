@@ -20,6 +20,8 @@ from tests.test_fleet import device, publish
 from tests.test_gguf_build import engine_logits
 from tests.test_keep_base import build, fake_merge
 
+pytestmark = pytest.mark.slow  # see the README's development section
+
 SIGNED = ("bundle.json", "bundle.json.sig")
 
 

@@ -74,6 +74,7 @@ def test_reingest_replaces_and_delete_removes(store):
     assert store.count()["documents"] == before["documents"] - 1
 
 
+@pytest.mark.slow
 def test_a_store_refuses_another_embedding_model(tmp_path, store, minilm_int8):
     from edgellm.models.building.embedding_build import build_embedding
     from edgellm.models.building.options import BuildOptions
@@ -98,6 +99,7 @@ def test_chunks_respect_headings_size_and_overlap(embedder):
     assert text[chunks[0].start:chunks[0].end].startswith("# One")
 
 
+@pytest.mark.slow
 def test_a_crash_mid_ingest_leaves_the_store_as_it_was(tmp_path, embedder, minilm_int8):
     db = tmp_path / "crash.db"
     s = RetrievalStore(db, embedder)
@@ -169,6 +171,7 @@ def test_html_navigation_header_and_footer_are_not_text():
     assert html_to_text(page) == "# Lease\n\nThe lease ends on 30 June 2027."
 
 
+@pytest.mark.slow
 def test_grounded_answers_are_copied_from_the_cited_sentence_or_refused_in_the_question_language(
         tmp_path, embedder, smollm2_int4):
     """The default for a 135M model: the best sentence, a span the grammar copies out of it, its citation;

@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.data.corpus import DOCUMENTS
-from tests.harness import EDGELLM, ROOT, Broker, DaemonProcess, rpc
+from tests.harness import EDGELLM, ROOT, Broker, DaemonProcess, examples, rpc, wait_until
 
 TOPIC = "edgellm/v1/rag1/rpc/"
 
@@ -100,12 +100,14 @@ def test_ingest_a_folder_then_ask_with_citations(client, docs):
     assert r["answer"] in DOCUMENTS["en/pump.md"][first["start"]:first["end"]]
 
 
+@pytest.mark.slow
 def test_a_long_ask_does_not_hold_up_search(client):
     """The answer is generated outside the store's lock: a search is served while an ask is still writing."""
     done, replies = client.send(TOPIC + "ask", {"question": "How long is the pump under warranty?",
                                                 "temperature": 0, "max_tokens": 400, "ignore_eos": True,
                                                 "collection": "policies", "mode": "free"})
-    time.sleep(1.0)  # retrieval takes tens of milliseconds; 400 tokens take seconds
+    # retrieval is over once the answer decodes (400 tokens take seconds): search while it does
+    wait_until(lambda: client.call(TOPIC + "status", {})["sequences"].get("decoding"), 60, "the answer's decoding")
     r = client.call(TOPIC + "search", {"query": "pump warranty", "collection": "policies"})
     assert r["ok"] and r["hits"]
     assert not done.is_set(), "the search waited for the whole answer"
@@ -182,6 +184,7 @@ def test_a_link_out_of_an_allowed_folder_is_not_followed(client, linked):
     assert r["error"]["code"] == "bad_request" and "store.ingest_dirs" in r["error"]["message"], r
 
 
+@pytest.mark.slow
 def test_the_cli_refuses_huge_files_before_reading_them_and_keeps_to_its_ingest_dirs(tmp_path, minilm_int8,
                                                                                      linked):
     huge = tmp_path / "huge.txt"
@@ -200,6 +203,7 @@ def test_the_cli_refuses_huge_files_before_reading_them_and_keeps_to_its_ingest_
     assert f"left out {linked / 'sub' / 'evil.txt'}" in r.stderr
 
 
+@pytest.mark.slow
 def test_cli_search_and_ask_json_carry_source_paths(tmp_path, minilm_int8, smollm2_int4, docs):
     def edgellm(*args):
         return subprocess.run([*EDGELLM, *args, "--store", str(tmp_path / "s.db"),
@@ -227,6 +231,7 @@ def test_cli_search_and_ask_json_carry_source_paths(tmp_path, minilm_int8, smoll
     assert "Traceback" not in piped.stderr and "BrokenPipe" not in piped.stderr, piped.stderr
 
 
+@pytest.mark.slow
 def test_the_same_folder_from_another_directory_is_stored_once(tmp_path, minilm_int8, docs):
     """Sources are absolute paths; a store written when they were relative is adopted, not doubled."""
     from edgellm.daemon.retrieval.embedder import Embedder
@@ -266,7 +271,7 @@ def ingest_paths(draw, roots: list[Path]) -> str:
 
 
 def test_fuzzed_ingest_paths_get_one_specific_answer_each(client, hostile, linked, docs):
-    @settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @settings(max_examples=examples(120), deadline=None, suppress_health_check=list(HealthCheck), database=None)
     @given(path=ingest_paths([hostile, linked, docs / "en"]))
     def one(path: str) -> None:
         r = client.call(TOPIC + "ingest", {"path": path, "collection": "fuzzed"}, timeout=60)

@@ -146,6 +146,7 @@ def assert_answers_match(model, requests, expected, solo, got, passes, which=Non
                                                                            e.usage.completion_tokens)
 
 
+@pytest.mark.slow
 def test_concurrent_requests_batch_and_each_gets_its_own_answer(model, passes):
     expected, solo = solo_runs(model, REQUESTS, passes)
     batched = Generator(model, batch_rows=4)
@@ -159,6 +160,7 @@ def test_concurrent_requests_batch_and_each_gets_its_own_answer(model, passes):
     assert batched.scheduler.free_rows == 4  # every row came back
 
 
+@pytest.mark.slow
 def test_a_request_leaving_mid_batch_does_not_disturb_the_others(model, passes):
     expected, solo = solo_runs(model, REQUESTS[:3], passes)
     batched = Generator(model, batch_rows=4)
@@ -184,6 +186,7 @@ def test_a_request_outgrowing_its_row_continues_in_a_cache_of_its_own(model, pas
     assert short_rows.scheduler.free_rows == 2
 
 
+@pytest.mark.slow
 def test_rows_are_compacted_when_a_request_in_the_middle_leaves(model, passes):
     """Row 0 leaves while rows 1 and 2 decode: they move down, so the steps after it span two rows, not three."""
     stay = [("List three colours and say why you like them.", GenerationParams(max_tokens=60, temperature=0,
@@ -222,6 +225,7 @@ def test_rows_are_compacted_when_a_request_in_the_middle_leaves(model, passes):
     assert 3 not in after and after.count(2) >= 40, steps  # without compaction they would span 3
 
 
+@pytest.mark.slow
 def test_a_long_prompt_runs_in_chunks_between_the_decode_steps(model, passes):
     """While three streams decode, a 500-token prompt must not stop them for its whole prefill: it runs in
     chunks, one between each two steps, and it computes what it computes alone."""
@@ -289,6 +293,7 @@ def test_requests_arriving_together_compute_a_shared_system_prompt_once(model):
     assert cached[0] == 0 and all(c > 100 for c in cached[1:]), cached  # the first computed it for the rest
 
 
+@pytest.mark.slow
 def test_the_scheduler_thread_ends_when_idle_and_starts_again(model, monkeypatch):
     from edgellm.daemon.engine import scheduler
 
@@ -301,3 +306,40 @@ def test_the_scheduler_thread_ends_when_idle_and_starts_again(model, monkeypatch
         time.sleep(0.05)
     assert not any(t.name == "edgellm-scheduler" for t in threading.enumerate())
     assert batched.generate(batched.prompt_ids("Hi."), params).usage.completion_tokens == 2
+
+
+@pytest.mark.slow
+def test_a_solo_sequence_computes_bit_for_bit_as_alone_while_others_batch(model, passes):
+    """The update health check's golden prompt runs through the serving scheduler as a solo sequence: the same
+    passes and bit-identical logits as on a fresh Generator of its own, whatever else is batched meanwhile and
+    whatever the prefix cache holds."""
+    prompt, params = REQUESTS[0]
+    alone = Generator(model)
+    before = set(passes)
+    expected = alone.generate(alone.prompt_ids(prompt), params)
+    reference = passes[next(k for k in passes if k not in before)]
+    serving = Generator(model, PrefixCache(64 << 20, min_tokens=8), batch_rows=4)
+    serving.generate(serving.prompt_ids(prompt), params)  # the prompt is now in the prefix cache
+    others = REQUESTS[1:]
+    results: list = [None] * (len(others) + 1)
+    start = threading.Barrier(len(results))
+
+    def one(i: int) -> None:
+        text, p = (prompt, params) if i == 0 else others[i - 1]
+        ids = serving.prompt_ids(text)
+        start.wait()
+        results[i] = serving.generate(ids, p, solo=i == 0)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(results))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    run = list(passes.values())[-len(results):]  # this round's sequences, in the order they first ran
+    ids = serving.prompt_ids(prompt)
+    solo = [r for r in run if r[0][0][: len(ids)] == ids]
+    assert len(solo) == 1, "the solo sequence fed its whole prompt in its first pass"
+    assert [fed for fed, _ in solo[0]] == [fed for fed, _ in reference]
+    assert all(np.array_equal(a, b) for (_, a), (_, b) in zip(solo[0], reference, strict=True))
+    assert (results[0].text, results[0].usage.cached_tokens) == (expected.text, 0)
+    assert serving.scheduler.free_rows == 4 and all(r is not None for r in results)

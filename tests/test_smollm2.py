@@ -36,6 +36,7 @@ def test_manifest_describes_the_build(smollm2_int4):
     assert sum(f.size for f in m.files.values()) < 125e6
 
 
+@pytest.mark.slow
 def test_int8_perplexity_within_3_percent_of_source(smollm2_int8):
     q = load_manifest(smollm2_int8).quality
     assert q.eval_tokens > 500
@@ -58,6 +59,7 @@ def test_chat_prompt_yields_coherent_english(smollm2):
     assert len(words) >= 5 and sum(w.lower() in common for w in words) >= 3, result.text
 
 
+@pytest.mark.slow
 def test_greedy_output_is_deterministic(smollm2):
     ids = smollm2.prompt_ids("Name three kinds of business contract.")
     first = smollm2.generate(ids, GREEDY)
@@ -75,6 +77,7 @@ def test_seeded_sampling_repeats_and_seeds_differ(smollm2):
     assert a != c
 
 
+@pytest.mark.slow
 def test_streamed_deltas_join_to_the_non_streamed_text(smollm2):
     ids = smollm2.prompt_ids("Write a short note in French and Spanish about a late invoice: café, señor, €.")
     params = GenerationParams(temperature=0, max_tokens=80)
@@ -85,6 +88,7 @@ def test_streamed_deltas_join_to_the_non_streamed_text(smollm2):
     assert "".join(deltas) == events[-1].text == smollm2.generate(ids, params).text
 
 
+@pytest.mark.slow
 def test_stop_strings_end_the_output_before_them(smollm2):
     ids = smollm2.prompt_ids("Count from 1 to 20, separated by commas.")
     full = smollm2.generate(ids, GenerationParams(temperature=0, max_tokens=60)).text
@@ -150,6 +154,7 @@ INVOICES = [
 ]
 
 
+@pytest.mark.slow
 def test_json_mode_outputs_always_validate(smollm2):
     params = GenerationParams(temperature=0, max_tokens=160, json_schema=INVOICE_SCHEMA)
     forward_passes = generated = 0
