@@ -158,13 +158,11 @@ class Scheduler:
             seq = waiting[0]
             if seq.state is State.QUEUED and not seq.solo:
                 self._reuse_prefix(seq)
-            busy = any(s.state is State.DECODING for s in self._active if s is not seq)
-            chunked = busy and seq.state.in_prompt and not seq.solo
+            whole = seq.solo or not seq.state.in_prompt  # forced tokens, or a solo prompt (fed as alone)
+            chunked = not whole and any(s.state is State.DECODING for s in self._active if s is not seq)
             started = time.perf_counter()
             # alone, a prompt still runs in passes of at most MAX_CHUNK: whoever arrives meanwhile waits one pass
-            # (a solo sequence feeds its whole prompt at once, as it would alone)
-            feed = seq.next_feed(self._chunk if chunked else MAX_CHUNK if seq.state.in_prompt and not seq.solo
-                                 else None)
+            feed = seq.next_feed(None if whole else self._chunk if chunked else MAX_CHUNK)
             self._run(seq, feed)
             if chunked:
                 self._tune_chunk(len(feed), time.perf_counter() - started)

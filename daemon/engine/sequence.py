@@ -164,9 +164,7 @@ class Sequence:
         self.passes += 1
         self.todo = self.todo[n:]
         if self.split_last and len(self.todo) == 1:
-            self.split_last = False
-            self.state = State.PREFILLING
-            return False
+            self.split_last = False  # the prompt's last token gets a pass of its own
         if self.todo:
             if self.state is State.QUEUED:
                 self.state = State.PREFILLING

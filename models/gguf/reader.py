@@ -1,9 +1,9 @@
 """One parsed GGUF per file, however many parts of a build read it.
 
 gguf's GGUFReader parses the metadata field by field in Python: about 4 s for SmolLM2's 49k-token vocabulary
-on this machine, and a build reads the same file in six places (source detection, preflight, header, import,
-weights). The cache is keyed by the file's identity (path, size, modification time), so a file rewritten in
-place is parsed again; readers are only read from.
+on this machine, and a build reads the same file in six places (the source check, the architecture check,
+preflight, the header, the block import, the weights). The cache is keyed by the file's identity (path, size,
+modification time), so a file rewritten in place is parsed again; readers are only read from.
 """
 
 from __future__ import annotations
