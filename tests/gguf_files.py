@@ -21,12 +21,13 @@ K_TYPES = {"Q4_K": (144, [(0, 2), (2, 4)]), "Q5_K": (176, [(0, 2), (2, 4)]), "Q6
 
 
 def _hf_to_gguf(name: str, model_type: str) -> str | None:
-    from edgellm.models.building.weights import _GLOBAL, _HF_NAME, _LAYER
+    from edgellm.models.building.architectures import ARCHITECTURES
+    from edgellm.models.building.weights import _GLOBAL, _HF_NAME
 
     match = _HF_NAME.match(name)
     if match:
         layer, part, kind = match.groups()
-        return f"blk.{layer}.{_LAYER[model_type][part]}.{kind}"
+        return f"blk.{layer}.{ARCHITECTURES[model_type].gguf_layer[part]}.{kind}"
     stem, _, kind = name.rpartition(".")
     return f"{_GLOBAL[stem]}.{kind}" if stem in _GLOBAL else None
 
@@ -74,8 +75,11 @@ def write_gguf(hf: Path, out: Path, types: dict[str, str], default: str = "Q8_0"
         writer.add_layer_norm_eps(config["layer_norm_eps"])
     else:
         writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
-    if config.get("sliding_window") and kind in ("mistral", "phi3"):
+    if config.get("sliding_window") and kind in ("mistral", "phi3", "gemma3_text"):
         writer.add_sliding_window(config["sliding_window"])
+    if head_dim != config["hidden_size"] // heads:
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
     _add_tokenizer(writer, hf, add_bos)
     if kind == "llama" and (config.get("rope_scaling") or {}).get("rope_type") == "llama3":
         from edgellm.models.building.spec import ModelSpec
@@ -93,6 +97,8 @@ def write_gguf(hf: Path, out: Path, types: dict[str, str], default: str = "Q8_0"
         if value.ndim == 2 and kind in ("llama", "mistral") and target.endswith(("attn_q.weight", "attn_k.weight")):
             value = _permute(value, heads if "attn_q" in target else kv_heads)
         if value.ndim != 2:
+            if kind == "gemma3_text" and name.endswith("norm.weight"):  # the converter stores Gemma's 1 + w
+                value = value + 1
             writer.add_tensor(target, value.astype(np.float32))
             continue
         qtype = next((t for part, t in types.items() if part in target), default)

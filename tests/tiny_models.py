@@ -33,7 +33,15 @@ def tiny_tokenizer():
 
 
 def tiny_config(arch: str, vocab_size: int, eos: int, pad: int):
-    from transformers import LlamaConfig, MistralConfig, Phi3Config, PhiConfig, Qwen2Config
+    from transformers import (
+        Gemma3TextConfig,
+        LlamaConfig,
+        MistralConfig,
+        Phi3Config,
+        PhiConfig,
+        Qwen2Config,
+        Qwen3Config,
+    )
 
     common = dict(vocab_size=vocab_size, num_hidden_layers=2, max_position_embeddings=512,
                   eos_token_id=eos, pad_token_id=pad, bos_token_id=None)
@@ -52,10 +60,20 @@ def tiny_config(arch: str, vocab_size: int, eos: int, pad: int):
     if arch == "phi3":  # its default pad_token_id (32000) is outside a small vocabulary: set it
         return Phi3Config(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=4,
                           **common)
+    if arch == "qwen3":  # QK-norm, a head size apart from hidden / heads, tied head (the small sizes)
+        return Qwen3Config(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                           head_dim=32, tie_word_embeddings=True, **common)
+    if arch == "gemma3_text":  # Gemma 3 270M's wiring: four norms a layer, QK-norm, scaled embedding, GELU-tanh,
+        # local layers (window shorter than the prompts) with their own rotary base, then a global one
+        # (six layers: five local, one global, the pattern llama.cpp assumes for a gemma3 GGUF)
+        return Gemma3TextConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=1,
+                                head_dim=32, query_pre_attn_scalar=32, sliding_window=4, rope_theta=1000000.0,
+                                rope_local_base_freq=10000.0, tie_word_embeddings=True,
+                                **{**common, "num_hidden_layers": 6})
     raise ValueError(arch)
 
 
-ARCHITECTURES = ["phi", "llama", "mistral", "qwen2", "phi3"]
+ARCHITECTURES = ["phi", "llama", "mistral", "qwen2", "phi3", "qwen3", "gemma3_text"]
 
 
 def make_tiny_model(arch: str, folder: Path, seed: int = 0) -> Path:

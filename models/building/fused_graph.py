@@ -2,12 +2,12 @@
 
 The optimum export spends ~450 small ops per token on SmolLM2 (rotary, attention and norms spelled out in
 primitive ops); decode on 2 cores is limited by their count and thread syncs, not by the bytes read
-(docs/measured-facts.md, "The decoder graph"). This graph is the shape onnxruntime-genai's builder makes:
-- Llama, Mistral, Qwen2, Phi-3: per layer one (Skip)SimplifiedLayerNormalization, the q/k/v projection, one
-  GroupQueryAttention (rotary inside), the output projection, a second skip-norm, the gate/up projection,
-  SiLU-and-multiply, the down projection;
-- Phi-2: one (Skip)LayerNormalization feeding attention and the MLP side by side (partial rotary, biases
-  everywhere, FastGelu for gelu_new), both added to the residual.
+(docs/measured-facts.md, "The decoder graph"). This graph is the shape onnxruntime-genai's builder makes, wired
+as the model's Architecture says (models/building/architectures.py): per layer a (Skip)SimplifiedLayerNormalization
+or (Skip)LayerNormalization, the q/k/v projection (QK-norm per head where described), one GroupQueryAttention
+(rotary inside, the layer's own window and rotary base), the output projection (and its own norm: Gemma 3),
+a second skip-norm, the gate/up projection, SiLU or GELU-tanh and multiply, the down projection (and its norm);
+or, for Phi-2, one norm feeding attention and the MLP side by side, both added to the residual.
 
 Weights come one tensor at a time from a Weights source (models/building/weights.py) and go straight to the
 external data file (models/building/onnx_writer.py). A GGUF's blocks become MatMulNBits nodes as they are
@@ -30,9 +30,10 @@ from onnx import TensorProto, helper
 
 from edgellm.daemon.engine.adapters import ADAPTER_SLOTS_KEY
 from edgellm.daemon.engine.decoder import KV_CACHE_KEY, KV_IN_PLACE
+from edgellm.models.building.architectures import Activation, Norm
 from edgellm.models.building.graph_edits import LOGIT_POSITIONS
 from edgellm.models.building.onnx_writer import ExternalData
-from edgellm.models.building.spec import FUSED_TYPES, ModelSpec
+from edgellm.models.building.spec import FUSED_TYPES, ModelSpec, check_rotary
 from edgellm.models.building.weights import LowRank, Remerged, Tensor
 from edgellm.models.errors import BuildError
 from edgellm.models.gguf.blocks import Blocks, stack
@@ -138,6 +139,7 @@ class _Builder:
         self.shared: dict[int, tuple[Blocks, dict[str, str]]] = {}  # id -> (blocks, initializer names)
         self.row_slices: dict[str, list[int]] = {}  # node -> rows of each matrix stacked in its weights
         self.adapter_slots: dict[str, dict] = {}  # node -> its run-time adapter inputs (daemon/engine/adapters.py)
+        self.caches: dict[str, list[str]] = {}  # rotary tables, one pair per rotary base
 
     # -- weights --------------------------------------------------------------------------------------
     def matrix(self, name: str) -> Tensor:
@@ -298,6 +300,120 @@ class _Builder:
             self.shared[id(blocks)] = (blocks, names)
         return names
 
+    # -- the layer's parts, as the architecture describes them ----------------------------------------
+    def norm(self, x: str, residual: str | None, name: str, node: str) -> tuple[str, str | None]:
+        """The named norm of x, or of x + residual (a Skip norm, which also hands back the sum as the next
+        residual). A first norm with residual None starts the residual at x."""
+        g, spec = self.g, self.spec
+        layer = spec.arch.norm is Norm.LAYER
+        inputs = [g.const(f"{name}.weight", self.vector(f"{name}.weight"))]
+        if layer:
+            inputs.append(g.const(f"{name}.bias", self.vector(f"{name}.bias")))
+        if residual is None:
+            kind = "LayerNormalization" if layer else "SimplifiedLayerNormalization"
+            (h,) = g.op(kind, [x, *inputs], node, axis=-1, epsilon=spec.norm_eps)
+            return h, x
+        kind = "SkipLayerNormalization" if layer else "SkipSimplifiedLayerNormalization"
+        h, _, _, total = g.op(kind, [x, residual, *inputs], node, outputs=4, domain=MS, epsilon=spec.norm_eps)
+        return h, total
+
+    def attention(self, h: str, i: int, sequence: tuple[str, str]) -> str:
+        """q/k/v in one projection, GroupQueryAttention with the layer's rotary and window, the output projection."""
+        g, spec, arch = self.g, self.spec, self.spec.arch
+        a, node = f"model.layers.{i}.self_attn", f"/model/layers.{i}/self_attn"
+        if self.weights.has(f"{a}.qkv_proj.weight"):
+            names, bias = [f"{a}.qkv_proj.weight"], self.vector(f"{a}.qkv_proj.bias")
+        else:
+            names = [f"{a}.{n}_proj.weight" for n in "qkv"]
+            biases = [self.vector(f"{a}.{n}_proj.bias") for n in "qkv"]
+            bias = np.concatenate(biases) if all(v is not None for v in biases) else None
+        qkv = self.linear(h, names, f"{node}/qkv_proj", bias)
+        inputs = [qkv, "", ""]
+        if arch.qk_norm:  # per head, before the rotary: q, k and v go to the attention apart
+            q_rows, kv_rows = spec.heads * spec.head_dim, spec.kv_heads * spec.head_dim
+            sizes = g.const(f"{node}/split_sizes", np.array([q_rows, kv_rows, kv_rows], np.int64))
+            q, k, v = g.op("Split", [qkv, sizes], f"{node}/SplitQKV", outputs=3, axis=-1)
+            inputs = [self._head_norm(q, f"{a}.q_norm", f"{node}/q_norm"),
+                      self._head_norm(k, f"{a}.k_norm", f"{node}/k_norm"), v]
+        window = spec.window(i)
+        cos, sin = self._rotary_caches(i)
+        scale = {} if spec.attention_scale is None else {"scale": spec.attention_scale}
+        attn, _, _ = g.op(
+            "GroupQueryAttention",
+            [*inputs, f"past_key_values.{i}.key", f"past_key_values.{i}.value", *sequence, cos, sin],
+            f"{node}/GroupQueryAttention", outputs=[f"{node}/output", f"present.{i}.key", f"present.{i}.value"],
+            domain=MS, num_heads=spec.heads, kv_num_heads=spec.kv_heads, do_rotary=1, rotary_interleaved=0,
+            local_window_size=window if window else -1, **scale)
+        out = f"model.layers.{i}.{arch.attention_out}"
+        return self.linear(attn, [f"{out}.weight"], f"/model/layers.{i}/{arch.attention_out.replace('.', '/')}",
+                           self.vector(f"{out}.bias"))
+
+    def _head_norm(self, x: str, name: str, node: str) -> str:
+        """RMSNorm over each head of a [batch, seq, heads * head_dim] projection."""
+        g = self.g
+        per_head = g.const(f"{node}/heads", np.array([0, 0, -1, self.spec.head_dim], np.int64))
+        flat = g.const(f"{node}/flat", np.array([0, 0, -1], np.int64))
+        (r,) = g.op("Reshape", [x, per_head], f"{node}/Heads")
+        (n,) = g.op("SimplifiedLayerNormalization", [r, g.const(f"{name}.weight", self.vector(f"{name}.weight"))],
+                    node, axis=-1, epsilon=self.spec.norm_eps)
+        (y,) = g.op("Reshape", [n, flat], f"{node}/Flat")
+        return y
+
+    def _rotary_caches(self, i: int) -> tuple[str, str]:
+        """cos and sin tables [context, rotated / 2] of layer i's rotary (local layers may have their own base).
+        The file holds the inverse frequencies only; onnxruntime folds the tables when it loads the model
+        (Gemma 3's four tables at 32k positions would be 67 MB on disk)."""
+        rope = self.spec.rotary(i)
+        name = "rotary" if rope is self.spec.rope else "rotary.local"
+        if name not in self.caches:
+            g = self.g
+            inv, attention = rope.inv_freq()
+            (positions,) = g.op("Range", [g.const(f"{name}/start", np.array(0, np.float32)),
+                                          g.const(f"{name}/limit", np.array(self.spec.context, np.float32)),
+                                          g.const(f"{name}/delta", np.array(1, np.float32))], f"{name}/Range")
+            (column,) = g.op("Unsqueeze", [positions, g.const(f"{name}/axis", np.array([1], np.int64))],
+                             f"{name}/Positions")
+            (angles,) = g.op("Mul", [column, g.const(f"{name}.inv_freq", inv[None, :])], f"{name}/Angles")
+            factor = g.const(f"{name}/attention_factor", np.array(attention, np.float32)) if attention != 1 else None
+            tables = []
+            for kind in ("Cos", "Sin"):
+                (t,) = g.op(kind, [angles], f"{name}/{kind}")
+                if factor is not None:
+                    (t,) = g.op("Mul", [t, factor], f"{name}/{kind}Factor")
+                tables.append(t)
+            self.caches[name] = tables
+        cos, sin = self.caches[name]
+        return cos, sin
+
+    def mlp(self, h: str, i: int) -> str:
+        """act(gate) * up then down (gated), or act(fc1 + bias) then fc2 (Phi-2)."""
+        g, arch = self.g, self.spec.arch
+        p, node = f"model.layers.{i}", f"/model/layers.{i}/mlp"
+        names = [f"{p}.{n}.weight" for n in arch.mlp_up]
+        if arch.gated:
+            gate_up = self.linear(h, names, f"{node}/gate_up_proj")
+            gate, up = g.op("Split", [gate_up], f"{node}/Split", outputs=2, axis=-1, num_outputs=2)
+            act = self._activation(gate, None, node)
+            (act,) = g.op("Mul", [act, up], f"{node}/Mul")
+        else:
+            up = self.linear(h, names, f"{node}/{arch.mlp_up[0].split('.')[-1]}")
+            act = self._activation(up, f"{p}.{arch.mlp_up[0]}.bias", node)
+        down = f"{p}.{arch.mlp_down}"
+        return self.linear(act, [f"{down}.weight"], f"{node}/{arch.mlp_down.split('.')[-1]}",
+                           self.vector(f"{down}.bias"))
+
+    def _activation(self, x: str, bias: str | None, node: str) -> str:
+        """The MLP's activation of x (+ the named bias, which FastGelu adds itself)."""
+        g = self.g
+        value = None if bias is None else self.vector(bias)
+        if self.spec.arch.activation is Activation.GELU_TANH:  # FastGelu is the tanh approximation
+            inputs = [x] + ([g.const(bias, value)] if value is not None else [])
+            (y,) = g.op("FastGelu", inputs, f"{node}/FastGelu", domain=MS)
+            return y
+        (sig,) = g.op("Sigmoid", [x], f"{node}/Sigmoid")
+        (y,) = g.op("Mul", [x, sig], f"{node}/SiLU")
+        return y
+
     # -- the embedding --------------------------------------------------------------------------------
     def embedding(self, table: Tensor) -> str:
         """Rows of the embedding table for input_ids. A block table is de-quantized row by row, only the rows
@@ -347,11 +463,11 @@ def _stackable(a: Tensor, b: Tensor) -> bool:
 
 
 def build_fused_decoder(spec: ModelSpec, weights, plan: Plan, data: ExternalData) -> tuple[onnx.ModelProto, Report]:
-    """The fused graph of `spec`, its weights written to `data` as it goes."""
+    """The fused graph of `spec`, wired as its architecture's description says, its weights written to `data`."""
     b = _Builder(spec, weights, plan, data)
     g = b.g
-    heads, kv_heads, head_dim = spec.heads, spec.kv_heads, spec.head_dim
-    eps = spec.norm_eps
+    arch = spec.arch
+    check_rotary(spec)
 
     # GroupQueryAttention's sequence bookkeeping, as onnxruntime-genai computes it from the mask.
     (mask_sum,) = g.op("ReduceSum", ["attention_mask", g.const("/seqlens/axes", np.array([1], np.int64))],
@@ -361,73 +477,28 @@ def build_fused_decoder(spec: ModelSpec, weights, plan: Plan, data: ExternalData
     (mask_shape,) = g.op("Shape", ["attention_mask"], "/total/Shape")
     (total,) = g.op("Gather", [mask_shape, g.const("/total/index", np.array(1, np.int64))], "/total/Gather")
     (total_len,) = g.op("Cast", [total], "/total/Cast", to=TensorProto.INT32)
-    cos, sin = spec.rope.caches(spec.context)
-    cos_cache, sin_cache = g.const("rotary.cos_cache", cos), g.const("rotary.sin_cache", sin)
-    window = spec.sliding_window or -1
+    sequence = (seqlens_k, total_len)
 
     embed = b._as_stored(b.matrix("model.embed_tokens.weight"), "model.embed_tokens")
     x = b.embedding(embed)
-    phi = spec.parallel
+    if arch.embed_scale:  # the table stays unscaled for the tied head
+        scale = g.const("/model/embed_tokens/embed_scale", np.array(np.sqrt(spec.hidden), np.float32))
+        (x,) = g.op("Mul", [x, scale], "/model/embed_tokens/EmbedScale")
     residual = None
     for i in range(spec.layers):
         p, node = f"model.layers.{i}", f"/model/layers.{i}"
-        norm = g.const(f"{p}.input_layernorm.weight", b.vector(f"{p}.input_layernorm.weight"))
-        norm_inputs = [norm] + ([g.const(f"{p}.input_layernorm.bias", b.vector(f"{p}.input_layernorm.bias"))]
-                                if phi else [])
-        kind = "LayerNormalization" if phi else "SimplifiedLayerNormalization"
-        if residual is None:
-            (h,) = g.op(kind, [x, *norm_inputs], f"{node}/input_layernorm", axis=-1, epsilon=eps)
-            residual = x
-        else:
-            skip = "SkipLayerNormalization" if phi else "SkipSimplifiedLayerNormalization"
-            h, _, _, residual = g.op(skip, [x, residual, *norm_inputs], f"{node}/input_layernorm", outputs=4,
-                                     domain=MS, epsilon=eps)
-        a = f"{p}.self_attn"
-        if b.weights.has(f"{a}.qkv_proj.weight"):
-            qkv_names = [f"{a}.qkv_proj.weight"]
-            bias = b.vector(f"{a}.qkv_proj.bias")
-        else:
-            qkv_names = [f"{a}.{n}_proj.weight" for n in "qkv"]
-            biases = [b.vector(f"{a}.{n}_proj.bias") for n in "qkv"]
-            bias = np.concatenate(biases) if all(v is not None for v in biases) else None
-        qkv = b.linear(h, qkv_names, f"{node}/self_attn/qkv_proj", bias)
-        attn, _, _ = g.op(
-            "GroupQueryAttention",
-            [qkv, "", "", f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens_k, total_len,
-             cos_cache, sin_cache],
-            f"{node}/self_attn/GroupQueryAttention",
-            outputs=[f"{node}/self_attn/output", f"present.{i}.key", f"present.{i}.value"], domain=MS,
-            num_heads=heads, kv_num_heads=kv_heads, do_rotary=1, rotary_interleaved=0, local_window_size=window)
-        if phi:
-            o = b.linear(attn, [f"{a}.dense.weight"], f"{node}/self_attn/dense", b.vector(f"{a}.dense.bias"))
-            m = f"{p}.mlp"
-            up = b.linear(h, [f"{m}.fc1.weight"], f"{node}/mlp/fc1")
-            (act,) = g.op("FastGelu", [up, g.const(f"{m}.fc1.bias", b.vector(f"{m}.fc1.bias"))],
-                          f"{node}/mlp/FastGelu", domain=MS)
-            down = b.linear(act, [f"{m}.fc2.weight"], f"{node}/mlp/fc2", b.vector(f"{m}.fc2.bias"))
-            (x,) = g.op("Add", [o, down], f"{node}/ParallelAdd")
+        h, residual = b.norm(x, residual, f"{p}.{arch.input_norm}", f"{node}/input_layernorm")
+        attn = b.attention(h, i, sequence)
+        if arch.parallel:
+            (x,) = g.op("Add", [attn, b.mlp(h, i)], f"{node}/ParallelAdd")
             continue
-        o = b.linear(attn, [f"{a}.o_proj.weight"], f"{node}/self_attn/o_proj")
-        norm = g.const(f"{p}.post_attention_layernorm.weight", b.vector(f"{p}.post_attention_layernorm.weight"))
-        h, _, _, residual = g.op("SkipSimplifiedLayerNormalization", [o, residual, norm],
-                                 f"{node}/post_attention_layernorm", outputs=4, domain=MS, epsilon=eps)
-        m = f"{p}.mlp"
-        packed = b.weights.has(f"{m}.gate_up_proj.weight")
-        gate_up = b.linear(h, [f"{m}.gate_up_proj.weight"] if packed else [f"{m}.gate_proj.weight",
-                                                                         f"{m}.up_proj.weight"],
-                           f"{node}/mlp/gate_up_proj")
-        gate, up = g.op("Split", [gate_up], f"{node}/mlp/Split", outputs=2, axis=-1, num_outputs=2)
-        (sig,) = g.op("Sigmoid", [gate], f"{node}/mlp/Sigmoid")
-        (silu,) = g.op("Mul", [gate, sig], f"{node}/mlp/SiLU")
-        (act,) = g.op("Mul", [silu, up], f"{node}/mlp/Mul")
-        x = b.linear(act, [f"{m}.down_proj.weight"], f"{node}/mlp/down_proj")
-
-    final = "model.final_layernorm" if phi else "model.norm"
-    norm_inputs = [g.const(f"{final}.weight", b.vector(f"{final}.weight"))]
-    if phi:
-        norm_inputs.append(g.const(f"{final}.bias", b.vector(f"{final}.bias")))
-    skip = "SkipLayerNormalization" if phi else "SkipSimplifiedLayerNormalization"
-    h, _, _, _ = g.op(skip, [x, residual, *norm_inputs], "/model/norm", outputs=4, domain=MS, epsilon=eps)
+        if arch.attention_out_norm:
+            attn, _ = b.norm(attn, None, f"{p}.{arch.attention_out_norm}", f"{node}/{arch.attention_out_norm}")
+        h, residual = b.norm(attn, residual, f"{p}.{arch.mlp_in_norm}", f"{node}/{arch.mlp_in_norm}")
+        x = b.mlp(h, i)
+        if arch.mlp_out_norm:
+            x, _ = b.norm(x, None, f"{p}.{arch.mlp_out_norm}", f"{node}/{arch.mlp_out_norm}")
+    h, _ = b.norm(x, residual, arch.final_norm, "/model/norm")
     (picked,) = g.op("Gather", [h, LOGIT_POSITIONS], "/edgellm/logit_positions/Gather", axis=1)
     head_bias = b.vector("lm_head.bias")
     if b.weights.has("lm_head.weight"):
@@ -439,6 +510,7 @@ def build_fused_decoder(spec: ModelSpec, weights, plan: Plan, data: ExternalData
     (logits,) = g.op("Identity", [logits], "/logits", outputs=["logits"])
 
     f = TensorProto.FLOAT
+    kv_heads, head_dim = spec.kv_heads, spec.head_dim
     cache_shape = ["batch_size", kv_heads, "past_sequence_length", head_dim]
     inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
               helper.make_tensor_value_info("attention_mask", TensorProto.INT64,

@@ -26,14 +26,16 @@ class ExternalData:
 
     def tensor(self, name: str, array: np.ndarray) -> onnx.TensorProto:
         """A TensorProto for `array`: inline when tiny, else appended to the data file at an aligned offset."""
-        array = np.ascontiguousarray(array)
+        array = np.asarray(array)
+        if not array.flags.c_contiguous:  # (np.ascontiguousarray would make a scalar 1-D)
+            array = np.ascontiguousarray(array)
         if array.nbytes < INLINE_BELOW:
             return numpy_helper.from_array(array, name)
         align = PAGE if array.nbytes >= ALIGN_ABOVE else 64
         offset = -(-self.written // align) * align
         if offset > self.written:
             self._file.write(b"\0" * (offset - self.written))
-        self._file.write(array.tobytes())
+        self._file.write(memoryview(array).cast("B"))  # (tobytes() would copy a 170 MB table once more)
         self.written = offset + array.nbytes
         proto = onnx.TensorProto(name=name, data_type=onnx.helper.np_dtype_to_tensor_dtype(array.dtype),
                                  dims=array.shape, data_location=onnx.TensorProto.EXTERNAL)

@@ -11,11 +11,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from edgellm.models.building.architectures import ARCHITECTURES, BY_GGUF, Architecture, Window, supported
 from edgellm.models.errors import BuildError
 
 # model_type -> the GGUF architecture name llama.cpp writes for it
-GGUF_ARCHS = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "phi": "phi2", "phi3": "phi3"}
-FUSED_TYPES = tuple(GGUF_ARCHS)
+GGUF_ARCHS = {kind: a.gguf_arch for kind, a in ARCHITECTURES.items()}
+FUSED_TYPES = tuple(ARCHITECTURES)
 
 
 @dataclass(frozen=True)
@@ -47,12 +48,6 @@ class Rope:
             raise BuildError(f"rope scaling '{kind}' is not supported by the fused graph; use --no-fuse")
         return inv.astype(np.float32), float(attention)
 
-    def caches(self, positions: int) -> tuple[np.ndarray, np.ndarray]:
-        """cos and sin [positions, dim/2], for GroupQueryAttention's rotary inside."""
-        inv, attention = self.inv_freq()
-        angles = np.arange(positions, dtype=np.float64)[:, None] * inv.astype(np.float64)[None, :]
-        return (np.cos(angles) * attention).astype(np.float32), (np.sin(angles) * attention).astype(np.float32)
-
 
 def _llama3(inv: np.ndarray, s: dict) -> np.ndarray:
     factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
@@ -67,32 +62,48 @@ def _llama3(inv: np.ndarray, s: dict) -> np.ndarray:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    model_type: str  # llama | mistral | qwen2 | phi | phi3
+    model_type: str  # a key of ARCHITECTURES
     architecture: str  # transformers' class name, for the manifest
     vocab: int
     hidden: int
     layers: int
     heads: int
     kv_heads: int
-    head_dim: int
+    head_dim: int  # may differ from hidden / heads (Gemma 3, Qwen 3)
     intermediate: int
     context: int
     norm_eps: float
-    rope: Rope
+    rope: Rope  # the global layers' rotary
     tied: bool
     sliding_window: int | None = None
+    local_layers: tuple[int, ...] = ()  # layers attending through the window (all of them for Window.ALL)
+    local_rope: Rope | None = None  # their rotary, where it differs from the global layers'
+    attention_scale: float | None = None  # None: 1 / sqrt(head_dim)
+
+    @property
+    def arch(self) -> Architecture:
+        return ARCHITECTURES[self.model_type]
 
     @property
     def parallel(self) -> bool:
-        """Phi-2: attention and MLP read the same LayerNorm output and add to one residual."""
-        return self.model_type == "phi"
+        return self.arch.parallel
+
+    def window(self, layer: int) -> int | None:
+        return self.sliding_window if layer in self.local_layers else None
+
+    def rotary(self, layer: int) -> Rope:
+        return self.local_rope if self.local_rope is not None and layer in self.local_layers else self.rope
 
     @classmethod
     def from_config(cls, config: dict) -> ModelSpec:
         """From a transformers config.json (as a dict)."""
         kind = config.get("model_type")
-        if kind not in FUSED_TYPES:
+        if kind == "gemma3" and isinstance(config.get("text_config"), dict):
+            raise BuildError("this is Gemma 3 with its vision tower (Gemma3ForConditionalGeneration); the fused "
+                             "graph builds the text model: give a Gemma3ForCausalLM folder or the GGUF")
+        if kind not in ARCHITECTURES:
             raise BuildError(f"the fused graph covers {', '.join(FUSED_TYPES)}, not '{kind}'")
+        arch = ARCHITECTURES[kind]
         heads = config["num_attention_heads"]
         head_dim = config.get("head_dim") or config["hidden_size"] // heads
         scaling = dict(config.get("rope_scaling") or {})
@@ -104,33 +115,40 @@ class ModelSpec:
             if scaling.get("attention_factor") is None:
                 scaling["attention_factor"] = math.sqrt(1 + math.log(factor) / math.log(original)) if factor > 1 else 1
             context = original  # served with the short factors, up to the length the model was trained on
-        window = config.get("sliding_window") if config.get("use_sliding_window", True) else None
-        if kind not in ("mistral", "qwen2", "phi3"):
-            window = None
+        layers = config["num_hidden_layers"]
+        window, local, local_rope = config.get("sliding_window"), (), None
+        if arch.window is Window.ALL and window and config.get("use_sliding_window", True):
+            local = tuple(range(layers))
+        elif arch.window is Window.PATTERN and window:
+            types = config.get("layer_types") or [
+                "full_attention" if (i + 1) % arch.window_pattern == 0 else "sliding_attention" for i in range(layers)]
+            local = tuple(i for i, t in enumerate(types) if t == "sliding_attention")
+            local_rope = Rope(int(head_dim * partial), float(config.get("rope_local_base_freq", arch.local_rope_base)))
+        scalar = config.get("query_pre_attn_scalar")
         return cls(
-            model_type=kind, architecture=(config.get("architectures") or [kind])[0], vocab=config["vocab_size"],
-            hidden=config["hidden_size"], layers=config["num_hidden_layers"], heads=heads,
+            model_type=kind, architecture=(config.get("architectures") or [arch.hf_class])[0],
+            vocab=config["vocab_size"], hidden=config["hidden_size"], layers=layers, heads=heads,
             kv_heads=config.get("num_key_value_heads") or heads, head_dim=head_dim,
             intermediate=config["intermediate_size"], context=int(context),
             norm_eps=float(config.get("rms_norm_eps") or config.get("layer_norm_eps") or 1e-5),
             rope=Rope(int(head_dim * partial), float(config.get("rope_theta", 10000.0)), scaling),
             tied=bool(config.get("tie_word_embeddings", False)),
-            sliding_window=int(window) if window else None)
+            sliding_window=int(window) if local else None, local_layers=local, local_rope=local_rope,
+            attention_scale=float(scalar) ** -0.5 if scalar else None)
 
     @classmethod
     def from_gguf(cls, meta: dict, tensor_names: set[str], freq_factors: np.ndarray | None = None) -> ModelSpec:
         """From a GGUF header (key -> value) and the names of its tensors."""
-        arch = meta.get("general.architecture")
-        kinds = {"llama": "llama", "qwen2": "qwen2", "phi2": "phi", "phi3": "phi3"}
-        if arch not in kinds:
-            raise BuildError(f"GGUF architecture '{arch}' has no fused graph here; supported: {', '.join(kinds)}")
+        name = meta.get("general.architecture")
+        if name not in BY_GGUF:
+            raise BuildError(f"GGUF architecture '{name}' has no fused graph here; supported: {supported()}")
+        arch = BY_GGUF[name]
 
-        def key(name: str, default=None):
-            return meta.get(f"{arch}.{name}", default)
+        def key(k: str, default=None):
+            return meta.get(f"{name}.{k}", default)
 
         hidden, heads = int(key("embedding_length")), int(key("attention.head_count"))
         head_dim = int(key("attention.key_length") or hidden // heads)
-        kind = kinds[arch]
         vocab = int(key("vocab_size") or len(meta.get("tokenizer.ggml.tokens") or []))
         scaling: dict = {}
         if key("rope.scaling.type") == "linear":
@@ -138,16 +156,33 @@ class ModelSpec:
         rope = Rope(int(key("rope.dimension_count") or head_dim), float(key("rope.freq_base", 10000.0)), scaling,
                     tuple(float(f) for f in freq_factors) if freq_factors is not None else None)
         context = int(key("context_length", 2048))
-        if kind == "phi3" and "rope_factors_short.weight" in tensor_names:
+        if arch.model_type == "phi3" and "rope_factors_short.weight" in tensor_names:
             raise BuildError("this Phi-3 GGUF uses long-context rope factors (the 128k variants); build it from "
                              "its Hugging Face folder instead")
-        window = key("attention.sliding_window")
+        layers = int(key("block_count"))
+        window, local, local_rope = key("attention.sliding_window"), (), None
+        if window and arch.window is not Window.PATTERN:  # as the file says (a Mistral GGUF is a "llama")
+            local = tuple(range(layers))
+        elif window and arch.window is Window.PATTERN:  # llama.cpp: every 6th layer global, local base 10,000
+            pattern = key("attention.sliding_window_pattern", arch.window_pattern)
+            local = (tuple(i for i, swa in enumerate(pattern) if swa) if isinstance(pattern, list)
+                     else tuple(i for i in range(layers) if (i + 1) % int(pattern)))
+            local_rope = Rope(rope.dim, float(key("rope.local.freq_base", arch.local_rope_base)))
         return cls(
-            model_type=kind, architecture={"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                                           "phi": "PhiForCausalLM", "phi3": "Phi3ForCausalLM"}[kind],
-            vocab=vocab, hidden=hidden, layers=int(key("block_count")), heads=heads,
-            kv_heads=int(key("attention.head_count_kv") or heads), head_dim=head_dim,
+            model_type=arch.model_type, architecture=arch.hf_class, vocab=vocab, hidden=hidden, layers=layers,
+            heads=heads, kv_heads=int(key("attention.head_count_kv") or heads), head_dim=head_dim,
             intermediate=int(key("feed_forward_length")), context=context,
             norm_eps=float(key("attention.layer_norm_rms_epsilon") or key("attention.layer_norm_epsilon") or 1e-5),
             rope=rope, tied="output.weight" not in tensor_names,
-            sliding_window=int(window) if window else None)
+            sliding_window=int(window) if local else None, local_layers=local, local_rope=local_rope)
+
+
+def check_rotary(spec: ModelSpec) -> None:
+    """GroupQueryAttention rotates inside only when half the rotated dimensions are a multiple of 8 and at most
+    half a head (onnxruntime: "cos_cache dimension 1 must be <= head_size / 2 and a multiple of 8"): refuse
+    other shapes here, naming the limit, rather than build a model that fails when it first runs."""
+    for rope in {id(r): r for r in (spec.rope, spec.local_rope) if r is not None}.values():
+        if rope.dim % 16 or rope.dim > spec.head_dim:
+            raise BuildError(f"this model rotates {rope.dim} of each head's {spec.head_dim} dimensions; the fused "
+                             "graph's attention (onnxruntime GroupQueryAttention) needs a multiple of 16, at most "
+                             "the head size")

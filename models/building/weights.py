@@ -22,26 +22,15 @@ from edgellm.models.gguf.blocks import Blocks, decode
 
 Tensor = Blocks | np.ndarray
 
-# transformers' per-layer names -> GGUF's, per architecture (as llama.cpp's convert_hf_to_gguf.py writes them)
-_LLAMA = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-          "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-          "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
-_LAYER = {
-    "llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA,
-    "phi": {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-            "self_attn.qkv_proj": "attn_qkv", "self_attn.dense": "attn_output", "mlp.fc1": "ffn_up",
-            "mlp.fc2": "ffn_down", "input_layernorm": "attn_norm"},
-    "phi3": {"self_attn.qkv_proj": "attn_qkv", "self_attn.o_proj": "attn_output", "mlp.gate_up_proj": "ffn_up",
-             "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"},
-}
 _GLOBAL = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "model.final_layernorm": "output_norm",
            "lm_head": "output"}
 _HF_NAME = re.compile(r"^model\.layers\.(\d+)\.(.+)\.(weight|bias)$")
 
 
 class GGUFWeights:
-    """A GGUF file's tensors, under transformers' names. Its q and k rows (Llama architecture) are put back in
-    transformers' order: llama.cpp's converter interleaves the rotary halves."""
+    """A GGUF file's tensors, under transformers' names (each architecture's table: models/building/
+    architectures.py). Its q and k rows (Llama) are put back in transformers' order: llama.cpp's converter
+    interleaves the rotary halves."""
 
     def __init__(self, path: Path):
         from edgellm.models.gguf.reader import gguf_reader
@@ -59,7 +48,7 @@ class GGUFWeights:
         match = _HF_NAME.match(name)
         if match:
             layer, part, kind = match.groups()
-            table = _LAYER[self.spec.model_type]
+            table = self.spec.arch.gguf_layer
             return f"blk.{layer}.{table[part]}.{kind}" if part in table else None
         stem, _, kind = name.rpartition(".")
         return f"{_GLOBAL[stem]}.{kind}" if stem in _GLOBAL else None
@@ -86,7 +75,7 @@ class GGUFWeights:
             self.rounded.append(f"{gguf} ({t.tensor_type.name})")
         if len(t.shape) == 1:
             return np.asarray(value, dtype=np.float32).reshape(-1)
-        if self.spec.model_type in ("llama", "mistral") and gguf.endswith(("attn_q.weight", "attn_k.weight")):
+        if self.spec.arch.gguf_permuted_qk and gguf.endswith(("attn_q.weight", "attn_k.weight")):
             heads = self.spec.heads if "attn_q" in gguf else self.spec.kv_heads
             order = unpermute_rows(rows, heads)
             value = value.rows(order) if isinstance(value, Blocks) else value[order]
@@ -109,7 +98,7 @@ class GGUFWeights:
         t = self._tensors[gguf]
         rows = int(t.shape[-1]) if len(t.shape) > 1 else 1
         value = dequantize(np.asarray(t.data), t.tensor_type).reshape(rows, -1).astype(np.float32)
-        if self.spec.model_type in ("llama", "mistral") and gguf.endswith(("attn_q.weight", "attn_k.weight")):
+        if self.spec.arch.gguf_permuted_qk and gguf.endswith(("attn_q.weight", "attn_k.weight")):
             value = value[unpermute_rows(rows, self.spec.heads if "attn_q" in gguf else self.spec.kv_heads)]
         return value
 
@@ -185,7 +174,10 @@ class SafetensorsWeights:
             values = (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
         else:
             values = raw.view(_DTYPES[info["dtype"]]).astype(np.float32)
-        return values.reshape(info["shape"])
+        values = values.reshape(info["shape"])
+        if self.spec.arch.hf_norm_offset and name.endswith("norm.weight"):  # Gemma's x * (1 + w), as GGUF holds it
+            values = values + np.float32(self.spec.arch.hf_norm_offset)
+        return values
 
 
 @dataclass(frozen=True)
