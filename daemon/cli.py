@@ -441,9 +441,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("pull", help="put a model into the local library by name: a signed bundle from a "
                             "store URL (verified, fetched by chunks; works on a device), or, with the host "
-                            "toolchain, a .gguf file, a Hugging Face folder or hub id, or 'smollm2' / 'minilm'")
+                            "toolchain, a .gguf file, a Hugging Face folder or hub id, or 'smollm2' / 'gemma3' / "
+                            "'minilm'")
     p.add_argument("source", help="http(s):// or file:// URL of a bundle (.../bundles/NAME/VERSION) or of a "
-                   "store (its latest bundle); or a .gguf file, Hugging Face folder or hub id, smollm2, minilm")
+                   "store (its latest bundle); or a .gguf file, Hugging Face folder or hub id, smollm2, gemma3, "
+                   "minilm")
     p.add_argument("--name", help="the library name (default: the bundle's name, or from the source)")
     p.add_argument("--key", action="append", default=[], type=Path,
                    help="a release public key (KEY.pub from `edgellm keygen`) to verify a bundle with; repeatable")

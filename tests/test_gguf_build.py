@@ -47,7 +47,7 @@ def engine_logits(folder) -> list[np.ndarray]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "phi", "phi3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "phi", "phi3", "qwen3", "gemma3_text"])
 def test_a_gguf_builds_without_torch_and_computes_what_pytorch_does(arch, tiny_sources, tmp_path):
     gguf, reference = write_gguf(tiny_sources[arch], tmp_path / f"{arch}.gguf", {"attn_v": "Q4_1", "ffn": "Q4_0"})
     out = build_without_torch(gguf, tmp_path / "fp32", "--quant", "fp32")
@@ -164,3 +164,16 @@ def test_a_killed_build_leaves_a_staging_folder_the_next_build_removes(tmp_path,
     done = build_without_torch(gguf, out)
     assert done.returncode == 0, done.stderr
     assert sorted(p.name for p in out.parent.iterdir()) == ["m"]
+
+
+@pytest.mark.slow
+def test_a_phi2_gguf_builds_where_transformers_cannot_read_it(tiny_sources, tmp_path):
+    """With the host toolchain installed, the optional source perplexity goes through transformers' GGUF loader,
+    which has no phi2: the build goes on and the manifest says why it was skipped."""
+    gguf, _ = write_gguf(tiny_sources["phi"], tmp_path / "phi.gguf", {})
+    out = subprocess.run([*EDGELLM, "model", "build", str(gguf), "--out", str(tmp_path / "int8"), "--quant", "int8"],
+                         capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    q = load_manifest(tmp_path / "int8").quality
+    assert q.source_perplexity is None and "phi2" in q.source_perplexity_skipped
+    assert "source not measured: transformers could not run the source" in out.stdout + out.stderr

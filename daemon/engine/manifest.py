@@ -59,6 +59,8 @@ class Quality(StrictModel):
     eval_tokens: int
     perplexity: float = Field(description="of this built model, measured with onnxruntime")
     source_perplexity: float | None = Field(default=None, description="of the source model, in PyTorch fp32")
+    source_perplexity_skipped: str | None = Field(
+        default=None, description="why the source's perplexity was not measured (an optional measurement)")
 
 
 class Embedding(StrictModel):

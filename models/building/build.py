@@ -1,10 +1,12 @@
 """`edgellm model build`: a source (GGUF file, Hugging Face folder or hub id) to a model folder a device runs.
 
 Two ways, one result (edgellm/daemon/engine/manifest.py):
-- **the fused graph** (Llama, Mistral, Qwen2, Phi-2, Phi-3): read the weights one tensor at a time (a GGUF's
-  blocks as they are, safetensors memory-mapped) and write the graph and its weights straight to the folder.
-  No torch: a device can build from a GGUF, in memory about the size of one tensor plus the final check;
+- **the fused graph** (the families models/building/architectures.py describes): read the weights one
+  tensor at a time (a GGUF's blocks as they are, safetensors memory-mapped) and write the graph and its
+  weights straight to the folder. No torch: a device can build from a GGUF, in memory about the size of
+  one tensor plus the final check;
 - **optimum's export** (other architectures, or --no-fuse): load the model in transformers, export, quantize.
+  Only where the host toolchain is installed; without it, another architecture is refused by name.
 
 The folder appears at --out only when complete: everything is staged beside it and renamed at the end, and a
 build killed before that leaves a staging folder the next build removes.
@@ -20,7 +22,15 @@ from pathlib import Path
 from edgellm.daemon.engine.manifest import Generation, ModelManifest, Quality, Quantization, describe_files
 from edgellm.daemon.engine.manifest import Source as SourceRecord
 from edgellm.daemon.engine.model import MODEL_FILE, TOKENIZER_FILE
-from edgellm.models.building.options import CHAT_TEMPLATE, EVAL_TEXT, EXTERNAL_DATA, BuildOptions, eval_text, lineage
+from edgellm.models.building.options import (
+    CHAT_TEMPLATE,
+    DEFAULT_CONTEXT,
+    EVAL_TEXT,
+    EXTERNAL_DATA,
+    BuildOptions,
+    eval_text,
+    lineage,
+)
 from edgellm.models.building.quantize import ACCURACY_LEVEL_INT8, QuantSpec
 from edgellm.models.building.sources import Source, readme_license, resolve_source
 from edgellm.models.building.staging import check_output, package_versions, staged_folder, write_manifest
@@ -39,10 +49,12 @@ def build_model(source_ref: str, out: Path, options: BuildOptions) -> ModelManif
         _check_keep_base(source, options, fused)
     if (options.adapter_slots or options.adapters) and not fused:
         raise BuildError(f"--adapter-slots: run-time adapters need edgellm's fused graph, which {source.ref} does not "
-                         "build into (Llama, Mistral, Qwen2, Phi families; not with --no-fuse)")
+                         "build into (not with --no-fuse)")
     if options.adapters and not options.adapter_slots:
         raise BuildError("--adapter: give --adapter-slots too, naming the projections the adapters train "
                          "(e.g. q_proj,v_proj)")
+    if not fused:
+        _check_exportable(source)
     check_resources(source, out, fused)
     steps = ["Reading the source", "Building the graph", "Writing the folder", "Measuring perplexity"]
     with staged_folder(out) as (staged, scratch), Steps(steps, enabled=options.show_progress) as progress:
@@ -51,6 +63,33 @@ def build_model(source_ref: str, out: Path, options: BuildOptions) -> ModelManif
         from edgellm.models.building.exported_build import build_exported
 
         return build_exported(source, staged, scratch, options, progress)
+
+
+def _check_exportable(source: Source) -> None:
+    """The export needs torch, transformers and optimum: without them, say which architecture the fused graph
+    lacks rather than fail on an import."""
+    import importlib.util
+
+    from edgellm.models.building.architectures import supported
+
+    missing = [m for m in ("torch", "transformers", "optimum") if importlib.util.find_spec(m) is None]
+    if not missing:
+        return
+    arch = _architecture(source)
+    raise BuildError(f"SOURCE: {source.ref} is a '{arch}' model; the fused graph, which builds without the host "
+                     f"toolchain, covers {supported()}. Other architectures go through optimum's export, which "
+                     f"needs {', '.join(missing)} (pip install 'edgellm[host]')")
+
+
+def _architecture(source: Source) -> str | None:
+    if source.kind == "gguf":
+        from edgellm.models.gguf.reader import gguf_reader
+
+        field = gguf_reader(source.folder / source.gguf_file).fields.get("general.architecture")
+        return field.contents() if field is not None else None
+    if source.kind == "hf_folder" and (source.folder / "config.json").is_file():
+        return json.loads((source.folder / "config.json").read_text()).get("model_type")
+    return None
 
 
 def _check_keep_base(source: Source, options: BuildOptions, fused: bool) -> None:
@@ -67,13 +106,9 @@ def fused_source(source: Source) -> bool:
     from edgellm.models.building.spec import FUSED_TYPES, GGUF_ARCHS
 
     if source.kind == "gguf":
-        from edgellm.models.gguf.reader import gguf_reader
-
-        arch = gguf_reader(source.folder / source.gguf_file).fields.get("general.architecture")
-        return arch is not None and arch.contents() in set(GGUF_ARCHS.values())
+        return _architecture(source) in set(GGUF_ARCHS.values())
     if source.kind == "hf_folder" and any(source.folder.glob("*.safetensors")):
-        config = json.loads((source.folder / "config.json").read_text())
-        return config.get("model_type") in FUSED_TYPES
+        return _architecture(source) in FUSED_TYPES
     return False
 
 
@@ -92,7 +127,7 @@ def _build_fused(source: Source, staged: Path, options: BuildOptions, progress: 
 
     progress.next()
     weights, meta = _weights(source, options)
-    spec = weights.spec
+    spec = served(weights.spec, options.context)
     progress.next()
     data = ExternalData(staged / EXTERNAL_DATA)
     try:
@@ -125,6 +160,15 @@ def _build_fused(source: Source, staged: Path, options: BuildOptions, progress: 
     progress.next()
     _measure(source, staged, manifest)
     return manifest
+
+
+def served(spec, context: int | None):
+    """The spec with the context a device serves: --context, else the trained one capped at DEFAULT_CONTEXT."""
+    import dataclasses
+
+    if context is not None and context < 1:
+        raise BuildError(f"--context: {context} positions; give a positive number")
+    return dataclasses.replace(spec, context=context or min(spec.context, DEFAULT_CONTEXT))
 
 
 def _weights(source: Source, options: BuildOptions):
@@ -276,27 +320,30 @@ def _measure(source: Source, staged: Path, manifest: ModelManifest) -> None:
     built, n_tokens = perplexity(model, text)
     ids = model.encode(text)[: manifest.generation.context_length]
     del model
+    reference, skipped = _source_perplexity(source, ids)
     manifest.quality = Quality(eval_text=EVAL_TEXT, eval_text_sha256=hashlib.sha256(text.encode()).hexdigest(),
-                               eval_tokens=n_tokens, perplexity=round(built, 4),
-                               source_perplexity=_source_perplexity(source, ids))
+                               eval_tokens=n_tokens, perplexity=round(built, 4), source_perplexity=reference,
+                               source_perplexity_skipped=skipped)
     write_manifest(staged, manifest)
 
 
-def _source_perplexity(source: Source, ids: list[int]) -> float | None:
+def _source_perplexity(source: Source, ids: list[int]) -> tuple[float | None, str | None]:
+    """The source's perplexity in PyTorch fp32, or None and why not. It is optional: whatever stops it (no host
+    toolchain, too little memory, an architecture transformers cannot load from a GGUF, e.g. phi2) is said in
+    the manifest and never fails the build."""
     from edgellm.models.building.preflight import available_memory, count_parameters
 
     try:
         import torch  # noqa: F401  (the host toolchain)
         import transformers  # noqa: F401
     except ImportError:
-        return None
+        return None, "no host toolchain (torch, transformers)"
     params = count_parameters(source) or 0
     if params * 4 * 2 > available_memory():
-        return None  # fp32 PyTorch would not fit: the manifest says nothing rather than swap
+        return None, "fp32 PyTorch would not fit in memory twice over"  # rather than swap
     from edgellm.models.building.export import load_source, source_perplexity
 
     try:
-        hf = load_source(source)
-    except BuildError:
-        return None  # e.g. a Phi-2 GGUF: transformers' GGUF loader has no phi2
-    return round(source_perplexity(hf, ids), 4)
+        return round(source_perplexity(load_source(source), ids), 4), None
+    except Exception as e:  # e.g. "GGUF model with architecture phi2 is not supported yet"
+        return None, f"transformers could not run the source: {type(e).__name__}: {str(e)[:200]}"

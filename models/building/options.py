@@ -15,6 +15,9 @@ from edgellm.models.building.sources import Source
 EXTERNAL_DATA = "model.onnx.data"
 CHAT_TEMPLATE = "chat_template.jinja"
 EVAL_TEXT = "eval_en.txt"
+# Positions a fused build serves unless told (--context): the trained context, at most this. Rotary tables cost
+# memory per position (Gemma 3's four at its 32k: 67 MB); Ollama and llama-server also serve less than trained.
+DEFAULT_CONTEXT = 8192
 
 
 def eval_text() -> str:
@@ -33,6 +36,7 @@ class BuildOptions:
     keep_base: bool = False  # a LoRA merge of a GGUF: the base's blocks exact, the change beside them (low rank)
     adapter_slots: tuple[str, ...] = ()  # projections that take LoRA adapters at run time (daemon/engine/adapters.py)
     adapters: dict[str, Path] = field(default_factory=dict)  # peft adapter folders shipped in adapters/NAME/
+    context: int | None = None  # positions served (None: the model's, at most DEFAULT_CONTEXT)
 
 
 def lineage(source: Source) -> dict | None:

@@ -29,7 +29,7 @@ class Source:
 
     def default_name(self) -> str:
         if self.ref in BUILTINS:
-            return {"smollm2": "SmolLM2-135M-Instruct", "minilm": "all-MiniLM-L6-v2"}[self.ref]
+            return NAMES[self.ref]
         if self.kind == "gguf":
             return Path(self.gguf_file).stem.split(".")[0]
         return Path(self.ref.rstrip("/")).name
@@ -56,7 +56,15 @@ def builtin_minilm() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "model"
 
 
-BUILTINS = {"smollm2": builtin_gguf, "minilm": builtin_minilm}
+def builtin_gemma3() -> Path:
+    """Gemma 3 270M (the base model, Q4_K_M as llama.cpp's converter wrote it) from its PyPI chunk packages."""
+    from edgellm.models.building.chunked import GEMMA3_270M, assembled
+
+    return assembled(GEMMA3_270M)
+
+
+BUILTINS = {"smollm2": builtin_gguf, "minilm": builtin_minilm, "gemma3": builtin_gemma3}
+NAMES = {"smollm2": "SmolLM2-135M-Instruct", "minilm": "all-MiniLM-L6-v2", "gemma3": "gemma-3-270m"}
 
 
 def check_gguf(path: Path) -> None:

@@ -130,7 +130,7 @@ def _q5_1(raw: np.ndarray) -> Blocks:
 
 def _q8_0(raw: np.ndarray) -> Blocks:
     b = raw.reshape(raw.shape[0], -1, 34)
-    q = (b[..., 2:].view(np.int8).astype(np.int16) + 128).astype(np.uint8)
+    q = b[..., 2:] ^ np.uint8(0x80)  # int8 q + 128 as uint8 is its bit pattern with the sign bit flipped
     return Blocks(8, 32, q, _f16(b[..., 0:2]), None, "Q8_0")
 
 

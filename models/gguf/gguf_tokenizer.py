@@ -73,7 +73,7 @@ def tokenizer_json(meta: dict) -> str:
         tok.post_processor = template
     elif kind == "gpt2":
         tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    return json.dumps(json.loads(tok.to_str()), ensure_ascii=False)
+    return json.dumps(json.loads(tok.to_str()), ensure_ascii=False, separators=(",", ":"))
 
 
 def _added_ends(meta: dict, tokens: list[str]):
