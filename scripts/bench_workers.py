@@ -204,7 +204,7 @@ def run_llamacpp(args) -> dict:
     llm = Llama(model_path=args.model, n_threads=args.threads, n_threads_batch=args.threads, n_ctx=1024,
                 n_batch=512, verbose=False)
     load_s = time.perf_counter() - t
-    ids = llm.tokenize(open(args.prompt_file).read().encode(), add_bos=False)
+    ids = llm.tokenize(open(args.prompt_file).read().encode(), add_bos=True)  # as the file says (Gemma: BOS)
 
     def last_logits():  # Llama.scores is only filled with logits_all=True: read the context directly
         return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))
@@ -232,7 +232,7 @@ def llamacpp_perplexity(args) -> tuple[float, int]:
 
     llm = Llama(model_path=args.model, n_threads=args.threads, n_ctx=2048, n_batch=2048, logits_all=True,
                 verbose=False)
-    ids = llm.tokenize(open(args.ppl_file).read().encode(), add_bos=False)
+    ids = llm.tokenize(open(args.ppl_file).read().encode(), add_bos=True)  # BOS where the file asks
     llm.eval(ids)
     logits = np.asarray(llm.scores[: len(ids)], dtype=np.float64)[:-1]
     peak = logits.max(axis=1, keepdims=True)
