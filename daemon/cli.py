@@ -46,6 +46,8 @@ def _add_param_args(p: argparse.ArgumentParser) -> None:
             p.add_argument(flag, action="store_true", default=None, help=help_text)
         elif name == "stop":
             p.add_argument(flag, action="append", help=f"{help_text} (repeatable)")
+        elif name == "speculative":
+            p.add_argument(flag, type=_speculation_mode, help=help_text)
         elif name == "json_schema":
             p.add_argument(flag, type=Path, help=f"a file holding {help_text[0].lower()}{help_text[1:]}")
         else:
@@ -53,6 +55,11 @@ def _add_param_args(p: argparse.ArgumentParser) -> None:
             default = f" (default {info.default:g})" if isinstance(info.default, int | float) else ""
             p.add_argument(flag, type=kind, help=help_text + default)
     p.add_argument("--verbose", action="store_true", help="print usage and timings to stderr")
+
+
+def _speculation_mode(value: str) -> str | int:
+    """--speculative takes auto, off or a number (GenerationParams checks its range)."""
+    return int(value) if value.isdigit() else value
 
 
 def params_from_args(args: argparse.Namespace) -> GenerationParams:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hypothesis import settings
 
@@ -136,3 +137,25 @@ def daemon_factory(tmp_path, smollm2_int4):
     for d in started:
         if d.proc and d.proc.poll() is None:
             d.proc.kill()
+
+
+@pytest.fixture
+def passes(monkeypatch):
+    """Every sequence's passes, as (tokens fed, logits [positions, vocab], tokens of them discarded after: a
+    rejected draft), in the order sequences first ran."""
+    from edgellm.daemon.engine.sequence import Sequence
+
+    record: dict[Sequence, list[tuple[list[int], np.ndarray, int]]] = {}  # keeps them alive: no id reuse
+    fed = Sequence.fed
+
+    def recording(self, n, logits):
+        # recorded before the pass is handed over: its Result may wake the test's thread
+        discards = len(logits) - 1 if self.draft else 0  # at most; the rows after the last kept one
+        runs = record.setdefault(self, [])
+        runs.append((self.next_feed()[:n], logits.copy(), discards))
+        prompt_done = fed(self, n, logits)
+        runs[-1] = (*runs[-1][:2], self.discard)
+        return prompt_done
+
+    monkeypatch.setattr(Sequence, "fed", recording)
+    return record

@@ -7,7 +7,8 @@ last bits, and the int8 rounding of activations (accuracy_level 4) turns some of
 steps: a batched row's logits differ from its solo run by up to about 1.3 (KL of the next-token
 distributions at most ~0.012, measured). A near-tie can then pick another token. A real fault (another
 position's keys, another row's data) moves logits by ~20 (KL far above 1). So these tests compare
-distributions up to the first differing token, not texts.
+distributions up to the first differing token, not texts. A pass that checks a speculative draft computes
+several positions at once, with the same kind of rounding (edgellm/daemon/engine/drafting.py).
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ from edgellm.daemon.engine.generate import Generator
 from edgellm.daemon.engine.model import LoadedModel
 from edgellm.daemon.engine.params import GenerationParams
 from edgellm.daemon.engine.prefix_cache import PrefixCache
-from edgellm.daemon.engine.sequence import Sequence
 from edgellm.daemon.errors import EdgeError
+from tests.computation import same_computation
 
 REQUESTS = [
     ("Write one sentence about a lighthouse keeper.", GenerationParams(max_tokens=40, temperature=0)),
@@ -40,65 +41,6 @@ REQUESTS = [
 @pytest.fixture(scope="module")
 def model(smollm2_int4):
     return LoadedModel.load(smollm2_int4, threads=2)
-
-
-@pytest.fixture
-def passes(monkeypatch):
-    """Every sequence's passes, as (tokens fed, logits), in the order sequences first ran."""
-    record: dict[Sequence, list[tuple[list[int], np.ndarray]]] = {}  # keeps them alive: no id reuse
-    fed = Sequence.fed
-
-    def recording(self, n, logits):
-        record.setdefault(self, []).append((self.todo[:n], logits.copy()))
-        return fed(self, n, logits)
-
-    monkeypatch.setattr(Sequence, "fed", recording)
-    return record
-
-
-def kl(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
-    p = np.exp(p_logits - p_logits.max(), dtype=np.float64)
-    q = np.exp(q_logits - q_logits.max(), dtype=np.float64)
-    p, q = p / p.sum(), q / q.sum()
-    return float(np.sum(p * (np.log(p + 1e-300) - np.log(q + 1e-300))))
-
-
-def same_computation(solo, batched, max_kl: float = 0.05) -> bool:
-    """Assert the batched run computed what the solo run did: the same tokens fed, next-token distributions
-    equal up to kernel rounding, until a pass where a near-tie made the two pick differently. Returns False if
-    that happened (the texts may then differ), True if every pass matched."""
-    solo_ids = [t for ids, _ in solo for t in ids]
-    got_ids = [t for ids, _ in batched for t in ids]
-    solo_logits = _per_position(solo)
-    got_logits = _per_position(batched)
-    for position in sorted(set(solo_logits) & set(got_logits)):
-        if solo_ids[: position + 1] != got_ids[: position + 1]:
-            return False  # the previous position chose differently from distributions that agreed
-        divergence = kl(solo_logits[position], got_logits[position])
-        assert divergence < max_kl, f"position {position}: KL {divergence:.3f}: not rounding"
-    # the pick of the last common pass is not fed back when it ends a run (the last token, or an end-of-sequence
-    # one run chose and the other did not), so the loop above cannot see a near-tie there: look at it
-    last = max(set(solo_logits) & set(got_logits))
-    if int(solo_logits[last].argmax()) != int(got_logits[last].argmax()):
-        return False
-    # a JSON constraint may have masked the argmax there: the pick was then among allowed tokens whose order
-    # these logits cannot show (a batched run closed a string where the solo one went on), so no verdict
-    picks = [(ids[last + 1], logits[last]) for ids, logits in ((solo_ids, solo_logits), (got_ids, got_logits))
-             if len(ids) > last + 1]
-    if any(token != int(logits.argmax()) for token, logits in picks):
-        return False
-    n = min(len(solo_ids), len(got_ids))  # where one run went on (its last fed pass), the answers decide
-    assert solo_ids[:n] == got_ids[:n]
-    return True
-
-
-def _per_position(passes) -> dict[int, np.ndarray]:
-    """Logits by the position of the last token fed (prompt chunks are cut differently batched and alone)."""
-    out, position = {}, -1
-    for ids, logits in passes:
-        position += len(ids)
-        out[position] = logits
-    return out
 
 
 def solo_runs(model, requests, passes) -> tuple[list, list]:
@@ -139,7 +81,7 @@ def assert_answers_match(model, requests, expected, solo, got, passes, which=Non
     for i in which if which is not None else range(len(requests)):
         prompt = g.prompt_ids(requests[i][0])
         batched = next(run for run in passes.values() if not any(run is r for r in solo)
-                       and [t for ids, _ in run for t in ids][: len(prompt)] == prompt)
+                       and [t for ids, _, _ in run for t in ids][: len(prompt)] == prompt)
         if same_computation(solo[i], batched):
             e, r = expected[i], got[i]
             assert (r.text, r.finish_reason, r.usage.completion_tokens) == (e.text, e.finish_reason,
@@ -231,8 +173,10 @@ def test_a_long_prompt_runs_in_chunks_between_the_decode_steps(model, passes):
     """While three streams decode, a 500-token prompt must not stop them for its whole prefill: it runs in
     chunks, one between each two steps, and it computes what it computes alone."""
     long_prompt = "Describe the lighthouse keeper's day in detail. " * 52
+    # (no drafts: a pass checking one would be a "chunk" of a few tokens too)
     decoding = [(f"Count slowly to fifty, number {i}.", GenerationParams(max_tokens=150, temperature=0,
-                                                                          ignore_eos=True)) for i in range(3)]
+                                                                          ignore_eos=True, speculative="off"))
+                for i in range(3)]
     expected, solo = solo_runs(model, [(long_prompt, GenerationParams(max_tokens=8, temperature=0))], passes)
     batched = Generator(model, batch_rows=4)
     order: list[str] = []
@@ -317,7 +261,7 @@ def test_a_solo_sequence_computes_bit_for_bit_as_alone_while_others_batch(model,
     prompt, params = REQUESTS[0]
     alone = Generator(model)
     before = set(passes)
-    expected = alone.generate(alone.prompt_ids(prompt), params)
+    expected = alone.generate(alone.prompt_ids(prompt), params, solo=True)
     reference = passes[next(k for k in passes if k not in before)]
     serving = Generator(model, PrefixCache(64 << 20, min_tokens=8), batch_rows=4)
     serving.generate(serving.prompt_ids(prompt), params)  # the prompt is now in the prefix cache
@@ -340,7 +284,7 @@ def test_a_solo_sequence_computes_bit_for_bit_as_alone_while_others_batch(model,
     ids = serving.prompt_ids(prompt)
     solo = [r for r in run if r[0][0][: len(ids)] == ids]
     assert len(solo) == 1, "the solo sequence fed its whole prompt in its first pass"
-    assert [fed for fed, _ in solo[0]] == [fed for fed, _ in reference]
-    assert all(np.array_equal(a, b) for (_, a), (_, b) in zip(solo[0], reference, strict=True))
+    assert [fed for fed, _, _ in solo[0]] == [fed for fed, _, _ in reference]
+    assert all(np.array_equal(a, b) for (_, a, _), (_, b, _) in zip(solo[0], reference, strict=True))
     assert (results[0].text, results[0].usage.cached_tokens) == (expected.text, 0)
     assert serving.scheduler.free_rows == 4 and all(r is not None for r in results)

@@ -44,6 +44,14 @@ class KVCache:
     def capacity(self) -> int:
         return self.arrays[0].shape[2]
 
+    def rewind(self, tokens: int) -> None:
+        """Forget the last `tokens` positions (a rejected draft's). An in-place buffer keeps them until the next
+        pass overwrites them; attention never reads past `length`."""
+        if tokens:
+            self.length -= tokens
+            if self.binding is None:
+                self.arrays = [a[:, :, : self.length] for a in self.arrays]
+
     def prefix(self) -> list[np.ndarray]:
         """The keys and values seen so far, as arrays no later forward pass writes to."""
         if self.binding is None:

@@ -16,6 +16,7 @@ from edgellm.daemon.engine.chat import ChatMessage
 from edgellm.daemon.engine.constrain.copy_grammar import has_copied_fields
 from edgellm.daemon.engine.constrain.json_constraint import JsonConstraint, compile_json_schema, grammar_tokenizer
 from edgellm.daemon.engine.decoder import KVCache
+from edgellm.daemon.engine.drafting import MAX_DRAFT, Mode
 from edgellm.daemon.engine.model import LoadedModel
 from edgellm.daemon.engine.params import GenerationParams
 from edgellm.daemon.engine.prefix_cache import PrefixCache
@@ -31,8 +32,10 @@ class Generator:
     scheduler's KV pool), never per-request state."""
 
     def __init__(self, model: LoadedModel, prefix_cache: PrefixCache | None = None, batch_rows: int = 1,
-                 batch_context: int = 512):
+                 batch_context: int = 512, speculative: Mode = "auto"):
+        """`speculative`: the drafting mode of requests that do not choose one (edgellm/daemon/engine/drafting.py)."""
         self.model = model
+        self.speculative = speculative
         self.prefix_cache = prefix_cache
         self._lltok = None
         self._template_ends: tuple[list[int], list[int]] | None = None
@@ -113,7 +116,7 @@ class Generator:
         split_last = self.prefix_cache is not None and len(ids) >= self.prefix_cache.min_tokens and not solo
         return Sequence(ids, params, context=context, eos=self.model.eos_token_ids, tokenizer=self.model.tokenizer,
                         constraint=constraint, cached=hit, split_last=split_last, interrupt=interrupt,
-                        started=started, adapter=adapter, solo=solo)
+                        started=started, adapter=adapter, solo=solo, speculative=self.speculative)
 
     def _adapter(self, name: str | None) -> Adapter | None:
         slots = self.model.decoder.adapters
@@ -146,9 +149,11 @@ class Generator:
         seq.cached_keys = None
         while not seq.finished:
             seq.check()
+            seq.propose(MAX_DRAFT, alone=True)
             feed = seq.next_feed()
-            if seq.fed(len(feed), decoder.forward(feed, cache, adapter=seq.adapter)[-1]):
+            if seq.fed(len(feed), decoder.forward(feed, cache, all_logits=bool(seq.draft), adapter=seq.adapter)):
                 self._remember_prompt(seq, cache)
+            cache.rewind(seq.discard)
             yield from seq.drain()
         yield from seq.drain()
 

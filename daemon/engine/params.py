@@ -8,7 +8,16 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from edgellm.daemon.engine.drafting import MAX_DRAFT
+
 MAX_STOPS = 16
+
+
+def speculation_mode(mode: str | int) -> str | int:
+    """A speculative-decoding mode as requests and settings give it, checked (edgellm/daemon/engine/drafting.py)."""
+    if mode in ("auto", "off") or (isinstance(mode, int) and not isinstance(mode, bool) and 1 <= mode <= MAX_DRAFT):
+        return mode
+    raise ValueError(f"must be 'auto', 'off' or a draft length from 1 to {MAX_DRAFT}, not {mode!r}")
 
 
 class GenerationParams(BaseModel):
@@ -28,6 +37,14 @@ class GenerationParams(BaseModel):
                                 "adapters, or its adapters/ folder), run beside the base for this request only")
     ignore_eos: bool = Field(False, description="never sample the end-of-sequence token, so the output runs to "
                              "max_tokens or a stop string (llama.cpp's ignore_eos); for fixed-length benchmarks")
+    speculative: str | int | None = Field(
+        None, description="draft tokens from the prompt and check them in one pass: auto (where it pays), off, "
+        f"or a fixed draft length 1-{MAX_DRAFT}; unset: the server's setting (model.speculative)")
+
+    @field_validator("speculative")
+    @classmethod
+    def _speculation_mode(cls, mode: str | int | None) -> str | int | None:
+        return mode if mode is None else speculation_mode(mode)
 
     @field_validator("stop")
     @classmethod

@@ -34,6 +34,7 @@ import numpy as np
 
 from edgellm.daemon.engine.adapters import Adapter
 from edgellm.daemon.engine.decoder import KVCache, OnnxDecoder, copy_keys
+from edgellm.daemon.engine.drafting import MAX_DRAFT
 from edgellm.daemon.engine.sequence import Sequence, State
 from edgellm.daemon.errors import EdgeError
 
@@ -144,11 +145,13 @@ class Scheduler:
                 self._detach(seq, cache)
         self._compact()
         stepping = [s for s in self._active if s.state is State.DECODING and len(s.todo) == 1]
-        batched = [s for s in stepping if self._caches[id(s)].row is not None]
+        for seq in stepping:  # a draft is checked in a pass of its own (GroupQueryAttention: one row)
+            self._propose(seq, alone=len(stepping) == 1)
+        batched = [s for s in stepping if self._caches[id(s)].row is not None and not s.draft]
         if batched:
             self._step(batched)
-        for seq in [s for s in stepping if self._caches[id(s)].row is None]:
-            self._run(seq, seq.next_feed())  # outgrew its row: alone, between the steps
+        for seq in [s for s in stepping if s not in batched]:
+            self._run(seq, seq.next_feed())  # outgrew its row, or checks a draft: alone, between the steps
         # Grammar-forced tokens (short) go before prompt chunks; among prompts, the least left to feed first, so a
         # short request that arrives during a long prefill starts after one chunk of it, not after all of it.
         waiting = sorted((s for s in self._active if s.state.in_prompt or (s.state is State.DECODING
@@ -158,6 +161,7 @@ class Scheduler:
             seq = waiting[0]
             if seq.state is State.QUEUED and not seq.solo:
                 self._reuse_prefix(seq)
+            self._propose(seq, alone=not stepping)  # forced tokens, and a guess of what follows them
             whole = seq.solo or not seq.state.in_prompt  # forced tokens, or a solo prompt (fed as alone)
             chunked = not whole and any(s.state is State.DECODING for s in self._active if s is not seq)
             started = time.perf_counter()
@@ -168,6 +172,12 @@ class Scheduler:
                 self._tune_chunk(len(feed), time.perf_counter() - started)
         for seq in [s for s in self._active if s.finished]:
             self._end(seq)
+
+    def _propose(self, seq: Sequence, alone: bool) -> None:
+        """Let a decoding sequence draft what its pass checks, within its row's room."""
+        cache = self._caches[id(seq)]
+        room = self.capacity - cache.length - len(seq.todo) - 1 if cache.row is not None else MAX_DRAFT
+        seq.propose(room, alone)
 
     def _reuse_prefix(self, seq: Sequence) -> None:
         hit = self.lookup(seq.ids, seq.adapter)
@@ -206,18 +216,19 @@ class Scheduler:
         for seq in batch:
             cache = self._caches[id(seq)]
             cache.length += 1
-            self._fed(seq, cache, 1, logits[cache.row])
+            self._fed(seq, cache, 1, logits[cache.row][None])
 
     def _run(self, seq: Sequence, feed: list[int]) -> None:
         """One pass of `feed` for one sequence: a prompt chunk, forced tokens, or a step of a private cache."""
         cache = self._caches[id(seq)]
         try:
-            logits = self.decoder.forward(feed, cache, adapter=seq.adapter)[-1]
+            logits = self.decoder.forward(feed, cache, all_logits=bool(seq.draft), adapter=seq.adapter)
         except Exception as e:
             log.exception("a forward pass failed")
             seq.fail(EdgeError("internal", f"{type(e).__name__}: {e}"))
             return
         self._fed(seq, cache, len(feed), logits)
+        cache.rewind(seq.discard)
 
     def _fed(self, seq: Sequence, cache: KVCache, n: int, logits: np.ndarray) -> None:
         """Hand a pass's logits to its sequence; a failure there (sampling, grammar) ends that sequence only."""

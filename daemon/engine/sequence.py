@@ -11,6 +11,15 @@ A sequence's life is its `state`:
     QUEUED --first pass--> PREFILLING --prompt in--> DECODING --> FINISHED | CANCELLED | FAILED
        (a prompt fed in one pass goes from QUEUED to DECODING)
 
+A decoding pass may also check a draft (edgellm/daemon/engine/drafting.py): `propose` appends guessed tokens
+to the feed, the pass returns logits for each, and `fed` samples position by position, as a pass per token
+would, keeping the guesses while they equal what was sampled. Greedy output is the same token for token;
+with temperature the output has the same distribution, because sampling from p and keeping a guess d when
+the sample equals it is the standard speculative acceptance rule (accept d with probability p(d), else
+draw from p without d) for a draft that puts all its mass on d. `discard` then says how many fed tokens'
+keys the cache drops. Grammar masks are computed from the matcher as it stands after the kept tokens, so
+nothing in the grammar is rolled back.
+
 Only the thread running the passes changes `state`. The one thing another thread may do is `abandon()`: the
 reader stops reading, and the next `check()` ends the sequence as CANCELLED.
 """
@@ -29,6 +38,7 @@ import numpy as np
 from edgellm.daemon.engine.adapters import Adapter
 from edgellm.daemon.engine.constrain.json_constraint import JsonConstraint
 from edgellm.daemon.engine.detokenize import IncrementalDecoder
+from edgellm.daemon.engine.drafting import Mode, PromptLookup, Speculation
 from edgellm.daemon.engine.params import GenerationParams
 from edgellm.daemon.engine.sampling import Sampler
 from edgellm.daemon.engine.stops import StopFilter
@@ -40,6 +50,8 @@ class Usage:
     prompt_tokens: int
     completion_tokens: int = 0
     cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
+    drafted_tokens: int = 0  # guessed tokens checked by speculative decoding
+    accepted_tokens: int = 0  # of those, the ones the model sampled too (they cost no pass of their own)
 
 
 @dataclass
@@ -97,14 +109,16 @@ class Sequence:
                  tokenizer, constraint: JsonConstraint | None = None,
                  cached: tuple[int, list[np.ndarray]] | None = None, split_last: bool = False,
                  interrupt: Callable[[], None] | None = None, started: float | None = None,
-                 adapter: Adapter | None = None, solo: bool = False):
+                 adapter: Adapter | None = None, solo: bool = False, speculative: Mode = "auto"):
         """`cached`: a prefix-cache hit, (tokens, their keys and values), for whoever makes the cache.
         `adapter`: the LoRA adapter every pass of this sequence runs with (None: the base).
         `split_last`: without a hit, feed the prompt's last token in a pass of its own. A repeat of this prompt
         will find all but its last token cached and compute that token alone: then the two see bit-identical
         logits (see Generator.sequence).
         `solo`: computed exactly as alone on a fresh model, even in the scheduler: a cache of its own, no cached
-        prefix, the whole prompt in one pass (the update health check compares such an answer bit for bit)."""
+        prefix, the whole prompt in one pass, no draft (the update health check compares such an answer bit for
+        bit).
+        `speculative`: the drafting mode when the request does not choose one (Speculation)."""
         cached_tokens, self.cached_keys = cached if cached is not None else (0, None)
         self.ids, self.params, self.adapter, self.solo = ids, params, adapter, solo
         self.budget = min(params.max_tokens, context - len(ids))
@@ -126,6 +140,11 @@ class Sequence:
         self.passes = 0
         self.abandoned = False  # the only field another thread writes: its reader stopped reading
         self.events: queue.SimpleQueue[Event] = queue.SimpleQueue()
+        mode = params.speculative or speculative
+        self.speculation = Speculation("off" if solo else mode)
+        self._lookup = PromptLookup(ids) if self.speculation.mode != "off" else None
+        self.draft: list[int] = []  # guessed tokens the next pass feeds after `todo`
+        self.discard = 0  # tokens the last pass fed whose keys are not the sequence's (rejected guesses)
 
     @property
     def finished(self) -> bool:
@@ -144,9 +163,25 @@ class Sequence:
         self.split_last = False
 
     def next_feed(self, limit: int | None = None) -> list[int]:
-        """The tokens of the next pass (at most `limit` of a prompt)."""
+        """The tokens of the next pass (at most `limit` of a prompt), with the draft if one was proposed."""
+        if self.draft:
+            return [*self.todo, *self.draft]
         todo = self.todo[:-1] if self.split_last else self.todo
         return todo[:limit] if limit else list(todo)
+
+    def propose(self, room: int, alone: bool) -> None:
+        """Before a decoding pass: guess up to `room` tokens to check in it (`alone`: no other sequence decodes
+        beside this one, so the pass would run by itself anyway). Guesses the grammar rejects are cut."""
+        self.draft = []
+        if self._lookup is None or self.state is not State.DECODING or not self.todo:
+            return
+        k = min(self.speculation.length(alone), room, self.budget - len(self.generated) - 1)
+        if k <= 0:
+            return
+        draft = self._lookup.draft(k)
+        if draft and self.constraint is not None:
+            draft = draft[: self.constraint.matcher.validate_tokens(draft)]
+        self.draft = draft
 
     def check(self) -> None:
         """Before every pass: a cancelled or late request raises EdgeError here."""
@@ -159,10 +194,12 @@ class Sequence:
         self.abandoned = True
 
     def fed(self, n: int, logits: np.ndarray) -> bool:
-        """`n` tokens of `todo` went through a pass; `logits` are the last position's, used once todo is
-        empty. Returns True when this pass completed the prompt: the cache then holds exactly its keys."""
+        """`n` tokens of the feed went through a pass; `logits` [positions, vocab] end with the last position's
+        (and, when a draft was fed, hold one row per guess before it). Returns True when this pass completed the
+        prompt: the cache then holds exactly its keys."""
         self.passes += 1
-        self.todo = self.todo[n:]
+        draft, self.draft, self.discard = self.draft, [], 0
+        self.todo = self.todo[n - len(draft):]
         if self.split_last and len(self.todo) == 1:
             self.split_last = False  # the prompt's last token gets a pass of its own
         if self.todo:
@@ -171,10 +208,25 @@ class Sequence:
             return False
         prompt_done = self.state.in_prompt
         self.state = State.DECODING
-        self._on_logits(logits)
+        rows = logits[len(logits) - len(draft) - 1:]
+        kept = 0  # guesses that were sampled too: their keys are in the cache, their logits are the next row
+        while True:
+            new = self._on_logits(rows[kept])
+            match = _common_prefix(new, draft[kept:])
+            kept += match
+            if self.finished or match < len(new):
+                self.todo = self.todo[match:]
+                break
+        if draft:
+            self.discard = len(draft) - kept
+            self.usage.drafted_tokens += len(draft)
+            self.usage.accepted_tokens += kept
+            self.speculation.update(len(draft), kept)
         return prompt_done
 
-    def _on_logits(self, logits: np.ndarray) -> None:
+    def _on_logits(self, logits: np.ndarray) -> list[int]:
+        """Sample from one position's logits; returns the tokens emitted (the sample and what the grammar forces
+        after it), which are also the next `todo` unless the sequence finished."""
         params, constraint = self.params, self.constraint
         left = self.budget - len(self.generated)
         if constraint is not None and (closing := constraint.closing(self.generated, left)):
@@ -182,7 +234,8 @@ class Sequence:
             # short; the answer is valid, shorter, and finishes with `length`
             self._first_token()
             self._emit(closing)
-            return self._finish("length")
+            self._finish("length")
+            return closing
         logits = logits.copy()
         if constraint is not None:
             constraint.mask(logits)
@@ -193,14 +246,17 @@ class Sequence:
         self._first_token()
         forced = constraint.accept(token) if constraint is not None else []
         if token in self.eos:
-            return self._finish("stop")
+            self._finish("stop")
+            return []
         new = [token, *forced][: self.budget - len(self.generated)]
         stopped = self._emit(new)
         if stopped or (constraint is not None and constraint.finished):
-            return self._finish("stop")
-        if len(self.generated) >= self.budget:
-            return self._finish("length")
-        self.todo = new
+            self._finish("stop")
+        elif len(self.generated) >= self.budget:
+            self._finish("length")
+        else:
+            self.todo = new
+        return new
 
     def _first_token(self) -> None:
         if self.first_at is None:
@@ -211,6 +267,8 @@ class Sequence:
     def _emit(self, tokens: list[int]) -> bool:
         """Append generated tokens and post their text; True when a stop string was reached."""
         self.generated.extend(tokens)
+        if self._lookup is not None:
+            self._lookup.extend(tokens)
         text, stopped = self.stops.push(self.detokenizer.push(tokens))
         if text:
             self.parts.append(text)
@@ -268,3 +326,10 @@ class Sequence:
             yield event
             if isinstance(event, Result):
                 return
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < len(a) and n < len(b) and a[n] == b[n]:
+        n += 1
+    return n

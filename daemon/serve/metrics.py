@@ -38,6 +38,10 @@ class Metrics:
             yield requests
             yield errors
             yield CounterMetricFamily("edgellm_tokens", "Tokens generated", value=s.tokens)
+            yield CounterMetricFamily("edgellm_draft_tokens", "Tokens guessed by speculative decoding and checked",
+                                      value=s.drafted)
+            yield CounterMetricFamily("edgellm_draft_accepted_tokens", "Guessed tokens the model sampled too",
+                                      value=s.accepted)
             yield CounterMetricFamily("edgellm_unanswerable", "Requests without a usable reply address",
                                       value=s.unanswerable)
             yield CounterMetricFamily("edgellm_stalled_streams", "HTTP streams cancelled because the client stopped "

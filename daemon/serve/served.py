@@ -78,7 +78,7 @@ def load_generator(settings: Settings, folder: Path) -> Generator:
     m = settings.model
     prefix_cache = PrefixCache(m.prefix_cache_mb << 20) if m.prefix_cache_mb else None
     return Generator(LoadedModel.load(folder, threads=m.threads), prefix_cache, batch_rows=m.batch_size,
-                     batch_context=m.batch_context)
+                     batch_context=m.batch_context, speculative=m.speculative)
 
 
 def load_served(settings: Settings) -> Served:

@@ -15,6 +15,8 @@ from typing import Any, Literal
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
+from edgellm.daemon.engine.drafting import MAX_DRAFT
+from edgellm.daemon.engine.params import speculation_mode
 from edgellm.daemon.errors import CommandError
 from edgellm.daemon.formats import NAME_PATTERN, AnswerMode, StrictModel
 from edgellm.daemon.update.settings import UpdateSettings  # the update room owns its section
@@ -54,6 +56,15 @@ class ModelSettings(StrictModel):
     batch_context: int = Field(512, ge=16, description="tokens (prompt + answer) a batched request may reach; "
                                "the KV memory is batch_size x batch_context (SmolLM2: 46 KB a token), "
                                "committed at start; a longer request continues unbatched")
+    speculative: str | int = Field("auto", description="speculative decoding for requests that do not choose: "
+                                   "auto (drafts from the prompt where they pay: a request decoding alone), off, "
+                                   f"or a fixed draft length 1-{MAX_DRAFT}")
+
+    @field_validator("speculative", mode="before")
+    @classmethod
+    def _speculation_mode(cls, mode: str | int) -> str | int:
+        # an environment variable holds a string: EDGELLM_MODEL__SPECULATIVE=4 means a draft length of 4
+        return speculation_mode(int(mode) if isinstance(mode, str) and mode.isdigit() else mode)
 
 
 class EmbeddingSettings(StrictModel):

@@ -36,6 +36,8 @@ class Stats:
         self.requests: Counter[str] = Counter()
         self.errors: Counter[str] = Counter()
         self.tokens = 0
+        self.drafted = 0  # speculative decoding's guessed tokens, and those accepted
+        self.accepted = 0
         self.unanswerable = 0
         self.disconnects = 0  # HTTP clients that hung up before their answer was complete
         self.stalled = 0  # streams cancelled because their HTTP client stopped reading
@@ -68,9 +70,12 @@ class Stats:
         with self._lock:
             self.unanswerable += 1
 
-    def generated(self, tokens: int, decode_tps: float, ttft_ms: float | None = None) -> None:
+    def generated(self, tokens: int, decode_tps: float, ttft_ms: float | None = None, drafted: int = 0,
+                  accepted: int = 0) -> None:
         with self._lock:
             self.tokens += tokens
+            self.drafted += drafted
+            self.accepted += accepted
             if ttft_ms is not None:
                 self.ttft_ms.observe(ttft_ms)
             if decode_tps:
@@ -86,6 +91,7 @@ class Stats:
                 "errors": dict(self.errors), "errors_total": sum(self.errors.values()),
                 "unanswerable": self.unanswerable, "disconnects": self.disconnects,
                 "stalled": self.stalled, "dead_letters": self.dead_letters, "tokens": self.tokens,
+                "draft_tokens": self.drafted, "draft_accepted_tokens": self.accepted,
                 "decode_tps": round(self.decode_tps, 2),
                 "rss_mb": round(current_rss_mb(), 1),
                 "cpu_temp_c": cpu_temperature(),

@@ -267,7 +267,9 @@ class Worker:
                     seq += 1
             else:
                 result = event
-        self.stats.generated(result.usage.completion_tokens, result.timings.decode_tps, result.timings.ttft_ms)
+        u = result.usage
+        self.stats.generated(u.completion_tokens, result.timings.decode_tps, result.timings.ttft_ms,
+                             u.drafted_tokens, u.accepted_tokens)
         if tools and tools.active:
             said = tools.read(result.json)
             result = replace(result, text=said.text, json=None,

@@ -266,7 +266,8 @@ def _smoke_test(model_dir: Path, options: BundleOptions) -> tuple[SmokeTest, str
     for g in golden:
         if g.expected is None and g.json_schema is None:
             params = GenerationParams(max_tokens=g.max_tokens, temperature=0)
-            result = generator.generate(generator.prompt_ids(g.prompt, raw=g.raw), params)
+            # solo, as the device's smoke test computes it (daemon/update/smoke.py): no prefix, no draft
+            result = generator.generate(generator.prompt_ids(g.prompt, raw=g.raw), params, solo=True)
             g.expected = result.text
     ids = generator.model.encode(eval_text())[:SMOKE_TOKENS]
     text = generator.model.tokenizer.decode(ids, skip_special_tokens=True)

@@ -85,7 +85,9 @@ class MessageIn(_OpenAI):
 
 # GenerationParams fields OpenAI (or llama-server, for top_k, repetition_penalty and ignore_eos) names alike:
 # taken over with their types, optional, so their bounds are checked once, where the worker builds the params
-SAME_NAMES = ("max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed", "ignore_eos")
+# and edgellm's own speculative (a body may choose the drafting mode, as over MQTT)
+SAME_NAMES = ("max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed", "ignore_eos",
+              "speculative")
 _SharedParams = create_model("_SharedParams", __base__=_OpenAI, **{
     name: (GenerationParams.model_fields[name].annotation | None, None) for name in SAME_NAMES})
 
@@ -201,7 +203,10 @@ def usage_of(reply: Generated) -> dict:
     u = reply.result.usage
     return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
             "total_tokens": u.prompt_tokens + u.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": u.cached_tokens}}
+            "prompt_tokens_details": {"cached_tokens": u.cached_tokens},
+            # OpenAI's names for predicted outputs: our guesses come from the prompt (speculative decoding)
+            "completion_tokens_details": {"accepted_prediction_tokens": u.accepted_tokens,
+                                          "rejected_prediction_tokens": u.drafted_tokens - u.accepted_tokens}}
 
 
 class ChatCompletion:
