@@ -109,9 +109,10 @@ def _print_stream(events, verbose: bool, as_json: bool = False, whole: bool = Fa
             sys.stdout.write((event.text if whole else "") + "\n")
         if verbose:
             t, u = event.timings, event.usage
+            drafts = f", drafts {u.accepted_tokens}/{u.drafted_tokens} kept" if u.drafted_tokens else ""
             print(f"[{u.prompt_tokens} prompt + {u.completion_tokens} new tokens, finish {event.finish_reason}; "
                   f"first token {t.ttft_ms:.0f} ms, prefill {t.prefill_tps:.0f} tok/s, "
-                  f"decode {t.decode_tps:.1f} tok/s]", file=sys.stderr)
+                  f"decode {t.decode_tps:.1f} tok/s{drafts}]", file=sys.stderr)
         result = event
     return result
 

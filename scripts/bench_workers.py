@@ -225,6 +225,76 @@ def run_llamacpp(args) -> dict:
     return out
 
 
+def run_speculative(args) -> dict:
+    """bench_speculative.py's edgellm side: each task of --tasks-file greedy, drafts off and auto taking turns;
+    the prompt ids too, so llama.cpp is fed exactly the same tokens."""
+    from edgellm.daemon.engine.generate import Generator
+    from edgellm.daemon.engine.model import LoadedModel
+    from edgellm.daemon.engine.params import GenerationParams
+
+    spec = json.load(open(args.tasks_file))
+    model = LoadedModel.load(args.model, threads=args.threads)
+    g = Generator(model)
+    out = {}
+    for task in spec["tasks"]:
+        raw = model.template is None
+        ids = g.prompt_ids(task["prompt"], raw=raw)
+        runs: dict[str, list] = {"off": [], "auto": []}
+        for _ in range(args.rounds):
+            for mode in runs:
+                params = GenerationParams(max_tokens=spec["max_tokens"], temperature=0, speculative=mode,
+                                          json_schema=task.get("schema"), ignore_eos=task.get("ignore_eos", False))
+                started = time.perf_counter()
+                r = g.generate(ids, params)
+                runs[mode].append((time.perf_counter() - started, r))
+        row = {"ids": ids}
+        for mode, results in runs.items():
+            r = results[0][1]
+            decode = [(x.usage.completion_tokens - 1) / (s - x.timings.ttft_ms / 1000) for s, x in results]
+            row[mode] = {"tokens": r.usage.completion_tokens, "decode_tps": round(statistics.median(decode), 2),
+                         "seconds": round(statistics.median(s for s, _ in results), 4),
+                         "drafted": r.usage.drafted_tokens, "accepted": r.usage.accepted_tokens,
+                         "passes": r.forward_passes, "text": r.text}
+        out[task["name"]] = row
+    return out
+
+
+def run_llamacpp_ids(args) -> dict:
+    """bench_speculative.py's anchor: llama.cpp greedy over the very prompt ids edgellm used, as many new tokens
+    as edgellm made; plain decoding, and llama-cpp-python's own prompt-lookup drafting."""
+    import numpy as np
+    from llama_cpp import Llama
+    from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
+
+    spec = json.load(open(args.tasks_file))
+    plain = Llama(model_path=args.model, n_threads=args.threads, n_threads_batch=args.threads, n_ctx=2048,
+                  n_batch=512, verbose=False)
+    lookup = Llama(model_path=args.model, n_threads=args.threads, n_threads_batch=args.threads, n_ctx=2048,
+                   n_batch=512, verbose=False, draft_model=LlamaPromptLookupDecoding(num_pred_tokens=8))
+    out = {}
+    for task in spec["tasks"]:
+        ids, n = task["ids"], task["tokens"]
+        rates, lookup_rates = [], []
+        for _ in range(args.rounds):
+            plain.reset()
+            started = time.perf_counter()
+            plain.eval(ids)
+            prefill = time.perf_counter() - started
+            token = int(np.argmax(np.ctypeslib.as_array(plain._ctx.get_logits(), shape=(plain.n_vocab(),))))
+            started = time.perf_counter()
+            for _ in range(n - 1):
+                plain.eval([token])
+                token = int(np.argmax(np.ctypeslib.as_array(plain._ctx.get_logits(), shape=(plain.n_vocab(),))))
+            rates.append((n - 1) / (time.perf_counter() - started))
+            lookup.reset()
+            started = time.perf_counter()  # prompt and answer; the prompt's time is plain's, measured above
+            made = lookup.create_completion(ids, max_tokens=n, temperature=0.0, top_k=1)["usage"]["completion_tokens"]
+            lookup_rates.append((made - 1) / max(time.perf_counter() - started - prefill, 1e-9))
+        out[task["name"]] = {"decode_tps": round(statistics.median(rates), 2),
+                             "lookup_decode_tps": round(statistics.median(lookup_rates), 2)}
+    return out
+
+
 def llamacpp_perplexity(args) -> tuple[float, int]:
     """Perplexity of the GGUF in llama.cpp on the same text the manifests use (all logits needed)."""
     import numpy as np
@@ -420,7 +490,8 @@ def build_genai(args) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("engine", choices=["edgellm", "edgellm-prefix", "scheduler", "llamacpp", "genai", "genai-build",
-                                      "bandwidth", "concurrency", "concurrency-llamacpp", "concurrency-genai"])
+                                      "bandwidth", "concurrency", "concurrency-llamacpp", "concurrency-genai",
+                                      "speculative", "llamacpp-ids"])
     p.add_argument("--ppl-file", help="llamacpp: also measure perplexity on this text")
     p.add_argument("--model")
     p.add_argument("--prompt-file")
@@ -430,12 +501,14 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=8, help="concurrency: the daemon's model.batch_size")
     p.add_argument("--hf", help="a Hugging Face model folder")
     p.add_argument("--out")
+    p.add_argument("--tasks-file", help="speculative, llamacpp-ids: the tasks (bench_speculative.py writes it)")
     args = p.parse_args()
     run = {"edgellm": run_edgellm, "edgellm-prefix": run_edgellm_prefix, "scheduler": run_scheduler,
            "llamacpp": run_llamacpp,
            "genai": run_genai, "genai-build": build_genai, "bandwidth": run_bandwidth,
            "concurrency": run_concurrency, "concurrency-llamacpp": run_concurrency_llamacpp,
-           "concurrency-genai": run_concurrency_genai}
+           "concurrency-genai": run_concurrency_genai, "speculative": run_speculative,
+           "llamacpp-ids": run_llamacpp_ids}
     print(json.dumps(run[args.engine](args)))
 
 

@@ -23,6 +23,10 @@ def test_generate_streams_an_answer(smollm2_int4):
     assert r.returncode == 0, r.stderr
     assert "Paris" in r.stdout
     assert "decode" in r.stderr and "tok/s" in r.stderr
+    copy = "Repeat exactly: Acme Tools GmbH, Hauptstrasse 12, 10115 Berlin, invoice INV-2024-0042."
+    r = edgellm("generate", "--model", str(smollm2_int4), "--temperature", "0", "--max-tokens", "30",
+                "--speculative", "4", "--verbose", copy)
+    assert r.returncode == 0 and "kept" in r.stderr, r.stderr  # [... drafts 21/30 kept]
 
 
 @pytest.mark.slow
@@ -105,6 +109,8 @@ def test_bad_flags_name_the_flag_and_exit_2(smollm2_int4, tmp_path):
     assert r.returncode == 2 and "--top-p" in r.stderr
     r = edgellm("generate", "--model", model, "")
     assert r.returncode == 2 and "prompt: is empty" in r.stderr
+    r = edgellm("generate", "--model", model, "--speculative", "sometimes", "hi")
+    assert r.returncode == 2 and "--speculative: Value error, must be 'auto', 'off' or a draft length" in r.stderr
     (tmp_path / "bad.json").write_text("{nope")
     r = edgellm("generate", "--model", model, "--json-schema", str(tmp_path / "bad.json"), "hi")
     assert r.returncode == 2 and "--json-schema" in r.stderr

@@ -113,6 +113,22 @@ def test_completions_and_embeddings(client):
     assert error["param"] == "input" and "check_embedding_ctx_length=False" in error["message"], error
 
 
+def test_speculative_decoding_is_reported_as_predicted_tokens(client, api):
+    copy = "Repeat exactly: Acme Tools GmbH, Hauptstrasse 12, 10115 Berlin, invoice INV-2024-0042."
+    r = client.chat.completions.create(model="default", temperature=0, max_tokens=40, extra_body={"speculative": 4},
+                                       messages=[{"role": "user", "content": copy}])
+    details = r.usage.completion_tokens_details
+    assert details.accepted_prediction_tokens > 0, r.usage
+    assert details.rejected_prediction_tokens >= 0
+    text = httpx.get(f"{api}/metrics", headers={"authorization": f"Bearer {KEY}"}).text
+    drafted = next(line for line in text.splitlines() if line.startswith("edgellm_draft_tokens_total "))
+    assert float(drafted.split()[1]) >= details.accepted_prediction_tokens
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model="default", max_tokens=4, extra_body={"speculative": "always"},
+                                       messages=[{"role": "user", "content": copy}])
+    assert refused.value.body["param"] == "speculative", refused.value.body
+
+
 def test_errors_have_openai_shape_and_status(client, api):
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])

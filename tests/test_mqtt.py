@@ -50,6 +50,18 @@ def test_generate_round_trip(client):
     assert r["timings"]["ttft_ms"] > 0 and r["model"]["name"] == "SmolLM2-135M-Instruct-int4"
 
 
+def test_a_request_chooses_speculative_decoding_and_usage_counts_the_drafts(client):
+    copy = "Repeat exactly: Acme Tools GmbH, Hauptstrasse 12, 10115 Berlin, invoice INV-2024-0042."
+    r = client.call(TOPIC + "generate", {"prompt": copy, "max_tokens": 40, "temperature": 0, "speculative": 4})
+    assert r["ok"] and r["usage"]["accepted_tokens"] > 0, r["usage"]
+    assert r["usage"]["drafted_tokens"] >= r["usage"]["accepted_tokens"]
+    off = client.call(TOPIC + "generate", {"prompt": copy, "max_tokens": 40, "temperature": 0, "speculative": "off"})
+    assert off["ok"] and off["usage"]["drafted_tokens"] == 0
+    bad = client.call(TOPIC + "generate", {"prompt": copy, "speculative": 99})
+    assert bad["error"]["code"] == "bad_request" and bad["error"]["param"] == "speculative", bad
+    assert "draft length from 1 to 16" in bad["error"]["message"]
+
+
 def test_each_request_is_one_log_line(client, daemon):
     r = client.call(TOPIC + "generate", {"prompt": CAPITAL, "max_tokens": 5, "temperature": 0, "id": "logged"})
     bad = client.call(TOPIC + "generate", {"prompt": 7, "id": "badly"})

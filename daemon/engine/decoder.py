@@ -179,9 +179,10 @@ class OnnxDecoder:
         return logits
 
     def forward(self, ids: Sequence[int], cache: KVCache, all_logits: bool = False,
-                adapter: Adapter | None = None) -> np.ndarray:
-        """Run the new tokens, extend `cache` in place, return logits [n, vocab] (or [1, vocab] for the last).
-        `adapter`: a LoRA adapter loaded on this model (edgellm/daemon/engine/adapters.py), None for the base."""
+                adapter: Adapter | None = None, last: int = 1) -> np.ndarray:
+        """Run the new tokens, extend `cache` in place, return logits [n, vocab] (or [last, vocab] for the last
+        `last` positions: a speculative draft's). `adapter`: a LoRA adapter loaded on this model
+        (edgellm/daemon/engine/adapters.py), None for the base."""
         n = len(ids)
         total = cache.length + n
         feeds: dict[str, np.ndarray] = {
@@ -193,7 +194,7 @@ class OnnxDecoder:
             feeds["position_ids"] = np.arange(cache.length, total, dtype=np.int64)[None, :]
         wanted = n
         if self.has_logit_positions:
-            positions = np.arange(n) if all_logits else np.asarray([n - 1])
+            positions = np.arange(n) if all_logits else np.arange(n - min(last, n), n)
             feeds["logit_positions"] = positions.astype(np.int64)
             wanted = len(positions)
         if self.in_place:
@@ -206,4 +207,4 @@ class OnnxDecoder:
             cache.arrays = outputs[1:]
             logits = outputs[0][0]
         cache.length = total
-        return logits if all_logits else logits[-1:]
+        return logits if all_logits else logits[-last:]

@@ -8,9 +8,10 @@ over a few tokens costs little more than a pass over one: on 2 threads a SmolLM2
 about 1.6x one of 1 (docs/measured-facts.md, "Speculative decoding"). Nothing is trained or loaded: a draft
 is a search over token ids.
 
-How far to guess follows what was accepted (`Speculation`): a draft accepted whole doubles the next one, a
-miss shrinks it, and repeated misses back off for a growing number of steps, so free text with nothing to
-copy pays for a draft only now and then.
+How far to guess follows what was accepted and what a wider pass costs on this model (`Speculation`,
+`PassCosts`): the length that makes the most tokens per second at the acceptance seen so far, none where no
+length pays, with a rare one-token probe then, so free text with nothing to copy pays for a draft only now
+and then.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ import numpy as np
 NGRAM_MAX, NGRAM_MIN = 3, 1  # the suffix lengths looked up, longest first
 MAX_DRAFT = 16  # tokens a draft may hold (a fixed k) ...
 AUTO_MAX_DRAFT = 8  # ... and at most when adapting: on 2 threads a 9-token pass costs ~3 one-token passes
-AUTO_FIRST_DRAFT = 4
-MAX_BACKOFF = 32  # steps without drafting after repeated misses, at most
+MAX_BACKOFF = 32  # steps without a probe after repeated misses, at most
+DECAY = 0.7  # weight of the acceptance seen before the last check
 
 Mode = Literal["auto", "off"] | int
 
@@ -62,17 +63,66 @@ class PromptLookup:
         return []
 
 
+class PassCosts:
+    """What a pass costs by its width (tokens fed, each with its logits), relative to a pass of one token,
+    measured as passes run on one model. It depends on the model and the machine: on 2 threads a SmolLM2 pass
+    of 4 tokens takes ~1.8x a pass of 1, a Gemma 3 270M one ~1.7x, one of 8 ~2.9x and ~3.2x (its 262k-row
+    head computes each position). Read and written by whichever thread runs passes; a lost update only delays
+    the estimate."""
+
+    PRIOR_SLOPE = 0.3  # each extra token, in one-token passes, until measured
+
+    def __init__(self) -> None:
+        self._seconds: dict[int, float] = {}
+
+    def observe(self, width: int, seconds: float) -> None:
+        old = self._seconds.get(width)
+        self._seconds[width] = seconds if old is None else 0.8 * old + 0.2 * seconds
+
+    def relative(self, width: int) -> float:
+        one = self._seconds.get(1)
+        if width <= 1 or one is None:
+            return 1 + self.PRIOR_SLOPE * max(width - 1, 0)
+        if width in self._seconds:
+            return self._seconds[width] / one
+        below = max((w for w in self._seconds if w < width), default=1)  # extend the line to the widest known
+        slope = (self._seconds[below] / one - 1) / (below - 1) if below > 1 else self.PRIOR_SLOPE
+        return 1 + max(slope, 0.05) * (width - 1)
+
+
+def best_length(alpha: float, costs: PassCosts, longest: int) -> int:
+    """The draft length that makes the most tokens per unit of time, if each guess is kept with probability
+    `alpha` once the ones before it were: k guesses give 1 + alpha + ... + alpha^k tokens for a pass of k + 1.
+    0 when no draft beats a plain pass."""
+    best, best_rate, expected, p = 0, 1.0, 1.0, 1.0
+    for k in range(1, longest + 1):
+        p *= alpha
+        expected += p
+        rate = expected / costs.relative(k + 1)
+        if rate > best_rate:
+            best, best_rate = k, rate
+    return best
+
+
 @dataclass
 class Speculation:
-    """One sequence's drafting policy: `mode` is "auto" (adapt the draft length, and draft only where it pays:
-    a sequence decoding alone), "off", or a fixed draft length."""
+    """One sequence's drafting policy: `mode` is "auto" (draft as far as pays at the acceptance seen so far,
+    and only where drafting pays at all: a sequence decoding alone), "off", or a fixed draft length.
+
+    The acceptance estimate counts kept guesses and first rejections with a decay (recent checks weigh most),
+    from a prior of one each. Where no length pays, a one-token probe is still drafted now and then (after 1,
+    3, 7 ... steps, at most MAX_BACKOFF), so a sequence that starts copying is noticed."""
 
     mode: Mode = "auto"
-    k: int = AUTO_FIRST_DRAFT
-    misses: int = 0  # drafts in a row of which nothing was accepted
-    rest: int = 0  # steps left without drafting
-    drafted: int = field(default=0, repr=False)
-    accepted: int = field(default=0, repr=False)
+    costs: PassCosts = field(default_factory=PassCosts, repr=False)
+    kept: float = 0.0  # decayed counts of guesses kept and of checks that rejected one
+    rejected: float = 0.0
+    misses: int = 0  # probes in a row of which nothing was kept
+    rest: int = 0  # steps left before the next probe
+
+    @property
+    def alpha(self) -> float:
+        return (self.kept + 1) / (self.kept + self.rejected + 2)
 
     def length(self, alone: bool) -> int:
         """How many tokens to draft for the next pass (0: none)."""
@@ -80,20 +130,19 @@ class Speculation:
             return 0
         if isinstance(self.mode, int):
             return self.mode
+        k = best_length(self.alpha, self.costs, AUTO_MAX_DRAFT)
+        if k:
+            return k
         if self.rest:
             self.rest -= 1
             return 0
-        return self.k
+        return 1
 
     def update(self, drafted: int, accepted: int) -> None:
         """After a pass that checked `drafted` tokens, of which the first `accepted` were the model's own."""
-        self.drafted += drafted
-        self.accepted += accepted
         if self.mode != "auto" or not drafted:
             return
-        if accepted == drafted:
-            self.k = min(2 * self.k, AUTO_MAX_DRAFT)
-        else:
-            self.k = max(1, accepted + 1)
+        self.kept = DECAY * self.kept + accepted
+        self.rejected = DECAY * self.rejected + (accepted < drafted)
         self.misses = self.misses + 1 if accepted == 0 else 0
-        self.rest = min(2 ** self.misses - 1, MAX_BACKOFF) if self.misses else 0
+        self.rest = min(2 ** self.misses - 1, MAX_BACKOFF)
