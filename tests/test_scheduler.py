@@ -183,9 +183,9 @@ def test_a_long_prompt_runs_in_chunks_between_the_decode_steps(model, passes):
     decoder = batched.model.decoder
     forward, decode_rows = decoder.forward, decoder.decode_rows
 
-    def chunk(ids, cache, all_logits=False, adapter=None):
+    def chunk(ids, cache, **kwargs):
         order.append(f"chunk {len(ids)}")
-        return forward(ids, cache, all_logits, adapter)
+        return forward(ids, cache, **kwargs)
 
     def step(binding, tokens, past, adapters=None):
         order.append("step")

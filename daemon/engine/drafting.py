@@ -8,15 +8,14 @@ over a few tokens costs little more than a pass over one: on 2 threads a SmolLM2
 about 1.6x one of 1 (docs/measured-facts.md, "Speculative decoding"). Nothing is trained or loaded: a draft
 is a search over token ids.
 
-How far to guess follows what was accepted and what a wider pass costs on this model (`Speculation`,
-`PassCosts`): the length that makes the most tokens per second at the acceptance seen so far, none where no
-length pays, with a rare one-token probe then, so free text with nothing to copy pays for a draft only now
-and then.
+How far to guess follows what was accepted (`Speculation`): the length that makes the most tokens per
+second at the acceptance seen so far and the cost of a wider pass, none where no length pays, with a rare
+one-token probe then, so free text with nothing to copy pays for a draft only now and then.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -26,6 +25,11 @@ MAX_DRAFT = 16  # tokens a draft may hold (a fixed k) ...
 AUTO_MAX_DRAFT = 8  # ... and at most when adapting: on 2 threads a 9-token pass costs ~3 one-token passes
 MAX_BACKOFF = 32  # steps without a probe after repeated misses, at most
 DECAY = 0.7  # weight of the acceptance seen before the last check
+# What each token a pass feeds beyond the first costs, in passes of one: measured on 2 threads 0.27 (SmolLM2
+# int4, 4 and 8 tokens) and 0.22-0.31 (Gemma 3 270M), docs/measured-facts.md. A constant, not a measurement
+# made while serving: then the drafts, and so the kernels a pass takes, depend on the sequence alone, and a
+# greedy answer does not change with the machine's load.
+COST_PER_TOKEN = 0.3
 
 Mode = Literal["auto", "off"] | int
 
@@ -63,34 +67,12 @@ class PromptLookup:
         return []
 
 
-class PassCosts:
-    """What a pass costs by its width (tokens fed, each with its logits), relative to a pass of one token,
-    measured as passes run on one model. It depends on the model and the machine: on 2 threads a SmolLM2 pass
-    of 4 tokens takes ~1.8x a pass of 1, a Gemma 3 270M one ~1.7x, one of 8 ~2.9x and ~3.2x (its 262k-row
-    head computes each position). Read and written by whichever thread runs passes; a lost update only delays
-    the estimate."""
-
-    PRIOR_SLOPE = 0.3  # each extra token, in one-token passes, until measured
-
-    def __init__(self) -> None:
-        self._seconds: dict[int, float] = {}
-
-    def observe(self, width: int, seconds: float) -> None:
-        old = self._seconds.get(width)
-        self._seconds[width] = seconds if old is None else 0.8 * old + 0.2 * seconds
-
-    def relative(self, width: int) -> float:
-        one = self._seconds.get(1)
-        if width <= 1 or one is None:
-            return 1 + self.PRIOR_SLOPE * max(width - 1, 0)
-        if width in self._seconds:
-            return self._seconds[width] / one
-        below = max((w for w in self._seconds if w < width), default=1)  # extend the line to the widest known
-        slope = (self._seconds[below] / one - 1) / (below - 1) if below > 1 else self.PRIOR_SLOPE
-        return 1 + max(slope, 0.05) * (width - 1)
+def pass_cost(width: int) -> float:
+    """A pass over `width` tokens, in passes over one."""
+    return 1 + COST_PER_TOKEN * (width - 1)
 
 
-def best_length(alpha: float, costs: PassCosts, longest: int) -> int:
+def best_length(alpha: float, longest: int) -> int:
     """The draft length that makes the most tokens per unit of time, if each guess is kept with probability
     `alpha` once the ones before it were: k guesses give 1 + alpha + ... + alpha^k tokens for a pass of k + 1.
     0 when no draft beats a plain pass."""
@@ -98,7 +80,7 @@ def best_length(alpha: float, costs: PassCosts, longest: int) -> int:
     for k in range(1, longest + 1):
         p *= alpha
         expected += p
-        rate = expected / costs.relative(k + 1)
+        rate = expected / pass_cost(k + 1)
         if rate > best_rate:
             best, best_rate = k, rate
     return best
@@ -114,7 +96,6 @@ class Speculation:
     3, 7 ... steps, at most MAX_BACKOFF), so a sequence that starts copying is noticed."""
 
     mode: Mode = "auto"
-    costs: PassCosts = field(default_factory=PassCosts, repr=False)
     kept: float = 0.0  # decayed counts of guesses kept and of checks that rejected one
     rejected: float = 0.0
     misses: int = 0  # probes in a row of which nothing was kept
@@ -130,7 +111,7 @@ class Speculation:
             return 0
         if isinstance(self.mode, int):
             return self.mode
-        k = best_length(self.alpha, self.costs, AUTO_MAX_DRAFT)
+        k = best_length(self.alpha, AUTO_MAX_DRAFT)
         if k:
             return k
         if self.rest:

@@ -16,7 +16,7 @@ from edgellm.daemon.engine.chat import ChatMessage
 from edgellm.daemon.engine.constrain.copy_grammar import has_copied_fields
 from edgellm.daemon.engine.constrain.json_constraint import JsonConstraint, compile_json_schema, grammar_tokenizer
 from edgellm.daemon.engine.decoder import KVCache
-from edgellm.daemon.engine.drafting import MAX_DRAFT, Mode, PassCosts
+from edgellm.daemon.engine.drafting import MAX_DRAFT, Mode
 from edgellm.daemon.engine.model import LoadedModel
 from edgellm.daemon.engine.params import GenerationParams
 from edgellm.daemon.engine.prefix_cache import PrefixCache
@@ -36,7 +36,6 @@ class Generator:
         """`speculative`: the drafting mode of requests that do not choose one (edgellm/daemon/engine/drafting.py)."""
         self.model = model
         self.speculative = speculative
-        self.pass_costs = PassCosts()  # what a pass costs by width on this model: drafts are sized by it
         self.prefix_cache = prefix_cache
         self._lltok = None
         self._template_ends: tuple[list[int], list[int]] | None = None
@@ -117,8 +116,7 @@ class Generator:
         split_last = self.prefix_cache is not None and len(ids) >= self.prefix_cache.min_tokens and not solo
         return Sequence(ids, params, context=context, eos=self.model.eos_token_ids, tokenizer=self.model.tokenizer,
                         constraint=constraint, cached=hit, split_last=split_last, interrupt=interrupt,
-                        started=started, adapter=adapter, solo=solo, speculative=self.speculative,
-                        pass_costs=self.pass_costs)
+                        started=started, adapter=adapter, solo=solo, speculative=self.speculative)
 
     def _adapter(self, name: str | None) -> Adapter | None:
         slots = self.model.decoder.adapters
@@ -153,9 +151,7 @@ class Generator:
             seq.check()
             seq.propose(MAX_DRAFT, alone=True)
             feed = seq.next_feed()
-            started = time.perf_counter()
             logits = decoder.forward(feed, cache, adapter=seq.adapter, last=seq.logit_rows)
-            seq.timed(len(feed), time.perf_counter() - started)
             if seq.fed(len(feed), logits):
                 self._remember_prompt(seq, cache)
             cache.rewind(seq.discard)

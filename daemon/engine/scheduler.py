@@ -211,10 +211,7 @@ class Scheduler:
             for seq in batch:
                 seq.fail(EdgeError("internal", f"{type(e).__name__}: {e}"))
             return
-        seconds = time.perf_counter() - started
-        self._step_seconds = _average(self._step_seconds, seconds)
-        if span == 1:
-            batch[0].timed(1, seconds)
+        self._step_seconds = _average(self._step_seconds, time.perf_counter() - started)
         self.steps.append(span)
         for seq in batch:
             cache = self._caches[id(seq)]
@@ -225,9 +222,7 @@ class Scheduler:
         """One pass of `feed` for one sequence: a prompt chunk, forced tokens, or a step of a private cache."""
         cache = self._caches[id(seq)]
         try:
-            started = time.perf_counter()
             logits = self.decoder.forward(feed, cache, adapter=seq.adapter, last=seq.logit_rows)
-            seq.timed(len(feed), time.perf_counter() - started)
         except Exception as e:
             log.exception("a forward pass failed")
             seq.fail(EdgeError("internal", f"{type(e).__name__}: {e}"))

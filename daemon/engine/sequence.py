@@ -38,7 +38,7 @@ import numpy as np
 from edgellm.daemon.engine.adapters import Adapter
 from edgellm.daemon.engine.constrain.json_constraint import JsonConstraint
 from edgellm.daemon.engine.detokenize import IncrementalDecoder
-from edgellm.daemon.engine.drafting import Mode, PassCosts, PromptLookup, Speculation
+from edgellm.daemon.engine.drafting import Mode, PromptLookup, Speculation
 from edgellm.daemon.engine.params import GenerationParams
 from edgellm.daemon.engine.sampling import Sampler
 from edgellm.daemon.engine.stops import StopFilter
@@ -109,8 +109,7 @@ class Sequence:
                  tokenizer, constraint: JsonConstraint | None = None,
                  cached: tuple[int, list[np.ndarray]] | None = None, split_last: bool = False,
                  interrupt: Callable[[], None] | None = None, started: float | None = None,
-                 adapter: Adapter | None = None, solo: bool = False, speculative: Mode = "auto",
-                 pass_costs: PassCosts | None = None):
+                 adapter: Adapter | None = None, solo: bool = False, speculative: Mode = "auto"):
         """`cached`: a prefix-cache hit, (tokens, their keys and values), for whoever makes the cache.
         `adapter`: the LoRA adapter every pass of this sequence runs with (None: the base).
         `split_last`: without a hit, feed the prompt's last token in a pass of its own. A repeat of this prompt
@@ -119,8 +118,7 @@ class Sequence:
         `solo`: computed exactly as alone on a fresh model, even in the scheduler: a cache of its own, no cached
         prefix, the whole prompt in one pass, no draft (the update health check compares such an answer bit for
         bit).
-        `speculative`: the drafting mode when the request does not choose one (Speculation); `pass_costs`: the
-        model's measured pass times by width, shared by its sequences."""
+        `speculative`: the drafting mode when the request does not choose one (Speculation)."""
         cached_tokens, self.cached_keys = cached if cached is not None else (0, None)
         self.ids, self.params, self.adapter, self.solo = ids, params, adapter, solo
         self.budget = min(params.max_tokens, context - len(ids))
@@ -143,7 +141,7 @@ class Sequence:
         self.abandoned = False  # the only field another thread writes: its reader stopped reading
         self.events: queue.SimpleQueue[Event] = queue.SimpleQueue()
         mode = params.speculative or speculative
-        self.speculation = Speculation("off" if solo else mode, pass_costs or PassCosts())
+        self.speculation = Speculation("off" if solo else mode)
         self._lookup = PromptLookup(ids) if self.speculation.mode != "off" else None
         self.draft: list[int] = []  # guessed tokens the next pass feeds after `todo`
         self.discard = 0  # tokens the last pass fed whose keys are not the sequence's (rejected guesses)
@@ -175,12 +173,6 @@ class Sequence:
     def logit_rows(self) -> int:
         """Positions of the next pass whose logits it needs: the last, and one before each guess."""
         return 1 + len(self.draft)
-
-    def timed(self, width: int, seconds: float) -> None:
-        """A pass of this sequence alone took `seconds`: a decoding pass (one token, or a draft's check) tells
-        what drafting costs on this model."""
-        if self.state is State.DECODING and (width == 1 or self.draft):
-            self.speculation.costs.observe(width, seconds)
 
     def propose(self, room: int, alone: bool) -> None:
         """Before a decoding pass: guess up to `room` tokens to check in it (`alone`: no other sequence decodes
