@@ -45,7 +45,8 @@ def cmd_model_build(args: argparse.Namespace) -> None:
     options = BuildOptions(QuantSpec(args.quant, block_size=args.block_size, symmetric=not args.asymmetric,
                                      eight_bit=eight_bit), name=args.name, revision=args.revision, force=args.force,
                            gguf_import=not args.no_gguf_import, fused=not args.no_fuse, keep_base=args.keep_base,
-                           adapter_slots=slots, adapters=_named_folders(args.adapter or []), context=args.context)
+                           adapter_slots=slots, adapters=_named_folders(args.adapter or []), context=args.context,
+                           kv_cache=args.kv_cache)
     if args.task == "embedding":
         from edgellm.models.building.embedding_build import build_embedding
 
@@ -362,6 +363,9 @@ def register(commands: argparse._SubParsersAction) -> None:
                    "one (GroupQueryAttention; about 2x faster decode)")
     p.add_argument("--context", type=int, metavar="TOKENS", help="positions the fused graph serves (default: the "
                    "model's trained context, at most 8192; its rotary tables cost memory per position)")
+    p.add_argument("--kv-cache", choices=("float32", "float16"), default="float32", help="the type the fused "
+                   "graph keeps keys and values in: float16 halves the KV pool and the prefix cache's bytes a token "
+                   "(perplexity +0.3%%) but decodes 4-30%% slower on CPUs without fp16 arithmetic (default float32)")
     p.add_argument("--no-gguf-import", action="store_true", help="with int4 from a GGUF: re-quantize its "
                    "de-quantized weights instead of reusing its blocks exactly (smaller, faster, less accurate)")
     p.add_argument("--keep-base", action="store_true", help="with a LoRA merge of a GGUF base: keep the base's "

@@ -259,6 +259,48 @@ def run_speculative(args) -> dict:
     return out
 
 
+def run_serving_memory(args) -> dict:
+    """bench_kv.py's worker: the daemon's generator (4 rows of 512 tokens, a 256 MB prefix cache) answers
+    --requests requests, four at a time, each a distinct ~250-token prompt; then one stream alone."""
+    import threading
+
+    from edgellm.daemon.engine.generate import Generator
+    from edgellm.daemon.engine.model import LoadedModel
+    from edgellm.daemon.engine.params import GenerationParams
+    from edgellm.daemon.engine.prefix_cache import PrefixCache
+
+    model = LoadedModel.load(args.model, threads=args.threads)
+    cache = PrefixCache(256 << 20)
+    g = Generator(model, cache, batch_rows=4, batch_context=512)
+    loaded_rss = current_rss_mb()
+    text = open(args.prompt_file).read().split()
+    params = GenerationParams(max_tokens=32, temperature=0, ignore_eos=True, speculative="off")
+    prompts = [g.prompt_ids(f"Request {i}. " + " ".join(text[i % 50: i % 50 + 160])) for i in range(args.requests)]
+
+    def worker(k: int) -> None:
+        for ids in prompts[k::4]:
+            g.generate(ids, params)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    alone = Generator(model)
+    r = alone.generate(prompts[0], GenerationParams(max_tokens=64, temperature=0, ignore_eos=True, speculative="off"))
+    pool = sum(a.nbytes for a in g.scheduler._pool)
+    return {"loaded_rss_mb": round(loaded_rss, 1), "rss_mb": round(current_rss_mb(), 1),
+            "peak_rss_mb": round(peak_rss_mb(), 1), "kv_pool_mb": round(pool / 2**20, 1),
+            "prefix_cache_mb": round(cache.bytes / 2**20, 1), "decode_tps": round(r.timings.decode_tps, 2)}
+
+
+def current_rss_mb() -> float:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
 def run_llamacpp_ids(args) -> dict:
     """bench_speculative.py's anchor: llama.cpp greedy over the very prompt ids edgellm used, as many new tokens
     as edgellm made; plain decoding, and llama-cpp-python's own prompt-lookup drafting."""
@@ -491,7 +533,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("engine", choices=["edgellm", "edgellm-prefix", "scheduler", "llamacpp", "genai", "genai-build",
                                       "bandwidth", "concurrency", "concurrency-llamacpp", "concurrency-genai",
-                                      "speculative", "llamacpp-ids"])
+                                      "speculative", "llamacpp-ids", "serving-memory"])
     p.add_argument("--ppl-file", help="llamacpp: also measure perplexity on this text")
     p.add_argument("--model")
     p.add_argument("--prompt-file")
@@ -502,13 +544,14 @@ def main() -> None:
     p.add_argument("--hf", help="a Hugging Face model folder")
     p.add_argument("--out")
     p.add_argument("--tasks-file", help="speculative, llamacpp-ids: the tasks (bench_speculative.py writes it)")
+    p.add_argument("--requests", type=int, default=40, help="serving-memory: requests answered")
     args = p.parse_args()
     run = {"edgellm": run_edgellm, "edgellm-prefix": run_edgellm_prefix, "scheduler": run_scheduler,
            "llamacpp": run_llamacpp,
            "genai": run_genai, "genai-build": build_genai, "bandwidth": run_bandwidth,
            "concurrency": run_concurrency, "concurrency-llamacpp": run_concurrency_llamacpp,
            "concurrency-genai": run_concurrency_genai, "speculative": run_speculative,
-           "llamacpp-ids": run_llamacpp_ids}
+           "llamacpp-ids": run_llamacpp_ids, "serving-memory": run_serving_memory}
     print(json.dumps(run[args.engine](args)))
 
 

@@ -120,8 +120,10 @@ class OnnxDecoder:
         self.present_names = [PRESENT_PREFIX + n[len(PAST_PREFIX):] for n in self.past_names]
         self.has_position_ids = "position_ids" in inputs
         self.has_logit_positions = "logit_positions" in inputs
-        first = inputs[self.past_names[0]].shape  # [batch, kv_heads, past, head_dim]
-        self.kv_heads, self.head_dim = int(first[1]), int(first[3])
+        first = inputs[self.past_names[0]]  # [batch, kv_heads, past, head_dim]
+        self.kv_heads, self.head_dim = int(first.shape[1]), int(first.shape[3])
+        # float16 in fused graphs built with --kv-cache float16 (models/building/fused_graph.py), else float32
+        self.kv_dtype = np.dtype(np.float16) if first.type == "tensor(float16)" else np.dtype(np.float32)
         self.vocab_size = self.session.get_outputs()[0].shape[-1]
         metadata = self.session.get_modelmeta().custom_metadata_map
         self.in_place = metadata.get(KV_CACHE_KEY) == KV_IN_PLACE
@@ -135,7 +137,7 @@ class OnnxDecoder:
         tokens the caller expects to feed in all; an in-place cache grows if it is exceeded."""
         length = prefix[0].shape[2] if prefix else 0
         if not self.in_place:
-            empty = np.zeros((1, self.kv_heads, 0, self.head_dim), dtype=np.float32)
+            empty = np.zeros((1, self.kv_heads, 0, self.head_dim), dtype=self.kv_dtype)
             return KVCache(list(prefix) if prefix else [empty] * len(self.past_names), length)
         cache = KVCache([], 0)
         self._grow(cache, max(capacity, length + 1, MIN_CAPACITY))
@@ -145,7 +147,8 @@ class OnnxDecoder:
 
     def _grow(self, cache: KVCache, capacity: int) -> None:
         """Move the cache to buffers of `capacity` positions, keeping what it holds."""
-        arrays = [np.zeros((1, self.kv_heads, capacity, self.head_dim), dtype=np.float32) for _ in self.past_names]
+        arrays = [np.zeros((1, self.kv_heads, capacity, self.head_dim), dtype=self.kv_dtype)
+                  for _ in self.past_names]
         copy_keys(arrays, cache.arrays, cache.length)
         cache.arrays, cache.binding = arrays, self.bind(arrays)
 

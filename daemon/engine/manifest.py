@@ -34,6 +34,8 @@ class Quantization(StrictModel):
     gguf_imported: dict[str, int] | None = Field(None, description="weights taken exactly from GGUF blocks, by type")
     rounded_weights: list[str] | None = Field(None, description="GGUF weights of a type with no exact form here, "
                                               "de-quantized and rounded again")
+    kv_cache: Literal["float16", "float32"] | None = Field(None, description="the type the KV cache holds (fused "
+                                                            "graph); None: float32")
 
 
 class Source(StrictModel):

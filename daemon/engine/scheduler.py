@@ -61,7 +61,7 @@ class Scheduler:
         shape = (rows, decoder.kv_heads, capacity, decoder.head_dim)
         # Committed now: onnxruntime writes a row's whole extent on a prompt, and faulting in fresh pages then
         # cost ~1 s per row on this machine.
-        self._pool = [np.full(shape, 0.0, dtype=np.float32) for _ in decoder.past_names]
+        self._pool = [np.full(shape, 0.0, dtype=decoder.kv_dtype) for _ in decoder.past_names]
         self._batches = [decoder.bind([b[:n] for b in self._pool]) for n in range(1, rows + 1)]
         self._rows: list[Sequence | None] = [None] * rows
         self._caches: dict[int, KVCache] = {}  # id(sequence) -> its cache (a pool row or private)

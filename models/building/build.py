@@ -112,11 +112,12 @@ def fused_source(source: Source) -> bool:
     return False
 
 
-def plan_for(spec: QuantSpec, gguf_import: bool, adapter_slots: tuple[str, ...] = ()):
+def plan_for(spec: QuantSpec, gguf_import: bool, adapter_slots: tuple[str, ...] = (), kv_cache: str = "float32"):
     from edgellm.models.building.fused_graph import Plan
 
     return Plan(bits=spec.bits, block_size=spec.block_size, symmetric=spec.symmetric, head_bits=spec.head_bits,
-                eight_bit=spec.eight_bit, requantize=not gguf_import, adapter_slots=adapter_slots)
+                eight_bit=spec.eight_bit, requantize=not gguf_import, adapter_slots=adapter_slots,
+                kv_cache=kv_cache)
 
 
 def _build_fused(source: Source, staged: Path, options: BuildOptions, progress: Steps) -> ModelManifest:
@@ -131,7 +132,7 @@ def _build_fused(source: Source, staged: Path, options: BuildOptions, progress: 
     progress.next()
     data = ExternalData(staged / EXTERNAL_DATA)
     try:
-        plan = plan_for(options.quant, options.gguf_import, options.adapter_slots)
+        plan = plan_for(options.quant, options.gguf_import, options.adapter_slots, options.kv_cache)
         graph, report = build_fused_decoder(spec, weights, plan, data)
     finally:
         data.close()
@@ -285,7 +286,7 @@ def _read(path: Path) -> dict:
 def _quantization(spec: QuantSpec, report) -> Quantization:
     imported = dict(report.imported)
     if spec.bits is None:
-        return Quantization(scheme="fp32", method="none (fp32)")
+        return Quantization(scheme="fp32", method="none (fp32)", kv_cache=report.kv_cache)
     parts = []
     if imported:
         parts.append("GGUF blocks kept exactly (" + ", ".join(f"{n} {k}" for k, n in sorted(imported.items())) + ")")
@@ -306,7 +307,8 @@ def _quantization(spec: QuantSpec, report) -> Quantization:
     return Quantization(scheme=spec.scheme, method="; ".join(parts) or "none", bits=spec.bits,
                         block_size=spec.block_size, symmetric=spec.symmetric, accuracy_level=ACCURACY_LEVEL_INT8,
                         output_head_bits=max(spec.bits, spec.head_bits), eight_bit_layers=list(spec.eight_bit) or None,
-                        gguf_imported=imported or None, rounded_weights=report.rounded or None)
+                        gguf_imported=imported or None, rounded_weights=report.rounded or None,
+                        kv_cache=report.kv_cache)
 
 
 def _measure(source: Source, staged: Path, manifest: ModelManifest) -> None:

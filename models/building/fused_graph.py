@@ -66,6 +66,7 @@ class Plan:
     eight_bit: tuple[str, ...] = ()
     requantize: bool = False
     adapter_slots: tuple[str, ...] = ()  # projections (q_proj, v_proj, ...) that take a LoRA adapter at run time
+    kv_cache: str = "float32"  # the keys and values' type: float16 halves the cache (docs/measured-facts.md)
 
 
 @dataclass
@@ -79,6 +80,7 @@ class Report:
     low_rank: int = 0  # tuned weights kept as their base's blocks plus a float low-rank change (--keep-base)
     remerged: dict[str, list[int]] = field(default_factory=dict)  # node -> first rows of its re-merged matrices
     factors: dict[str, np.ndarray] = field(default_factory=dict)  # their LoRA factors, for REMERGE_FILE
+    kv_cache: str | None = None  # the type keys and values are kept in
 
 
 def quantize_blocks(w: np.ndarray, bits: int, block: int, symmetric: bool) -> Blocks:
@@ -135,7 +137,8 @@ class _Builder:
     def __init__(self, spec: ModelSpec, weights, plan: Plan, data: ExternalData):
         self.spec, self.weights, self.plan = spec, weights, plan
         self.g = _Graph(data)
-        self.report = Report()
+        self.report = Report(kv_cache=plan.kv_cache)
+        self._halves: dict[str, str] = {}
         self.shared: dict[int, tuple[Blocks, dict[str, str]]] = {}  # id -> (blocks, initializer names)
         self.row_slices: dict[str, list[int]] = {}  # node -> rows of each matrix stacked in its weights
         self.adapter_slots: dict[str, dict] = {}  # node -> its run-time adapter inputs (daemon/engine/adapters.py)
@@ -337,16 +340,28 @@ class _Builder:
                       self._head_norm(k, f"{a}.k_norm", f"{node}/k_norm"), v]
         window = spec.window(i)
         cos, sin = self._rotary_caches(i)
+        output = f"{node}/output"
+        if self.plan.kv_cache == "float16":  # GroupQueryAttention runs in the cache's type: cast around it
+            inputs = [self._half(x) if x else x for x in inputs]
+            cos, sin, output = self._half(cos), self._half(sin), f"{node}/output_fp16"
         scale = {} if spec.attention_scale is None else {"scale": spec.attention_scale}
         attn, _, _ = g.op(
             "GroupQueryAttention",
             [*inputs, f"past_key_values.{i}.key", f"past_key_values.{i}.value", *sequence, cos, sin],
-            f"{node}/GroupQueryAttention", outputs=[f"{node}/output", f"present.{i}.key", f"present.{i}.value"],
+            f"{node}/GroupQueryAttention", outputs=[output, f"present.{i}.key", f"present.{i}.value"],
             domain=MS, num_heads=spec.heads, kv_num_heads=spec.kv_heads, do_rotary=1, rotary_interleaved=0,
             local_window_size=window if window else -1, **scale)
+        if output != f"{node}/output":
+            (attn,) = g.op("Cast", [attn], f"{node}/output_fp32", to=TensorProto.FLOAT)
         out = f"model.layers.{i}.{arch.attention_out}"
         return self.linear(attn, [f"{out}.weight"], f"/model/layers.{i}/{arch.attention_out.replace('.', '/')}",
                            self.vector(f"{out}.bias"))
+
+    def _half(self, x: str) -> str:
+        """`x` cast to float16, once per tensor (the rotary tables are shared by layers)."""
+        if x not in self._halves:
+            (self._halves[x],) = self.g.op("Cast", [x], f"{x}/fp16", to=TensorProto.FLOAT16)
+        return self._halves[x]
 
     def _head_norm(self, x: str, name: str, node: str) -> str:
         """RMSNorm over each head of a [batch, seq, heads * head_dim] projection."""
@@ -510,6 +525,7 @@ def build_fused_decoder(spec: ModelSpec, weights, plan: Plan, data: ExternalData
     (logits,) = g.op("Identity", [logits], "/logits", outputs=["logits"])
 
     f = TensorProto.FLOAT
+    kv = TensorProto.FLOAT16 if plan.kv_cache == "float16" else f
     kv_heads, head_dim = spec.kv_heads, spec.head_dim
     cache_shape = ["batch_size", kv_heads, "past_sequence_length", head_dim]
     inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
@@ -519,9 +535,9 @@ def build_fused_decoder(spec: ModelSpec, weights, plan: Plan, data: ExternalData
     outputs = [helper.make_tensor_value_info("logits", f, ["batch_size", "num_logits", spec.vocab])]
     for i in range(spec.layers):
         for kind in ("key", "value"):
-            inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", f, cache_shape))
+            inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", kv, cache_shape))
             outputs.append(helper.make_tensor_value_info(
-                f"present.{i}.{kind}", f, ["batch_size", kv_heads, "total_sequence_length", head_dim]))
+                f"present.{i}.{kind}", kv, ["batch_size", kv_heads, "total_sequence_length", head_dim]))
     for node, slot in b.adapter_slots.items():
         rows = sum(n for _, n in slot["modules"])
         inputs += [helper.make_tensor_value_info(slot["down"], f, ["batch_size", slot["in"], f"rank:{node}"]),

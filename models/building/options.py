@@ -37,6 +37,7 @@ class BuildOptions:
     adapter_slots: tuple[str, ...] = ()  # projections that take LoRA adapters at run time (daemon/engine/adapters.py)
     adapters: dict[str, Path] = field(default_factory=dict)  # peft adapter folders shipped in adapters/NAME/
     context: int | None = None  # positions served (None: the model's, at most DEFAULT_CONTEXT)
+    kv_cache: str = "float32"  # or float16: half the KV memory, slower decode (docs/measured-facts.md)
 
 
 def lineage(source: Source) -> dict | None:
