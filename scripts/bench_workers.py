@@ -288,7 +288,7 @@ def run_serving_memory(args) -> dict:
         t.join()
     alone = Generator(model)
     r = alone.generate(prompts[0], GenerationParams(max_tokens=64, temperature=0, ignore_eos=True, speculative="off"))
-    pool = sum(a.nbytes for a in g.scheduler._pool)
+    pool = g.scheduler.pool_bytes
     return {"loaded_rss_mb": round(loaded_rss, 1), "rss_mb": round(current_rss_mb(), 1),
             "peak_rss_mb": round(peak_rss_mb(), 1), "kv_pool_mb": round(pool / 2**20, 1),
             "prefix_cache_mb": round(cache.bytes / 2**20, 1), "decode_tps": round(r.timings.decode_tps, 2)}

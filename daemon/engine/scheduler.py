@@ -42,6 +42,7 @@ log = logging.getLogger("edgellm.scheduler")
 IDLE_EXIT_SECONDS = 5.0  # the thread ends when idle this long, and starts again on the next submit
 MIN_CHUNK, MAX_CHUNK = 4, 512  # prompt tokens per pass while other sequences decode
 CHUNK_STEPS = 1.5  # a chunk's target time, in decode steps: how long the decoding streams wait for it
+POOL_PAGE = 128  # positions a row of the KV pool holds at first, and the pool grows by at least
 
 
 class Scheduler:
@@ -58,13 +59,12 @@ class Scheduler:
         self.decoder = decoder
         self.capacity = capacity
         self.on_prompt, self.lookup = on_prompt, lookup
-        shape = (rows, decoder.kv_heads, capacity, decoder.head_dim)
-        # Committed now: onnxruntime writes a row's whole extent on a prompt, and faulting in fresh pages then
-        # cost ~1 s per row on this machine.
-        self._pool = [np.full(shape, 0.0, dtype=decoder.kv_dtype) for _ in decoder.past_names]
-        self._batches = [decoder.bind([b[:n] for b in self._pool]) for n in range(1, rows + 1)]
         self._rows: list[Sequence | None] = [None] * rows
         self._caches: dict[int, KVCache] = {}  # id(sequence) -> its cache (a pool row or private)
+        self._pool: list[np.ndarray] = []  # per layer's keys and values: [rows, kv_heads, room, head_dim]
+        self._room = 0  # positions each row holds now: grows with the longest row, up to `capacity`
+        self._batches: list = []  # IO bindings of the pool's first 1, 2, ... rows
+        self._grow_pool(min(POOL_PAGE, capacity))
         self._active: list[Sequence] = []  # admitted, oldest first
         self._inbox: queue.SimpleQueue[Sequence] = queue.SimpleQueue()
         self._lock = threading.Lock()  # guards _thread, the only state request threads touch
@@ -124,9 +124,10 @@ class Scheduler:
         if row is None:
             cache = self.decoder.new_cache(len(seq.ids) + seq.budget, prefix)
         else:
-            arrays = [b[row:row + 1] for b in self._pool]
-            cache = KVCache(arrays, 0, self.decoder.bind(arrays), row=row)
-            copy_keys(arrays, prefix or [], seq.usage.cached_tokens)
+            self._make_room(seq.usage.cached_tokens + 1)
+            cache = KVCache([], 0)
+            self._place(cache, row)
+            copy_keys(cache.arrays, prefix or [], seq.usage.cached_tokens)
             cache.length = seq.usage.cached_tokens
             self._rows[row] = seq
         seq.cached_keys = None
@@ -182,6 +183,8 @@ class Scheduler:
     def _reuse_prefix(self, seq: Sequence) -> None:
         hit = self.lookup(seq.ids, seq.adapter)
         if hit is not None and hit[0] > seq.usage.cached_tokens:
+            if self._caches[id(seq)].row is not None:
+                self._make_room(hit[0] + 1)
             cache = self._caches[id(seq)]
             copy_keys(cache.arrays, hit[1], hit[0])
             cache.length = hit[0]
@@ -195,6 +198,7 @@ class Scheduler:
 
     def _step(self, batch: list[Sequence]) -> None:
         span = max(self._caches[id(s)].row for s in batch) + 1
+        self._make_room(max(self._caches[id(s)].length for s in self._rows[:span] if s is not None) + 1)
         tokens = np.zeros(span, dtype=np.int64)
         past = np.zeros(span, dtype=np.int64)
         for r, seq in enumerate(self._rows[:span]):
@@ -220,6 +224,8 @@ class Scheduler:
 
     def _run(self, seq: Sequence, feed: list[int]) -> None:
         """One pass of `feed` for one sequence: a prompt chunk, forced tokens, or a step of a private cache."""
+        if self._caches[id(seq)].row is not None:
+            self._make_room(self._caches[id(seq)].length + len(feed))
         cache = self._caches[id(seq)]
         try:
             logits = self.decoder.forward(feed, cache, adapter=seq.adapter, last=seq.logit_rows)
@@ -256,10 +262,42 @@ class Scheduler:
             if seq is None or low is None:
                 continue
             cache = self._caches[id(seq)]
-            arrays = [b[low:low + 1] for b in self._pool]
-            copy_keys(arrays, cache.arrays, cache.length)
-            cache.arrays, cache.binding, cache.row = arrays, self.decoder.bind(arrays), low
+            old = cache.arrays
+            self._place(cache, low)
+            copy_keys(cache.arrays, old, cache.length)
             self._rows[low], self._rows[high] = seq, None
+
+    def _place(self, cache: KVCache, row: int) -> None:
+        """Point `cache` at pool row `row` (views of the pool, and a binding reading and writing them)."""
+        arrays = [b[row:row + 1] for b in self._pool]
+        cache.arrays, cache.binding, cache.row = arrays, self.decoder.bind(arrays), row
+
+    def _make_room(self, positions: int) -> None:
+        """Before a pass that writes pool rows up to `positions`: grow the pool if its rows are shorter."""
+        if positions > self._room:
+            pages = -(-positions // POOL_PAGE) * POOL_PAGE
+            self._grow_pool(min(self.capacity, max(2 * self._room, pages)))
+
+    def _grow_pool(self, room: int) -> None:
+        """A pool whose rows hold `room` positions, what the old one held copied in, every binding made again.
+
+        The pool costs rows x its longest row, not rows x `capacity` from the start: 4 rows of SmolLM2 hold
+        23 MB at 128 positions, 90 MB at 512. Committed when made (filled): onnxruntime writes a row's whole
+        extent on a prompt, and faulting fresh pages in then cost ~1 s per row on this machine."""
+        d, rows = self.decoder, len(self._rows)
+        pool = [np.full((rows, d.kv_heads, room, d.head_dim), 0.0, dtype=d.kv_dtype) for _ in d.past_names]
+        for new, old in zip(pool, self._pool, strict=False):
+            new[:, :, : self._room] = old
+        self._pool, self._room = pool, room
+        self._batches = [d.bind([b[:n] for b in pool]) for n in range(1, rows + 1)]
+        for seq in self._rows:
+            if seq is not None:
+                cache = self._caches[id(seq)]
+                self._place(cache, cache.row)
+
+    @property
+    def pool_bytes(self) -> int:
+        return sum(b.nbytes for b in self._pool)
 
     def _end(self, seq: Sequence, error: EdgeError | None = None) -> None:
         if error is not None and not seq.finished:

@@ -55,7 +55,7 @@ class ModelSettings(StrictModel):
                             "batching); 1 answers one request at a time")
     batch_context: int = Field(512, ge=16, description="tokens (prompt + answer) a batched request may reach; "
                                "the KV memory is batch_size x batch_context (SmolLM2: 46 KB a token, 23 with a "
-                               "float16 cache), committed at start; a longer request continues unbatched")
+                               "float16 cache), grown as rows fill; a longer request continues unbatched")
     speculative: str | int = Field("auto", description="speculative decoding for requests that do not choose: "
                                    "auto (drafts from the prompt where they pay: a request decoding alone), off, "
                                    f"or a fixed draft length 1-{MAX_DRAFT}")
