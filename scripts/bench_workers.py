@@ -225,37 +225,117 @@ def run_llamacpp(args) -> dict:
     return out
 
 
+def speculative_tasks() -> dict[str, list[dict]]:
+    """bench_speculative.py's prompts: 60 leave-family-out invoices (fields copied, models/tuning/invoices.py), the
+    grounded answers' questions over their own documents (tests/data/rag_eval.py), 20 open chat prompts."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from edgellm.models.tuning.invoices import COPY_SCHEMA, INSTRUCTION, SCHEMA, generate
+    from tests.data.corpus import DOCUMENTS
+    from tests.data.rag_eval import ANSWERABLE, MORE_DOCUMENTS
+
+    invoices = generate(60, seed=998, families=("letterhead", "form", "receipt", "email"))
+    documents = {**DOCUMENTS, **MORE_DOCUMENTS}
+    chat = ["Write a short story about a lighthouse keeper.", "Explain how a heat pump works.",
+            "Give three tips for a job interview.", "Describe the city of Lisbon.", "What is a contract?",
+            "Write a poem about autumn.", "How do I make bread at home?", "Explain photosynthesis simply.",
+            "What should a small business know about VAT?", "Describe a walk in the mountains.",
+            "Write a letter thanking a colleague.", "What is machine learning?", "Explain compound interest.",
+            "Plan a day trip to the sea.", "Why is sleep important?", "Describe how a bill becomes a law.",
+            "Write a product description for a kettle.", "What are the planets of the solar system?",
+            "Give advice for learning a language.", "Explain what a database index is."]
+    return {"extract": [{"prompt": f"{INSTRUCTION}\n\n{inv.text}", "schema": COPY_SCHEMA, "anchor_schema": SCHEMA}
+                        for inv in invoices],
+            "rag": [{"question": q, "document": documents[source], "source": source}
+                    for q, _lang, _gold, source in ANSWERABLE if source in documents][:24],
+            "chat": [{"prompt": p} for p in chat]}
+
+
 def run_speculative(args) -> dict:
-    """bench_speculative.py's edgellm side: each task of --tasks-file greedy, drafts off and auto taking turns;
-    the prompt ids too, so llama.cpp is fed exactly the same tokens."""
+    """bench_speculative.py's edgellm side: every prompt greedy, drafts off and auto in turn; per prompt the
+    latency, tokens, drafted and kept tokens and text, and the prompt ids so llama.cpp is fed the same."""
     from edgellm.daemon.engine.generate import Generator
     from edgellm.daemon.engine.model import LoadedModel
     from edgellm.daemon.engine.params import GenerationParams
+    from edgellm.daemon.retrieval.rag import answer
+    from edgellm.daemon.retrieval.store import Hit
 
-    spec = json.load(open(args.tasks_file))
     model = LoadedModel.load(args.model, threads=args.threads)
     g = Generator(model)
-    out = {}
-    for task in spec["tasks"]:
-        raw = model.template is None
-        ids = g.prompt_ids(task["prompt"], raw=raw)
-        runs: dict[str, list] = {"off": [], "auto": []}
-        for _ in range(args.rounds):
-            for mode in runs:
-                params = GenerationParams(max_tokens=spec["max_tokens"], temperature=0, speculative=mode,
-                                          json_schema=task.get("schema"), ignore_eos=task.get("ignore_eos", False))
+    seen: list = []
+    generate = g.generate
+
+    def recording(ids, params, *a, **kw):  # the ids and schema of the request a task makes
+        result = generate(ids, params, *a, **kw)
+        seen.append({"ids": ids, "tokens": result.usage.completion_tokens, "result": result})
+        return result
+
+    g.generate = recording
+    out: dict[str, list] = {}
+    for task, items in speculative_tasks().items():
+        rows = []
+        for item in items:
+            row = {}
+            for mode in ("off", "auto"):
+                params = GenerationParams(max_tokens=96, temperature=0, speculative=mode,
+                                          json_schema=item.get("schema"))
+                seen.clear()
                 started = time.perf_counter()
-                r = g.generate(ids, params)
-                runs[mode].append((time.perf_counter() - started, r))
-        row = {"ids": ids}
-        for mode, results in runs.items():
-            r = results[0][1]
-            decode = [(x.usage.completion_tokens - 1) / (s - x.timings.ttft_ms / 1000) for s, x in results]
-            row[mode] = {"tokens": r.usage.completion_tokens, "decode_tps": round(statistics.median(decode), 2),
-                         "seconds": round(statistics.median(s for s, _ in results), 4),
-                         "drafted": r.usage.drafted_tokens, "accepted": r.usage.accepted_tokens,
-                         "passes": r.forward_passes, "text": r.text}
-        out[task["name"]] = row
+                if task == "rag":
+                    hit = Hit(0, item["source"], "default", 1, 0, len(item["document"]), item["document"], 1.0, 1.0,
+                              1)
+                    text = answer(g, item["question"], [hit], params).text
+                else:
+                    text = g.generate(g.prompt_ids(item["prompt"]), params).text
+                seconds = time.perf_counter() - started
+                r = seen[-1]["result"] if seen else None
+                row[mode] = {"seconds": seconds, "text": text,
+                             "tokens": r.usage.completion_tokens if r else 0,
+                             "decode_tps": r.timings.decode_tps if r else 0.0,
+                             "drafted": r.usage.drafted_tokens if r else 0,
+                             "accepted": r.usage.accepted_tokens if r else 0}
+                if mode == "off" and seen:
+                    row["ids"], row["schema"] = seen[-1]["ids"], item.get("anchor_schema")
+            rows.append(row)
+        out[task] = rows
+    return out
+
+
+def run_llamacpp_tasks(args) -> dict:
+    """bench_speculative.py's anchor: llama.cpp with llama-cpp-python's prompt-lookup drafting, greedy, over the
+    very prompt ids edgellm used and as many new tokens; with the task's JSON schema as a grammar where it has
+    one (without edgellm's copied fields, which llama.cpp cannot express). Plain eval of the prompt measures the
+    prefill, so decode tok/s leaves it out."""
+    from llama_cpp import Llama, LlamaGrammar
+    from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
+
+    spec = json.load(open(args.tasks_file))
+    llm = Llama(model_path=args.model, n_threads=args.threads, n_threads_batch=args.threads, n_ctx=2048,
+                n_batch=512, verbose=False, draft_model=LlamaPromptLookupDecoding(num_pred_tokens=10))
+    plain = Llama(model_path=args.model, n_threads=args.threads, n_threads_batch=args.threads, n_ctx=2048,
+                  n_batch=512, verbose=False)
+    grammars: dict[str, LlamaGrammar] = {}
+    out: dict[str, list] = {}
+    for task, rows in spec.items():
+        results = []
+        for row in rows:
+            plain.reset()
+            started = time.perf_counter()
+            plain.eval(row["ids"])
+            prefill = time.perf_counter() - started
+            schema = json.dumps(row["schema"]) if row.get("schema") else None
+            if schema and schema not in grammars:
+                grammars[schema] = LlamaGrammar.from_json_schema(schema, verbose=False)
+            llm.reset()
+            started = time.perf_counter()
+            made = llm.create_completion(row["ids"], max_tokens=max(row["tokens"], 1), temperature=0.0, top_k=1,
+                                         grammar=grammars.get(schema))["usage"]["completion_tokens"]
+            seconds = time.perf_counter() - started
+            results.append({"seconds": seconds, "tokens": made,
+                            "decode_tps": (made - 1) / max(seconds - prefill, 1e-9) if made > 1 else 0.0})
+        out[task] = results
     return out
 
 
@@ -299,42 +379,6 @@ def current_rss_mb() -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     raise RuntimeError("no VmRSS in /proc/self/status")
-
-
-def run_llamacpp_ids(args) -> dict:
-    """bench_speculative.py's anchor: llama.cpp greedy over the very prompt ids edgellm used, as many new tokens
-    as edgellm made; plain decoding, and llama-cpp-python's own prompt-lookup drafting."""
-    import numpy as np
-    from llama_cpp import Llama
-    from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
-
-    spec = json.load(open(args.tasks_file))
-    plain = Llama(model_path=args.model, n_threads=args.threads, n_threads_batch=args.threads, n_ctx=2048,
-                  n_batch=512, verbose=False)
-    lookup = Llama(model_path=args.model, n_threads=args.threads, n_threads_batch=args.threads, n_ctx=2048,
-                   n_batch=512, verbose=False, draft_model=LlamaPromptLookupDecoding(num_pred_tokens=8))
-    out = {}
-    for task in spec["tasks"]:
-        ids, n = task["ids"], task["tokens"]
-        rates, lookup_rates = [], []
-        for _ in range(args.rounds):
-            plain.reset()
-            started = time.perf_counter()
-            plain.eval(ids)
-            prefill = time.perf_counter() - started
-            token = int(np.argmax(np.ctypeslib.as_array(plain._ctx.get_logits(), shape=(plain.n_vocab(),))))
-            started = time.perf_counter()
-            for _ in range(n - 1):
-                plain.eval([token])
-                token = int(np.argmax(np.ctypeslib.as_array(plain._ctx.get_logits(), shape=(plain.n_vocab(),))))
-            rates.append((n - 1) / (time.perf_counter() - started))
-            lookup.reset()
-            started = time.perf_counter()  # prompt and answer; the prompt's time is plain's, measured above
-            made = lookup.create_completion(ids, max_tokens=n, temperature=0.0, top_k=1)["usage"]["completion_tokens"]
-            lookup_rates.append((made - 1) / max(time.perf_counter() - started - prefill, 1e-9))
-        out[task["name"]] = {"decode_tps": round(statistics.median(rates), 2),
-                             "lookup_decode_tps": round(statistics.median(lookup_rates), 2)}
-    return out
 
 
 def llamacpp_perplexity(args) -> tuple[float, int]:
@@ -533,7 +577,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("engine", choices=["edgellm", "edgellm-prefix", "scheduler", "llamacpp", "genai", "genai-build",
                                       "bandwidth", "concurrency", "concurrency-llamacpp", "concurrency-genai",
-                                      "speculative", "llamacpp-ids", "serving-memory"])
+                                      "speculative", "llamacpp-tasks", "serving-memory"])
     p.add_argument("--ppl-file", help="llamacpp: also measure perplexity on this text")
     p.add_argument("--model")
     p.add_argument("--prompt-file")
@@ -543,7 +587,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=8, help="concurrency: the daemon's model.batch_size")
     p.add_argument("--hf", help="a Hugging Face model folder")
     p.add_argument("--out")
-    p.add_argument("--tasks-file", help="speculative, llamacpp-ids: the tasks (bench_speculative.py writes it)")
+    p.add_argument("--tasks-file", help="llamacpp-tasks: the prompts edgellm ran (bench_speculative.py writes it)")
     p.add_argument("--requests", type=int, default=40, help="serving-memory: requests answered")
     args = p.parse_args()
     run = {"edgellm": run_edgellm, "edgellm-prefix": run_edgellm_prefix, "scheduler": run_scheduler,
@@ -551,7 +595,7 @@ def main() -> None:
            "genai": run_genai, "genai-build": build_genai, "bandwidth": run_bandwidth,
            "concurrency": run_concurrency, "concurrency-llamacpp": run_concurrency_llamacpp,
            "concurrency-genai": run_concurrency_genai, "speculative": run_speculative,
-           "llamacpp-ids": run_llamacpp_ids, "serving-memory": run_serving_memory}
+           "llamacpp-tasks": run_llamacpp_tasks, "serving-memory": run_serving_memory}
     print(json.dumps(run[args.engine](args)))
 
 

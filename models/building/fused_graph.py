@@ -342,8 +342,8 @@ class _Builder:
         cos, sin = self._rotary_caches(i)
         output = f"{node}/output"
         if self.plan.kv_cache == "float16":  # GroupQueryAttention runs in the cache's type: cast around it
-            inputs = [self._half(x) if x else x for x in inputs]
-            cos, sin, output = self._half(cos), self._half(sin), f"{node}/output_fp16"
+            inputs = [self._to_float16(x) if x else x for x in inputs]
+            cos, sin, output = self._to_float16(cos), self._to_float16(sin), f"{node}/output_fp16"
         scale = {} if spec.attention_scale is None else {"scale": spec.attention_scale}
         attn, _, _ = g.op(
             "GroupQueryAttention",
@@ -357,7 +357,7 @@ class _Builder:
         return self.linear(attn, [f"{out}.weight"], f"/model/layers.{i}/{arch.attention_out.replace('.', '/')}",
                            self.vector(f"{out}.bias"))
 
-    def _half(self, x: str) -> str:
+    def _to_float16(self, x: str) -> str:
         """`x` cast to float16, once per tensor (the rotary tables are shared by layers)."""
         if x not in self._halves:
             (self._halves[x],) = self.g.op("Cast", [x], f"{x}/fp16", to=TensorProto.FLOAT16)
