@@ -356,6 +356,7 @@ def run_serving_memory(args) -> dict:
     from edgellm.daemon.engine.model import LoadedModel
     from edgellm.daemon.engine.params import GenerationParams
     from edgellm.daemon.engine.prefix_cache import PrefixCache
+    from edgellm.daemon.serve.stats import current_rss_mb
 
     model = LoadedModel.load(args.model, threads=args.threads)
     cache = PrefixCache(256 << 20)
@@ -380,13 +381,6 @@ def run_serving_memory(args) -> dict:
     return {"loaded_rss_mb": round(loaded_rss, 1), "rss_mb": round(current_rss_mb(), 1),
             "peak_rss_mb": round(peak_rss_mb(), 1), "kv_pool_mb": round(pool / 2**20, 1),
             "prefix_cache_mb": round(cache.bytes / 2**20, 1), "decode_tps": round(r.timings.decode_tps, 2)}
-
-
-def current_rss_mb() -> float:
-    for line in open("/proc/self/status"):
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
 
 
 def llamacpp_perplexity(args) -> tuple[float, int]:

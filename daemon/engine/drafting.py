@@ -5,7 +5,7 @@ passage, an argument out of the request. Where the output's last few tokens also
 or the output, the tokens that followed them there are a good guess of what comes next. One forward pass
 over the guess checks all of it (Sequence.fed keeps the longest prefix the model itself samples), and a pass
 over a few tokens costs little more than a pass over one: on 2 threads a SmolLM2 pass of 4 tokens takes
-about 1.6x one of 1 (docs/measured-facts.md, "Speculative decoding"). Nothing is trained or loaded: a draft
+about 1.8x one of 1 (docs/measured-facts.md, "Speculative decoding"). Nothing is trained or loaded: a draft
 is a search over token ids.
 
 How far to guess follows what was accepted (`Speculation`): the length that makes the most tokens per

@@ -183,9 +183,9 @@ class Scheduler:
     def _reuse_prefix(self, seq: Sequence) -> None:
         hit = self.lookup(seq.ids, seq.adapter)
         if hit is not None and hit[0] > seq.usage.cached_tokens:
-            if self._caches[id(seq)].row is not None:
-                self._make_room(hit[0] + 1)
             cache = self._caches[id(seq)]
+            if cache.row is not None:
+                self._make_room(hit[0] + 1)  # may point the cache at a longer pool
             copy_keys(cache.arrays, hit[1], hit[0])
             cache.length = hit[0]
             seq.use_cached(hit[0])
@@ -224,9 +224,9 @@ class Scheduler:
 
     def _run(self, seq: Sequence, feed: list[int]) -> None:
         """One pass of `feed` for one sequence: a prompt chunk, forced tokens, or a step of a private cache."""
-        if self._caches[id(seq)].row is not None:
-            self._make_room(self._caches[id(seq)].length + len(feed))
         cache = self._caches[id(seq)]
+        if cache.row is not None:
+            self._make_room(cache.length + len(feed))
         try:
             logits = self.decoder.forward(feed, cache, adapter=seq.adapter, last=seq.logit_rows)
         except Exception as e:
