@@ -103,10 +103,15 @@ def _print_stream(events, verbose: bool, as_json: bool = False, whole: bool = Fa
                 sys.stdout.flush()
             continue
         if as_json:
+            logprobs = {"logprobs": [vars(t) for t in event.logprobs]} if event.logprobs is not None else {}
             print(json.dumps({"text": event.text, "json": event.json, "finish_reason": event.finish_reason,
-                              "usage": vars(event.usage), "timings": vars(event.timings)}, ensure_ascii=False))
+                              "usage": vars(event.usage), "timings": vars(event.timings), **logprobs},
+                             ensure_ascii=False))
         else:
             sys.stdout.write((event.text if whole else "") + "\n")
+            for t in event.logprobs or []:  # --logprobs N: one line a token, on stderr beside the answer
+                alternatives = "  ".join(f"{text!r} {lp:.3f}" for text, lp in t.top)
+                print(f"{t.text!r}\t{t.logprob:.3f}\t{alternatives}", file=sys.stderr)
         if verbose:
             t, u = event.timings, event.usage
             drafts = f", drafts {u.accepted_tokens}/{u.drafted_tokens} kept" if u.drafted_tokens else ""

@@ -13,7 +13,7 @@ import openai
 import pytest
 from pydantic import BaseModel, Field
 
-from tests.harness import EDGELLM, ROOT, Broker, DaemonProcess, free_port, wait_for_port
+from tests.harness import EDGELLM, ROOT, Broker, DaemonProcess, free_port, wait_for_port, wait_until
 
 KEY = "sk-edge-test"
 
@@ -414,3 +414,87 @@ def test_a_tool_whose_parameters_only_refer_to_themselves_is_a_400(client):
         client.chat.completions.create(model="default", messages=[{"role": "user", "content": "hi"}], tools=[
             {"type": "function", "function": {"name": "loop", "parameters": {"$ref": "#"}}}])
     assert err.value.body["param"] == "tools" and "only refers to itself" in err.value.body["message"]
+
+
+# -- strict where OpenAI is strict; what users rely on -----------------------------------------------------------
+def test_an_unknown_field_is_a_400_naming_it_and_harmless_ones_pass(served, api):
+    daemon, _ = served
+    chat = f"{api}/v1/chat/completions"
+    hi = [{"role": "user", "content": "hi"}]
+    errors = metrics_value(api, "edgellm_errors_total", '{code="bad_request"}', default=0)
+    r = httpx.post(chat, headers=auth(), json={"model": "default", "messages": hi, "max_tokns": 3})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == "max_tokns" and error["type"] == "invalid_request_error"
+    assert "unknown field" in error["message"] and "did you mean 'max_tokens'" in error["message"]
+    for field, value in (("echo", True), ("best_of", 2), ("suffix", "x"), ("mirostat", 2), ("logit_bias", {"1": 5})):
+        r = httpx.post(f"{api}/v1/completions", headers=auth(),
+                       json={"model": "default", "prompt": "a", "max_tokens": 2, field: value})
+        assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
+        assert "not supported" in r.json()["error"]["message"]
+    image = [{"role": "user", "content": [{"type": "text", "text": "What is this?"},
+                                          {"type": "image_url", "image_url": {"url": "data:image/png;base64,AA"}}]}]
+    r = httpx.post(chat, headers=auth(), json={"model": "default", "messages": image})
+    assert r.status_code == 400 and "messages.0.content.1: 'image_url' parts are not supported" in r.text
+    r = httpx.post(chat, headers=auth(), json={"model": "default", "messages": hi, "max_tokens": 2, "user": "u1",
+                                               "metadata": {"k": "v"}, "store": False, "parallel_tool_calls": True})
+    assert r.status_code == 200, r.text
+    # each refusal is one log line and counts by code, as over MQTT
+    assert metrics_value(api, "edgellm_errors_total", '{code="bad_request"}') == errors + 7
+    wait_until(lambda: "HTTP POST /v1/chat/completions 400 bad_request: max_tokns: unknown field"
+               in daemon.log.read_text(), what="the log line of the refusal")
+
+
+def test_logprobs_and_top_logprobs_as_openai_returns_them(client):
+    question = [{"role": "user", "content": "Name three colours."}]
+    r = client.chat.completions.create(model="default", temperature=0, max_tokens=8, messages=question,
+                                       logprobs=True, top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens
+    assert "".join(t.token for t in content) == r.choices[0].message.content
+    for t in content:
+        assert t.logprob <= 0 and len(t.top_logprobs) == 3
+        ranked = [a.logprob for a in t.top_logprobs]
+        assert ranked == sorted(ranked, reverse=True)
+        assert t.token == t.top_logprobs[0].token and t.logprob == ranked[0]  # greedy took the likeliest
+        assert bytes(t.bytes).decode() == t.token
+    streamed = client.chat.completions.create(model="default", temperature=0, max_tokens=8, messages=question,
+                                              logprobs=True, stream=True)
+    tokens = [t for chunk in streamed if chunk.choices and chunk.choices[0].logprobs
+              for t in chunk.choices[0].logprobs.content]
+    assert [t.token for t in tokens] == [t.token for t in content]
+    assert all(t.top_logprobs == [] for t in tokens)  # logprobs alone: the token's own, no alternatives
+    plain = client.chat.completions.create(model="default", temperature=0, max_tokens=4, messages=question)
+    assert plain.choices[0].logprobs is None
+    text = client.completions.create(model="default", prompt="The capital of France is", max_tokens=4,
+                                     temperature=0, logprobs=2)
+    lp = text.choices[0].logprobs
+    assert "".join(lp.tokens) == text.choices[0].text and len(lp.top_logprobs[0]) == 2
+    assert lp.text_offset[0] == 0 and all(v <= 0 for v in lp.token_logprobs)
+
+
+def test_min_p_of_one_keeps_only_the_likeliest_token(client):
+    question = [{"role": "user", "content": "Write one sentence about rivers."}]
+    greedy = client.chat.completions.create(model="default", temperature=0, max_tokens=16, messages=question)
+    for seed in (1, 2):
+        hot = client.chat.completions.create(model="default", temperature=1.5, max_tokens=16, messages=question,
+                                             seed=seed, extra_body={"min_p": 1.0})
+        assert hot.choices[0].message.content == greedy.choices[0].message.content
+
+
+def test_embedding_dimensions_only_the_models_own_width(client):
+    same = client.embeddings.create(model="default", input="a valve", dimensions=384)
+    assert len(same.data[0].embedding) == 384
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.embeddings.create(model="default", input="a valve", dimensions=64)
+    assert refused.value.body["param"] == "dimensions" and "384" in refused.value.body["message"]
+
+
+def test_one_model_by_id_and_the_wrong_method_is_405(client, api):
+    assert client.models.retrieve("SmolLM2-135M-Instruct-int4").id == "SmolLM2-135M-Instruct-int4"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4o")
+    r = httpx.get(f"{api}/v1/chat/completions", headers=auth())
+    assert r.status_code == 405 and r.headers["allow"] == "POST" and r.json()["error"]["code"] == "method_not_allowed"
+    assert httpx.delete(f"{api}/v1/models", headers=auth()).status_code == 405
+    assert httpx.get(f"{api}/v1/nowhere", headers=auth()).status_code == 404

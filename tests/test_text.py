@@ -66,6 +66,24 @@ def test_repetition_penalty_moves_away_from_recent_tokens():
     assert s(logits.copy(), [0]) == 1
 
 
+def test_frequency_and_presence_penalties_subtract_as_llama_cpp_does():
+    logits = np.array([2.0, 1.5, 1.0], dtype=np.float32)
+    once = Sampler(GenerationParams(temperature=0, presence_penalty=0.6))
+    assert once(logits.copy(), [0]) == 1  # 2.0 - 0.6 < 1.5
+    often = Sampler(GenerationParams(temperature=0, frequency_penalty=0.3))
+    assert often(logits.copy(), [0]) == 0 and often(logits.copy(), [0, 0]) == 1  # 2.0 - 2 x 0.3 < 1.5
+    encouraged = Sampler(GenerationParams(temperature=0, presence_penalty=-1.5))
+    assert encouraged(logits.copy(), [2]) == 2
+
+
+def test_min_p_drops_tokens_far_less_likely_than_the_best():
+    logits = np.log(np.array([0.5, 0.3, 0.15, 0.05], dtype=np.float32))
+    s = Sampler(GenerationParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.5, seed=1))
+    assert {s(logits.copy(), []) for _ in range(300)} == {0, 1}  # 0.15 < 0.5 x 0.5
+    hot = Sampler(GenerationParams(temperature=5.0, top_k=0, top_p=1.0, min_p=0.25, seed=1))
+    assert {hot(logits.copy(), []) for _ in range(300)} == {0, 1, 2}  # before temperature, as llama.cpp
+
+
 def test_masked_logits_are_never_sampled():
     logits = np.array([5.0, -np.inf, 1.0, -np.inf], dtype=np.float32)
     s = Sampler(GenerationParams(temperature=2.0, top_k=0, top_p=1.0, seed=3))

@@ -40,7 +40,7 @@ from edgellm.daemon.engine.constrain.json_constraint import JsonConstraint
 from edgellm.daemon.engine.detokenize import IncrementalDecoder
 from edgellm.daemon.engine.drafting import Mode, PromptLookup, Speculation
 from edgellm.daemon.engine.params import GenerationParams
-from edgellm.daemon.engine.sampling import Sampler
+from edgellm.daemon.engine.sampling import Sampler, log_probabilities
 from edgellm.daemon.engine.stops import StopFilter
 from edgellm.daemon.errors import EdgeError
 
@@ -63,8 +63,19 @@ class Timings:
 
 
 @dataclass
+class TokenLogprob:
+    """One generated token's log-probability under the model, with the likeliest tokens at its position. A token
+    the grammar forced had no alternative: its log-probability is 0."""
+    token: int
+    text: str
+    logprob: float
+    top: list[tuple[str, float]]  # (text, logprob), likeliest first; `params.logprobs` of them
+
+
+@dataclass
 class Delta:
     text: str
+    logprobs: list[TokenLogprob] | None = None  # of the tokens whose text this delta completes
 
 
 @dataclass
@@ -76,6 +87,7 @@ class Result:
     json: Any = None
     tokens: list[int] = field(default_factory=list, repr=False)  # the generated ids, forced ones included
     forward_passes: int = field(default=0, repr=False)
+    logprobs: list[TokenLogprob] | None = field(default=None, repr=False)  # when the request asked for them
 
 
 Event = Delta | Result | EdgeError
@@ -127,6 +139,9 @@ class Sequence:
         self.interrupt = interrupt
         self.sampler = Sampler(params)
         self.detokenizer = IncrementalDecoder(tokenizer)
+        self.tokenizer = tokenizer
+        self.logprobs: list[TokenLogprob] | None = [] if params.logprobs is not None else None
+        self._logprobs_sent = 0  # of `logprobs`, how many went out with a Delta
         self.stops = StopFilter(params.stop)
         self.usage, self.timings = Usage(prompt_tokens=len(ids), cached_tokens=cached_tokens), Timings()
         self.start = started or time.perf_counter()
@@ -238,6 +253,7 @@ class Sequence:
             # budget-aware closing: the shortest valid completion, forced where the budget would cut the JSON
             # short; the answer is valid, shorter, and finishes with `length`
             self._first_token()
+            self._record(closing)
             self._emit(closing)
             self._finish("length")
             return closing
@@ -246,7 +262,7 @@ class Sequence:
             constraint.mask(logits)
         elif params.ignore_eos:  # a grammar ends its own output, so only free text ignores EOS
             logits[sorted(self.eos)] = -np.inf
-        recent = self.ids + self.generated if params.repetition_penalty != 1.0 else ()
+        recent = self.ids + self.generated if params.penalizes else ()
         token = self.sampler(logits, recent)
         self._first_token()
         forced = constraint.accept(token) if constraint is not None else []
@@ -254,6 +270,7 @@ class Sequence:
             self._finish("stop")
             return []
         new = [token, *forced][: self.budget - len(self.generated)]
+        self._record(new, logits)
         stopped = self._emit(new)
         if stopped or (constraint is not None and constraint.finished):
             self._finish("stop")
@@ -262,6 +279,29 @@ class Sequence:
         else:
             self.todo = new
         return new
+
+    def _record(self, tokens: list[int], logits: np.ndarray | None = None) -> None:
+        """The log-probabilities of tokens about to be emitted, if asked for: the first was sampled from
+        `logits` (masked and penalized as sampling saw them); the rest, and all without logits, were forced."""
+        if self.logprobs is None or not tokens:
+            return
+        decode = self.tokenizer.decode
+        forced = tokens
+        if logits is not None:
+            lp = log_probabilities(logits)
+            top = np.argsort(-lp)[: self.params.logprobs] if self.params.logprobs else []
+            self.logprobs.append(TokenLogprob(tokens[0], decode([tokens[0]]), float(lp[tokens[0]]),
+                                              [(decode([int(t)]), float(lp[t])) for t in top]))
+            forced = tokens[1:]
+        for t in forced:
+            alone = [(decode([t]), 0.0)] if self.params.logprobs else []
+            self.logprobs.append(TokenLogprob(t, decode([t]), 0.0, alone))
+
+    def _unsent_logprobs(self) -> list[TokenLogprob] | None:
+        if self.logprobs is None:
+            return None
+        out, self._logprobs_sent = self.logprobs[self._logprobs_sent:], len(self.logprobs)
+        return out
 
     def _first_token(self) -> None:
         if self.first_at is None:
@@ -277,14 +317,14 @@ class Sequence:
         text, stopped = self.stops.push(self.detokenizer.push(tokens))
         if text:
             self.parts.append(text)
-            self.events.put(Delta(text))
+            self.events.put(Delta(text, self._unsent_logprobs()))
         return stopped
 
     def _finish(self, reason: str) -> None:
         tail = self.stops.flush()  # text held back for a stop string that never came
         if tail:
             self.parts.append(tail)
-            self.events.put(Delta(tail))
+            self.events.put(Delta(tail, self._unsent_logprobs()))
         end = time.perf_counter()
         self.usage.completion_tokens = len(self.generated)
         self.timings.total_ms = (end - self.start) * 1000
@@ -304,7 +344,8 @@ class Sequence:
         else:
             value = None
         self.state = State.FINISHED
-        self.events.put(Result(text, reason, self.usage, self.timings, value, list(self.generated), self.passes))
+        self.events.put(Result(text, reason, self.usage, self.timings, value, list(self.generated), self.passes,
+                               self.logprobs))
 
     def fail(self, error: EdgeError) -> None:
         self.state = State.CANCELLED if error.code in _CANCELLING else State.FAILED

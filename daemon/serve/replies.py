@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from edgellm.daemon.engine.chat import ToolCall
-from edgellm.daemon.engine.sequence import Result
+from edgellm.daemon.engine.sequence import Result, TokenLogprob
 from edgellm.daemon.errors import EdgeError
 from edgellm.daemon.retrieval.rag import Answer
 from edgellm.daemon.retrieval.store import Hit, IngestReport
@@ -64,6 +64,7 @@ class TextDelta:
     text: str
     seq: int  # counts from 0
     replayed: bool = False  # on the first delta of a request run again after a restart: its stream starts over
+    logprobs: list[TokenLogprob] | None = None  # of the tokens this text completes, when the request asked
 
 
 @dataclass
@@ -77,3 +78,10 @@ class Failed:
 
 
 Event = TextDelta | Finished | Failed
+
+
+def logprob_entries(logprobs: list[TokenLogprob]) -> list[dict]:
+    """Tokens' log-probabilities in OpenAI's chat shape, which MQTT replies use too (so does llama-server)."""
+    def entry(text: str, logprob: float) -> dict:
+        return {"token": text, "logprob": round(logprob, 6), "bytes": list(text.encode())}
+    return [{**entry(t.text, t.logprob), "top_logprobs": [entry(text, lp) for text, lp in t.top]} for t in logprobs]

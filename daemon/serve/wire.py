@@ -23,6 +23,7 @@ from edgellm.daemon.serve.replies import (
     Ingested,
     Reply,
     TextDelta,
+    logprob_entries,
 )
 from edgellm.daemon.serve.requests import METHODS, Envelope, validation_error
 
@@ -75,6 +76,8 @@ def render(request_id: str, event: Event) -> dict[str, Any]:
     """An event of the worker as the MQTT message docs/mqtt-api.md describes."""
     if isinstance(event, TextDelta):
         delta = {"type": "delta", "id": request_id, "seq": event.seq, "text": event.text}
+        if event.logprobs is not None:
+            delta["logprobs"] = logprob_entries(event.logprobs)
         return {**delta, "replayed": True} if event.replayed else delta
     if isinstance(event, Failed):
         return error_reply(request_id, event.error)
@@ -98,6 +101,8 @@ def _(reply: Generated) -> dict[str, Any]:
         body["text"] = r.text
     if reply.tool_calls:
         body["tool_calls"] = [c.model_dump() for c in reply.tool_calls]
+    if r.logprobs is not None:
+        body["logprobs"] = logprob_entries(r.logprobs)
     return body
 
 

@@ -263,7 +263,8 @@ class Worker:
         for event in generator.stream(ids, params, interrupt=lambda: self._interrupt(job), started=started):
             if isinstance(event, Delta):
                 if stream:
-                    job.sink.send(job.request_id, TextDelta(event.text, seq, replayed=job.replayed and seq == 0))
+                    job.sink.send(job.request_id, TextDelta(event.text, seq, job.replayed and seq == 0,
+                                                            event.logprobs))
                     seq += 1
             else:
                 result = event

@@ -19,6 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.requests import ClientDisconnect
+from starlette.routing import Match
 
 from edgellm.daemon.errors import EdgeError
 from edgellm.daemon.serve.http.openai import (
@@ -26,13 +27,16 @@ from edgellm.daemon.serve.http.openai import (
     ChatCompletionRequest,
     CompletionRequest,
     EmbeddingRequest,
+    OpenAIBody,
+    check_dimensions,
     edge_error_response,
     embeddings,
     model_list,
+    model_object,
     openai_error,
     stream_error,
 )
-from edgellm.daemon.serve.http.transport import Guard, QueueSink, authorized
+from edgellm.daemon.serve.http.transport import ErrorLog, Guard, QueueSink, authorized
 from edgellm.daemon.serve.jsontext import encode_json, load_json
 from edgellm.daemon.serve.metrics import Metrics
 from edgellm.daemon.serve.replies import Event, Failed, Finished, Reply, TextDelta
@@ -55,6 +59,7 @@ def create_app(settings: Settings, worker: Worker, models: ServedModels, metrics
         return models.served.model_info.name
 
     app.add_middleware(Guard, key=key, limit=limit)
+    app.add_middleware(ErrorLog, count=metrics.stats.error)  # outermost: it sees the Guard's refusals too
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_request, exc: RequestValidationError):
@@ -126,6 +131,7 @@ def create_app(settings: Settings, worker: Worker, models: ServedModels, metrics
         try:
             async for event in events(job, sink):
                 if isinstance(event, Failed):
+                    request.state.counted = True  # the worker counted it (ErrorLog counts the others)
                     raise event.error
                 if isinstance(event, Finished):
                     return event.reply
@@ -147,6 +153,8 @@ def create_app(settings: Settings, worker: Worker, models: ServedModels, metrics
         data = load_json(await read_body(request), "body")
         if not isinstance(data, dict):
             raise EdgeError("bad_request", "body: must be a JSON object")
+        if issubclass(model, OpenAIBody):
+            model.check_fields(data)
         try:
             return model.model_validate(data)
         except ValidationError as e:
@@ -174,7 +182,7 @@ def create_app(settings: Settings, worker: Worker, models: ServedModels, metrics
         async def chunks() -> AsyncIterator[bytes]:
             async for event in events(job, sink):
                 if isinstance(event, TextDelta):
-                    yield sse(render.text(event.text))
+                    yield sse(render.text(event.text, event.logprobs))
                 elif isinstance(event, Failed):
                     yield sse(stream_error(event.error))
                 else:
@@ -199,13 +207,26 @@ def create_app(settings: Settings, worker: Worker, models: ServedModels, metrics
         if body.model not in ("default", embedder.name):
             return openai_error(404, f"model '{body.model}' is not served here; embeddings come from "
                                 f"'{embedder.name}' (or say 'default')", "model_not_found", "model")
+        check_dimensions(body.dimensions, embedder.dimension, embedder.name)
         job, sink = await submit("embed", EmbedRequest(input=body.input))
         return embeddings(await final_of(job, sink, request), body.encoding_format)
 
-    @app.get("/v1/models")
-    async def list_models():
+    def listed() -> dict:
         served = models.served
         return model_list(model_name(), served.embedder.name if served.embedder else None, served.adapters)
+
+    @app.get("/v1/models")
+    async def list_models():
+        return listed()
+
+    @app.get("/v1/models/{name:path}")
+    async def one_model(name: str):
+        found = model_object(name, everything := listed())
+        if found is None:
+            names = ", ".join(f"'{m['id']}'" for m in everything["data"])
+            return openai_error(404, f"model '{name}' is not served here; served: {names}", "model_not_found",
+                                "model")
+        return found
 
     @app.get("/health")
     async def health(request: Request):
@@ -226,8 +247,17 @@ def create_app(settings: Settings, worker: Worker, models: ServedModels, metrics
     async def metrics_text():
         return Response(metrics.render(), media_type="text/plain; version=0.0.4")
 
-    @app.api_route("/{path:path}", methods=["GET", "POST", "PUT", "DELETE"])
-    async def not_found(path: str):
+    @app.api_route("/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"])
+    async def not_found(request: Request, path: str):
+        """A route asked with the wrong method is 405 with the methods it takes; a path that is no route, 404."""
+        allowed = sorted({m for r in app.routes if getattr(r, "path", None) not in (None, "/{path:path}")
+                          and r.matches({"type": "http", "path": f"/{path}", "method": "GET"})[0] != Match.NONE
+                          for m in r.methods} - {"HEAD"})
+        if allowed:
+            refused = openai_error(405, f"{request.method} /{path}: this route takes {', '.join(allowed)}",
+                                   "method_not_allowed")
+            refused.headers["allow"] = ", ".join(allowed)
+            return refused
         return openai_error(404, f"/{path} does not exist; see /v1/models, /v1/chat/completions, "
                             "/v1/completions, /v1/embeddings, /health, /metrics", "not_found")
 

@@ -8,6 +8,7 @@ Nothing here knows about sockets or the event loop (edgellm/daemon/serve/http/ap
 from __future__ import annotations
 
 import base64
+import difflib
 import json
 import time
 from typing import Any, ClassVar, Literal
@@ -19,8 +20,9 @@ from pydantic import BaseModel, ConfigDict, create_model, field_validator
 from edgellm.daemon.engine.chat import ChatMessage, ToolCall
 from edgellm.daemon.engine.constrain.tools import Tool, ToolChoice
 from edgellm.daemon.engine.params import GenerationParams
+from edgellm.daemon.engine.sequence import TokenLogprob
 from edgellm.daemon.errors import EdgeError
-from edgellm.daemon.serve.replies import Embedded, Generated
+from edgellm.daemon.serve.replies import Embedded, Generated, logprob_entries
 from edgellm.daemon.serve.requests import ChatRequest, GenerateRequest
 
 HTTP_PARAMS = {"json_schema": "response_format"}  # a worker request's field -> the OpenAI parameter it came from
@@ -30,7 +32,7 @@ STATUS = {"bad_request": 400, "unknown_method": 404, "too_large": 413, "unsuppor
 
 def openai_error(status: int, message: str, code: str, param: str | None = None) -> JSONResponse:
     kind = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
-            413: "invalid_request_error", 415: "invalid_request_error",
+            405: "invalid_request_error", 413: "invalid_request_error", 415: "invalid_request_error",
             429: "rate_limit_exceeded"}.get(status, "server_error")
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status)
 
@@ -44,17 +46,50 @@ def stream_error(error: EdgeError) -> dict:
     return {"error": {"message": error.message, "type": "server_error", "code": error.code}}
 
 
-# -- request bodies: OpenAI's, with the fields we do not use ignored and the ones we cannot honour refused ----
-class _OpenAI(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)  # unknown fields pass, as OpenAI's; wrong types do not
+# -- request bodies: OpenAI's, strict as OpenAI is: an unknown field is a 400 naming it --------------------------
+# OpenAI fields edgellm knows and cannot honour: refused with the reason rather than silently ignored
+UNSUPPORTED = {
+    "echo": "the prompt is not returned with the completion",
+    "best_of": "one completion is generated per request",
+    "suffix": "no fill-in-the-middle: send the text before the gap as the prompt",
+    "logit_bias": "per-token biases are not applied; use a json_schema response_format to constrain the output",
+    "functions": "the deprecated functions API: send tools",
+    "function_call": "the deprecated functions API: send tool_choice",
+    "audio": "this model reads and writes text only", "modalities": "this model reads and writes text only",
+    "prediction": "predicted outputs come from the prompt here (speculative decoding, on by default)",
+    "reasoning_effort": "this model does not reason in hidden tokens",
+    "web_search_options": "the device does not reach the internet",
+    **{f"mirostat{s}": "mirostat sampling is not implemented; use temperature, top_p, top_k or min_p"
+       for s in ("", "_tau", "_eta")},
+}
+# fields a client may send harmlessly: accepted, with no effect
+ACCEPTED = frozenset({"user", "metadata", "store", "service_tier", "parallel_tool_calls", "stream_options"})
 
 
-class FunctionCallIn(_OpenAI):
+class OpenAIBody(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)  # wrong types are refused
+
+    @classmethod
+    def check_fields(cls, body: dict) -> None:
+        """Before validation: every top-level field is one this route reads or ACCEPTED; the first that is not
+        is an EdgeError naming it (the closest known name when it looks like a typo)."""
+        known = cls.model_fields.keys() | ACCEPTED
+        for name in body:
+            if name in known:
+                continue
+            if name in UNSUPPORTED:
+                raise EdgeError("bad_request", f"{name}: not supported ({UNSUPPORTED[name]})", param=name)
+            close = difflib.get_close_matches(name, sorted(known), n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise EdgeError("bad_request", f"{name}: unknown field{hint}", param=name)
+
+
+class FunctionCallIn(OpenAIBody):
     name: str
     arguments: str  # JSON text, as OpenAI sends it
 
 
-class ToolCallIn(_OpenAI):
+class ToolCallIn(OpenAIBody):
     id: str
     type: Literal["function"] = "function"
     function: FunctionCallIn
@@ -70,25 +105,31 @@ class ToolCallIn(_OpenAI):
         return ToolCall(id=self.id, name=self.function.name, arguments=arguments)
 
 
-class MessageIn(_OpenAI):
+class MessageIn(OpenAIBody):  # fields beyond these (refusal, annotations: a reply sent back as it came) pass
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
     tool_calls: list[ToolCallIn] | None = None
     tool_call_id: str | None = None
     name: str | None = None
 
-    def text(self) -> str:
+    def text(self, where: str) -> str:
+        """The message's text; a content part that is not text (an image, audio, a file) is refused."""
         if isinstance(self.content, list):
-            return "".join(p.get("text", "") for p in self.content if p.get("type") == "text")
+            for j, part in enumerate(self.content):
+                if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    raise EdgeError("bad_request", f"{where}.content.{j}: {part.get('type')!r} parts are not "
+                                    "supported; this model reads text only (type 'text' with a 'text')",
+                                    param="messages")
+            return "".join(part["text"] for part in self.content)
         return self.content or ""
 
 
 # GenerationParams fields OpenAI (or llama-server, for top_k, repetition_penalty and ignore_eos) names alike:
 # taken over with their types, optional, so their bounds are checked once, where the worker builds the params
 # and edgellm's own speculative (a body may choose the drafting mode, as over MQTT)
-SAME_NAMES = ("max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed", "ignore_eos",
-              "speculative")
-_SharedParams = create_model("_SharedParams", __base__=_OpenAI, **{
+SAME_NAMES = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "frequency_penalty",
+              "presence_penalty", "seed", "ignore_eos", "speculative")
+_SharedParams = create_model("_SharedParams", __base__=OpenAIBody, **{
     name: (GenerationParams.model_fields[name].annotation | None, None) for name in SAME_NAMES})
 
 
@@ -120,9 +161,15 @@ class ChatCompletionRequest(_Sampling):
     response_format: dict[str, Any] | None = None
     tools: list[Tool] | None = None
     tool_choice: ToolChoice | None = None
-    parallel_tool_calls: bool | None = None  # at most one call per turn is made either way
+    logprobs: bool = False
+    top_logprobs: int | None = None  # 0-20 alternatives per token; needs logprobs
 
     method: ClassVar[str] = "chat"  # the worker method it becomes
+
+    def logprob_count(self) -> int | None:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise EdgeError("bad_request", "top_logprobs: needs logprobs: true", param="top_logprobs")
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def to_request(self) -> ChatRequest:
         extra: dict[str, Any] = {"tools": self.tools or [], "tool_choice": self.tool_choice}
@@ -140,7 +187,7 @@ class ChatCompletionRequest(_Sampling):
         elif kind != "text":  # anything else would silently be free text: fail closed
             raise EdgeError("bad_request", f"response_format.type: {kind!r} is not supported; use 'text', "
                             "'json_object' or 'json_schema'", param="response_format.type")
-        return ChatRequest(messages=self.history(), **self.params(), **extra)
+        return ChatRequest(messages=self.history(), logprobs=self.logprob_count(), **self.params(), **extra)
 
     def history(self) -> list[ChatMessage]:
         """OpenAI's messages as the engine's: a call's arguments parsed, a tool result named after its call."""
@@ -150,7 +197,7 @@ class ChatCompletionRequest(_Sampling):
             calls = [c.parsed(f"messages.{i}.tool_calls.{j}") for j, c in enumerate(m.tool_calls or [])]
             called.update((c.id, c.name) for c in calls)
             name = m.name or called.get(m.tool_call_id or "") if m.role == "tool" else None
-            out.append(ChatMessage(role="system" if m.role == "developer" else m.role, content=m.text(),
+            out.append(ChatMessage(role="system" if m.role == "developer" else m.role, content=m.text(f"messages.{i}"),
                                    tool_calls=calls or None, tool_call_id=m.tool_call_id if m.role == "tool" else None,
                                    name=name))
         return out
@@ -158,6 +205,7 @@ class ChatCompletionRequest(_Sampling):
 
 class CompletionRequest(_Sampling):
     prompt: str | list[str]
+    logprobs: int | None = None  # alternatives per token, 0-20 (OpenAI allows 5)
 
     method: ClassVar[str] = "generate"
 
@@ -165,13 +213,14 @@ class CompletionRequest(_Sampling):
         prompts = [self.prompt] if isinstance(self.prompt, str) else self.prompt
         if len(prompts) != 1:
             raise EdgeError("bad_request", "prompt: give exactly one prompt", param="prompt")
-        return GenerateRequest(prompt=prompts[0], raw=True, **self.params())
+        return GenerateRequest(prompt=prompts[0], raw=True, logprobs=self.logprobs, **self.params())
 
 
-class EmbeddingRequest(_OpenAI):
+class EmbeddingRequest(OpenAIBody):
     model: str = "default"
     input: str | list[str]
     encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None  # only the model's own width: its vectors were not trained to be truncated
 
     @field_validator("input", mode="before")
     @classmethod
@@ -221,17 +270,20 @@ class ChatCompletion:
                    **({"tool_calls": tool_calls_of(reply)} if reply.tool_calls else {})}
         return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
                 "choices": [{"index": 0, "message": message, "finish_reason": reply.result.finish_reason,
-                             "logprobs": None}], "usage": usage_of(reply)}
+                             "logprobs": chat_logprobs(reply.result.logprobs)}], "usage": usage_of(reply)}
 
-    def text(self, text: str) -> dict:
-        return self._chunk({"content": text})
+    def text(self, text: str, logprobs: list[TokenLogprob] | None = None) -> dict:
+        chunk = self._chunk({"content": text})
+        if logprobs is not None:
+            chunk["choices"][0]["logprobs"] = chat_logprobs(logprobs)
+        return chunk
 
     def final(self, reply: Generated, include_usage: bool) -> list[dict]:
         """The chunks after the last delta: output sent whole (JSON; a tool call, as OpenAI streams one: its id
         and name, then its arguments), the finish reason, the usage if asked for."""
         chunks = []
-        if reply.json_mode:
-            chunks.append(self.text(content_of(reply)))
+        if reply.json_mode:  # sent whole: no delta carried its tokens' logprobs
+            chunks.append(self.text(content_of(reply), reply.result.logprobs))
         for call in tool_calls_of(reply, streamed=True):
             head = {**call, "function": {**call["function"], "arguments": ""}}
             chunks.append(self._chunk({"tool_calls": [head]}))
@@ -258,21 +310,47 @@ class TextCompletion:
         self.id, self.created, self.model = f"cmpl-{request_id}", int(time.time()), model
 
     def whole(self, reply: Generated) -> dict:
-        return {**self._chunk(reply.result.text, reply.result.finish_reason), "usage": usage_of(reply)}
+        whole = self._chunk(reply.result.text, reply.result.finish_reason, reply.result.logprobs)
+        return {**whole, "usage": usage_of(reply)}
 
-    def text(self, text: str) -> dict:
-        return self._chunk(text)
+    def text(self, text: str, logprobs: list[TokenLogprob] | None = None) -> dict:
+        return self._chunk(text, logprobs=logprobs)
 
     def final(self, reply: Generated, include_usage: bool) -> list[dict]:
         return [self._chunk("", reply.result.finish_reason),
                 *([{**self._chunk(""), "usage": usage_of(reply)}] if include_usage else [])]
 
-    def _chunk(self, text: str, finish_reason: str | None = None) -> dict:
+    def _chunk(self, text: str, finish_reason: str | None = None, logprobs: list[TokenLogprob] | None = None) -> dict:
         return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
-                "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}]}
+                "choices": [{"index": 0, "text": text, "logprobs": completion_logprobs(logprobs),
+                             "finish_reason": finish_reason}]}
 
 
 RENDERERS = {ChatCompletionRequest: ChatCompletion, CompletionRequest: TextCompletion}
+
+
+def chat_logprobs(logprobs: list[TokenLogprob] | None) -> dict | None:
+    return None if logprobs is None else {"content": logprob_entries(logprobs), "refusal": None}
+
+
+def completion_logprobs(logprobs: list[TokenLogprob] | None) -> dict | None:
+    """The legacy completions shape: parallel lists, the alternatives as {token: logprob}."""
+    if logprobs is None:
+        return None
+    offsets, at = [], 0
+    for t in logprobs:
+        offsets.append(at)
+        at += len(t.text)
+    return {"tokens": [t.text for t in logprobs], "token_logprobs": [round(t.logprob, 6) for t in logprobs],
+            "top_logprobs": [{text: round(lp, 6) for text, lp in t.top} for t in logprobs], "text_offset": offsets}
+
+
+def check_dimensions(requested: int | None, width: int, model: str) -> None:
+    """`dimensions` may only restate the model's width: its vectors are not trained to keep their meaning when
+    truncated (a Matryoshka model would be), so a shorter vector is refused, never silently cut."""
+    if requested is not None and requested != width:
+        raise EdgeError("bad_request", f"dimensions: '{model}' gives {width}-dimensional vectors and cannot "
+                        f"shorten them; leave dimensions out or ask for {width}", param="dimensions")
 
 
 def embeddings(reply: Embedded, encoding_format: str) -> dict:
@@ -290,3 +368,10 @@ def model_list(model: str, embedder: str | None, adapters: list[str]) -> dict:
     data += [{"id": n, "object": "model", "created": 0, "owned_by": "edgellm", "parent": model}
              for n in adapters]  # LoRA adapters, as vLLM lists them
     return {"object": "list", "data": data}
+
+
+def model_object(name: str, listed: dict) -> dict | None:
+    """GET /v1/models/{id}: one entry of the list ('default' is the chat model), or None."""
+    if name == "default" and listed["data"]:
+        return listed["data"][0]
+    return next((m for m in listed["data"] if m["id"] == name), None)

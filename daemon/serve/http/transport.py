@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import hmac
+import json
+import logging
 import socket
 import threading
 import time
@@ -19,6 +21,8 @@ from edgellm.daemon.errors import CommandError
 from edgellm.daemon.serve.http.openai import openai_error
 from edgellm.daemon.serve.replies import Event
 from edgellm.daemon.serve.settings import Settings
+
+log = logging.getLogger("edgellm.http")
 
 
 def authorized(headers: Headers, key: str) -> bool:
@@ -49,6 +53,47 @@ class Guard:
                 await refused(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+class ErrorLog:
+    """Plain ASGI middleware: every error response (status 400 and up) is one log line, method, path, status and
+    reason, and counts in edgellm_errors_total by its code, as MQTT's error replies do. A request the worker
+    failed was counted by the worker (the route marks it in its state)."""
+
+    BODY_KEPT = 4096  # of an error body, enough for its message
+
+    def __init__(self, app, count: Callable[[str], None]):
+        self.app, self.count = app, count
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status, body = 0, bytearray()
+
+        async def watch(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            elif message["type"] == "http.response.body" and status >= 400:
+                body.extend(message.get("body", b"")[: self.BODY_KEPT - len(body)])
+                if not message.get("more_body"):
+                    self._report(scope, status, bytes(body))
+            await send(message)
+
+        await self.app(scope, receive, watch)
+
+    def _report(self, scope, status: int, body: bytes) -> None:
+        if status == 499:  # the client hung up mid-body: its own line is logged where that is noticed
+            return
+        try:
+            error = json.loads(body)["error"]
+            code, reason = str(error.get("code") or status), str(error.get("message", ""))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            code, reason = str(status), body.decode(errors="replace")[:200]
+        (log.warning if status >= 500 else log.info)("HTTP %s %s %d %s: %s", scope.get("method"),
+                                                      scope.get("path"), status, code, reason)
+        if not scope.get("state", {}).get("counted"):
+            self.count(code)
 
 
 class QueueSink:
