@@ -15,7 +15,7 @@ from edgellm.daemon.errors import EdgeError
 
 class Embedder:
     def __init__(self, folder: str | Path, threads: int = 1):
-        folder = Path(folder)
+        self.folder = folder = Path(folder)
         self.manifest: ModelManifest = load_manifest(folder, task="embedding")
         info = self.manifest.embedding
         try:

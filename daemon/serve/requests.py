@@ -4,6 +4,9 @@ OpenAI-compatible HTTP API translates its own into them (edgellm/daemon/serve/ht
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable, Mapping
+
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from edgellm.daemon.engine.chat import ChatMessage
@@ -112,6 +115,21 @@ def validation_error(error: ValidationError) -> EdgeError:
     errors = error.errors()
     first = ".".join(str(p) for p in errors[0]["loc"]) if errors and errors[0]["loc"] else None
     return EdgeError("bad_request", describe_validation(error), param=first)
+
+
+def refuse_unknown(body: dict, known: Iterable[str], refused: Mapping[str, str] = {}, prefix: str = "") -> None:
+    """For the HTTP dialects, which take other clients' bodies: a field in `refused` (known, not honoured) with a
+    value that is not empty is an EdgeError giving the reason; a field neither known nor refused is an EdgeError
+    naming it, with the closest known name when it looks like a typo."""
+    known = set(known)
+    for name, value in body.items():
+        where = prefix + name
+        if name in refused and value not in (None, "", [], {}, False):
+            raise EdgeError("bad_request", f"{where}: not supported ({refused[name]})", param=where)
+        if name not in known and name not in refused:
+            close = difflib.get_close_matches(name, sorted(known), n=1)
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
+            raise EdgeError("bad_request", f"{where}: unknown field{hint}", param=where)
 
 
 def describe_validation(error: ValidationError) -> str:

@@ -4,7 +4,8 @@ built with it; held together, and swapped between requests (a fleet update, a SI
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, replace
+import time
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from edgellm.daemon.engine.generate import Generator
@@ -24,6 +25,7 @@ class Served:
     generator: Generator
     embedder: Embedder | None
     store: RetrievalStore | None = None
+    loaded_at: float = field(default_factory=time.time)  # when the generation model was loaded (/api/ps)
 
     @property
     def model_info(self) -> ModelInfo:
@@ -67,7 +69,7 @@ class ServedModels:
     def swap_generator(self, generator: Generator) -> None:
         """A new generation model, same embedder and store; requests already running keep the old one."""
         with self._lock:
-            self._served = replace(self._served, generator=generator)
+            self._served = replace(self._served, generator=generator, loaded_at=time.time())
 
 
 def load_generator(settings: Settings, folder: Path) -> Generator:

@@ -1,49 +1,49 @@
-"""An OpenAI-compatible HTTP API inside the daemon: the same worker queue, engine and limits as MQTT.
+"""The HTTP API inside the daemon, OpenAI's dialect under /v1 and Ollama's under /api (ollama_routes.py): the
+same worker queue, engine and limits as MQTT.
 
 Off by default, on 127.0.0.1 by default; any other address needs an API key (Settings enforces it). The
-routes read a body, translate it (openai.py), queue it on the worker, and send its events back as one JSON
-response or a server-sent event stream; errors use OpenAI's shape and status codes, so the openai SDK and
-LangChain report them as they would.
+routes read a body, translate it (openai.py, ollama.py), queue it on the worker (dispatch.py), and send its
+events back as one JSON response or a stream; errors use each dialect's shape and status codes, so the openai
+SDK, LangChain and the ollama clients report them as they would.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 from starlette.requests import ClientDisconnect
 from starlette.routing import Match
 
 from edgellm.daemon.errors import EdgeError
+from edgellm.daemon.serve.http.dispatch import Dispatch
+from edgellm.daemon.serve.http.ollama import edge_error_for, error_for
+from edgellm.daemon.serve.http.ollama_routes import add_ollama_routes
 from edgellm.daemon.serve.http.openai import (
     RENDERERS,
     ChatCompletionRequest,
     CompletionRequest,
     EmbeddingRequest,
-    OpenAIBody,
     check_dimensions,
-    edge_error_response,
     embeddings,
     model_list,
     model_object,
     openai_error,
     stream_error,
 )
-from edgellm.daemon.serve.http.transport import ErrorLog, Guard, QueueSink, authorized
-from edgellm.daemon.serve.jsontext import encode_json, load_json
+from edgellm.daemon.serve.http.transport import ErrorLog, Guard, authorized
+from edgellm.daemon.serve.jsontext import encode_json
 from edgellm.daemon.serve.metrics import Metrics
-from edgellm.daemon.serve.replies import Event, Failed, Finished, Reply, TextDelta
-from edgellm.daemon.serve.requests import EmbedRequest, Envelope, validation_error
+from edgellm.daemon.serve.replies import Failed, TextDelta
+from edgellm.daemon.serve.requests import EmbedRequest, validation_error
 from edgellm.daemon.serve.served import ServedModels
 from edgellm.daemon.serve.settings import Settings
-from edgellm.daemon.serve.worker import Job, Worker
+from edgellm.daemon.serve.worker import Worker
 
 log = logging.getLogger("edgellm.http")
 
@@ -62,10 +62,10 @@ def create_app(settings: Settings, worker: Worker, models: ServedModels, metrics
     app.add_middleware(ErrorLog, count=metrics.stats.error)  # outermost: it sees the Guard's refusals too
 
     @app.exception_handler(RequestValidationError)
-    async def invalid(_request, exc: RequestValidationError):
+    async def invalid(request: Request, exc: RequestValidationError):
         first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
         param = ".".join(str(p) for p in first["loc"][1:]) or None
-        return openai_error(400, f"{param or 'body'}: {first['msg']}", "invalid_request", param)
+        return error_for(request.url.path, 400, f"{param or 'body'}: {first['msg']}", "invalid_request", param)
 
     @app.exception_handler(ClientDisconnect)
     async def client_gone(request: Request, _exc: ClientDisconnect):
@@ -75,90 +75,18 @@ def create_app(settings: Settings, worker: Worker, models: ServedModels, metrics
         return Response(status_code=499)
 
     @app.exception_handler(EdgeError)
-    async def edge_error(_request, exc: EdgeError):
-        return edge_error_response(exc)
+    async def edge_error(request: Request, exc: EdgeError):
+        return edge_error_for(request.url.path, exc)
+
+    dispatch = Dispatch(worker, models, metrics, limit, stall)
 
     def unknown_model(name: str) -> JSONResponse | None:
-        """None for the model, 'default', or a LoRA adapter loaded beside it (by its name, as vLLM serves
-        adapters); a 404 naming what is served otherwise."""
-        adapters = models.served.adapters
-        if name in ("default", model_name(), *adapters):
+        """None for a model served here; a 404 naming what is served otherwise."""
+        if dispatch.serves(name):
             return None
-        listed = ", ".join(f"'{n}'" for n in [model_name(), *adapters])
+        listed = ", ".join(f"'{n}'" for n in [model_name(), *models.served.adapters])
         return openai_error(404, f"model '{name}' is not served here; GET /v1/models lists {listed} "
                             "(or say 'default')", "model_not_found", "model")
-
-    async def submit(method: str, request: Envelope, streamed: bool = False) -> tuple[Job, QueueSink]:
-        request_id = uuid.uuid4().hex[:16]
-
-        def stalled() -> None:
-            if worker.cancel(request_id, f"the HTTP client read nothing for {stall:g} s (limits.stream_stall_seconds)"):
-                metrics.stats.stall()
-                log.info("request %s: the client stopped reading its stream; cancelled", request_id)
-
-        sink = QueueSink(asyncio.get_running_loop(), stall if streamed else None, stalled)
-        job = Job(method, request, request_id, sink)
-        worker.submit(job)  # EdgeError('busy') becomes 429
-        return job, sink
-
-    def hang_up(job: Job) -> None:
-        if worker.cancel(job.request_id, "the HTTP client went away"):
-            metrics.stats.disconnected()
-
-    async def events(job: Job, sink: QueueSink) -> AsyncIterator[Event]:
-        """The job's events in order, up to its final one. Leaving early (the client hung up: Starlette
-        cancels a streaming response, or the watcher below cancels a plain one) cancels the job."""
-        finished = False
-        try:
-            while True:
-                event = await sink.take()
-                finished = not isinstance(event, TextDelta)
-                yield event
-                if finished:
-                    return
-        finally:
-            if not finished:
-                hang_up(job)
-
-    async def final_of(job: Job, sink: QueueSink, request: Request) -> Reply:
-        """The reply of a request answered whole; a client that hangs up meanwhile cancels it at once."""
-        async def watch() -> None:
-            while (await request.receive())["type"] != "http.disconnect":
-                pass
-            hang_up(job)
-
-        watcher = asyncio.create_task(watch())
-        try:
-            async for event in events(job, sink):
-                if isinstance(event, Failed):
-                    request.state.counted = True  # the worker counted it (ErrorLog counts the others)
-                    raise event.error
-                if isinstance(event, Finished):
-                    return event.reply
-        finally:
-            watcher.cancel()
-        raise EdgeError("internal", "the request ended without a final reply")
-
-    async def read_body(request: Request) -> bytes:
-        """The body, refused with 413 as soon as it passes the limit, whether its length was declared or it
-        arrives chunked: never more than the limit is held in memory."""
-        body = bytearray()
-        async for part in request.stream():
-            body += part
-            if len(body) > limit:
-                raise EdgeError("too_large", f"request body is over the limit of {limit} bytes")
-        return bytes(body)
-
-    async def parse(model: type[BaseModel], request: Request):
-        data = load_json(await read_body(request), "body")
-        if not isinstance(data, dict):
-            raise EdgeError("bad_request", "body: must be a JSON object")
-        if issubclass(model, OpenAIBody):
-            model.check_fields(data)
-        try:
-            return model.model_validate(data)
-        except ValidationError as e:
-            raise validation_error(e) from None
 
     def sse(obj: dict | str) -> bytes:
         return b"data: " + (obj.encode() if isinstance(obj, str) else encode_json(obj)) + b"\n\n"
@@ -174,13 +102,13 @@ def create_app(settings: Settings, worker: Worker, models: ServedModels, metrics
             raise validation_error(e) from None
         if body.model in models.served.adapters:
             wire.adapter = body.model  # the base with this adapter beside it, for this request only
-        job, sink = await submit(body.method, wire, streamed=body.stream)
+        job, sink = await dispatch.submit(body.method, wire, streamed=body.stream)
         render = RENDERERS[type(body)](job.request_id, wire.adapter or model_name())  # an adapter answers
         if not body.stream:                                                           # under its own name
-            return render.whole(await final_of(job, sink, request))
+            return render.whole(await dispatch.final_of(job, sink, request))
 
         async def chunks() -> AsyncIterator[bytes]:
-            async for event in events(job, sink):
+            async for event in dispatch.events(job, sink):
                 if isinstance(event, TextDelta):
                     yield sse(render.text(event.text, event.logprobs))
                 elif isinstance(event, Failed):
@@ -194,22 +122,21 @@ def create_app(settings: Settings, worker: Worker, models: ServedModels, metrics
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        return await complete(request, await parse(ChatCompletionRequest, request))
+        return await complete(request, await dispatch.parse(ChatCompletionRequest, request))
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        return await complete(request, await parse(CompletionRequest, request))
+        return await complete(request, await dispatch.parse(CompletionRequest, request))
 
     @app.post("/v1/embeddings")
     async def embed(request: Request):
-        body = await parse(EmbeddingRequest, request)
+        body = await dispatch.parse(EmbeddingRequest, request)
         embedder = models.served.require_embedder()
         if body.model not in ("default", embedder.name):
             return openai_error(404, f"model '{body.model}' is not served here; embeddings come from "
                                 f"'{embedder.name}' (or say 'default')", "model_not_found", "model")
         check_dimensions(body.dimensions, embedder.dimension, embedder.name)
-        job, sink = await submit("embed", EmbedRequest(input=body.input))
-        return embeddings(await final_of(job, sink, request), body.encoding_format)
+        return embeddings(await dispatch.run("embed", EmbedRequest(input=body.input), request), body.encoding_format)
 
     def listed() -> dict:
         served = models.served
@@ -247,18 +174,27 @@ def create_app(settings: Settings, worker: Worker, models: ServedModels, metrics
     async def metrics_text():
         return Response(metrics.render(), media_type="text/plain; version=0.0.4")
 
+    add_ollama_routes(app, dispatch)
+
+    @app.get("/")
+    async def root():
+        """Ollama's clients and integrations probe the root; so may a person with a browser."""
+        return Response("edgellm is running: the OpenAI API under /v1, Ollama's under /api\n", media_type="text/plain")
+
     @app.api_route("/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"])
     async def not_found(request: Request, path: str):
         """A route asked with the wrong method is 405 with the methods it takes; a path that is no route, 404."""
         allowed = sorted({m for r in app.routes if getattr(r, "path", None) not in (None, "/{path:path}")
                           and r.matches({"type": "http", "path": f"/{path}", "method": "GET"})[0] != Match.NONE
                           for m in r.methods} - {"HEAD"})
+        where = request.url.path
         if allowed:
-            refused = openai_error(405, f"{request.method} /{path}: this route takes {', '.join(allowed)}",
-                                   "method_not_allowed")
+            refused = error_for(where, 405, f"{request.method} /{path}: this route takes {', '.join(allowed)}",
+                                "method_not_allowed")
             refused.headers["allow"] = ", ".join(allowed)
             return refused
-        return openai_error(404, f"/{path} does not exist; see /v1/models, /v1/chat/completions, "
-                            "/v1/completions, /v1/embeddings, /health, /metrics", "not_found")
+        return error_for(where, 404, f"/{path} does not exist; see /v1/models, /v1/chat/completions, "
+                         "/v1/completions, /v1/embeddings, /api/chat, /api/generate, /api/embed, /api/tags, "
+                         "/health, /metrics", "not_found")
 
     return app

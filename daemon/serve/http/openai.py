@@ -8,7 +8,6 @@ Nothing here knows about sockets or the event loop (edgellm/daemon/serve/http/ap
 from __future__ import annotations
 
 import base64
-import difflib
 import json
 import time
 from typing import Any, ClassVar, Literal
@@ -23,8 +22,9 @@ from edgellm.daemon.engine.params import GenerationParams
 from edgellm.daemon.engine.sequence import TokenLogprob
 from edgellm.daemon.errors import EdgeError
 from edgellm.daemon.serve.replies import Embedded, Generated, logprob_entries
-from edgellm.daemon.serve.requests import ChatRequest, GenerateRequest
+from edgellm.daemon.serve.requests import ChatRequest, GenerateRequest, refuse_unknown
 
+ERROR_CODE_HEADER = "x-edgellm-error"  # every error response names its code here, whichever dialect's body it has
 HTTP_PARAMS = {"json_schema": "response_format"}  # a worker request's field -> the OpenAI parameter it came from
 STATUS = {"bad_request": 400, "unknown_method": 404, "too_large": 413, "unsupported_media": 415, "busy": 429,
           "deadline_exceeded": 504, "cancelled": 503, "model_unavailable": 503, "internal": 500}
@@ -34,7 +34,8 @@ def openai_error(status: int, message: str, code: str, param: str | None = None)
     kind = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
             405: "invalid_request_error", 413: "invalid_request_error", 415: "invalid_request_error",
             429: "rate_limit_exceeded"}.get(status, "server_error")
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status)
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status,
+                        headers={ERROR_CODE_HEADER: code})
 
 
 def edge_error_response(error: EdgeError) -> JSONResponse:
@@ -71,17 +72,8 @@ class OpenAIBody(BaseModel):
 
     @classmethod
     def check_fields(cls, body: dict) -> None:
-        """Before validation: every top-level field is one this route reads or ACCEPTED; the first that is not
-        is an EdgeError naming it (the closest known name when it looks like a typo)."""
-        known = cls.model_fields.keys() | ACCEPTED
-        for name in body:
-            if name in known:
-                continue
-            if name in UNSUPPORTED:
-                raise EdgeError("bad_request", f"{name}: not supported ({UNSUPPORTED[name]})", param=name)
-            close = difflib.get_close_matches(name, sorted(known), n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
-            raise EdgeError("bad_request", f"{name}: unknown field{hint}", param=name)
+        """Before validation: every top-level field is one this route reads, ACCEPTED or UNSUPPORTED (refused)."""
+        refuse_unknown(body, cls.model_fields.keys() | ACCEPTED, UNSUPPORTED)
 
 
 class FunctionCallIn(OpenAIBody):

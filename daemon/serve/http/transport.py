@@ -18,7 +18,8 @@ from fastapi import FastAPI
 from starlette.datastructures import Headers
 
 from edgellm.daemon.errors import CommandError
-from edgellm.daemon.serve.http.openai import openai_error
+from edgellm.daemon.serve.http.ollama import error_for
+from edgellm.daemon.serve.http.openai import ERROR_CODE_HEADER
 from edgellm.daemon.serve.replies import Event
 from edgellm.daemon.serve.settings import Settings
 
@@ -41,14 +42,16 @@ class Guard:
         if scope["type"] == "http":
             headers = Headers(scope=scope)
             refused = None
-            if self.key and scope["path"].startswith(("/v1/", "/metrics")):
+            path = scope["path"]
+            if self.key and path.startswith(("/v1/", "/api/", "/metrics")):
                 if not authorized(headers, self.key):
-                    refused = openai_error(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'",
-                                           "invalid_api_key")
+                    refused = error_for(path, 401, "Incorrect or missing API key: send 'Authorization: Bearer "
+                                        "<key>'", "invalid_api_key")
             declared = headers.get("content-length") or "0"
             size = int(declared) if declared.isdigit() else 0
             if refused is None and size > self.limit:
-                refused = openai_error(413, f"request body is {size} bytes; the limit is {self.limit}", "too_large")
+                refused = error_for(path, 413, f"request body is {size} bytes; the limit is {self.limit}",
+                                    "too_large")
             if refused is not None:
                 await refused(scope, receive, send)
                 return
@@ -68,28 +71,29 @@ class ErrorLog:
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        status, body = 0, bytearray()
+        status, code, body = 0, "", bytearray()
 
         async def watch(message) -> None:
-            nonlocal status
+            nonlocal status, code
             if message["type"] == "http.response.start":
                 status = message["status"]
+                code = Headers(raw=message.get("headers", [])).get(ERROR_CODE_HEADER, str(status))
             elif message["type"] == "http.response.body" and status >= 400:
                 body.extend(message.get("body", b"")[: self.BODY_KEPT - len(body)])
                 if not message.get("more_body"):
-                    self._report(scope, status, bytes(body))
+                    self._report(scope, status, code, bytes(body))
             await send(message)
 
         await self.app(scope, receive, watch)
 
-    def _report(self, scope, status: int, body: bytes) -> None:
+    def _report(self, scope, status: int, code: str, body: bytes) -> None:
         if status == 499:  # the client hung up mid-body: its own line is logged where that is noticed
             return
         try:
-            error = json.loads(body)["error"]
-            code, reason = str(error.get("code") or status), str(error.get("message", ""))
+            error = json.loads(body)["error"]  # OpenAI's {"error": {"message": ...}} or Ollama's {"error": "..."}
+            reason = error if isinstance(error, str) else str(error.get("message", ""))
         except (ValueError, KeyError, TypeError, AttributeError):
-            code, reason = str(status), body.decode(errors="replace")[:200]
+            reason = body.decode(errors="replace")[:200]
         (log.warning if status >= 500 else log.info)("HTTP %s %s %d %s: %s", scope.get("method"),
                                                       scope.get("path"), status, code, reason)
         if not scope.get("state", {}).get("counted"):
