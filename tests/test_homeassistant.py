@@ -57,6 +57,9 @@ class SensorConfig(_Strict):
     unit_of_measurement: str | None = None
     state_class: Literal["measurement", "total", "total_increasing"] | None = None
     icon: str | None = None
+    entity_category: Literal["config", "diagnostic"] | None = None
+    device_class: str | None = None  # with "enum", `options` lists the values; "data_size" needs a byte unit
+    options: list[str] | None = None
 
 
 def retained_under(port: int, pattern: str, settle: float = 2.0, at_least: int = 0,
@@ -125,9 +128,14 @@ def test_discovery_configs_and_the_values_they_read(broker, smollm2_int4, tmp_pa
                       env={"EDGELLM_HOMEASSISTANT__ENABLED": "true", "EDGELLM_TELEMETRY_INTERVAL": "600"}).start()
     try:
         configs = {t: SensorConfig.model_validate_json(p)
-                   for t, p in retained_under(broker.port, "homeassistant/#", at_least=5).items()}
+                   for t, p in retained_under(broker.port, "homeassistant/#", at_least=8).items()}
         assert {t.split("/")[-2] for t in configs} == {"model", "model_version", "queue_depth", "tokens_per_second",
-                                                         "requests"}  # no update sensor: updates are off
+                                                         "requests", "errors", "memory", "cpu_temperature"}
+        by_key = {t.split("/")[-2]: c for t, c in configs.items()}  # (no update sensor: updates are off)
+        assert by_key["requests"].state_class == by_key["errors"].state_class == "total_increasing"
+        assert by_key["queue_depth"].state_class == "measurement"
+        assert {k for k, c in by_key.items() if c.entity_category == "diagnostic"} == {
+            "model", "model_version", "memory", "cpu_temperature"}
         assert all(t.startswith("homeassistant/sensor/edgellm_gw_7/") for t in configs)
         assert len({c.unique_id for c in configs.values()}) == len(configs)
         values = {}
@@ -138,6 +146,8 @@ def test_discovery_configs_and_the_values_they_read(broker, smollm2_int4, tmp_pa
             assert render(a.value_template, retained(broker.port, a.topic)) == a.payload_available
         assert values["model"] == "SmolLM2-135M-Instruct-int4" and values["queue_depth"] == "0"
         assert float(values["tokens_per_second"]) == 0.0 and values["model_version"] == "1"  # nothing decoded yet
+        assert values["errors"] == "0" and 50 < float(values["memory"]) < 4000
+        assert values["cpu_temperature"] == "unknown" or -40 < float(values["cpu_temperature"]) < 120
         node_red_flow_round_trip(broker.port, "gw-7")
     finally:
         assert d.stop() == 0
@@ -158,3 +168,15 @@ def test_discovery_is_opt_in(broker, smollm2_int4, tmp_path):
         assert retained_under(broker.port, "homeassistant/#", settle=1.0) == {}
     finally:
         d.stop()
+
+
+def test_the_update_sensor_is_an_enum_of_every_state_the_agent_reports():
+    from edgellm.daemon.serve.homeassistant import discovery_messages
+    from edgellm.daemon.update.states import UpdateState
+
+    topics = {"status": "s", "telemetry": "t", "update": "u"}
+    configs = {t.split("/")[-2]: SensorConfig.model_validate_json(p)
+               for t, p in discovery_messages("homeassistant", "gw-9", topics, updates=True).items()}
+    update = configs["update_state"]
+    assert update.device_class == "enum" and update.options == [s.value for s in UpdateState]
+    assert update.state_topic == "u" and "SUCCEEDED" in update.options

@@ -3,7 +3,8 @@ Assistant by themselves. Each sensor is a retained config message on
 `<discovery_prefix>/sensor/<node_id>/<object_id>/config` (Home Assistant's "MQTT Discovery" and "MQTT Sensor"
 docs) reading edgellm's own retained topics: availability from the presence message with a value_template,
 model and version from it too, the update state from the update report, queue depth and tokens/s from the
-telemetry (retained, so a sensor has its value right after Home Assistant or the daemon restarts)."""
+telemetry (retained, so a sensor has its value right after Home Assistant or the daemon restarts). Counters are
+total_increasing, levels measurement; what describes the device rather than its work is a diagnostic entity."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import json
 from dataclasses import dataclass
 
 from edgellm.daemon import __version__
+from edgellm.daemon.update.states import UpdateState
 
 
 @dataclass(frozen=True)
@@ -20,19 +22,32 @@ class Sensor:
     topic: str  # which of the device's topics: status, telemetry or update
     template: str
     unit: str | None = None
-    numeric: bool = False
+    state_class: str | None = None  # measurement (a level) or total_increasing (a counter that only grows)
     icon: str | None = None
+    diagnostic: bool = False  # entity_category: diagnostic (about the device, not what it measures)
+    device_class: str | None = None
+    options: tuple[str, ...] = ()  # an enum sensor's values
 
 
 SENSORS = (
-    Sensor("model", "Model", "status", "{{ value_json.model.name }}", icon="mdi:brain"),
-    Sensor("model_version", "Model version", "status", "{{ value_json.model.version }}", icon="mdi:tag"),
-    Sensor("queue_depth", "Queue depth", "telemetry", "{{ value_json.queue_depth }}", numeric=True,
+    Sensor("model", "Model", "status", "{{ value_json.model.name }}", icon="mdi:brain", diagnostic=True),
+    Sensor("model_version", "Model version", "status", "{{ value_json.model.version }}", icon="mdi:tag",
+           diagnostic=True),
+    Sensor("queue_depth", "Queue depth", "telemetry", "{{ value_json.queue_depth }}", state_class="measurement",
            icon="mdi:tray-full"),
     Sensor("tokens_per_second", "Tokens per second", "telemetry", "{{ value_json.decode_tps }}", unit="tok/s",
-           numeric=True, icon="mdi:speedometer"),
-    Sensor("requests", "Requests", "telemetry", "{{ value_json.requests_total }}", numeric=True, icon="mdi:counter"),
-    Sensor("update_state", "Update", "update", "{{ value_json.state }}", icon="mdi:update"),
+           state_class="measurement", icon="mdi:speedometer"),
+    Sensor("requests", "Requests", "telemetry", "{{ value_json.requests_total }}", state_class="total_increasing",
+           icon="mdi:counter"),
+    Sensor("errors", "Errors", "telemetry", "{{ value_json.errors_total }}", state_class="total_increasing",
+           icon="mdi:alert-circle-outline"),
+    Sensor("memory", "Memory", "telemetry", "{{ value_json.rss_mb }}", unit="MB", state_class="measurement",
+           icon="mdi:memory", diagnostic=True, device_class="data_size"),
+    Sensor("cpu_temperature", "CPU temperature", "telemetry",
+           "{{ value_json.cpu_temp_c if value_json.cpu_temp_c is not none else 'unknown' }}", unit="°C",
+           state_class="measurement", diagnostic=True, device_class="temperature"),
+    Sensor("update_state", "Update", "update", "{{ value_json.state }}", icon="mdi:update", device_class="enum",
+           options=tuple(UpdateState)),
 )
 
 
@@ -67,11 +82,9 @@ def discovery_messages(prefix: str, device_id: str, topics: dict[str, str], upda
         config = {"name": s.name, "unique_id": f"{node}_{s.key}", "object_id": f"{node}_{s.key}",
                   "state_topic": topics[s.topic], "value_template": s.template, "availability": availability,
                   "device": device, "origin": {"name": "edgellm", "sw_version": __version__}}
-        if s.unit:
-            config["unit_of_measurement"] = s.unit
-        if s.numeric:
-            config["state_class"] = "measurement"
-        if s.icon:
-            config["icon"] = s.icon
+        optional = {"unit_of_measurement": s.unit, "state_class": s.state_class, "icon": s.icon,
+                    "entity_category": "diagnostic" if s.diagnostic else None, "device_class": s.device_class,
+                    "options": list(s.options) or None}
+        config.update((k, v) for k, v in optional.items() if v is not None)
         out[config_topic(prefix, device_id, s)] = json.dumps(config).encode()
     return out
