@@ -233,6 +233,8 @@ def settings_from_args(args: argparse.Namespace):
         overrides["mqtt"] = mqtt
     if getattr(args, "model", None):
         overrides["model"] = {"path": args.model}
+    if getattr(args, "http_port", None) is not None:
+        overrides["http"] = {"enabled": True, "port": args.http_port}
     return load_settings(args.config, overrides)
 
 
@@ -390,10 +392,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", help="a system message")
     p.set_defaults(func=cmd_chat)
 
-    p = commands.add_parser("serve", help="run the daemon: answer requests over MQTT")
+    p = commands.add_parser("serve", help="run the daemon: answer requests over MQTT and, if enabled, HTTP")
     add_settings_args(p)
     p.add_argument("--model", help="the model to serve: a library name or a folder (model.path)")
     p.add_argument("--device-id", help="this device's id in MQTT topics (device_id; default: the host name)")
+    p.add_argument("--http-port", type=int, help="serve the HTTP API (OpenAI's and Ollama's) on this port: "
+                   "http.enabled and http.port")
     p.add_argument("--group", dest="groups", action="append", help="take load-balanced requests of this group")
     p.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log_level (default INFO)")
     p.add_argument("--log-format", choices=["text", "json"], help="text (no timestamp under journald), or one "

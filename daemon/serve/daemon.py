@@ -48,12 +48,13 @@ class Daemon:
         self.worker = Worker(self.models, self.stats, settings.limits.queue_size, settings.limits.max_tokens,
                              heartbeat=self.watchdog.ping, store_settings=settings.store,
                              concurrency=settings.model.batch_size)
-        hooks = UpdateHooks(self.updater.on_desired, lambda: self.updater.report) if self.updater else None
-        try:
-            journal = RequestJournal(settings.state_dir / JOURNAL_FILE)
-        except (OSError, sqlite3.Error) as e:
-            raise CommandError(f"state_dir: cannot keep the request journal in {settings.state_dir}: {e}") from None
-        self.mqtt = MqttService(settings, self.worker, self.stats, self.model_status, hooks, journal)
+        if settings.mqtt.enabled:
+            hooks = UpdateHooks(self.updater.on_desired, lambda: self.updater.report) if self.updater else None
+            try:
+                journal = RequestJournal(settings.state_dir / JOURNAL_FILE)
+            except (OSError, sqlite3.Error) as e:
+                raise CommandError(f"state_dir: cannot keep the request journal in {settings.state_dir}: {e}") from None
+            self.mqtt = MqttService(settings, self.worker, self.stats, self.model_status, hooks, journal)
         self.http = None
         if settings.http.enabled:
             from edgellm.daemon.serve.http.app import create_app
@@ -87,7 +88,9 @@ class Daemon:
             self.mqtt.publish_status()  # the retained presence carries update_state: keep it current
 
     def mqtt_health(self) -> dict:
-        """The broker connection as /health reports it."""
+        """The broker connection as /health reports it ("disabled" on an HTTP-only device: not a fault)."""
+        if self.mqtt is None:
+            return {"connected": False, "state": "disabled"}
         connected = self.mqtt.connected.is_set()
         return {"connected": connected, "state": "connected" if connected else self.mqtt.state,
                 "broker": f"{self.settings.mqtt.host}:{self.settings.mqtt.port}",
@@ -98,7 +101,8 @@ class Daemon:
         folder = folder or self.settings.model.path
         self.models.swap_generator(load_generator(self.settings, folder))
         log.info("now serving %s from %s", self.models.served.model_info.name, folder)
-        self.mqtt.publish_status()
+        if self.mqtt is not None:
+            self.mqtt.publish_status()
 
     def health_problem(self) -> str | None:
         """The new model answers its first golden prompt as the host recorded it. It goes through the serving
@@ -126,25 +130,32 @@ class Daemon:
         signal.signal(signal.SIGINT, lambda *_: self.stop_requested.set())
         signal.signal(signal.SIGHUP, lambda *_: self.reload_requested.set())
         self.worker.start()
-        self.mqtt.start()
+        if self.mqtt is not None:
+            self.mqtt.start()
         if self.updater is not None:
             self.updater.start()
         if self.http is not None:
             self.http.start()
-            log.info("OpenAI-compatible API on http://%s:%d/v1", self.settings.http.host, self.settings.http.port)
-        notify(f"STATUS=connecting to {self.settings.mqtt.host}:{self.settings.mqtt.port}")
+            log.info("HTTP API on http://%s:%d (OpenAI's under /v1, Ollama's under /api)", self.settings.http.host,
+                     self.settings.http.port)
+        if self.mqtt is not None:
+            notify(f"STATUS=connecting to {self.settings.mqtt.host}:{self.settings.mqtt.port}")
+        else:
+            log.info("MQTT is off (mqtt.enabled false): HTTP only")
         ready = False
         next_telemetry = time.monotonic() + self.settings.telemetry_interval
         next_sweep = time.monotonic() + SWEEP_SECONDS
         next_prune = time.monotonic() + PRUNE_SECONDS
         while not self.stop_requested.wait(0.2):
-            if not ready and self.mqtt.ever_connected.is_set():
+            if not ready and (self.mqtt is None or self.mqtt.ever_connected.is_set()):
                 ready = True
                 notify(f"READY=1\nSTATUS=serving {self.model_status()['model']['name']}")
                 log.info("serving %s as %s", self.model_status()["model"]["name"], self.settings.device_id)
             if self.reload_requested.is_set():
                 self.reload_requested.clear()
                 self.reload()
+            if self.mqtt is None:
+                continue
             if time.monotonic() >= next_sweep:
                 next_sweep = time.monotonic() + SWEEP_SECONDS
                 self.mqtt.deliveries.sweep()
@@ -161,7 +172,8 @@ class Daemon:
         notify("STOPPING=1\nSTATUS=finishing in-flight requests")
         log.info("stopping: %d request(s) in flight, %.0f s grace", self.worker.depth,
                  self.settings.limits.grace_seconds)
-        self.mqtt.stop_intake()
+        if self.mqtt is not None:
+            self.mqtt.stop_intake()
         if self.updater is not None:
             self.updater.shutdown()
         if self.http is not None:
@@ -169,7 +181,8 @@ class Daemon:
         self.worker.drain(self.settings.limits.grace_seconds)
         if self.http is not None:
             self.http.join()
-        self.mqtt.stop()
+        if self.mqtt is not None:
+            self.mqtt.stop()
         log.info("stopped")
         return 0
 
@@ -201,8 +214,10 @@ class Daemon:
                         "changes at the next restart")
         self.worker.reconfigure(new.limits.queue_size, new.limits.max_tokens, new.store)
         logging.getLogger().setLevel(new.log_level)
-        self.settings = self.mqtt.settings = new
-        self.mqtt.publish_status()
+        self.settings = new
+        if self.mqtt is not None:
+            self.mqtt.settings = new
+            self.mqtt.publish_status()
         notify(f"READY=1\nSTATUS=serving {self.model_status()['model']['name']}")
 
 

@@ -247,12 +247,16 @@ class MqttService:
             self.client.unsubscribe(self.topics.group_rpc)
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Publish 'offline' (retained), wait for it and the last replies, then disconnect cleanly."""
-        info = self.client.publish(self.topics.status, self._presence("offline"), qos=1, retain=True)
-        deadline = time.monotonic() + timeout
-        while (time.monotonic() < deadline and self.connected.is_set()
-               and (not Deliveries._published(info) or self._unacked())):
-            time.sleep(0.02)
+        """Publish 'offline' (retained), wait for it and the last replies, then disconnect cleanly. Whatever state
+        the broker is in (never reached, gone mid-session), this returns: a shutdown never fails on it."""
+        try:
+            info = self.client.publish(self.topics.status, self._presence("offline"), qos=1, retain=True)
+            deadline = time.monotonic() + timeout
+            while (time.monotonic() < deadline and self.connected.is_set()
+                   and (not Deliveries._published(info) or self._unacked())):
+                time.sleep(0.02)
+        except (RuntimeError, ValueError, OSError) as e:  # paho: "Message publish failed" without a connection
+            log.info("stopping without a broker: the 'offline' presence was not published (%s)", e)
         props = Properties(PacketTypes.DISCONNECT)
         props.SessionExpiryInterval = self.settings.mqtt.session_expiry
         self.client.disconnect(properties=props)

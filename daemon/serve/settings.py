@@ -34,6 +34,7 @@ class TLSSettings(StrictModel):
 
 
 class MQTTSettings(StrictModel):
+    enabled: bool = Field(True, description="false: an HTTP-only device (http.enabled), no broker at all")
     host: str = "localhost"
     port: int = Field(1883, ge=1, le=65535)
     username: str | None = None
@@ -175,6 +176,16 @@ class Settings(BaseSettings):
         if self.http.enabled and not self.http.is_loopback() and not self.http.key():
             raise ValueError(f"http.api_key: required when http.host ({self.http.host}) is not a loopback address; "
                              "set http.api_key or http.api_key_file")
+        return self
+
+    @model_validator(mode="after")
+    def _something_to_serve(self) -> Settings:
+        if not self.mqtt.enabled and not self.http.enabled:
+            raise ValueError("mqtt.enabled: false leaves nothing to serve requests on; enable http (http.enabled, "
+                             "or `serve --http-port PORT`) or keep MQTT on")
+        if not self.mqtt.enabled and self.update.enabled:
+            raise ValueError("update.enabled: fleet updates arrive over MQTT; with mqtt.enabled false, turn "
+                             "updates off")
         return self
 
     @model_validator(mode="after")

@@ -157,8 +157,8 @@ def create_app(settings: Settings, worker: Worker, models: ServedModels, metrics
 
     @app.get("/health")
     async def health(request: Request):
-        """200 when the model serves and the broker is connected; 503 naming what is wrong otherwise. Where the
-        broker is and why it cannot be reached are shown to a caller with the API key only."""
+        """200 when the model serves and the broker is connected (or MQTT is off); 503 naming what is wrong
+        otherwise. Where the broker is and why it cannot be reached are shown to a caller with the API key only."""
         try:
             model = models.served.model_info
         except Exception as e:  # no model: the engine cannot answer
@@ -166,9 +166,10 @@ def create_app(settings: Settings, worker: Worker, models: ServedModels, metrics
         mqtt = mqtt_health()
         if not (key and authorized(request.headers, key)):
             mqtt = {"connected": mqtt["connected"], "state": mqtt.get("state", "connected")}
-        body = {"status": "ok" if mqtt["connected"] else "degraded", "model": asdict(model),
+        healthy = mqtt["connected"] or mqtt.get("state") == "disabled"  # HTTP-only: the model is all it needs
+        body = {"status": "ok" if healthy else "degraded", "model": asdict(model),
                 "queue_depth": worker.depth, "mqtt": mqtt}
-        return JSONResponse(body, 200 if mqtt["connected"] else 503)
+        return JSONResponse(body, 200 if healthy else 503)
 
     @app.get("/metrics")
     async def metrics_text():

@@ -87,8 +87,8 @@ class ErrorLog:
         await self.app(scope, receive, watch)
 
     def _report(self, scope, status: int, code: str, body: bytes) -> None:
-        if status == 499:  # the client hung up mid-body: its own line is logged where that is noticed
-            return
+        if status == 499 or scope.get("path") == "/health":  # a hang-up mid-body is logged where it is noticed;
+            return                                                 # a degraded /health is a state, not an error
         try:
             error = json.loads(body)["error"]  # OpenAI's {"error": {"message": ...}} or Ollama's {"error": "..."}
             reason = error if isinstance(error, str) else str(error.get("message", ""))
