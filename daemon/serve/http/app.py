@@ -55,9 +55,6 @@ def create_app(settings: Settings, worker: Worker, models: ServedModels, metrics
     limit = settings.limits.max_payload_bytes
     stall = settings.limits.stream_stall_seconds
 
-    def model_name() -> str:
-        return models.served.model_info.name
-
     app.add_middleware(Guard, key=key, limit=limit)
     app.add_middleware(ErrorLog, count=metrics.stats.error)  # outermost: it sees the Guard's refusals too
 
@@ -84,7 +81,7 @@ def create_app(settings: Settings, worker: Worker, models: ServedModels, metrics
         """None for a model served here; a 404 naming what is served otherwise."""
         if dispatch.serves(name):
             return None
-        listed = ", ".join(f"'{n}'" for n in [model_name(), *models.served.adapters])
+        listed = ", ".join(f"'{n}'" for n in [dispatch.model_name, *models.served.adapters])
         return openai_error(404, f"model '{name}' is not served here; GET /v1/models lists {listed} "
                             "(or say 'default')", "model_not_found", "model")
 
@@ -103,7 +100,7 @@ def create_app(settings: Settings, worker: Worker, models: ServedModels, metrics
         if body.model in models.served.adapters:
             wire.adapter = body.model  # the base with this adapter beside it, for this request only
         job, sink = await dispatch.submit(body.method, wire, streamed=body.stream)
-        render = RENDERERS[type(body)](job.request_id, wire.adapter or model_name())  # an adapter answers
+        render = RENDERERS[type(body)](job.request_id, wire.adapter or dispatch.model_name)  # an adapter answers
         if not body.stream:                                                           # under its own name
             return render.whole(await dispatch.final_of(job, sink, request))
 
@@ -140,7 +137,7 @@ def create_app(settings: Settings, worker: Worker, models: ServedModels, metrics
 
     def listed() -> dict:
         served = models.served
-        return model_list(model_name(), served.embedder.name if served.embedder else None, served.adapters)
+        return model_list(dispatch.model_name, served.embedder.name if served.embedder else None, served.adapters)
 
     @app.get("/v1/models")
     async def list_models():

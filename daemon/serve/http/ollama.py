@@ -11,7 +11,6 @@ as the OpenAI routes.
 
 from __future__ import annotations
 
-import json
 import time
 from datetime import UTC, datetime
 from typing import Any, ClassVar
@@ -22,11 +21,12 @@ from pydantic import BaseModel, ConfigDict
 from edgellm.daemon.engine.chat import ChatMessage, ToolCall
 from edgellm.daemon.engine.constrain.tools import Tool
 from edgellm.daemon.engine.manifest import ModelManifest
+from edgellm.daemon.engine.model import MODEL_FILE
 from edgellm.daemon.engine.params import GenerationParams
 from edgellm.daemon.engine.sequence import TokenLogprob
 from edgellm.daemon.errors import EdgeError
-from edgellm.daemon.serve.http.openai import ERROR_CODE_HEADER, STATUS, edge_error_response, openai_error
-from edgellm.daemon.serve.replies import Embedded, Generated
+from edgellm.daemon.serve.http.openai import ERROR_CODE_HEADER, STATUS, content_of, edge_error_response, openai_error
+from edgellm.daemon.serve.replies import Embedded, Generated, logprob_entries
 from edgellm.daemon.serve.requests import ChatRequest, GenerateRequest, refuse_unknown
 
 OLLAMA_VERSION = "0.12.0"  # the API generation these routes follow; clients only read it
@@ -210,14 +210,6 @@ def _now() -> str:
     return datetime.now(UTC).isoformat().replace("+00:00", "Z")
 
 
-def _logprobs(logprobs: list[TokenLogprob] | None) -> list[dict] | None:
-    if logprobs is None:
-        return None
-    return [{"token": t.text, "logprob": t.logprob, "bytes": list(t.text.encode()),
-             "top_logprobs": [{"token": text, "logprob": lp, "bytes": list(text.encode())} for text, lp in t.top]}
-            for t in logprobs]
-
-
 class OllamaAnswer:
     """One /api/chat or /api/generate answer: whole, or NDJSON lines (deltas, then the final line with done)."""
 
@@ -234,7 +226,7 @@ class OllamaAnswer:
         else:
             line["response"] = text
         if logprobs is not None:
-            line["logprobs"] = _logprobs(logprobs)
+            line["logprobs"] = logprob_entries(logprobs)  # Ollama's shape is OpenAI's chat one
         line["done"] = done
         return line
 
@@ -244,7 +236,7 @@ class OllamaAnswer:
     def final(self, reply: Generated, streamed: bool) -> dict:
         """The last line, or the whole answer: the text unless it was streamed already, and the counts."""
         r = reply.result
-        text = "" if streamed and not reply.json_mode else answer_text(reply)
+        text = "" if streamed and not reply.json_mode else content_of(reply) or ""
         calls = [{"function": {"name": c.name, "arguments": c.arguments}} for c in reply.tool_calls]
         logprobs = r.logprobs if not streamed or reply.json_mode else None
         line = self._line(text, calls or None, logprobs, done=True)
@@ -255,12 +247,6 @@ class OllamaAnswer:
                     prompt_eval_duration=prompt_ns, eval_count=r.usage.completion_tokens,
                     eval_duration=max(total - prompt_ns, 0))
         return line
-
-
-def answer_text(reply: Generated) -> str:
-    if reply.json_mode:
-        return json.dumps(reply.result.json, ensure_ascii=False)
-    return reply.result.text
 
 
 def embed_response(reply: Embedded, model: str) -> dict:
@@ -277,16 +263,16 @@ def details(manifest: ModelManifest) -> dict:
 def model_entry(manifest: ModelManifest, modified: float, size: int) -> dict:
     """One model as /api/tags and /api/ps list it."""
     name = manifest.name + LATEST
-    digest = manifest.files.get("model.onnx")
+    digest = manifest.files.get(MODEL_FILE)
     return {"name": name, "model": name, "modified_at": datetime.fromtimestamp(modified, UTC).isoformat(),
             "size": size, "digest": digest.sha256 if digest is not None else "", "details": details(manifest)}
 
 
-def show_response(manifest: ModelManifest, template: str | None) -> dict:
+def show_response(manifest: ModelManifest, modified: float, template: str | None) -> dict:
     g = manifest.generation
     info = {"general.architecture": manifest.model_type, "general.name": manifest.name,
             f"{manifest.model_type}.context_length": g.context_length if g else None}
     capabilities = ["completion", "tools"] if manifest.task == "text-generation" else ["embedding"]
     return {"license": manifest.license or "", "modelfile": "", "parameters": "", "template": template or "",
             "details": details(manifest), "model_info": info, "capabilities": capabilities,
-            "modified_at": _now()}
+            "modified_at": datetime.fromtimestamp(modified, UTC).isoformat()}

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 
-from edgellm.daemon.engine.manifest import ModelManifest
+from edgellm.daemon.engine.manifest import MANIFEST_NAME, ModelManifest
 from edgellm.daemon.errors import EdgeError
 from edgellm.daemon.retrieval.embedder import Embedder
 from edgellm.daemon.serve.http.dispatch import Dispatch
@@ -45,17 +46,16 @@ def folder_size(manifest: ModelManifest) -> int:
 def add_ollama_routes(app: FastAPI, dispatch: Dispatch) -> None:
     models = dispatch.models
 
-    def loaded() -> list[tuple[ModelManifest, float, str | None]]:
-        """(manifest, modified time, chat template) of each model served: the chat model, then the embedder."""
+    def loaded() -> list[tuple[ModelManifest, Path]]:
+        """(manifest, folder) of each model served: the chat model, then the embedder."""
         served = dispatch.models.served
-        model = served.generator.model
-        out = [(model.manifest, (model.folder / "manifest.json").stat().st_mtime, _template_source(model))]
+        out = [(served.generator.model.manifest, served.generator.model.folder)]
         if served.embedder is not None:
-            out.append((served.embedder.manifest, (served.embedder.folder / "manifest.json").stat().st_mtime, None))
+            out.append((served.embedder.manifest, served.embedder.folder))
         return out
 
     def unknown(name: str, what: str = "model") -> JSONResponse:
-        names = ", ".join(f"'{m.name}{LATEST}'" for m, _, _ in loaded())
+        names = ", ".join(f"'{m.name}{LATEST}'" for m, _ in loaded())
         return ollama_error(404, f"{what} '{name}' not found; this device serves {names}", "model_not_found")
 
     async def answer(request: Request, body: OllamaChat | OllamaGenerate):
@@ -117,22 +117,22 @@ def add_ollama_routes(app: FastAPI, dispatch: Dispatch) -> None:
 
     @app.get("/api/tags")
     async def tags():
-        return {"models": [model_entry(m, modified, folder_size(m)) for m, modified, _ in loaded()]}
+        return {"models": [model_entry(m, modified(folder), folder_size(m)) for m, folder in loaded()]}
 
     @app.post("/api/show")
     async def show(request: Request):
         body = await dispatch.parse(OllamaShow, request)
-        for manifest, _, template in loaded():
+        for manifest, folder in loaded():
             if model_ref(body.model) in (manifest.name, "default"):
-                return show_response(manifest, template)
+                return show_response(manifest, modified(folder), _template_source(manifest, folder))
         return unknown(body.model)
 
     @app.get("/api/ps")
     async def ps():
         since = datetime.fromtimestamp(models.served.loaded_at, UTC).isoformat()
         running = []
-        for manifest, modified, _ in loaded():
-            entry = model_entry(manifest, modified, folder_size(manifest))
+        for manifest, folder in loaded():
+            entry = model_entry(manifest, modified(folder), folder_size(manifest))
             g = manifest.generation
             running.append({**entry, "expires_at": FOREVER, "size_vram": 0, "loaded_at": since,
                             **({"context_length": g.context_length} if g else {})})
@@ -143,11 +143,16 @@ def add_ollama_routes(app: FastAPI, dispatch: Dispatch) -> None:
         return {"version": OLLAMA_VERSION}
 
 
-def _template_source(model) -> str | None:
-    name = model.manifest.generation.chat_template
+def modified(folder: Path) -> float:
+    return (folder / MANIFEST_NAME).stat().st_mtime
+
+
+def _template_source(manifest: ModelManifest, folder: Path) -> str | None:
+    """The chat template's text, read when /api/show asks for it (an embedding model has none)."""
+    name = manifest.generation.chat_template if manifest.generation else None
     if not name:
         return None
     try:
-        return (model.folder / name).read_text()
+        return (folder / name).read_text()
     except OSError as e:
-        raise EdgeError("model_unavailable", f"{model.folder / name}: cannot read the chat template: {e}") from None
+        raise EdgeError("model_unavailable", f"{folder / name}: cannot read the chat template: {e}") from None
