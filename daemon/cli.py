@@ -18,6 +18,7 @@ from edgellm.daemon import __version__
 from edgellm.daemon.engine.params import GenerationParams
 from edgellm.daemon.errors import CommandError, EdgeError
 from edgellm.daemon.formats import AnswerMode
+from edgellm.daemon.terminal.output import print_stream
 
 HOST_PACKAGES = {"torch", "transformers", "optimum", "onnx", "onnx_ir", "gguf", "peft", "accelerate", "matplotlib",
                  "dask", "distributed"}
@@ -65,19 +66,26 @@ def _speculation_mode(value: str) -> str | int:
 def params_from_args(args: argparse.Namespace) -> GenerationParams:
     values = {f: getattr(args, f) for f in PARAM_FLAGS if getattr(args, f, None) is not None}
     if "json_schema" in values:
-        path = values["json_schema"]
-        try:
-            values["json_schema"] = json.loads(path.read_text())
-        except OSError as e:
-            raise CommandError(f"--json-schema: cannot read {path}: {e.strerror}") from None
-        except json.JSONDecodeError as e:
-            raise CommandError(f"--json-schema: {path} is not JSON: {e}") from None
-        if not isinstance(values["json_schema"], dict):
-            raise CommandError(f"--json-schema: {path} must hold a JSON object")
+        values["json_schema"] = _schema_file(values["json_schema"], "--json-schema")
+    fmt = getattr(args, "format", None)  # run's --format, as ollama's: json, or a schema file
+    if fmt is not None:
+        values["json_schema"] = {"type": "object"} if fmt == "json" else _schema_file(Path(fmt), "--format")
     try:
         return GenerationParams(**values)
     except ValidationError as e:
         raise CommandError(explain_validation(e, PARAM_FLAGS)) from None
+
+
+def _schema_file(path: Path, flag: str) -> dict:
+    try:
+        schema = json.loads(path.read_text())
+    except OSError as e:
+        raise CommandError(f"{flag}: cannot read {path}: {e.strerror}") from None
+    except json.JSONDecodeError as e:
+        raise CommandError(f"{flag}: {path} is not JSON: {e}") from None
+    if not isinstance(schema, dict):
+        raise CommandError(f"{flag}: {path} must hold a JSON object (a JSON Schema)")
+    return schema
 
 
 def _load(args: argparse.Namespace):
@@ -90,127 +98,20 @@ def _load(args: argparse.Namespace):
     return Generator(LoadedModel.load(resolve_model(args.model), threads=args.threads))
 
 
-def _print_stream(events, verbose: bool, as_json: bool = False, whole: bool = False):
-    """Print deltas as they come (or, with `whole`, the text once it is complete: schema-constrained output is
-    valid JSON or nothing, never a prefix cut off by an error); return the final Result."""
-    from edgellm.daemon.engine.generate import Delta
-
-    result = None
-    for event in events:
-        if isinstance(event, Delta):
-            if not (as_json or whole):
-                sys.stdout.write(event.text)
-                sys.stdout.flush()
-            continue
-        if as_json:
-            logprobs = {"logprobs": [vars(t) for t in event.logprobs]} if event.logprobs is not None else {}
-            print(json.dumps({"text": event.text, "json": event.json, "finish_reason": event.finish_reason,
-                              "usage": vars(event.usage), "timings": vars(event.timings), **logprobs},
-                             ensure_ascii=False))
-        else:
-            sys.stdout.write((event.text if whole else "") + "\n")
-            for t in event.logprobs or []:  # --logprobs N: one line a token, on stderr beside the answer
-                alternatives = "  ".join(f"{text!r} {lp:.3f}" for text, lp in t.top)
-                print(f"{t.text!r}\t{t.logprob:.3f}\t{alternatives}", file=sys.stderr)
-        if verbose:
-            t, u = event.timings, event.usage
-            drafts = f", drafts {u.accepted_tokens}/{u.drafted_tokens} kept" if u.drafted_tokens else ""
-            print(f"[{u.prompt_tokens} prompt + {u.completion_tokens} new tokens, finish {event.finish_reason}; "
-                  f"first token {t.ttft_ms:.0f} ms, prefill {t.prefill_tps:.0f} tok/s, "
-                  f"decode {t.decode_tps:.1f} tok/s{drafts}]", file=sys.stderr)
-        result = event
-    return result
-
-
 def cmd_generate(args: argparse.Namespace) -> None:
     params = params_from_args(args)
     generator = _load(args)
     ids = generator.prompt_ids(prompt=args.prompt, raw=args.raw)
-    _print_stream(generator.stream(ids, params), args.verbose, as_json=args.json,
-                  whole=params.json_schema is not None)
+    print_stream(generator.stream(ids, params), args.verbose, as_json=args.json,
+                 whole=params.json_schema is not None)
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
-    from edgellm.daemon.engine.chat import ChatMessage
+    from edgellm.daemon.terminal.backends import LocalBackend
+    from edgellm.daemon.terminal.repl import ChatSession
 
     params = params_from_args(args)
-    generator = _load(args)
-    history = [ChatMessage(role="system", content=args.system)] if args.system else []
-    interactive = sys.stdin.isatty()
-    if interactive:
-        _line_editing()
-        print(f"Chatting with {generator.model.manifest.name}. /reset clears the history, /save FILE and /load FILE "
-              "keep a conversation, /exit or Ctrl-D quits.", file=sys.stderr)
-    while True:
-        try:
-            line = input(">>> ") if interactive else sys.stdin.readline()
-        except EOFError:
-            return
-        if not line or line.strip() == "/exit":
-            return
-        command, _, argument = line.strip().partition(" ")
-        if command == "/reset":
-            history = history[:1] if args.system else []
-            continue
-        if command in ("/save", "/load"):
-            history = _save_or_load(command, argument.strip(), history)
-            continue
-        if not line.strip():
-            continue
-        history.append(ChatMessage(role="user", content=line.rstrip("\n")))
-        result = _print_stream(generator.stream(generator.prompt_ids(messages=history), params), args.verbose)
-        history.append(ChatMessage(role="assistant", content=result.text))
-
-
-def _line_editing() -> None:
-    """Arrow keys, Ctrl-R and a history kept between sessions (GNU readline, where Python has it)."""
-    try:
-        import readline
-    except ImportError:
-        return
-    import atexit
-
-    path = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local/state") / "edgellm/chat_history"
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        readline.read_history_file(path)
-    except OSError:
-        pass
-    readline.set_history_length(1000)
-    atexit.register(lambda: _quietly(readline.write_history_file, path))
-
-
-def _quietly(fn, *args) -> None:
-    try:
-        fn(*args)
-    except OSError:
-        pass
-
-
-def _save_or_load(command: str, path: str, history: list):
-    """/save FILE writes the conversation as JSON (OpenAI's messages); /load FILE replaces it with one."""
-    from pydantic import TypeAdapter
-
-    from edgellm.daemon.engine.chat import ChatMessage
-
-    if not path:
-        print(f"{command} needs a file name, e.g. {command} invoice-chat.json", file=sys.stderr)
-        return history
-    try:
-        if command == "/save":
-            Path(path).write_text(json.dumps([m.model_dump() for m in history], ensure_ascii=False, indent=1))
-            print(f"saved {len(history)} messages to {path}", file=sys.stderr)
-            return history
-        loaded = TypeAdapter(list[ChatMessage]).validate_json(Path(path).read_text())
-    except OSError as e:
-        print(f"{command}: {path}: {e.strerror}", file=sys.stderr)
-        return history
-    except ValidationError as e:
-        print(f"/load: {path} is not a saved conversation ({e.error_count()} problems, e.g. "
-              f"{e.errors()[0]['msg']})", file=sys.stderr)
-        return history
-    print(f"loaded {len(loaded)} messages from {path}", file=sys.stderr)
-    return loaded
+    ChatSession(LocalBackend(_load(args)), params, args.system, args.verbose).run(sys.stdin.isatty())
 
 
 def settings_from_args(args: argparse.Namespace):
@@ -304,8 +205,8 @@ def _open_store(args: argparse.Namespace):
         raise CommandError("--store: give the store file (or set store.path)")
     model = args.embedding_model or settings.embedding.path
     if model is None:
-        raise CommandError("--embedding-model: give an embedding model folder (edgellm model build minilm "
-                           "--task embedding --out DIR), or set embedding.path")
+        raise CommandError("--embedding-model: give an embedding model, a name (edgellm pull minilm) or a folder "
+                           "(edgellm model build minilm --task embedding --out DIR), or set embedding.path")
     return RetrievalStore(path, Embedder(model, threads=args.threads)), settings
 
 
@@ -368,7 +269,8 @@ def cmd_ask(args: argparse.Namespace) -> None:
 def _add_store_args(p: argparse.ArgumentParser) -> None:
     add_settings_args(p, mqtt=False)
     p.add_argument("--store", type=Path, help="the retrieval store file (store.path)")
-    p.add_argument("--embedding-model", type=Path, help="embedding model folder (embedding.path)")
+    p.add_argument("--embedding-model", help="embedding model: a library name (edgellm pull minilm) or a folder "
+                   "(embedding.path)")
     p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: all cores)")
     p.add_argument("--collection", help="limit to, or ingest into, this collection")
 
@@ -450,11 +352,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     models = commands.add_parser("models", help="the local model library: list, show, rm")
     sub = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
-    sub.add_parser("list", help="models by name, with scheme, size and architecture").set_defaults(func=cmd_models)
-    for action, text in (("show", "one model's manifest"), ("rm", "remove a model from the library")):
-        q = sub.add_parser(action, help=text)
-        q.add_argument("name", help="the model's name (edgellm models list)")
-        q.set_defaults(func=cmd_models)
+    sub.add_parser("list", help="models by name: id, size, when, chat or embedding").set_defaults(func=cmd_models)
+    q = sub.add_parser("show", help="one model: architecture, quantization, context, template, license")
+    q.add_argument("name", help="the model's name (edgellm models list)")
+    q.add_argument("--json", action="store_true", help="print the manifest itself")
+    q.set_defaults(func=cmd_models)
+    q = sub.add_parser("rm", help="remove a model from the library")
+    q.add_argument("name", help="the model's name (edgellm models list)")
+    q.add_argument("--force", action="store_true", help="remove it even while a daemon serves it")
+    q.set_defaults(func=cmd_models)
 
     p = commands.add_parser("pull", help="put a model into the local library by name: a signed bundle from a "
                             "store URL (verified, fetched by chunks; works on a device), or, with the host "
@@ -471,12 +377,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace a model already in the library")
     p.set_defaults(func=cmd_pull)
     p = commands.add_parser("run", help="answer a prompt with a model by name, pulling it first if missing; "
-                            "without a prompt, chat")
+                            "without a prompt, chat. A daemon on this machine serving the model answers (warm); "
+                            "otherwise the model is loaded here")
     p.add_argument("model", help="a library name (e.g. smollm2), something `pull` takes, or a model folder")
-    p.add_argument("prompt", nargs="?", help="answer this and exit (default: chat)")
+    p.add_argument("prompt", nargs="*", help="answer this and exit (default: chat); flags may come before or after")
+    p.add_argument("--system", help="a system message")
+    p.add_argument("--format", help="'json' for any JSON object, or a file holding a JSON Schema the answer "
+                   "will validate against")
+    p.add_argument("--local", action="store_true", help="load the model here even if a daemon serves it")
     p.add_argument("--key", action="append", default=[], type=Path, help="as for pull, when it pulls a bundle")
-    p.add_argument("--max-tokens", type=int, help="new tokens at most")
+    p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads when loaded here "
+                   "(0: all cores)")
+    p.add_argument("--config", type=Path, help="TOML file with the daemon's MQTT or HTTP credentials (default "
+                   "/etc/edgellm/edgellm.toml if present)")
+    _add_param_args(p)
     p.set_defaults(func=cmd_run)
+
+    p = commands.add_parser("ps", help="what the daemons on this machine serve: model, memory, since when")
+    p.add_argument("--json", action="store_true", help="one JSON list, a daemon each")
+    p.set_defaults(func=cmd_ps)
 
     p = commands.add_parser("completion", help="print a shell completion script: "
                             "edgellm completion bash > /etc/bash_completion.d/edgellm")
@@ -493,9 +412,11 @@ def pull(source: str, name: str | None = None, keys: list[Path] | None = None, q
          force: bool = False) -> Path:
     """A bundle from a store URL is fetched here; anything else is built by the host toolchain's builder
     (the `edgellm.builders` entry point), so this module never imports models/."""
-    from edgellm.daemon.library import library_folder
+    from edgellm.daemon.library import import_folder, is_model_folder, library_folder
     from edgellm.daemon.update.pull import is_store_url, pull_bundle
 
+    if is_model_folder(Path(source)):
+        return import_folder(Path(source), name, force)
     if is_store_url(source):
         manifest, folder = pull_bundle(source, keys or [], lambda bundle: library_folder(name or bundle), force)
         print(f"pulled {manifest.name} {manifest.version} into {folder} (signature and every file verified)",
@@ -512,8 +433,34 @@ def cmd_pull(args: argparse.Namespace) -> None:
     pull(args.source, args.name, args.key, args.quant, args.force)
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    """`ollama run`: pull when missing, then answer PROMPT or chat."""
+def cmd_run(args: argparse.Namespace) -> None:
+    """`ollama run`: pull when missing, then answer PROMPT or chat, through a daemon serving the model if one
+    runs here (daemon/terminal/backends.py)."""
+    from edgellm.daemon.engine.chat import ChatMessage
+    from edgellm.daemon.terminal.backends import LocalBackend, serving_daemon
+    from edgellm.daemon.terminal.repl import ChatSession
+
+    folder = _run_folder(args)
+    params = params_from_args(args)
+    backend = None
+    if not args.local and params.logprobs is None:  # the daemon's replies carry no logprobs here: load it
+        try:
+            backend = serving_daemon(folder, settings_from_args(argparse.Namespace(config=args.config)))
+        except CommandError:  # no usable config: nothing to reach a daemon with
+            backend = None
+    if backend is None:
+        backend = LocalBackend(_load(argparse.Namespace(model=str(folder), threads=args.threads)))
+    if not args.prompt:
+        ChatSession(backend, params, args.system, args.verbose).run(sys.stdin.isatty())
+        return
+    prompt = " ".join(args.prompt)
+    system = [ChatMessage(role="system", content=args.system)] if args.system else []
+    events = backend.stream(params, messages=[*system, ChatMessage(role="user", content=prompt)])
+    print_stream(events, args.verbose, whole=params.json_schema is not None)
+
+
+def _run_folder(args: argparse.Namespace) -> Path:
+    """The model `run` means: a folder, a library name, or a source pulled (built or fetched) first."""
     from edgellm.daemon.library import is_model_folder, library_folder, library_name
     from edgellm.daemon.update.pull import is_store_url, parse_address
 
@@ -524,31 +471,45 @@ def cmd_run(args: argparse.Namespace) -> int:
         # a store URL without a bundle name (its latest) is always pulled: the name comes with the bundle
         if name is None or not is_model_folder(folder := library_folder(name)):
             folder = pull(args.model, keys=args.key)
-    command = ["generate", "--model", str(folder), args.prompt] if args.prompt else ["chat", "--model", str(folder)]
-    return main(command + (["--max-tokens", str(args.max_tokens)] if args.max_tokens else []))
+    return folder
+
+
+def cmd_ps(args: argparse.Namespace) -> None:
+    from edgellm.daemon.serve.runtime import running_daemons
+    from edgellm.daemon.terminal.listing import print_daemons
+
+    print_daemons(running_daemons(), args.json)
 
 
 def cmd_models(args: argparse.Namespace) -> None:
-    """The local library: what is there, one model's manifest, removing one."""
-    from edgellm.daemon.engine.manifest import load_manifest
+    """The local library: what is there, one model, removing one (not from under a daemon serving it)."""
     from edgellm.daemon.library import entries, library_home, library_model, remove
+    from edgellm.daemon.serve.runtime import running_daemons
+    from edgellm.daemon.terminal.listing import model_summary, print_models
 
     if args.models_command == "rm":
+        folder = library_model(args.name)
+        serving = [r for r in running_daemons() if r.serves(folder)]
+        if serving and not args.force:
+            pids = ", ".join(str(r.pid) for r in serving)
+            raise CommandError(f"{args.name}: the daemon (pid {pids}) serves this model; stop it first, or "
+                               "pass --force to remove it anyway (the daemon keeps it in memory until it restarts, "
+                               "then cannot start with it)")
         remove(args.name)
-        print(f"removed {args.name}")
+        print(f"removed {args.name}" + (" (a running daemon still serves it from memory)" if serving else ""))
         return
     if args.models_command == "show":
-        print(load_manifest(library_model(args.name)).model_dump_json(indent=2, exclude_none=True))
+        folder = library_model(args.name)
+        if args.json:
+            print((folder / "manifest.json").read_text().strip())
+        else:
+            print(model_summary(args.name, folder))
         return
     found = entries()
     if not found:
         print(f"no models in {library_home()}; `edgellm pull smollm2` builds the built-in one")
         return
-    for e in found:
-        m = load_manifest(e.folder)
-        size = sum(f.size for f in m.files.values()) / 1e6
-        task = "embedding" if m.embedding else m.architecture
-        print(f"{e.name:<28} {m.quantization.scheme:<5} {size:>7.0f} MB  {task}  ({m.name})")
+    print_models(found)
 
 
 def cmd_completion(args: argparse.Namespace) -> None:
@@ -558,14 +519,25 @@ def cmd_completion(args: argparse.Namespace) -> None:
     print(shtab.complete(build_parser(), shell=args.shell))
 
 
+def _command_parser(parser: argparse.ArgumentParser, command: str | None) -> argparse.ArgumentParser:
+    """The subcommand's own parser, so an error shows its usage (`edgellm run: ...`), not the top level's."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction) and command in action.choices:
+            return action.choices[command]
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # argparse cannot take `request generate --stream '{...}'` (a positional after an option): accept it.
-    if extra and getattr(args, "command", None) == "request" and args.payload == "{}" and len(extra) == 1:
+    command = getattr(args, "command", None)
+    if extra and command == "request" and args.payload == "{}" and len(extra) == 1:
         args.payload = extra[0]
+    elif extra and command == "run" and not any(e.startswith("-") for e in extra):
+        args.prompt += extra  # `run smollm2 --max-tokens 8 "Count to twenty."`: the prompt after a flag
     elif extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        _command_parser(parser, command).error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         status = args.func(args)
         sys.stdout.flush()  # inside the try: a closed pipe is found here, not at exit

@@ -74,5 +74,32 @@ def library_model(name: str) -> Path:
     return folder
 
 
+def name_of(folder: str | Path) -> str | None:
+    """The library name of a model folder, or None for a folder outside the library."""
+    folder = Path(folder).resolve()
+    return folder.name if folder.parent == library_home().resolve() else None
+
+
 def remove(name: str) -> None:
     shutil.rmtree(library_model(name))
+
+
+def import_folder(source: Path, name: str | None = None, force: bool = False) -> Path:
+    """`edgellm pull FOLDER`: a model folder built elsewhere (`model build --out`), copied into the library
+    under `name` (default: the folder's name), its files checked against its manifest first."""
+    from edgellm.daemon.engine.manifest import load_manifest
+
+    load_manifest(source, verify_hashes=True)
+    folder = library_folder(name or library_name(str(source)))
+    if folder.resolve() == source.resolve():
+        return folder
+    if folder.exists() and not force:
+        raise CommandError(f"NAME: {folder.name} is already in the library; pass --force to replace it, or "
+                           "--name to keep both")
+    staging = folder.with_name(f".{folder.name}.importing")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(source, staging)
+    if folder.exists():
+        shutil.rmtree(folder)
+    staging.replace(folder)
+    return folder

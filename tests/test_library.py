@@ -28,7 +28,8 @@ def test_pull_list_use_by_name_run_and_remove(tmp_path):
     assert r.returncode == 0 and r.stdout.strip(), r.stderr  # sampled (temperature 0.7), so any answer
     assert "pulled smollm2" in r.stderr and (home / "models/smollm2/manifest.json").is_file()
     listed = edgellm(home, "models", "list").stdout
-    assert listed.startswith("smollm2") and "int4" in listed and "LlamaForCausalLM" in listed
+    assert listed.startswith("NAME") and listed.splitlines()[1].startswith("smollm2") and "int4" in listed
+    assert "LlamaForCausalLM" in listed
     r = edgellm(home, "generate", "--model", "smollm2", "--temperature", "0", "--max-tokens", "20",
                 "What is the capital city of Italy? Answer in one word.")
     assert r.returncode == 0 and "Rome" in r.stdout, r.stderr
@@ -39,7 +40,7 @@ def test_pull_list_use_by_name_run_and_remove(tmp_path):
     gguf.symlink_to(builtin_gguf())
     r = edgellm(home, "run", str(gguf), "Say hi.", "--max-tokens", "5")  # a .gguf path, pulled under its stem
     assert r.returncode == 0 and (home / "models/smollm2-135m-instruct/manifest.json").is_file(), r.stderr
-    assert '"name": "smollm2"' in edgellm(home, "models", "show", "smollm2").stdout
+    assert '"name": "smollm2"' in edgellm(home, "models", "show", "smollm2", "--json").stdout
     broker = Broker(tmp_path).start()  # the service's model.path may be a name too
     daemon = DaemonProcess(tmp_path, broker.port, Path("smollm2"), env={"EDGELLM_HOME": str(home)})
     try:

@@ -11,11 +11,13 @@ from edgellm.daemon.engine.decoder import cpu_session
 from edgellm.daemon.engine.manifest import Embedding, ModelManifest, load_manifest
 from edgellm.daemon.engine.model import MODEL_FILE, TOKENIZER_FILE
 from edgellm.daemon.errors import EdgeError
+from edgellm.daemon.library import resolve_model
 
 
 class Embedder:
     def __init__(self, folder: str | Path, threads: int = 1):
-        self.folder = folder = Path(folder)
+        """`folder` may be a model name from the local library, as for the chat model (daemon/library.py)."""
+        self.folder = folder = resolve_model(folder)
         self.manifest: ModelManifest = load_manifest(folder, task="embedding")
         info = self.manifest.embedding
         try:

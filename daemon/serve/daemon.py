@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sqlite3
 import threading
@@ -15,6 +16,7 @@ from edgellm.daemon.errors import CommandError, EdgeError
 from edgellm.daemon.serve.journal import RequestJournal
 from edgellm.daemon.serve.logs import configure_logging
 from edgellm.daemon.serve.mqtt_api import MqttService, UpdateHooks
+from edgellm.daemon.serve.runtime import DaemonRecord, MqttRecord, RuntimeFile, ServedModelRecord
 from edgellm.daemon.serve.sdnotify import Watchdog, notify
 from edgellm.daemon.serve.served import ServedModels, load_generator, load_served
 from edgellm.daemon.serve.settings import Settings
@@ -55,6 +57,7 @@ class Daemon:
             except (OSError, sqlite3.Error) as e:
                 raise CommandError(f"state_dir: cannot keep the request journal in {settings.state_dir}: {e}") from None
             self.mqtt = MqttService(settings, self.worker, self.stats, self.model_status, hooks, journal)
+        self.runtime = RuntimeFile()
         self.http = None
         if settings.http.enabled:
             from edgellm.daemon.serve.http.app import create_app
@@ -101,6 +104,7 @@ class Daemon:
         folder = folder or self.settings.model.path
         self.models.swap_generator(load_generator(self.settings, folder))
         log.info("now serving %s from %s", self.models.served.model_info.name, folder)
+        self.write_runtime()
         if self.mqtt is not None:
             self.mqtt.publish_status()
 
@@ -114,6 +118,24 @@ class Daemon:
         if bundle is None or not bundle.smoke.golden:
             return None
         return golden_problem(self.models.served.generator, bundle.smoke.golden[0], 1)
+
+    def write_runtime(self) -> None:
+        """Tell `edgellm ps`, `run` and `models rm` what this process serves (serve/runtime.py)."""
+        served, s = self.models.served, self.settings
+
+        def record(manifest, folder: Path, loaded_at: float) -> ServedModelRecord:
+            return ServedModelRecord(name=manifest.name, version=manifest.version, folder=str(folder.resolve()),
+                                     loaded_at=loaded_at)
+
+        embedder = served.embedder
+        self.runtime.write(DaemonRecord(
+            pid=os.getpid(), started_at=self.runtime.started_at,
+            model=record(served.generator.model.manifest, served.generator.model.folder, served.loaded_at),
+            embedding_model=record(embedder.manifest, embedder.folder, served.loaded_at) if embedder else None,
+            http_url=f"http://{s.http.host}:{s.http.port}" if self.http is not None else None,
+            http_key_required=self.http is not None and s.http.key() is not None,
+            mqtt=MqttRecord(host=s.mqtt.host, port=s.mqtt.port, topic_root=s.topic_root, device_id=s.device_id)
+            if self.mqtt is not None else None))
 
     def model_status(self) -> dict:
         served = self.models.served
@@ -142,6 +164,7 @@ class Daemon:
             notify(f"STATUS=connecting to {self.settings.mqtt.host}:{self.settings.mqtt.port}")
         else:
             log.info("MQTT is off (mqtt.enabled false): HTTP only")
+        self.write_runtime()
         ready = False
         next_telemetry = time.monotonic() + self.settings.telemetry_interval
         next_sweep = time.monotonic() + SWEEP_SECONDS
@@ -183,6 +206,7 @@ class Daemon:
             self.http.join()
         if self.mqtt is not None:
             self.mqtt.stop()
+        self.runtime.remove()
         log.info("stopped")
         return 0
 
@@ -200,6 +224,7 @@ class Daemon:
             try:
                 active = self.updater.slots.path(self.updater.slots.state().active) if self.updater else None
                 self.models.swap(load_served(self._serving(active, new)))
+                self.write_runtime()
                 log.info("now serving %s", self.model_status()["model"]["name"])
             except EdgeError as e:
                 log.error("reload: cannot load the new model, keeping the old one: %s", e.message)
@@ -228,7 +253,11 @@ def serve(settings: Settings, reload_settings: Callable[[], Settings]) -> int:
                            "config file")
     from edgellm.daemon.library import resolve_model
 
-    if not resolve_model(settings.model.path).is_dir():  # a library name works as well as a folder
+    try:
+        folder = resolve_model(settings.model.path)  # a library name works as well as a folder
+    except EdgeError as e:  # a model removed (`models rm`) or never pulled: say which, and how to get it
+        raise CommandError(f"model.path: {e.message}") from None
+    if not folder.is_dir():
         raise CommandError(f"model.path: {settings.model.path} is not a folder; build one with "
                            "`edgellm model build`")
     return Daemon(settings, reload_settings).run()

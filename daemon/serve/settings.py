@@ -69,7 +69,8 @@ class ModelSettings(StrictModel):
 
 
 class EmbeddingSettings(StrictModel):
-    path: Path | None = Field(None, description="an embedding model folder, for the embed method")
+    path: Path | None = Field(None, description="the embedding model, for embed, ingest and search: a folder, or "
+                               "a name in the local library (edgellm pull minilm)")
     threads: int = Field(1, ge=0)
 
 
