@@ -8,6 +8,7 @@ from pathlib import Path
 
 from edgellm.daemon.cli import add_settings_args, settings_from_args
 from edgellm.daemon.errors import CommandError
+from edgellm.models.progress import quiet_libraries
 
 QUANT_SCHEMES = ("int4", "int8", "fp32")
 
@@ -344,6 +345,7 @@ def _add_mqtt_args(p: argparse.ArgumentParser) -> None:
 
 
 def register(commands: argparse._SubParsersAction) -> None:
+    quiet_libraries()
     model = commands.add_parser("model", help="build and inspect models (host side)")
     sub = model.add_subparsers(dest="model_command", required=True, metavar="ACTION")
     p = sub.add_parser("build", help="export and quantize a model into a folder a device can load")

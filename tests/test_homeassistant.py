@@ -16,7 +16,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from pydantic import BaseModel, ConfigDict
 
-from tests.harness import EDGELLM, ROOT, DaemonProcess, retained
+from tests.harness import EDGELLM, ROOT, DaemonProcess, retained, wait_until
 
 
 class _Strict(BaseModel):
@@ -60,6 +60,22 @@ class SensorConfig(_Strict):
     entity_category: Literal["config", "diagnostic"] | None = None
     device_class: str | None = None  # with "enum", `options` lists the values; "data_size" needs a byte unit
     options: list[str] | None = None
+
+
+class ButtonConfig(_Strict):
+    """Home Assistant's MQTT button, the keys edgellm uses (home-assistant.io/integrations/button.mqtt)."""
+
+    name: str
+    unique_id: str
+    object_id: str
+    command_topic: str
+    payload_press: str = "PRESS"
+    availability: list[Availability]
+    device: Device
+    origin: Origin
+    entity_category: Literal["config", "diagnostic"] | None = None
+    icon: str | None = None
+    qos: Literal[0, 1, 2] = 0
 
 
 def retained_under(port: int, pattern: str, settle: float = 2.0, at_least: int = 0,
@@ -127,8 +143,9 @@ def test_discovery_configs_and_the_values_they_read(broker, smollm2_int4, tmp_pa
     d = DaemonProcess(tmp_path, broker.port, smollm2_int4, device="gw-7",
                       env={"EDGELLM_HOMEASSISTANT__ENABLED": "true", "EDGELLM_TELEMETRY_INTERVAL": "600"}).start()
     try:
-        configs = {t: SensorConfig.model_validate_json(p)
-                   for t, p in retained_under(broker.port, "homeassistant/#", at_least=8).items()}
+        published = retained_under(broker.port, "homeassistant/#", at_least=9)
+        button = ButtonConfig.model_validate_json(published.pop("homeassistant/button/edgellm_gw_7/reload/config"))
+        configs = {t: SensorConfig.model_validate_json(p) for t, p in published.items()}
         assert {t.split("/")[-2] for t in configs} == {"model", "model_version", "queue_depth", "tokens_per_second",
                                                          "requests", "errors", "memory", "cpu_temperature"}
         by_key = {t.split("/")[-2]: c for t, c in configs.items()}  # (no update sensor: updates are off)
@@ -149,6 +166,18 @@ def test_discovery_configs_and_the_values_they_read(broker, smollm2_int4, tmp_pa
         assert values["errors"] == "0" and 50 < float(values["memory"]) < 4000
         assert values["cpu_temperature"] == "unknown" or -40 < float(values["cpu_temperature"]) < 120
         node_red_flow_round_trip(broker.port, "gw-7")
+        assert button.command_topic == "edgellm/v1/gw-7/command/reload" and button.entity_category == "config"
+        assert button.device == by_key["model"].device and button.availability == by_key["model"].availability
+        press = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=MQTTProtocolVersion.MQTTv5)
+        press.connect("127.0.0.1", broker.port)
+        press.loop_start()
+        press.publish(button.command_topic, button.payload_press, qos=1).wait_for_publish(10)
+        press.disconnect()
+        press.loop_stop()
+        wait_until(lambda: "now serving" in d.log.read_text(), timeout=60, what="the model reloaded")
+        assert "reload requested on edgellm/v1/gw-7/command/reload" in d.log.read_text()
+        assert render(by_key["model"].value_template, retained(broker.port, by_key["model"].state_topic)) == \
+            "SmolLM2-135M-Instruct-int4"  # and it serves again
     finally:
         assert d.stop() == 0
     (a,) = next(iter(configs.values())).availability
@@ -174,9 +203,42 @@ def test_the_update_sensor_is_an_enum_of_every_state_the_agent_reports():
     from edgellm.daemon.serve.homeassistant import discovery_messages
     from edgellm.daemon.update.states import UpdateState
 
-    topics = {"status": "s", "telemetry": "t", "update": "u"}
+    topics = {"status": "s", "telemetry": "t", "update": "u", "reload": "r"}
     configs = {t.split("/")[-2]: SensorConfig.model_validate_json(p)
-               for t, p in discovery_messages("homeassistant", "gw-9", topics, updates=True).items()}
+               for t, p in discovery_messages("homeassistant", "gw-9", topics, updates=True).items()
+               if "/sensor/" in t}
     update = configs["update_state"]
     assert update.device_class == "enum" and update.options == [s.value for s in UpdateState]
     assert update.state_topic == "u" and "SUCCEEDED" in update.options
+
+
+def test_home_assistant_itself_accepts_every_config():
+    """Home Assistant's own MQTT discovery schemas (the sensor and button platforms of homeassistant 2024.3.3,
+    installed by scripts/setup.sh dev in .cache/ha-venv) accept each config and keep the keys we rely on. That
+    release predates the MQTT sensor's `options` (it drops the key): SensorConfig above checks it as the
+    current documentation describes."""
+    from edgellm.daemon.serve.homeassistant import discovery_messages
+    from tests.harness import ROOT
+
+    python = ROOT / ".cache/ha-venv/bin/python"
+    assert python.is_file(), "run scripts/setup.sh dev: it installs Home Assistant in .cache/ha-venv"
+    topics = {"status": "edgellm/v1/gw-9/status", "telemetry": "edgellm/v1/gw-9/telemetry",
+              "update": "edgellm/v1/gw-9/update", "reload": "edgellm/v1/gw-9/command/reload"}
+    configs = {t: json.loads(p) for t, p in discovery_messages("homeassistant", "gw-9", topics, updates=True).items()}
+
+    def check(payload: dict) -> subprocess.CompletedProcess:
+        return subprocess.run([str(python), str(ROOT / "tests/ha_schema_check.py")], input=json.dumps(payload),
+                              capture_output=True, text=True, timeout=300)
+
+    r = check(configs)
+    assert r.returncode == 0, r.stdout + r.stderr
+    kept = json.loads(r.stdout)
+    assert set(kept) == set(configs) and len(kept) == 10
+    for topic, config in configs.items():
+        dropped = set(config) - set(kept[topic]) - {"options"}  # (see the docstring)
+        assert not dropped, f"{topic}: Home Assistant drops {dropped}"
+    button = kept["homeassistant/button/edgellm_gw_9/reload/config"]
+    assert {"command_topic", "payload_press", "entity_category"} <= set(button)
+    bad = {**configs["homeassistant/sensor/edgellm_gw_9/requests/config"], "state_class": "growing"}
+    r = check({"homeassistant/sensor/edgellm_gw_9/requests/config": bad})
+    assert r.returncode == 1 and "state_class" in r.stdout  # the check can fail

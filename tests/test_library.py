@@ -27,6 +27,7 @@ def test_pull_list_use_by_name_run_and_remove(tmp_path):
                 "--max-tokens", "20")
     assert r.returncode == 0 and r.stdout.strip(), r.stderr  # sampled (temperature 0.7), so any answer
     assert "pulled smollm2" in r.stderr and (home / "models/smollm2/manifest.json").is_file()
+    assert "[1/4] Reading the source" in r.stderr and "\r" not in r.stderr, r.stderr  # piped: a line a stage
     listed = edgellm(home, "models", "list").stdout
     assert listed.startswith("NAME") and listed.splitlines()[1].startswith("smollm2") and "int4" in listed
     assert "LlamaForCausalLM" in listed

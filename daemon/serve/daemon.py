@@ -37,6 +37,7 @@ class Daemon:
         self.reload_settings = reload_settings
         self.stop_requested = threading.Event()
         self.reload_requested = threading.Event()
+        self.model_reload_requested = threading.Event()  # the Home Assistant button: load the model again too
         self.stats = Stats()
         self.mqtt: MqttService | None = None
         self.updater = self._update_agent(settings) if settings.update.enabled else None
@@ -56,7 +57,8 @@ class Daemon:
                 journal = RequestJournal(settings.state_dir / JOURNAL_FILE)
             except (OSError, sqlite3.Error) as e:
                 raise CommandError(f"state_dir: cannot keep the request journal in {settings.state_dir}: {e}") from None
-            self.mqtt = MqttService(settings, self.worker, self.stats, self.model_status, hooks, journal)
+            on_reload = self.model_reload_requested.set if settings.homeassistant.enabled else None
+            self.mqtt = MqttService(settings, self.worker, self.stats, self.model_status, hooks, journal, on_reload)
         self.runtime = RuntimeFile()
         self.http = None
         if settings.http.enabled:
@@ -174,9 +176,11 @@ class Daemon:
                 ready = True
                 notify(f"READY=1\nSTATUS=serving {self.model_status()['model']['name']}")
                 log.info("serving %s as %s", self.model_status()["model"]["name"], self.settings.device_id)
-            if self.reload_requested.is_set():
+            if self.reload_requested.is_set() or self.model_reload_requested.is_set():
+                model_too = self.model_reload_requested.is_set()
                 self.reload_requested.clear()
-                self.reload()
+                self.model_reload_requested.clear()
+                self.reload(model_too)
             if self.mqtt is None:
                 continue
             if time.monotonic() >= next_sweep:
@@ -210,8 +214,9 @@ class Daemon:
         log.info("stopped")
         return 0
 
-    def reload(self) -> None:
-        """Apply the new configuration where that is safe; MQTT connection settings need a restart."""
+    def reload(self, model_too: bool = False) -> None:
+        """Apply the new configuration where that is safe; MQTT connection settings need a restart. `model_too`
+        loads the models again even if their settings did not change (the files on disk may have)."""
         notify("RELOADING=1")
         try:
             new = self.reload_settings()
@@ -220,7 +225,7 @@ class Daemon:
             notify("READY=1")
             return
         old = self.settings
-        if (new.model, new.embedding, new.store.path) != (old.model, old.embedding, old.store.path):
+        if model_too or (new.model, new.embedding, new.store.path) != (old.model, old.embedding, old.store.path):
             try:
                 active = self.updater.slots.path(self.updater.slots.state().active) if self.updater else None
                 self.models.swap(load_served(self._serving(active, new)))

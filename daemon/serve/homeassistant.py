@@ -4,7 +4,9 @@ Assistant by themselves. Each sensor is a retained config message on
 docs) reading edgellm's own retained topics: availability from the presence message with a value_template,
 model and version from it too, the update state from the update report, queue depth and tokens/s from the
 telemetry (retained, so a sensor has its value right after Home Assistant or the daemon restarts). Counters are
-total_increasing, levels measurement; what describes the device rather than its work is a diagnostic entity."""
+total_increasing, levels measurement; what describes the device rather than its work is a diagnostic entity.
+One button, "Reload model", publishes to the device's command topic (`<root>/<device>/command/reload`): the
+daemon re-reads its configuration and loads the model again from disk, as on SIGHUP."""
 
 from __future__ import annotations
 
@@ -51,6 +53,9 @@ SENSORS = (
 )
 
 
+RELOAD = "reload"  # the button's key, and the command it sends
+
+
 def node_id(device_id: str) -> str:
     return f"edgellm_{device_id.replace('.', '_').replace('-', '_')}"
 
@@ -59,15 +64,19 @@ def config_topic(prefix: str, device_id: str, sensor: Sensor) -> str:
     return f"{prefix}/sensor/{node_id(device_id)}/{sensor.key}/config"
 
 
+def button_topic(prefix: str, device_id: str) -> str:
+    return f"{prefix}/button/{node_id(device_id)}/{RELOAD}/config"
+
+
 def discovery_topics(prefix: str, device_id: str) -> list[str]:
     """Every config topic a device may have published: what `fleet forget` clears (an empty retained message
     removes the entity from Home Assistant)."""
-    return [config_topic(prefix, device_id, s) for s in SENSORS]
+    return [*(config_topic(prefix, device_id, s) for s in SENSORS), button_topic(prefix, device_id)]
 
 
 def discovery_messages(prefix: str, device_id: str, topics: dict[str, str], updates: bool) -> dict[str, bytes]:
-    """topic -> retained config payload. `topics` maps status, telemetry and update to the device's topics; the
-    update sensor exists only where the update agent runs (its report is retained only there)."""
+    """topic -> retained config payload. `topics` maps status, telemetry, update and reload to the device's
+    topics; the update sensor exists only where the update agent runs (its report is retained only there)."""
     node = node_id(device_id)
     device = {"identifiers": [node], "name": f"edgellm {device_id}", "manufacturer": "edgellm",
               "model": "edgellm daemon", "sw_version": __version__}
@@ -87,4 +96,9 @@ def discovery_messages(prefix: str, device_id: str, topics: dict[str, str], upda
                     "options": list(s.options) or None}
         config.update((k, v) for k, v in optional.items() if v is not None)
         out[config_topic(prefix, device_id, s)] = json.dumps(config).encode()
+    button = {"name": "Reload model", "unique_id": f"{node}_{RELOAD}", "object_id": f"{node}_{RELOAD}",
+              "command_topic": topics[RELOAD], "payload_press": RELOAD, "availability": availability,
+              "device": device, "origin": {"name": "edgellm", "sw_version": __version__},
+              "entity_category": "config", "icon": "mdi:restart", "qos": 1}
+    out[button_topic(prefix, device_id)] = json.dumps(button).encode()
     return out

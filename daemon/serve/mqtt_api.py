@@ -48,6 +48,7 @@ class Topics:
         self.status = f"{root}/{device}/status"
         self.telemetry = f"{root}/{device}/telemetry"
         self.update = f"{root}/{device}/update"
+        self.reload = f"{root}/{device}/command/reload"  # Home Assistant's "Reload model" button
         # desired-state topic -> scope: 'device' for our own, else the group's name
         self.desired = {f"{root}/{device}/desired": "device", **{f"{root}/groups/{g}/desired": g for g in groups}}
 
@@ -177,8 +178,11 @@ class UpdateHooks:
 
 class MqttService:
     def __init__(self, settings: Settings, worker: Worker, stats: Stats, status_extra: Callable[[], dict],
-                 updates: UpdateHooks | None = None, journal: RequestJournal | None = None):
+                 updates: UpdateHooks | None = None, journal: RequestJournal | None = None,
+                 on_reload: Callable[[], None] | None = None):
+        """`on_reload`: what Home Assistant's "Reload model" button does (subscribed only when it is given)."""
         self.settings = settings
+        self.on_reload = on_reload
         self.worker = worker
         self.stats = stats
         self.status_extra = status_extra
@@ -297,8 +301,8 @@ class MqttService:
 
         t = self.topics
         messages = discovery_messages(ha.discovery_prefix, self.settings.device_id,
-                                      {"status": t.status, "telemetry": t.telemetry, "update": t.update},
-                                      updates=self.updates is not None)
+                                      {"status": t.status, "telemetry": t.telemetry, "update": t.update,
+                                       "reload": t.reload}, updates=self.updates is not None)
         for topic, payload in messages.items():
             self.client.publish(topic, payload, qos=1, retain=True)
 
@@ -314,6 +318,8 @@ class MqttService:
             subs += [(t, SubscribeOptions(qos=1)) for t in self.topics.group_rpc]
         if self.updates is not None:
             subs += [(t, SubscribeOptions(qos=1)) for t in self.topics.desired]
+        if self.on_reload is not None:
+            subs.append((self.topics.reload, SubscribeOptions(qos=1)))
         client.subscribe(subs)
         self.publish_status()
         self.publish_discovery()
@@ -355,6 +361,10 @@ class MqttService:
             if msg.topic in self.topics.desired:
                 if self.updates is not None:
                     self.updates.on_desired(self.topics.desired[msg.topic], msg.payload)
+            elif msg.topic == self.topics.reload:
+                if self.on_reload is not None and not msg.retain:  # a retained press would reload at each connect
+                    log.info("reload requested on %s", msg.topic)
+                    self.on_reload()
             else:
                 self._handle(msg, ack)
         except Exception:  # never let one message take the network thread down

@@ -115,7 +115,7 @@ def train_lora(base_ref: str, data: Path, out: Path, options: LoraOptions) -> Tr
     from edgellm.models.building.export import load_source
     from edgellm.models.building.sources import resolve_source
     from edgellm.models.building.staging import check_output, staged_folder
-    from edgellm.models.progress import Steps
+    from edgellm.models.progress import training
 
     out = Path(out)
     check_output(out, force=False)
@@ -141,10 +141,8 @@ def train_lora(base_ref: str, data: Path, out: Path, options: LoraOptions) -> Tr
     order: list[int] = []
     losses = []
     started = time.perf_counter()
-    names = [f"LoRA step {i + 1}/{steps}" for i in range(steps)]
-    with Steps(names, enabled=options.show_progress) as progress:
+    with training(steps, enabled=options.show_progress) as step_done:
         for _ in range(steps):
-            progress.next()
             if len(order) < options.batch_size:
                 order += rng.sample(range(len(encoded)), len(encoded))
             batch, order = [encoded[i] for i in order[:options.batch_size]], order[options.batch_size:]
@@ -158,6 +156,7 @@ def train_lora(base_ref: str, data: Path, out: Path, options: LoraOptions) -> Tr
             schedule.step()
             optimizer.zero_grad()
             losses.append(loss.item())
+            step_done(losses[-1])
     report = TrainReport(base=base_ref, data_sha256=hashlib.sha256(Path(data).read_bytes()).hexdigest(),
                          examples=len(examples), steps=steps, seconds=round(time.perf_counter() - started, 1),
                          first_loss=round(losses[0], 4), last_loss=round(losses[-1], 4), target_modules=modules,
