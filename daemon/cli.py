@@ -527,17 +527,22 @@ def _command_parser(parser: argparse.ArgumentParser, command: str | None) -> arg
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """argparse, plus a positional after the options: argparse fills optional positionals at their first chance
+    (`request generate --stream '{...}'`, `run smollm2 --max-tokens 8 "Count to twenty."`)."""
     args, extra = parser.parse_known_args(argv)
-    # argparse cannot take `request generate --stream '{...}'` (a positional after an option): accept it.
     command = getattr(args, "command", None)
     if extra and command == "request" and args.payload == "{}" and len(extra) == 1:
         args.payload = extra[0]
     elif extra and command == "run" and not any(e.startswith("-") for e in extra):
-        args.prompt += extra  # `run smollm2 --max-tokens 8 "Count to twenty."`: the prompt after a flag
+        args.prompt += extra
     elif extra:
         _command_parser(parser, command).error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(build_parser(), argv)
     try:
         status = args.func(args)
         sys.stdout.flush()  # inside the try: a closed pipe is found here, not at exit

@@ -78,10 +78,14 @@ def test_requests_for_different_adapters_share_batched_steps_and_get_their_own_a
         expected[word, adapter] = alone.generate(alone.prompt_ids(f"Say {word}."), params).text
     assert len(set(expected.values())) > 2, expected  # the adapters do change the answers
     got: dict = {}
+    together = threading.Barrier(len(requests))  # all submitted at once: on a busy machine a thread started
+    # late could find the others finished, and the step would not be shared
 
     def run(word: str, adapter: str | None) -> None:
         params = GenerationParams(max_tokens=12, temperature=0.0, ignore_eos=True, adapter=adapter)
-        got[word, adapter] = batched.generate(batched.prompt_ids(f"Say {word}."), params).text
+        ids = batched.prompt_ids(f"Say {word}.")
+        together.wait(60)
+        got[word, adapter] = batched.generate(ids, params).text
 
     threads = [threading.Thread(target=run, args=r) for r in requests]
     for t in threads:
