@@ -98,7 +98,7 @@ def import_folder(source: Path, name: str | None = None, force: bool = False) ->
                            "--name to keep both")
     staging = folder.with_name(f".{folder.name}.importing")
     shutil.rmtree(staging, ignore_errors=True)
-    shutil.copytree(source, staging)
+    shutil.copytree(source, staging, copy_function=shutil.copy)  # modified: when it came into the library
     if folder.exists():
         shutil.rmtree(folder)
     staging.replace(folder)

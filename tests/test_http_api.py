@@ -471,6 +471,10 @@ def test_logprobs_and_top_logprobs_as_openai_returns_them(client):
     lp = text.choices[0].logprobs
     assert "".join(lp.tokens) == text.choices[0].text and len(lp.top_logprobs[0]) == 2
     assert lp.text_offset[0] == 0 and all(v <= 0 for v in lp.token_logprobs)
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model="default", max_tokens=4, messages=question, logprobs=True,
+                                       top_logprobs=21)
+    assert refused.value.body["param"] == "top_logprobs" and "0 to 20" in refused.value.body["message"]
 
 
 def test_min_p_of_one_keeps_only_the_likeliest_token(client):

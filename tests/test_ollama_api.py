@@ -112,6 +112,7 @@ def test_embed_list_show_ps_version(client, api):
     assert max(abs(a - b) for a, b in zip(single, vectors[0], strict=True)) < 1e-5
     shown = client.show(CHAT)
     assert "<|im_start|>" in shown.template and shown.details.family == "llama"
+    assert shown.details.parameter_size == "135M"  # SmolLM2-135M's weights, counted when it was built
     assert shown.modelinfo["llama.context_length"] == 8192 and "tools" in shown.capabilities
     running = client.ps().models
     assert running[0].model == CHAT + ":latest" and running[0].context_length == 8192

@@ -133,6 +133,7 @@ def test_models_list_show_and_names_for_the_embedding_model(home, tmp_path, mini
     assert rows["smollm2"][2].endswith(" MB") and rows["smollm2"][3] == "just now" and len(rows["smollm2"][1]) == 12
     summary = edgellm(home, "models", "show", "smollm2").stdout
     assert "context length   8192 tokens" in summary and "License\n    apache-2.0" in summary, summary
+    assert "parameters       135M" in summary and "quantization     int4" in summary
     assert json.loads(edgellm(home, "models", "show", "smollm2", "--json").stdout)["task"] == "text-generation"
     r = edgellm(home, "pull", str(minilm_int8), "--name", "minilm")
     assert r.returncode == 2 and "--force" in r.stderr  # pulled twice: says how to replace it

@@ -86,6 +86,8 @@ class ModelManifest(StrictModel):
     task: Literal["text-generation", "embedding"] = "text-generation"
     architecture: str = Field(description="transformers architecture, e.g. LlamaForCausalLM")
     model_type: str
+    parameters: int | None = Field(None, description="weights of the source model, counted at build time "
+                                   "(None in folders built before it was recorded)")
     quantization: Quantization
     graph: Literal["optimum", "fused"] = Field(
         "optimum",
@@ -98,6 +100,14 @@ class ModelManifest(StrictModel):
     files: dict[str, FileEntry]
     built_with: dict[str, str] = Field(default_factory=dict)
     lineage: dict | None = Field(None, description="how the source was made: base, adapter, training data")
+
+    @property
+    def parameter_size(self) -> str:
+        """'135M', '1.2B', as Ollama shows a model's size ('' when the build did not record it)."""
+        if self.parameters is None:
+            return ""
+        n = self.parameters
+        return f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.0f}M" if n >= 1e6 else f"{n / 1e3:.0f}K"
 
     @model_validator(mode="after")
     def _task_section(self) -> ModelManifest:

@@ -60,6 +60,7 @@ def model_summary(name: str, folder: Path) -> str:
     q = m.quantization
     fields = [("name", f"{name} ({m.name} {m.version})"), ("kind", kind(m)),
               ("architecture", f"{m.architecture} ({m.model_type})"),
+              ("parameters", m.parameter_size or "(not recorded by the build that made this folder)"),
               ("quantization", q.scheme + (f", {q.bits}-bit blocks of {q.block_size}" if q.bits and q.block_size
                                            else "")),
               ("graph", m.graph), ("size", megabytes(sum(f.size for f in m.files.values()))), ("id", model_id(m)),

@@ -144,7 +144,8 @@ class ChatSession:
         template = _template(self.backend.folder, m)
         sections = {
             "info": f"Model {m.name} {m.version} ({self.backend.where})\n  architecture  {m.architecture}\n"
-                    f"  quantization  {m.quantization.scheme}\n  context       "
+                    f"  parameters    {m.parameter_size or '-'}\n  quantization  {m.quantization.scheme}\n"
+                    f"  context       "
                     f"{m.generation.context_length if m.generation else '-'} tokens",
             "parameters": "Parameters\n" + parameters,
             "system": "System message\n  " + (self.system or "(none)"),

@@ -137,6 +137,7 @@ def _build_fused(source: Source, staged: Path, options: BuildOptions, progress: 
     finally:
         data.close()
     onnx.save(graph, staged / MODEL_FILE)
+    parameters = weights.parameter_count()
     del graph, weights  # the source's pages and the graph leave before the built model is loaded to measure it
     progress.next()
     generation, license_ = _write_tokenizer(source, meta, staged, spec.context)
@@ -152,7 +153,8 @@ def _build_fused(source: Source, staged: Path, options: BuildOptions, progress: 
         names.append(REMERGE_FILE)
     manifest = ModelManifest(
         name=options.name or f"{source.default_name()}-{options.quant.scheme}", architecture=spec.architecture,
-        model_type=spec.model_type, quantization=_quantization(options.quant, report), graph="fused",
+        model_type=spec.model_type, parameters=parameters,
+        quantization=_quantization(options.quant, report), graph="fused",
         source=SourceRecord(kind=source.kind, ref=source.ref, revision=source.revision, sha256=source.digest()),
         license=license_, generation=generation, files=describe_files(staged, names),
         built_with=package_versions("onnxruntime", "onnx", "gguf", "tokenizers"))

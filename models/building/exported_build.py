@@ -96,6 +96,7 @@ def _manifest(source, hf, options: BuildOptions, staged: Path, template_written:
         name=options.name or f"{source.default_name()}-{spec.scheme}",
         architecture=hf.architecture,
         model_type=hf.model_type,
+        parameters=hf.model.num_parameters(),
         quantization=quantization,
         graph="optimum",
         source=SourceRecord(kind=source.kind, ref=source.ref, revision=source.revision, sha256=source.digest()),

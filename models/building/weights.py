@@ -8,6 +8,7 @@ safetensors hand out float32. Neither imports torch: a device can build from a G
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import re
 import struct
@@ -43,6 +44,9 @@ class GGUFWeights:
         self.spec = ModelSpec.from_gguf(self.meta, set(self._tensors),
                                         np.asarray(freqs.data, dtype=np.float32) if freqs is not None else None)
         self.rounded: list[str] = []  # tensors whose GGUF type has no exact form here
+
+    def parameter_count(self) -> int:
+        return sum(int(t.n_elements) for t in self.reader.tensors)
 
     def gguf_name(self, name: str) -> str | None:
         match = _HF_NAME.match(name)
@@ -162,6 +166,9 @@ class SafetensorsWeights:
     def has(self, name: str) -> bool:
         return name in self._index
 
+    def parameter_count(self) -> int:
+        return sum(math.prod(info["shape"]) for _path, info, _offset in self._index.values())
+
     def get(self, name: str) -> np.ndarray | None:
         if name not in self._index:
             return None
@@ -238,6 +245,9 @@ class MergedWeights:
 
     def has(self, name: str) -> bool:
         return self.merged.has(name)
+
+    def parameter_count(self) -> int:
+        return self.merged.parameter_count()
 
     def get(self, name: str) -> Tensor | LowRank | None:
         value = self.merged.get(name)

@@ -257,7 +257,7 @@ def embed_response(reply: Embedded, model: str) -> dict:
 def details(manifest: ModelManifest) -> dict:
     q = manifest.quantization
     return {"parent_model": "", "format": "onnx", "family": manifest.model_type, "families": [manifest.model_type],
-            "parameter_size": "", "quantization_level": q.scheme.upper()}
+            "parameter_size": manifest.parameter_size, "quantization_level": q.scheme.upper()}
 
 
 def model_entry(manifest: ModelManifest, modified: float, size: int) -> dict:

@@ -161,6 +161,10 @@ class ChatCompletionRequest(_Sampling):
     def logprob_count(self) -> int | None:
         if self.top_logprobs is not None and not self.logprobs:
             raise EdgeError("bad_request", "top_logprobs: needs logprobs: true", param="top_logprobs")
+        if self.top_logprobs is not None and not 0 <= self.top_logprobs <= 20:  # checked here, not as the
+            # engine's `logprobs` count, so the error names the field the client sent
+            raise EdgeError("bad_request", f"top_logprobs: {self.top_logprobs} is out of range; give 0 to 20",
+                            param="top_logprobs")
         return (self.top_logprobs or 0) if self.logprobs else None
 
     def to_request(self) -> ChatRequest:
