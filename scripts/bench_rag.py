@@ -14,7 +14,10 @@ questions no document answers, then its held-out set (18 and 6, on six documents
 mode's rules were chosen), over the test corpus and those documents, with SmolLM2-135M int4 (the default
 build) and MiniLM, greedy, one thread each: answer_accuracy (a gold answer appears in the answer,
 normalised) per language, citation_accuracy (the passage or sentence the answer cites holds a gold answer),
-unanswerable_refusal_rate, ask latency (p50, p95), and the same for the held-out set.
+unanswerable_refusal_rate, ask latency (p50, p95), and the same for the held-out set. Then the questions of
+tests/data/rag_paraphrase.py, asked as people ask (issue 41): paraphrase_accuracy (and per language),
+cross_language_accuracy, shared_words_unanswerable_refusal_rate and answerable_refusal_rate on their
+held-out parts, `dev_*` on the parts tuning may look at.
 """
 
 from __future__ import annotations
@@ -144,6 +147,7 @@ def answers(embedder_folder: Path, mode: str | None) -> dict:
             results["examples"].append({"q": question, "gold": golds[0], "answer": a.answer})
         for question, _lang in HELD_OUT_UNANSWERABLE:
             held_out["refused"].append(is_refusal(ask(generator, store, question, params, mode=mode).answer))
+        asked_as_people_ask = people_ask(lambda q: ask(generator, store, q, params, mode=mode), results["examples"])
         store.close()
     for e in results["examples"]:
         print(f"{'ok ' if is_right(e['answer'], [e['gold']]) else 'BAD'} {e['q']} -> {e['answer']!r}",
@@ -158,7 +162,46 @@ def answers(embedder_folder: Path, mode: str | None) -> dict:
             "held_out_questions": len(held_out["right"]),
             "held_out_answer_accuracy": round(sum(held_out["right"]) / len(held_out["right"]), 3),
             "held_out_citation_accuracy": round(sum(held_out["cited"]) / len(held_out["cited"]), 3),
-            "held_out_refusal_rate": round(sum(held_out["refused"]) / len(held_out["refused"]), 3)}
+            "held_out_refusal_rate": round(sum(held_out["refused"]) / len(held_out["refused"]), 3),
+            **asked_as_people_ask}
+
+
+def rate(values: list[bool]) -> float:
+    return round(sum(values) / len(values), 3) if values else 0.0
+
+
+def people_ask(ask_one, examples: list) -> dict:
+    """Issue 41's sets (tests/data/rag_paraphrase.py): paraphrased and cross-language questions, and
+    unanswerable ones that share the documents' words. The headline numbers are of the held-out parts
+    (PARAPHRASE_HELD, CROSS_LANGUAGE_HELD, SHARED_WORDS_UNANSWERABLE_HELD), never used for tuning; `dev_*`
+    are the development parts'."""
+    from edgellm.daemon.retrieval.rag import is_refusal
+    from tests.data import rag_paraphrase as sets
+    from tests.data.rag_eval import is_right
+
+    out: dict = {}
+    answerable_refused: list[bool] = []
+    for part, prefix in (("HELD", ""), ("DEV", "dev_")):
+        for name, questions in (("paraphrase", getattr(sets, f"PARAPHRASE_{part}")),
+                                ("cross_language", getattr(sets, f"CROSS_LANGUAGE_{part}"))):
+            by_lang: dict[str, list[bool]] = {}
+            cited = []
+            for question, lang, golds, _source in questions:
+                a = ask_one(question)
+                by_lang.setdefault(lang, []).append(is_right(a.answer, golds))
+                cited.append(any(is_right(c["text"], golds) for c in a.citations if c.get("cited")))
+                if not prefix:
+                    answerable_refused.append(is_refusal(a.answer))
+                    examples.append({"q": question, "gold": golds[0], "answer": a.answer})
+            right = [r for rs in by_lang.values() for r in rs]
+            out[f"{prefix}{name}_accuracy"] = rate(right)
+            out[f"{prefix}{name}_citation_accuracy"] = rate(cited)
+            if name == "paraphrase":
+                out.update({f"{prefix}paraphrase_accuracy_{lang}": rate(rs) for lang, rs in by_lang.items()})
+        refused = [is_refusal(ask_one(q).answer) for q, _lang in getattr(sets, f"SHARED_WORDS_UNANSWERABLE_{part}")]
+        out[f"{prefix}shared_words_unanswerable_refusal_rate"] = rate(refused)
+    out["answerable_refusal_rate"] = rate(answerable_refused)  # of the held-out paraphrase and cross-language
+    return out
 
 
 def main() -> None:
