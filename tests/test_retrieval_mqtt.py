@@ -118,10 +118,11 @@ def test_a_long_ask_does_not_hold_up_search(client):
 def test_an_ask_past_its_deadline_stops_generating(client):
     started = time.monotonic()
     r = client.call(TOPIC + "ask", {"question": "How long is the pump under warranty?", "temperature": 0,
-                                    "max_tokens": 400, "ignore_eos": True, "collection": "policies",
+                                    "max_tokens": 2000, "ignore_eos": True, "collection": "policies",
                                     "deadline_ms": 1500, "mode": "free"})
-    assert r["error"]["code"] == "deadline_exceeded", r
-    assert time.monotonic() - started < 3.5  # 400 tokens would take about 4 s or more
+    # 2000 tokens take 6 s or more even on a fast core
+    assert (r.get("error") or {}).get("code") == "deadline_exceeded", r
+    assert time.monotonic() - started < 3.5
 
 
 def test_ask_without_relevant_passages_says_so(client):

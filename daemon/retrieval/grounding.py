@@ -13,12 +13,25 @@ from __future__ import annotations
 import math
 import re
 import unicodedata
+from collections.abc import Callable
 from dataclasses import dataclass
+
+import numpy as np
 
 from edgellm.daemon.retrieval.store import Hit
 
-MIN_COVERAGE = 0.3  # share of the question's (weighted) content words a sentence must hold to answer from
+MIN_COVERAGE = 0.3  # without an embedder: share of the question's (weighted) content words a sentence needs
 STEM = 5
+Embed = Callable[[list[str]], np.ndarray]  # texts -> unit vectors (Embedder.embed)
+
+
+@dataclass(frozen=True)
+class Weights:
+    """How meaning and words are fused, and the score below which the documents do not say: chosen on the
+    development sets of scripts/bench_rag.py --answers (scripts/tune_grounding.py), never on the held-out."""
+
+    lexical: float = 0.7  # of the coverage, added to the cosine
+    threshold: float = 0.775  # the fused score a sentence needs to be answered from
 
 STOP = set("""
 a an the of to in on at by for from with and or is are was were be been do does did what which who whom whose when long
@@ -103,21 +116,39 @@ def split_sentences(hit: Hit) -> list[tuple[str, int, int]]:
     return out
 
 
-def best_sentences(question: str, given: list[Hit], n: int = 3) -> list[Sentence]:
-    """The `n` sentences that answer best, best first; none when no sentence holds MIN_COVERAGE of the
-    question's content words (the documents then do not say)."""
+def best_sentences(question: str, given: list[Hit], n: int = 3, embed: Embed | None = None,
+                   weights: Weights | None = None) -> list[Sentence]:
+    """The `n` sentences that answer best, best first; none when none scores enough (the documents then do
+    not say). With `embed` (the store's embedder), a sentence is scored by its meaning as well: the cosine of
+    its embedding (with its passage's heading, what it is about) to the question's, plus its share of the
+    question's content words; without it, by those words alone (MIN_COVERAGE)."""
+    w = weights or Weights()
     asked = set(content_terms(question))
     candidates = [(i, *s) for i, hit in enumerate(given) for s in split_sentences(hit)]
-    if not asked or not candidates:
+    if not candidates or (not asked and embed is None):
         return []
+    coverage = _coverage(asked, candidates, given)
+    if embed is None:
+        scored = [Sentence(text, i, start, end, c + 0.1 * (given[i].similarity or 0.0))
+                  for (i, text, start, end), c in zip(candidates, coverage, strict=True) if c >= MIN_COVERAGE]
+    else:
+        about = [f"{heading(given[i])}: {text}" if heading(given[i]) else text for i, text, _, _ in candidates]
+        vectors = embed([question, *about])
+        cosines = vectors[1:] @ vectors[0]
+        scored = [Sentence(text, i, start, end, float(cos) + w.lexical * c)
+                  for (i, text, start, end), c, cos in zip(candidates, coverage, cosines, strict=True)
+                  if float(cos) + w.lexical * c >= w.threshold]
+    return sorted(scored, key=lambda s: -s.score)[:n]
+
+
+def _coverage(asked: set[str], candidates: list, given: list[Hit]) -> list[float]:
+    """Each candidate's share of the question's content words, weighted by rarity among the candidates; a word
+    of its passage's heading counts half (the sentence is about it without saying it)."""
+    if not asked:
+        return [0.0] * len(candidates)
     terms = [set(content_terms(text)) for _, text, _, _ in candidates]
     topics = [set(content_terms(heading(given[i]))) for i, *_ in candidates]
     weight = {t: math.log(1 + len(candidates) / (1 + sum(t in ts for ts in terms))) for t in asked}
     total = sum(weight.values())
-    scored = []
-    for (i, text, start, end), ts, topic in zip(candidates, terms, topics, strict=True):
-        # a word of the passage's heading counts half: the sentence is about it without saying it
-        coverage = (sum(weight[t] for t in asked & ts) + 0.5 * sum(weight[t] for t in (asked & topic) - ts)) / total
-        if coverage >= MIN_COVERAGE:
-            scored.append(Sentence(text, i, start, end, coverage + 0.1 * (given[i].similarity or 0.0)))
-    return sorted(scored, key=lambda s: -s.score)[:n]
+    return [(sum(weight[t] for t in asked & ts) + 0.5 * sum(weight[t] for t in (asked & topic) - ts)) / total
+            for ts, topic in zip(terms, topics, strict=True)]

@@ -19,7 +19,7 @@ from edgellm.daemon.engine.chat import ChatMessage
 from edgellm.daemon.engine.generate import Generator
 from edgellm.daemon.engine.params import GenerationParams
 from edgellm.daemon.formats import AnswerMode
-from edgellm.daemon.retrieval.grounding import Sentence, best_sentences, is_refusal, refusal
+from edgellm.daemon.retrieval.grounding import Embed, Sentence, best_sentences, is_refusal, refusal
 from edgellm.daemon.retrieval.store import Hit, RetrievalStore
 
 __all__ = ["Answer", "answer", "ask", "is_refusal", "passages"]
@@ -47,7 +47,7 @@ def ask(generator: Generator, store: RetrievalStore, question: str, params: Gene
         collection: str | None = None, filters: dict | None = None, min_similarity: float = 0.25,
         mode: AnswerMode | None = None) -> Answer:
     return answer(generator, question, passages(generator, store, question, params, k, collection, filters,
-                                                min_similarity), params, mode=mode)
+                                                min_similarity), params, mode=mode, embed=store.embedder.embed)
 
 
 def passages(generator: Generator, store: RetrievalStore, question: str, params: GenerationParams, k: int = 4,
@@ -78,13 +78,14 @@ def answer_mode(generator: Generator, mode: AnswerMode | None = None) -> str:
 
 
 def answer(generator: Generator, question: str, given: list[Hit], params: GenerationParams,
-           interrupt: Callable[[], None] | None = None, mode: AnswerMode | None = None) -> Answer:
+           interrupt: Callable[[], None] | None = None, mode: AnswerMode | None = None,
+           embed: Embed | None = None) -> Answer:
     """Answer from `given` and cite it; with no passages, say so rather than let the model invent an answer.
     `interrupt` is Generator.stream's (cancellation and deadlines)."""
     if not given:
         return Answer(refusal(question), [])
     if answer_mode(generator, mode) == "grounded":
-        return _grounded(generator, question, given, params, interrupt)
+        return _grounded(generator, question, given, params, interrupt, embed)
     result = generator.generate(generator.prompt_ids(messages=_messages(question, given)), params, interrupt)
     cited = {int(n) for n in re.findall(r"\[(\d+)\]", result.text)}
     citations = [{"n": n, "source": h.source, "collection": h.collection, "chunk_id": h.chunk_id, "page": h.page,
@@ -100,10 +101,10 @@ def _messages(question: str, hits: list[Hit]) -> list[ChatMessage]:
 
 
 def _grounded(generator: Generator, question: str, given: list[Hit], params: GenerationParams,
-              interrupt: Callable[[], None] | None) -> Answer:
+              interrupt: Callable[[], None] | None, embed: Embed | None = None) -> Answer:
     """A span copied greedily from the best sentences, completed to the end of its clause, citing the sentence
     that holds it."""
-    chosen = best_sentences(question, given, GROUNDED_SENTENCES)
+    chosen = best_sentences(question, given, GROUNDED_SENTENCES, embed)
     if not chosen:
         return Answer(refusal(question), [])
     numbered = "\n".join(f"[{n}] {s.text}" for n, s in enumerate(chosen, 1))

@@ -289,7 +289,7 @@ class Worker:
             given = passages(served.generator, store, request.question, params, request.k,
                              request.collection, request.filter, settings.min_similarity)
         result = answer(served.generator, request.question, given, params, interrupt=lambda: self._interrupt(job),
-                        mode=request.mode or settings.answer_mode)
+                        mode=request.mode or settings.answer_mode, embed=store.embedder.embed)
         return Answered(result, served.model_info)
 
     def _embed(self, job: Job, served: Served) -> Embedded:
