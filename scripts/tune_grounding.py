@@ -58,10 +58,7 @@ def main() -> None:
                 rows.append((group, golds is not None, []))
                 continue
             coverage = grounding._coverage(set(grounding.content_terms(question)), candidates, given)
-            about = [f"{grounding.heading(given[i])}: {t}" if grounding.heading(given[i]) else t
-                     for i, t, _, _ in candidates]
-            vectors = embedder.embed([question, *about])
-            cosines = vectors[1:] @ vectors[0]
+            cosines = grounding.meaning(question, candidates, given, embedder.embed)  # as best_sentences does
             rows.append((group, golds is not None, [(float(c), v, golds is not None and is_right(t, golds))
                                             for (_i, t, _s, _e), c, v in zip(candidates, cosines, coverage,
                                                                              strict=True)]))

@@ -132,13 +132,18 @@ def best_sentences(question: str, given: list[Hit], n: int = 3, embed: Embed | N
         scored = [Sentence(text, i, start, end, c + 0.1 * (given[i].similarity or 0.0))
                   for (i, text, start, end), c in zip(candidates, coverage, strict=True) if c >= MIN_COVERAGE]
     else:
-        about = [f"{heading(given[i])}: {text}" if heading(given[i]) else text for i, text, _, _ in candidates]
-        vectors = embed([question, *about])
-        cosines = vectors[1:] @ vectors[0]
+        cosines = meaning(question, candidates, given, embed)
         scored = [Sentence(text, i, start, end, float(cos) + w.lexical * c)
                   for (i, text, start, end), c, cos in zip(candidates, coverage, cosines, strict=True)
                   if float(cos) + w.lexical * c >= w.threshold]
     return sorted(scored, key=lambda s: -s.score)[:n]
+
+
+def meaning(question: str, candidates: list, given: list[Hit], embed: Embed) -> np.ndarray:
+    """Each candidate's cosine to the question, embedded with its passage's heading (what it is about)."""
+    about = [f"{h}: {text}" if (h := heading(given[i])) else text for i, text, _, _ in candidates]
+    vectors = embed([question, *about])
+    return vectors[1:] @ vectors[0]
 
 
 def _coverage(asked: set[str], candidates: list, given: list[Hit]) -> list[float]:

@@ -60,7 +60,7 @@ class DaemonBackend:
             yield from self._over_http(params, prompt, raw, messages)
 
     def _over_mqtt(self, params, prompt, raw, messages) -> Iterator[Delta | Result]:
-        from edgellm.daemon.serve.client import RpcClient
+        from edgellm.daemon.serve.client import RpcClient, rpc_topic
 
         m = self.record.mqtt
         settings = self.settings.model_copy(update={
@@ -76,7 +76,7 @@ class DaemonBackend:
         deltas: queue.Queue = queue.Queue()
         text: list[str] = []
         with RpcClient(settings) as client:
-            topic = f"{m.topic_root}/{m.device_id}/rpc/{method}"
+            topic = rpc_topic(settings, method)
             done, replies = client.send(topic, {**body, "id": request_id, "stream": True}, on_delta=deltas.put,
                                         expiry_s=int(REMOTE_TIMEOUT))
             try:
@@ -88,7 +88,7 @@ class DaemonBackend:
                     text.append(piece)
                     yield Delta(piece)
             except BaseException:  # Ctrl-C, or the reader stopped: the daemon stops decoding for us
-                client.call(f"{m.topic_root}/{m.device_id}/rpc/cancel", {"request_id": request_id}, timeout=5)
+                client.call(rpc_topic(settings, "cancel"), {"request_id": request_id}, timeout=5)
                 raise
         reply = replies[0]
         if not reply.get("ok"):
